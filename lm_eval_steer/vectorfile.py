@@ -1,0 +1,373 @@
+"""Vector file format v1: read, validate and atomically write sets of named steering vectors.
+
+A vector file is a safetensors file. Each entry is a 1-D float tensor of length ``hidden_size``
+stored under the entry's name; the safetensors ``__metadata__`` (string to string) holds:
+
+- ``format``: ``lm-eval-steer/1``
+- ``model``, ``hidden_size``, ``num_layers``: the model the vectors were built on
+- ``entries``: a JSON list, one object per tensor, with exactly the keys of :data:`ENTRY_KEYS`
+- anything else (builder settings, scores, data hash ...): kept as is and written back unchanged
+
+Files are untrusted input: safetensors never executes code, and :func:`load_vector_file` checks
+every field, raising :class:`VectorFileError` with a one-line message that names the file, the
+entry and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorsError, safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = "lm-eval-steer/1"
+MODES = ("add", "project", "ablate")
+POSITIONS = ("all", "prompt", "generated")
+FILE_KEYS = frozenset({"format", "model", "hidden_size", "num_layers", "entries"})
+ENTRY_KEYS = frozenset({"name", "layer", "mode", "strength", "positions", "applies_to"})
+APPLIES_TO_KEYS = frozenset({"instruction_id", "kwargs", "strength_rule"})
+STRENGTH_RULE_KEYS = frozenset({"kwarg", "points"})
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+Mode = Literal["add", "project", "ablate"]
+Positions = Literal["all", "prompt", "generated"]
+
+
+class VectorFileError(ValueError):
+    """A vector file (or one of its entries) is malformed; the message names file, entry and problem."""
+
+
+@dataclass(frozen=True)
+class StrengthRule:
+    """Strength as a function of one numeric kwarg of the document (e.g. the requested sentence count).
+
+    ``strength(v) = piecewise-linear interpolation of points [(x0, s0), (x1, s1), ...] at v``,
+    clamped to s0 below x0 and to the last s above the last x.
+    """
+
+    kwarg: str
+    points: tuple[tuple[float, float], ...]
+
+    def strength_for(self, value: float) -> float:
+        xs = [x for x, _ in self.points]
+        ss = [s for _, s in self.points]
+        if value <= xs[0]:
+            return ss[0]
+        for (x0, s0), (x1, s1) in zip(self.points, self.points[1:]):
+            if value <= x1:
+                return s0 + (s1 - s0) * (value - x0) / (x1 - x0)
+        return ss[-1]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kwarg": self.kwarg, "points": [list(point) for point in self.points]}
+
+
+@dataclass(frozen=True)
+class AppliesTo:
+    """Which documents an entry serves: an IFEval instruction id plus an optional kwargs filter.
+
+    A document matches when ``instruction_id`` is in its ``instruction_id_list`` and, for that
+    instruction, its kwargs contain every key/value of ``kwargs`` (strings compared case-insensitively,
+    lists compared as sets).
+    """
+
+    instruction_id: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    strength_rule: StrengthRule | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"instruction_id": self.instruction_id}
+        if self.kwargs:
+            out["kwargs"] = dict(self.kwargs)
+        if self.strength_rule is not None:
+            out["strength_rule"] = self.strength_rule.to_json()
+        return out
+
+
+@dataclass(frozen=True)
+class SteeringEntry:
+    """One steering vector and how to apply it (see :mod:`lm_eval_steer.interventions` for the math)."""
+
+    name: str
+    vector: torch.Tensor
+    layer: int
+    mode: Mode = "add"
+    strength: float = 1.0
+    positions: Positions = "all"
+    applies_to: AppliesTo | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "layer": self.layer,
+            "mode": self.mode,
+            "strength": self.strength,
+            "positions": self.positions,
+            "applies_to": None if self.applies_to is None else self.applies_to.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class VectorFile:
+    """A loaded (validated) vector file."""
+
+    model: str
+    hidden_size: int
+    num_layers: int
+    entries: tuple[SteeringEntry, ...]
+    extra_metadata: Mapping[str, str] = field(default_factory=dict)
+    path: str | None = None
+    sha256: str | None = None
+
+    def entry(self, name: str) -> SteeringEntry:
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        raise KeyError(f"{self.path or '<vector file>'}: no entry named {name!r}")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+class _Checker:
+    """Raises VectorFileError messages of the form ``<file>: entry '<name>': <problem>``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, problem: str, entry: str | None = None) -> VectorFileError:
+        where = f"{self.path}: entry {entry!r}: " if entry is not None else f"{self.path}: "
+        return VectorFileError(where + problem)
+
+    def integer(self, value: Any, what: str, entry: str | None = None) -> int:
+        if isinstance(value, bool):
+            raise self.fail(f"{what} must be an integer, got {value!r}", entry)
+        try:
+            number = int(value) if isinstance(value, (int, str)) else None
+        except ValueError:
+            number = None
+        if number is None:
+            raise self.fail(f"{what} must be an integer, got {value!r}", entry)
+        return number
+
+    def number(self, value: Any, what: str, entry: str | None = None) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(f"{what} must be a finite number, got {value!r}", entry)
+        return float(value)
+
+    def keys(self, given: Mapping[str, Any], allowed: frozenset[str], required: frozenset[str], what: str, entry: str | None) -> None:
+        unknown = sorted(set(given) - allowed)
+        missing = sorted(required - set(given))
+        if unknown:
+            raise self.fail(f"unknown {what} key(s) {unknown} (allowed: {sorted(allowed)})", entry)
+        if missing:
+            raise self.fail(f"missing {what} key(s) {missing}", entry)
+
+
+def _parse_strength_rule(raw: Any, check: _Checker, name: str) -> StrengthRule | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise check.fail(f"applies_to.strength_rule must be an object, got {raw!r}", name)
+    check.keys(raw, STRENGTH_RULE_KEYS, STRENGTH_RULE_KEYS, "strength_rule", name)
+    if not isinstance(raw["kwarg"], str) or not raw["kwarg"]:
+        raise check.fail("strength_rule.kwarg must be a non-empty string", name)
+    points = raw["points"]
+    if not isinstance(points, list) or not points or not all(isinstance(p, list) and len(p) == 2 for p in points):
+        raise check.fail("strength_rule.points must be a non-empty list of [value, strength] pairs", name)
+    parsed = tuple((check.number(x, "strength_rule x", name), check.number(s, "strength_rule strength", name)) for x, s in points)
+    if any(b[0] <= a[0] for a, b in zip(parsed, parsed[1:])):
+        raise check.fail("strength_rule.points must have strictly increasing values", name)
+    return StrengthRule(kwarg=raw["kwarg"], points=parsed)
+
+
+def _parse_applies_to(raw: Any, check: _Checker, name: str) -> AppliesTo | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise check.fail(f"applies_to must be an object or null, got {raw!r}", name)
+    check.keys(raw, APPLIES_TO_KEYS, frozenset({"instruction_id"}), "applies_to", name)
+    if not isinstance(raw["instruction_id"], str) or not raw["instruction_id"]:
+        raise check.fail("applies_to.instruction_id must be a non-empty string", name)
+    kwargs = raw.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise check.fail(f"applies_to.kwargs must be an object, got {kwargs!r}", name)
+    return AppliesTo(
+        instruction_id=raw["instruction_id"],
+        kwargs=kwargs,
+        strength_rule=_parse_strength_rule(raw.get("strength_rule"), check, name),
+    )
+
+
+def _parse_entry(raw: Any, tensor: torch.Tensor | None, hidden_size: int, num_layers: int, check: _Checker) -> SteeringEntry:
+    if not isinstance(raw, dict):
+        raise check.fail(f"each item of 'entries' must be an object, got {raw!r}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise check.fail(f"entry without a valid 'name': {raw!r}")
+    check.keys(raw, ENTRY_KEYS, ENTRY_KEYS - {"applies_to"}, "entry", name)
+    if tensor is None:
+        raise check.fail("listed in metadata but no tensor of that name is stored", name)
+    layer = check.integer(raw["layer"], "layer", name)
+    if not 0 <= layer < num_layers:
+        raise check.fail(f"layer {layer} is out of range for a {num_layers}-layer model (0..{num_layers - 1})", name)
+    mode = raw["mode"]
+    if mode not in MODES:
+        raise check.fail(f"unknown mode {mode!r} (expected one of {', '.join(MODES)})", name)
+    positions = raw["positions"]
+    if positions not in POSITIONS:
+        raise check.fail(f"unknown positions {positions!r} (expected one of {', '.join(POSITIONS)})", name)
+    strength = check.number(raw["strength"], "strength", name)
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise check.fail(f"tensor dtype {tensor.dtype} is not a float type", name)
+    if tensor.dim() != 1 or tensor.shape[0] != hidden_size:
+        raise check.fail(f"tensor shape {tuple(tensor.shape)} does not match hidden_size {hidden_size} (expected ({hidden_size},))", name)
+    vector = tensor.to(torch.float32)
+    if not torch.isfinite(vector).all():
+        raise check.fail("tensor contains NaN or infinite values", name)
+    if mode in ("project", "ablate") and float(vector.norm()) == 0.0:
+        raise check.fail(f"zero vector has no direction, which '{mode}' mode needs", name)
+    return SteeringEntry(
+        name=name,
+        vector=vector,
+        layer=layer,
+        mode=mode,
+        strength=strength,
+        positions=positions,
+        applies_to=_parse_applies_to(raw.get("applies_to"), check, name),
+    )
+
+
+def load_vector_file(
+    path: str | os.PathLike[str],
+    *,
+    hidden_size: int | None = None,
+    num_layers: int | None = None,
+) -> VectorFile:
+    """Reads and validates a vector file; if ``hidden_size``/``num_layers`` are given (the model's),
+    the file must match them."""
+    path_str = str(path)
+    check = _Checker(path_str)
+    if not Path(path_str).is_file():
+        raise check.fail("no such file")
+    try:
+        with safe_open(path_str, framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorsError, OSError, ValueError, RuntimeError) as error:
+        raise check.fail(f"not a readable safetensors file ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+
+    if metadata.get("format") != FORMAT_VERSION:
+        raise check.fail(f"metadata 'format' is {metadata.get('format')!r}, expected {FORMAT_VERSION!r} (is this an lm-eval-steer vector file?)")
+    missing = sorted(FILE_KEYS - set(metadata))
+    if missing:
+        raise check.fail(f"missing metadata key(s) {missing}")
+    file_hidden = check.integer(metadata["hidden_size"], "hidden_size")
+    file_layers = check.integer(metadata["num_layers"], "num_layers")
+    if file_hidden <= 0 or file_layers <= 0:
+        raise check.fail(f"hidden_size and num_layers must be positive, got {file_hidden} and {file_layers}")
+    if hidden_size is not None and file_hidden != hidden_size:
+        raise check.fail(f"built for hidden_size {file_hidden}, but the model has hidden_size {hidden_size}")
+    if num_layers is not None and file_layers != num_layers:
+        raise check.fail(f"built for {file_layers} layers, but the model has {num_layers} layers")
+    try:
+        raw_entries = json.loads(metadata["entries"])
+    except json.JSONDecodeError as error:
+        raise check.fail(f"metadata 'entries' is not valid JSON ({error})") from None
+    if not isinstance(raw_entries, list) or not raw_entries:
+        raise check.fail("metadata 'entries' must be a non-empty JSON list")
+
+    entries: list[SteeringEntry] = []
+    seen: set[str] = set()
+    for raw in raw_entries:
+        name = raw.get("name") if isinstance(raw, dict) else None
+        if name in seen:
+            raise check.fail("duplicate entry name", name)
+        entry = _parse_entry(raw, tensors.get(name) if isinstance(name, str) else None, file_hidden, file_layers, check)
+        seen.add(entry.name)
+        entries.append(entry)
+    unlisted = sorted(set(tensors) - seen)
+    if unlisted:
+        raise check.fail(f"tensor(s) {unlisted} are stored but not listed in metadata 'entries'")
+
+    return VectorFile(
+        model=metadata["model"],
+        hidden_size=file_hidden,
+        num_layers=file_layers,
+        entries=tuple(entries),
+        extra_metadata={k: v for k, v in metadata.items() if k not in FILE_KEYS},
+        path=path_str,
+        sha256=file_sha256(path_str),
+    )
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
+    """Calls ``write(temp_path)`` then renames the temp file over ``path``: readers never see half a file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
+        write(temp_name)
+        os.replace(temp_name, target)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def save_vector_file(
+    path: str | os.PathLike[str],
+    entries: Iterable[SteeringEntry],
+    *,
+    model: str,
+    hidden_size: int,
+    num_layers: int,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> VectorFile:
+    """Validates and atomically writes a vector file; returns it as loaded back from disk."""
+    entries = list(entries)
+    extra = {str(k): str(v) for k, v in (extra_metadata or {}).items()}
+    clashing = sorted(set(extra) & FILE_KEYS)
+    if clashing:
+        raise VectorFileError(f"{path}: extra metadata may not override {clashing}")
+    metadata = {
+        **extra,
+        "format": FORMAT_VERSION,
+        "model": model,
+        "hidden_size": str(hidden_size),
+        "num_layers": str(num_layers),
+        "entries": json.dumps([entry.to_json() for entry in entries]),
+    }
+    names = [entry.name for entry in entries]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise VectorFileError(f"{path}: duplicate entry name(s) {duplicates}")
+    tensors = {entry.name: entry.vector.detach().to("cpu", torch.float32).contiguous() for entry in entries}
+
+    def write(temp_path: str) -> None:
+        save_file(tensors, temp_path, metadata=metadata)
+        # Validate what was written before it replaces anything the user has.
+        load_vector_file(temp_path, hidden_size=hidden_size, num_layers=num_layers)
+
+    atomic_write_bytes(path, write)
+    return load_vector_file(path, hidden_size=hidden_size, num_layers=num_layers)
