@@ -1,0 +1,54 @@
+"""``lm-eval-steer``: the harness CLI with ``steered-hf`` registered, plus our own subcommands.
+
+    lm-eval-steer --model steered-hf --model_args ... --tasks ...   # same as lm_eval
+    lm-eval-steer run --model steered-hf ...                         # lm_eval's own subcommands too
+    lm-eval-steer build   ...   # vector_builder: build vectors, choose layers and strengths
+    lm-eval-steer compare ...   # leaderboard from results files
+    lm-eval-steer check   ...   # CI regression gate (exit 0 ok, 1 regression, 2 not comparable)
+
+Each subcommand lives in its own module exposing ``configure_parser(parser)`` and ``run(args) -> int``;
+modules are imported only when their subcommand is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+SUBCOMMANDS = {
+    "build": ("vector_builder.cli", "build steering vectors and choose their layers on validation data"),
+    "compare": ("lm_eval_steer.compare", "leaderboard (Markdown, CSV, PNG) from lm-eval results"),
+    "check": ("lm_eval_steer.check", "fail when instruction following regressed against a baseline"),
+    "gguf": ("lm_eval_steer.gguf_cli", "export to / import from llama.cpp control-vector GGUF"),
+}
+
+
+def run_harness(argv: Sequence[str]) -> int:
+    """Runs the lm-eval CLI with our model and tasks registered."""
+    from lm_eval_steer.registration import register
+
+    register()
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        if argv[:1] in (["-h"], ["--help"]):
+            print(__doc__)
+        return run_harness(argv)
+    name = argv[0]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"lm-eval-steer {name}", description=SUBCOMMANDS[name][1])
+    module.configure_parser(parser)
+    return int(module.run(parser.parse_args(argv[1:])) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

