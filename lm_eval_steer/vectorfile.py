@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorsError, safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 FORMAT_VERSION = "lm-eval-steer/1"
@@ -271,7 +271,7 @@ def load_vector_file(
         with safe_open(path_str, framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorsError, OSError, ValueError, RuntimeError) as error:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise check.fail(f"not a readable safetensors file ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
 
     if metadata.get("format") != FORMAT_VERSION:

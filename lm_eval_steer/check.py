@@ -1,0 +1,184 @@
+"""``lm-eval-steer check``: a CI gate that fails when instruction following regressed.
+
+    lm-eval-steer check out/run --baseline baselines/smollm2.json [--tolerance 0.02 | --sigma 2]
+
+Exit status: 0 no metric dropped more than allowed; 1 at least one did (the regressions are listed);
+2 the inputs cannot be compared (unreadable file, a baseline task or metric missing from RESULTS,
+different task versions / ``--limit`` / generation settings / chat template).
+
+A metric *drops* by ``baseline - current`` (the other way round for lower-is-better metrics). It is a
+regression when the drop exceeds the allowance: ``--tolerance T`` (absolute, default 0.02), or with
+``--sigma S``, ``S x sqrt(se_current^2 + se_baseline^2)``. IFEval's instruction-level accuracies
+have no stderr in lm-eval's output; under ``--sigma`` those fall back to ``--tolerance``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lm_eval_steer.results import (
+    MetricValue,
+    ResultsError,
+    Run,
+    combined_stderr,
+    format_value,
+    incompatibilities,
+    load_single_run,
+    markdown_table,
+    select_metrics,
+)
+
+DEFAULT_TOLERANCE = 0.02
+
+#: Slack on "drop > allowed". Scores are means of 0/1 outcomes and print as short decimals, but
+#: 0.50 - 0.48 is 0.020000000000000018 in binary floating point: without the slack a drop of exactly
+#: the tolerance would fail. 1e-9 is far below any real score difference (1 / 10^9 documents).
+EPSILON = 1e-9
+
+EXIT_OK, EXIT_REGRESSION, EXIT_NOT_COMPARABLE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome for one task x metric."""
+
+    task: str
+    metric: str
+    baseline: MetricValue
+    current: MetricValue
+    allowed: float
+    basis: str  # how ``allowed`` was obtained, shown in the table
+    regressed: bool
+
+    @property
+    def delta(self) -> float:
+        return self.current.value - self.baseline.value
+
+
+# --------------------------------------------------------------------------- pure math
+
+
+def drop(baseline: MetricValue, current: MetricValue) -> float:
+    """How much worse ``current`` is than ``baseline`` (negative for an improvement)."""
+    difference = baseline.value - current.value
+    return difference if baseline.higher_is_better else -difference
+
+
+def allowance(baseline: MetricValue, current: MetricValue, tolerance: float, sigma: float | None) -> tuple[float, str]:
+    """The largest acceptable drop and a short description of where it comes from.
+
+    ``sigma`` set: ``sigma * sqrt(se_b^2 + se_c^2)``; without a stderr on either side, ``tolerance``.
+    """
+    if sigma is not None:
+        stderr = combined_stderr(baseline.stderr, current.stderr)
+        if stderr is not None:
+            return sigma * stderr, f"{sigma:g}σ"
+        return tolerance, "tolerance (no stderr)"
+    return tolerance, "tolerance"
+
+
+def is_regression(dropped: float, allowed: float) -> bool:
+    """``dropped > allowed``, with EPSILON slack so that a drop of exactly ``allowed`` passes."""
+    return dropped > allowed + EPSILON
+
+
+def judge(task: str, metric: str, baseline: MetricValue, current: MetricValue, tolerance: float, sigma: float | None) -> Verdict:
+    allowed, basis = allowance(baseline, current, tolerance, sigma)
+    return Verdict(task, metric, baseline, current, allowed, basis, is_regression(drop(baseline, current), allowed))
+
+
+def comparability_problems(baseline: Run, current: Run, metrics: Sequence[str]) -> list[str]:
+    """Reasons the runs cannot be gated against each other (empty when they can)."""
+    problems = list(incompatibilities(baseline, current))
+    for task in baseline.tasks:
+        wanted = [metric for metric in metrics if metric in baseline.metrics[task]]
+        if not wanted:
+            continue
+        if task not in current.metrics:
+            problems.append(f"task {task} is in the baseline but not in the results")
+            continue
+        missing = [metric for metric in wanted if metric not in current.metrics[task]]
+        if missing:
+            problems.append(f"task {task}: {', '.join(missing)} in the baseline but not in the results")
+    return problems
+
+
+def verdicts_for(baseline: Run, current: Run, metrics: Sequence[str], tolerance: float, sigma: float | None) -> list[Verdict]:
+    """One verdict per baseline task x selected metric (both runs must have it)."""
+    return [
+        judge(task, metric, baseline.metrics[task][metric], current.metrics[task][metric], tolerance, sigma)
+        for task in baseline.tasks
+        for metric in metrics
+        if metric in baseline.metrics[task] and metric in current.metrics.get(task, {})
+    ]
+
+
+# --------------------------------------------------------------------------- output
+
+
+def verdict_table(verdicts: Sequence[Verdict]) -> str:
+    """task | metric | baseline | current | delta | allowed drop | status."""
+    headers = ["task", "metric", "baseline", "current", "delta", "allowed drop", "status"]
+    rows = [
+        [
+            v.task,
+            v.metric,
+            format_value(v.baseline.value, v.baseline.stderr),
+            format_value(v.current.value, v.current.stderr),
+            format_value(v.delta, signed=True),
+            f"{v.allowed:.3f} ({v.basis})",
+            "REGRESSION" if v.regressed else "ok",
+        ]
+        for v in verdicts
+    ]
+    return markdown_table(headers, rows)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", metavar="RESULTS", help="results_*.json file or lm_eval --output_path directory (one model)")
+    parser.add_argument("--baseline", required=True, metavar="BASELINE", help="the reference results file or directory")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"largest allowed absolute drop (default {DEFAULT_TOLERANCE}); a drop exactly equal passes. "
+        "With --sigma: used only for metrics without a stderr",
+    )
+    parser.add_argument("--sigma", type=float, help="allow a drop of up to SIGMA x sqrt(se_current^2 + se_baseline^2) instead")
+    parser.add_argument("--metrics", nargs="+", metavar="METRIC", help="metrics to gate (default: the four IFEval accuracies when present, else all)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit 0 ok, 1 regression, 2 not comparable (see the module docstring)."""
+    if args.tolerance < 0 or (args.sigma is not None and args.sigma < 0):
+        print("lm-eval-steer check: error: --tolerance and --sigma must be >= 0", file=sys.stderr)
+        return EXIT_NOT_COMPARABLE
+    try:
+        baseline = load_single_run(args.baseline)
+        current = load_single_run(args.results)
+        metrics = select_metrics([baseline], args.metrics)
+    except ResultsError as error:
+        print(f"lm-eval-steer check: error: {error}", file=sys.stderr)
+        return EXIT_NOT_COMPARABLE
+    print(f"baseline: {baseline.path} ({baseline.label})")
+    print(f"results:  {current.path} ({current.label})")
+    problems = comparability_problems(baseline, current, metrics)
+    verdicts = verdicts_for(baseline, current, metrics, args.tolerance, args.sigma)
+    if verdicts:
+        print("\n" + verdict_table(verdicts))
+    unchecked = [task for task in current.tasks if task not in baseline.metrics]
+    if unchecked:
+        print(f"\nnot in the baseline, not checked: {', '.join(unchecked)}")
+    if problems:
+        print("\nNOT COMPARABLE:", file=sys.stderr)
+        print("\n".join(f"- {problem}" for problem in problems), file=sys.stderr)
+        return EXIT_NOT_COMPARABLE
+    regressions = [v for v in verdicts if v.regressed]
+    if regressions:
+        print(f"\n{len(regressions)} REGRESSION(S):\n\n{verdict_table(regressions)}")
+        return EXIT_REGRESSION
+    print(f"\nok: {len(verdicts)} metric(s) within the allowed drop")
+    return EXIT_OK

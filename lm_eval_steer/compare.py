@@ -1,0 +1,360 @@
+"""``lm-eval-steer compare``: a leaderboard (Markdown, CSV, PNG) from lm-eval results.
+
+    lm-eval-steer compare runs/base runs/steered.json [--baseline runs/base] --out leaderboard/
+
+One row per run (model + steering configuration), one column per task x metric, each cell the
+score with its stderr and the delta against the baseline row. Runs that differ in task version,
+``--limit``, generation settings or chat template are listed under "Warnings" instead of being
+compared silently. When samples were logged (``--log_samples``), a per-instruction breakdown follows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lm_eval_steer.results import (
+    MetricValue,
+    ResultsError,
+    Run,
+    combined_stderr,
+    format_value,
+    incompatibilities,
+    load_runs,
+    markdown_table,
+    select_metrics,
+)
+
+Column = tuple[str, str]  # (task, metric id)
+
+CSV_FIELDS = ("run", "is_baseline", "task", "metric", "value", "stderr", "delta", "delta_stderr", "results_file")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run's score on one column and its difference to the baseline (None where missing)."""
+
+    value: float | None
+    stderr: float | None
+    delta: float | None
+    delta_stderr: float | None
+
+
+# --------------------------------------------------------------------------- pure computations
+
+
+def make_cell(current: MetricValue | None, baseline: MetricValue | None) -> Cell:
+    """The cell for ``current`` with its delta against ``baseline`` (``current - baseline``)."""
+    if current is None:
+        return Cell(None, None, None, None)
+    if baseline is None:
+        return Cell(current.value, current.stderr, None, None)
+    return Cell(
+        current.value,
+        current.stderr,
+        current.value - baseline.value,
+        combined_stderr(current.stderr, baseline.stderr),
+    )
+
+
+def columns_for(runs: Sequence[Run], metrics: Sequence[str]) -> list[Column]:
+    """Task x metric columns present in at least one run: tasks in order of appearance, then metrics."""
+    tasks = list(dict.fromkeys(task for run in runs for task in run.tasks))
+    return [
+        (task, metric)
+        for task in tasks
+        for metric in metrics
+        if any(metric in run.metrics.get(task, {}) for run in runs)
+    ]
+
+
+def lookup(run: Run, column: Column) -> MetricValue | None:
+    task, metric = column
+    return run.metrics.get(task, {}).get(metric)
+
+
+def leaderboard_cells(runs: Sequence[Run], baseline: Run, columns: Sequence[Column]) -> list[list[Cell]]:
+    """``cells[i][j]``: run i, column j, with deltas against ``baseline`` (zero for itself)."""
+    return [[make_cell(lookup(run, column), lookup(baseline, column)) for column in columns] for run in runs]
+
+
+def comparison_warnings(runs: Sequence[Run], baseline: Run, columns: Sequence[Column]) -> list[str]:
+    """Setup differences against the baseline and scores missing from some runs."""
+    warnings = []
+    for run in runs:
+        if run is not baseline:
+            warnings.extend(f"{run.label} vs baseline: {problem}" for problem in incompatibilities(baseline, run))
+    for task, metric in columns:
+        missing = [run.label for run in runs if lookup(run, (task, metric)) is None]
+        if missing:
+            warnings.append(f"{task} {metric}: not reported by {', '.join(missing)}")
+    return warnings
+
+
+def instruction_accuracy(samples: Iterable[dict[str, Any]], metric: str) -> dict[str, tuple[int, int]]:
+    """Per IFEval instruction id: (followed, total) from per-sample logs.
+
+    ``metric`` is an instruction-level metric (``inst_level_loose_acc``): each sample holds a list of
+    booleans aligned with ``doc["instruction_id_list"]``. Only lines of the metric's filter count,
+    because lm-eval logs every document once per filter.
+    """
+    name, _, filter_name = metric.partition(",")
+    wanted_filter = filter_name or "none"
+    counts: dict[str, list[int]] = {}
+    for sample in samples:
+        if sample.get("filter", wanted_filter) != wanted_filter:
+            continue
+        ids = (sample.get("doc") or {}).get("instruction_id_list") or []
+        outcomes = sample.get(name)
+        if not isinstance(outcomes, list) or len(outcomes) != len(ids):
+            continue
+        for instruction, followed in zip(ids, outcomes):
+            tally = counts.setdefault(instruction, [0, 0])
+            tally[0] += bool(followed)
+            tally[1] += 1
+    return {instruction: (hits, total) for instruction, (hits, total) in sorted(counts.items())}
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of one ``samples_*.jsonl`` file."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResultsError(f"{path}: not a readable samples file ({error})") from error
+
+
+def breakdown_metrics(metrics: Sequence[str]) -> list[str]:
+    """Instruction-level metrics among those selected; loose accuracy when none was selected."""
+    chosen = [metric for metric in metrics if metric.startswith("inst_level_")]
+    return chosen or ["inst_level_loose_acc"]
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def short_metric(metric: str) -> str:
+    """``prompt_level_strict_acc`` -> ``prompt strict``; other metric ids unchanged."""
+    name, comma, filter_name = metric.partition(",")
+    for level in ("prompt", "inst"):
+        for kind in ("strict", "loose"):
+            if name == f"{level}_level_{kind}_acc":
+                name = f"{level} {kind}"
+    return f"{name} ({filter_name})" if comma else name
+
+
+def render_cell(cell: Cell, is_baseline: bool) -> str:
+    """``0.300 ± 0.046 (Δ +0.050 ± 0.063)``; the baseline row carries no delta."""
+    text = format_value(cell.value, cell.stderr)
+    if cell.delta is None or is_baseline:
+        return text
+    return f"{text} (Δ {format_value(cell.delta, cell.delta_stderr, signed=True)})"
+
+
+def scores_table(runs: Sequence[Run], baseline: Run, columns: Sequence[Column], cells: list[list[Cell]]) -> str:
+    headers = ["run", *(f"{task} · {short_metric(metric)}" for task, metric in columns)]
+    rows = [
+        [f"{run.label} (baseline)" if run is baseline else run.label]
+        + [render_cell(cell, run is baseline) for cell in row]
+        for run, row in zip(runs, cells)
+    ]
+    return markdown_table(headers, rows)
+
+
+def breakdown_section(runs: Sequence[Run], baseline: Run, metrics: Sequence[str]) -> list[str]:
+    """Markdown lines: per task and instruction-level metric, accuracy per instruction and run."""
+    lines: list[str] = []
+    tasks = list(dict.fromkeys(task for run in runs for task in run.sample_files))
+    for task in tasks:
+        logged = [run for run in runs if task in run.sample_files]
+        samples = {run.label: read_samples(run.sample_files[task]) for run in logged}
+        for metric in breakdown_metrics(metrics):
+            per_run = {run.label: instruction_accuracy(samples[run.label], metric) for run in logged}
+            instructions = sorted({i for counts in per_run.values() for i in counts})
+            if not instructions:
+                continue
+            reference = per_run.get(baseline.label, {})
+            rows = []
+            for instruction in instructions:
+                row = [instruction]
+                for run in logged:
+                    row.append(_breakdown_cell(per_run[run.label].get(instruction), reference.get(instruction), run is baseline))
+                rows.append(row)
+            headers = ["instruction", *(f"{run.label} (n)" for run in logged)]
+            lines += ["", f"### {task} · {short_metric(metric)}", "", markdown_table(headers, rows)]
+    return lines
+
+
+def _breakdown_cell(counts: tuple[int, int] | None, reference: tuple[int, int] | None, is_baseline: bool) -> str:
+    """``0.500 (4)`` or ``0.750 (4, Δ +0.250)``: accuracy, number of instances, delta."""
+    if counts is None:
+        return "—"
+    accuracy = counts[0] / counts[1]
+    if is_baseline or reference is None:
+        return f"{accuracy:.3f} ({counts[1]})"
+    return f"{accuracy:.3f} ({counts[1]}, Δ {accuracy - reference[0] / reference[1]:+.3f})"
+
+
+def render_markdown(
+    runs: Sequence[Run], baseline: Run, metrics: Sequence[str], columns: Sequence[Column], warnings: Sequence[str]
+) -> str:
+    """The whole ``leaderboard.md``."""
+    cells = leaderboard_cells(runs, baseline, columns)
+    lines = [
+        "# Leaderboard",
+        "",
+        f"Baseline: **{baseline.label}**. Cells: score ± stderr; Δ = run − baseline "
+        "± sqrt(stderr² + stderr_baseline²).",
+        "",
+        scores_table(runs, baseline, columns, cells),
+        "",
+        "## Runs",
+        "",
+        markdown_table(["run", "results file"], [[run.label, str(run.path)] for run in runs]),
+    ]
+    if warnings:
+        lines += ["", "## Warnings", "", "Not like-for-like; deltas involving these runs are unreliable:", ""]
+        lines += [f"- {warning}" for warning in warnings]
+    breakdown = breakdown_section(runs, baseline, metrics)
+    if breakdown:
+        lines += ["", "## Per-instruction accuracy (from logged samples)", *breakdown]
+    return "\n".join(lines) + "\n"
+
+
+def csv_rows(runs: Sequence[Run], baseline: Run, columns: Sequence[Column]) -> list[dict[str, Any]]:
+    """Long-format rows (one per run x task x metric), ready for pandas or a spreadsheet pivot."""
+    cells = leaderboard_cells(runs, baseline, columns)
+    return [
+        {
+            "run": run.label,
+            "is_baseline": run is baseline,
+            "task": task,
+            "metric": metric,
+            "value": cell.value,
+            "stderr": cell.stderr,
+            "delta": cell.delta,
+            "delta_stderr": cell.delta_stderr,
+            "results_file": str(run.path),
+        }
+        for run, row in zip(runs, cells)
+        for (task, metric), cell in zip(columns, row)
+        if cell.value is not None
+    ]
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    def write(temp: str) -> None:
+        with open(temp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _atomic_write(path, write)
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+
+
+def write_chart(path: Path, runs: Sequence[Run], columns: Sequence[Column]) -> None:
+    """Grouped bars: one group per task x metric, one bar per run, stderr as error bars."""
+    # Figure + Agg canvas instead of pyplot: no global backend switch, no GUI, no figure leaks.
+    from matplotlib.figure import Figure
+
+    width = 0.8 / max(len(runs), 1)
+    figure = Figure(figsize=(max(6.0, 1.2 + 0.5 * len(columns) * max(len(runs), 2)), 4.8), layout="constrained")
+    axes = figure.subplots()
+    for index, run in enumerate(runs):
+        values = [lookup(run, column) for column in columns]
+        positions = [j + (index - (len(runs) - 1) / 2) * width for j in range(len(columns))]
+        axes.bar(
+            positions,
+            [v.value if v else 0.0 for v in values],
+            width,
+            yerr=[(v.stderr or 0.0) if v else 0.0 for v in values],
+            capsize=3,
+            label=run.label,
+        )
+    axes.set_xticks(range(len(columns)), [f"{task}\n{short_metric(metric)}" for task, metric in columns], fontsize=8)
+    axes.set_ylabel("score (± stderr)")
+    axes.set_title("lm-eval-steer leaderboard")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=120))
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    # Imported here: vectorfile pulls in torch, which only the writing step needs to pay for.
+    from lm_eval_steer.vectorfile import atomic_write_bytes
+
+    atomic_write_bytes(path, write)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def pick_baseline(runs: list[Run], spec: str | None) -> Run:
+    """The run named by ``--baseline`` (a label, a results file, or an input path); else the first.
+
+    A path that is not among the inputs is loaded and put first, so that it is both compared
+    and shown.
+    """
+    if spec is None:
+        return runs[0]
+    for run in runs:
+        if spec == run.label or _same_path(spec, run.path) or _same_path(spec, run.path.parent):
+            return run
+    if not Path(spec).exists():
+        raise ResultsError(f"--baseline {spec}: neither a run label nor an existing path")
+    extra = load_runs([spec])
+    if len(extra) != 1:
+        raise ResultsError(f"--baseline {spec}: stands for {len(extra)} runs; name one results file")
+    runs.insert(0, extra[0])
+    return extra[0]
+
+
+def _same_path(spec: str, path: Path) -> bool:
+    return Path(spec).resolve() == path.resolve()
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="results_*.json file or lm_eval --output_path directory")
+    parser.add_argument("--baseline", metavar="RUN", help="baseline run: a label, a RUN path, or another results path (default: the first RUN)")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="writes DIR/leaderboard.{md,csv,png}")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        metavar="METRIC",
+        help="metrics to show (default: the four IFEval accuracies when present, else every metric); "
+        "use metric,filter for a filter other than 'none'",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit 0 when the leaderboard was written, 2 when inputs are unreadable or unusable."""
+    try:
+        runs = load_runs(args.runs)
+        baseline = pick_baseline(runs, args.baseline)
+        metrics = select_metrics(runs, args.metrics)
+        columns = columns_for(runs, metrics)
+        warnings = comparison_warnings(runs, baseline, columns)
+        markdown = render_markdown(runs, baseline, metrics, columns, warnings)
+    except ResultsError as error:
+        print(f"lm-eval-steer compare: error: {error}", file=sys.stderr)
+        return 2
+    for item in runs:
+        print(f"using {item.path}  ->  {item.label}")
+    out: Path = args.out
+    write_text(out / "leaderboard.md", markdown)
+    write_csv(out / "leaderboard.csv", csv_rows(runs, baseline, columns))
+    write_chart(out / "leaderboard.png", runs, columns)
+    print(f"wrote {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'leaderboard.png'}")
+    if warnings:
+        print(f"{len(warnings)} warning(s): runs are not like-for-like, see the Warnings section", file=sys.stderr)
+    return 0
+

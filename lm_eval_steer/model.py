@@ -1,0 +1,244 @@
+"""``steered-hf``: the harness's ``HFLM`` with per-document activation steering.
+
+Each request is routed (:mod:`lm_eval_steer.routing`) to the entries its document needs. The
+harness's own batching is kept: batches are full whatever the mix of instructions, and every row
+carries its own vectors (:mod:`lm_eval_steer.hooks`). The rows of a batch are found by the strings
+(generation) or token sequences (loglikelihood) the harness hands to the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from lm_eval_steer.hooks import steering
+from lm_eval_steer.routing import ROUTES, Overrides, entries_for_document, route_key
+from lm_eval_steer.vectorfile import MODES, POSITIONS, SteeringEntry, VectorFile, load_vector_file
+
+logger = logging.getLogger(__name__)
+
+# Separates several vector files in ``vectors=``: lm-eval splits model_args on commas, and ``+``
+# needs no shell quoting.
+VECTOR_FILE_SEPARATOR = "+"
+
+Rows = list[tuple[SteeringEntry, ...]]
+
+
+def parse_vector_paths(vectors: str | Sequence[str] | None) -> list[str]:
+    if vectors is None or vectors == "":
+        return []
+    if isinstance(vectors, str):
+        return [part for part in vectors.split(VECTOR_FILE_SEPARATOR) if part]
+    return [str(path) for path in vectors]
+
+
+class SteeredHFLM(HFLM):
+    """HFLM plus ``vectors``, ``layer``, ``scale``, ``mode``, ``positions``, ``route`` and
+    ``skip_first_token`` model args (see the README)."""
+
+    def __init__(
+        self,
+        pretrained: Any,
+        vectors: str | Sequence[str] | None = None,
+        layer: int | None = None,
+        scale: float = 1.0,
+        mode: str | None = None,
+        positions: str | None = None,
+        route: str = "auto",
+        skip_first_token: bool = True,
+        device: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.route = self._check_choice("route", route, ROUTES)
+        self.overrides = Overrides(
+            layer=None if layer is None else int(layer),
+            scale=float(scale),
+            mode=self._check_choice("mode", mode, MODES) if mode is not None else None,
+            positions=self._check_choice("positions", positions, POSITIONS) if positions is not None else None,
+        )
+        self.skip_first_token = bool(skip_first_token)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        super().__init__(pretrained=pretrained, device=device, **kwargs)
+
+        config = self.model.config
+        config = getattr(config, "text_config", None) or config
+        self.vector_files = [
+            load_vector_file(path, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers)
+            for path in parse_vector_paths(vectors)
+        ]
+        if self.overrides.layer is not None and not 0 <= self.overrides.layer < config.num_hidden_layers:
+            raise ValueError(f"layer={self.overrides.layer} is out of range for a {config.num_hidden_layers}-layer model")
+        model_name = str(getattr(config, "_name_or_path", "") or (pretrained if isinstance(pretrained, str) else ""))
+        for vector_file in self.vector_files:
+            if vector_file.model and model_name and vector_file.model.split("/")[-1] not in model_name:
+                warnings.warn(
+                    f"{vector_file.path}: built on {vector_file.model!r}, applied to {model_name!r} "
+                    "(fine for a base/instruct pair with the same shapes; check this is intended)",
+                    stacklevel=2,
+                )
+        if self.route != "none" and not self.vector_files:
+            logger.warning("steered-hf: no vectors= given, so nothing is steered")
+        self._rows_by_context: dict[str, tuple[SteeringEntry, ...]] = {}
+        self._rows_by_tokens: dict[tuple[int, ...], tuple[tuple[SteeringEntry, ...], int]] | None = None
+        self._rows_by_pair: dict[tuple[str, str], tuple[SteeringEntry, ...]] = {}
+        self._uniform_rows: tuple[SteeringEntry, ...] | None = None
+        self._pending_rows: Rows | None = None
+
+    @staticmethod
+    def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+        if value not in choices:
+            raise ValueError(f"steered-hf: {name}={value!r} is not one of {', '.join(choices)}")
+        return value
+
+    # ------------------------------------------------------------------------------ configuration
+
+    def steering_config(self) -> dict[str, Any]:
+        """What the results JSON records, and what namespaces the ``--use_cache`` database."""
+        return {
+            "route": self.route,
+            "overrides": self.overrides.given(),
+            "skip_first_token": self.skip_first_token,
+            "vector_files": [
+                {
+                    "path": vector_file.path,
+                    "sha256": vector_file.sha256,
+                    "model": vector_file.model,
+                    "entries": [entry.to_json() for entry in vector_file.entries],
+                }
+                for vector_file in self.vector_files
+            ],
+        }
+
+    def steering_fingerprint(self) -> str:
+        config = self.steering_config()
+        for vector_file in config["vector_files"]:
+            vector_file.pop("path")  # the same file moved elsewhere steers the same way
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {**super().get_model_info(), "steering": self.steering_config()}
+
+    def set_cache_hook(self, cache_hook: Any) -> None:
+        # lm-eval's --use_cache keys answers by request only; give steered runs their own key space
+        # so that a steered run never reads an unsteered run's answers (or another configuration's).
+        from lm_eval_steer.cache import namespace_cache
+
+        if getattr(cache_hook, "dbdict", None) is not None:
+            namespace_cache(cache_hook.dbdict, f"steer:{self.steering_fingerprint()}")
+        super().set_cache_hook(cache_hook)
+
+    def rows_for(self, request: Instance) -> tuple[SteeringEntry, ...]:
+        return entries_for_document(request.doc, self.vector_files, self.route, self.overrides)
+
+    # ------------------------------------------------------------------------------- generation
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        rows = [self.rows_for(request) for request in requests]
+        by_context: dict[str, tuple[SteeringEntry, ...]] = {}
+        conflicting = False
+        for request, entries in zip(requests, rows):
+            known = by_context.setdefault(request.args[0], entries)
+            conflicting |= route_key(known) != route_key(entries)
+        if not conflicting:
+            return self._generate_with(requests, by_context, disable_tqdm)
+        # The same prompt routed two ways (e.g. one task run with and without a vector): the harness
+        # only hands us strings, so run each route's requests in their own pass.
+        results: list[str | None] = [None] * len(requests)
+        by_route: dict[Any, list[int]] = {}
+        for index, entries in enumerate(rows):
+            by_route.setdefault(route_key(entries), []).append(index)
+        for indices in by_route.values():
+            subset = [requests[i] for i in indices]
+            contexts = {requests[i].args[0]: rows[i] for i in indices}
+            for i, text in zip(indices, self._generate_with(subset, contexts, disable_tqdm)):
+                results[i] = text
+        return [text for text in results if text is not None]
+
+    def _generate_with(self, requests: list[Instance], by_context: dict[str, tuple[SteeringEntry, ...]], disable_tqdm: bool) -> list[str]:
+        self._rows_by_context = by_context
+        try:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._rows_by_context = {}
+
+    def tok_batch_encode(self, strings: list[str], *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        # generate_until encodes each batch right before generating it: remember whose rows these are.
+        self._pending_rows = [self._rows_by_context.get(string, ()) for string in strings]
+        return super().tok_batch_encode(strings, *args, **kwargs)
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
+        rows, self._pending_rows = self._pending_rows, None
+        if rows is None or len(rows) != context.shape[0]:
+            rows = [()] * context.shape[0]
+        with steering(self.model, rows, skip_first_token=self.skip_first_token):
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    # ---------------------------------------------------------------------------- loglikelihood
+
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        self._rows_by_pair = {tuple(request.args): self.rows_for(request) for request in requests}
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._rows_by_pair = {}
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        # Rolling windows reach the model without their request, so each route gets its own pass.
+        results: list[float | None] = [None] * len(requests)
+        by_route: dict[Any, tuple[tuple[SteeringEntry, ...], list[int]]] = {}
+        for index, request in enumerate(requests):
+            entries = self.rows_for(request)
+            by_route.setdefault(route_key(entries), (entries, []))[1].append(index)
+        for entries, indices in by_route.values():
+            self._uniform_rows = entries
+            try:
+                scores = super().loglikelihood_rolling([requests[i] for i in indices], disable_tqdm=disable_tqdm)
+            finally:
+                self._uniform_rows = None
+            for i, score in zip(indices, scores):
+                results[i] = score
+        return [score for score in results if score is not None]
+
+    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, override_bs: int | None = None) -> list[tuple[float, bool]]:
+        # Index every model input the harness will build (see HFLM._loglikelihood_tokens) by its
+        # tokens, with its row's entries and where its continuation starts.
+        index: dict[tuple[int, ...], tuple[tuple[SteeringEntry, ...], int]] = {}
+        for request_strings, context_tokens, continuation_tokens in requests:
+            if self._uniform_rows is not None:
+                entries = self._uniform_rows
+            else:
+                entries = self._rows_by_pair.get(tuple(request_strings) if request_strings else (), ())
+            model_input = (context_tokens + continuation_tokens)[-(self.max_length + 1) :][:-1]
+            index[tuple(model_input)] = (entries, len(model_input) - len(continuation_tokens) + 1)
+        self._rows_by_tokens = index
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            self._rows_by_tokens = None
+
+    def _lookup_row(self, row: list[int]) -> tuple[tuple[SteeringEntry, ...], int]:
+        assert self._rows_by_tokens is not None
+        # Rows are right-padded with zeros: the longest prefix that is a known input is this row.
+        for length in range(len(row), 0, -1):
+            found = self._rows_by_tokens.get(tuple(row[:length]))
+            if found is not None:
+                return found
+        raise RuntimeError("steered-hf: a loglikelihood batch row matches no request (harness internals changed?)")
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self._rows_by_tokens is None:  # e.g. batch-size detection: never steered
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        found = [self._lookup_row(row) for row in inps.tolist()]
+        rows = [entries for entries, _ in found]
+        prompt_lengths = [prompt_length for _, prompt_length in found]
+        with steering(self.model, rows, skip_first_token=self.skip_first_token, prompt_lengths=prompt_lengths):
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)

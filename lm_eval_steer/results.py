@@ -1,0 +1,391 @@
+"""Reading lm-eval results files into typed records, shared by ``compare`` and ``check``.
+
+lm-eval's ``--output_path DIR`` writes ``DIR/<model_name_sanitized>/results_<date>.json`` and, with
+``--log_samples``, ``samples_<task>_<date>.jsonl`` next to it (same ``<date>``). ``--output_path
+x.json`` writes ``x_<date>.json`` instead. A results JSON holds, among others::
+
+    results[task]["prompt_level_loose_acc,none"]          value   (metric,filter)
+    results[task]["prompt_level_loose_acc_stderr,none"]   its standard error (or "N/A")
+    versions[task], n-samples[task]["effective"], higher_is_better[task][metric]
+    configs[task]["generation_kwargs"], config["limit"], config["gen_kwargs"], config["steering"]
+
+This module knows that layout; nothing else in the package parses results JSON by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: IFEval's four metrics in the order tables show them; the default selection when present.
+IFEVAL_METRICS = (
+    "prompt_level_strict_acc",
+    "inst_level_strict_acc",
+    "prompt_level_loose_acc",
+    "inst_level_loose_acc",
+)
+
+#: lm-eval's default filter name: metrics under it are shown without the ",none" suffix.
+DEFAULT_FILTER = "none"
+
+_RESULTS_NAME = re.compile(r"^results_(?P<date>.+)\.json$")
+
+
+class ResultsError(Exception):
+    """An input that cannot be read or used; the message names the file at fault."""
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    """One aggregated metric of one task: the value and its standard error (None when unknown)."""
+
+    value: float
+    stderr: float | None
+    higher_is_better: bool = True
+
+
+@dataclass
+class Run:
+    """One results file, reduced to what comparing and checking need."""
+
+    path: Path
+    label: str
+    model: str
+    steering: dict[str, Any] | None
+    metrics: dict[str, dict[str, MetricValue]]  # task -> metric id -> value
+    versions: dict[str, Any]
+    n_samples: dict[str, int | None]  # task -> effective number of documents
+    limit: Any
+    gen_kwargs: dict[str, Any] | None
+    task_gen_kwargs: dict[str, Any]  # task -> effective generation_kwargs from the task config
+    chat_template_sha: str | None
+    sample_files: dict[str, Path] = field(default_factory=dict)  # task -> samples_*.jsonl
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.metrics)
+
+
+# --------------------------------------------------------------------------- locating files
+
+
+def date_id(results_file: Path) -> str | None:
+    """The ``<date>`` part of ``results_<date>.json`` (shared with its samples files)."""
+    match = _RESULTS_NAME.match(results_file.name)
+    return match.group("date") if match else None
+
+
+def find_results_files(path: Path) -> list[Path]:
+    """The results file(s) that ``path`` stands for.
+
+    A file is taken as is. A directory is an ``--output_path``: every directory holding
+    ``results_*.json`` (the directory itself or its model subdirectories) contributes its newest
+    file. Newest by name, because lm-eval's ``<date>`` is an ISO timestamp that sorts in time order,
+    and file mtimes do not survive copies and CI artifact downloads.
+    """
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ResultsError(f"{path}: no such file or directory")
+    candidates = sorted(path.glob("results_*.json")) + sorted(path.glob("*/results_*.json"))
+    newest: dict[Path, Path] = {}
+    for candidate in candidates:
+        current = newest.get(candidate.parent)
+        if current is None or candidate.name > current.name:
+            newest[candidate.parent] = candidate
+    if not newest:
+        raise ResultsError(f"{path}: no results_*.json in it or in its subdirectories")
+    return sorted(newest.values())
+
+
+def find_sample_files(results_file: Path, tasks: Iterable[str]) -> dict[str, Path]:
+    """``samples_<task>_<date>.jsonl`` written by the same run as ``results_file``, per task."""
+    stamp = date_id(results_file)
+    if stamp is None:
+        return {}
+    found = {}
+    for task in tasks:
+        candidate = results_file.parent / f"samples_{task}_{stamp}.jsonl"
+        if candidate.is_file():
+            found[task] = candidate
+    return found
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def metric_id(metric: str, filter_name: str) -> str:
+    """``metric`` under the default filter, ``metric,filter`` otherwise (as lm-eval keys it)."""
+    return metric if filter_name == DEFAULT_FILTER else f"{metric},{filter_name}"
+
+
+def _as_float(value: Any) -> float | None:
+    """A finite float, or None for lm-eval's "N/A" placeholders, nulls and non-numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def parse_task_metrics(task_results: Mapping[str, Any], higher: Mapping[str, Any]) -> dict[str, MetricValue]:
+    """``{"m,filter": v, "m_stderr,filter": se, "alias": ...}`` -> ``{metric id: MetricValue}``."""
+    metrics: dict[str, MetricValue] = {}
+    for key, raw in task_results.items():
+        name, comma, filter_name = key.partition(",")
+        if not comma or name.endswith("_stderr"):
+            continue  # "alias", "sample_len" and stderr entries (read with their metric below)
+        value = _as_float(raw)
+        if value is None:
+            continue
+        stderr = _as_float(task_results.get(f"{name}_stderr,{filter_name}"))
+        metrics[metric_id(name, filter_name)] = MetricValue(value, stderr, bool(higher.get(name, True)))
+    return metrics
+
+
+def parse_gen_kwargs(raw: Any) -> dict[str, Any] | None:
+    """``--gen_kwargs`` as recorded: a dict, None, or the CLI string ``"k=v,k2=v2"``."""
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    if isinstance(raw, str):
+        pairs = (item.partition("=") for item in raw.split(",") if item.strip())
+        return {key.strip(): value.strip() for key, _, value in pairs}
+    return {"value": raw}
+
+
+def model_name(data: Mapping[str, Any]) -> str:
+    """A short model name: the GGUF file's stem, else the last part of the model path."""
+    config = data.get("config") or {}
+    model_args = config.get("model_args")
+    if isinstance(model_args, str):
+        model_args = parse_gen_kwargs(model_args)  # same "k=v,k2=v2" syntax
+    model_args = model_args if isinstance(model_args, Mapping) else {}
+    gguf = model_args.get("gguf_file")
+    if gguf:
+        return Path(str(gguf)).name.removesuffix(".gguf")
+    name = data.get("model_name") or model_args.get("pretrained") or config.get("model") or "unknown-model"
+    return Path(str(name).rstrip("/")).name or str(name)
+
+
+def _number_range(values: Sequence[Any], prefix: str) -> str:
+    """``L12`` for one value, ``L10,12`` for a few, ``L10..22`` for many (labels stay short)."""
+    unique = sorted(set(values), key=lambda v: (isinstance(v, str), v))
+    if not unique:
+        return ""
+    if len(unique) <= 3:
+        return prefix + ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in unique)
+    return f"{prefix}{unique[0]:g}..{unique[-1]:g}"
+
+
+def steering_label(steering: Mapping[str, Any] | None) -> str:
+    """The steering part of a run label: vector files, layers, strengths, route.
+
+    ``""`` for runs without steering (plain ``hf``); ``"route=none"`` for a ``steered-hf`` baseline.
+    """
+    if steering is None:
+        return ""
+    route = steering.get("route", "auto")
+    if route == "none":
+        return "route=none"
+    overrides = steering.get("overrides") or {}
+    files = steering.get("vector_files") or []
+    entries = [entry for file in files for entry in (file.get("entries") or [])]
+    parts = ["+".join(Path(str(file.get("path", "?"))).name for file in files) or "no-vectors"]
+    if "layer" in overrides:
+        parts.append(f"L{overrides['layer']}")
+    else:
+        parts.append(_number_range([e["layer"] for e in entries if "layer" in e], "L"))
+    if "scale" in overrides:
+        parts.append(f"x{overrides['scale']}")
+    else:
+        parts.append(_number_range([e["strength"] for e in entries if "strength" in e], "c="))
+    for key in ("mode", "positions"):
+        if key in overrides:
+            parts.append(f"{key}={overrides[key]}")
+    parts.append(f"route={route}")
+    return " ".join(part for part in parts if part)
+
+
+def run_label(model: str, steering: Mapping[str, Any] | None) -> str:
+    """``model`` for a plain run, ``model [steering]`` for a ``steered-hf`` run."""
+    detail = steering_label(steering)
+    return f"{model} [{detail}]" if detail else model
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or a ResultsError naming the file and the reason."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResultsError(f"{path}: not a readable results JSON ({error})") from error
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise ResultsError(f"{path}: not an lm-eval results file (no 'results' object)")
+    return data
+
+
+def load_run(path: Path) -> Run:
+    """Parses one results JSON file."""
+    data = read_json(path)
+    config = data.get("config") or {}
+    higher = data.get("higher_is_better") or {}
+    metrics = {
+        task: parse_task_metrics(values, higher.get(task) or {})
+        for task, values in data["results"].items()
+        if isinstance(values, Mapping)
+    }
+    n_samples = {
+        task: (counts.get("effective") if isinstance(counts, Mapping) else None)
+        for task, counts in (data.get("n-samples") or {}).items()
+    }
+    task_configs = data.get("configs") or {}
+    steering = config.get("steering")
+    model = model_name(data)
+    return Run(
+        path=path,
+        label=run_label(model, steering),
+        model=model,
+        steering=steering,
+        metrics=metrics,
+        versions=dict(data.get("versions") or {}),
+        n_samples=n_samples,
+        limit=config.get("limit"),
+        gen_kwargs=parse_gen_kwargs(config.get("gen_kwargs")),
+        task_gen_kwargs={
+            task: cfg.get("generation_kwargs") for task, cfg in task_configs.items() if isinstance(cfg, Mapping)
+        },
+        chat_template_sha=data.get("chat_template_sha"),
+        sample_files=find_sample_files(path, metrics),
+    )
+
+
+def load_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Run]:
+    """Every run the given files/directories stand for, with labels made unique."""
+    runs = [load_run(file) for path in paths for file in find_results_files(Path(path))]
+    make_labels_unique(runs)
+    return runs
+
+
+def load_single_run(path: str | os.PathLike[str]) -> Run:
+    """The one run ``path`` stands for; an error if a directory holds results of several models."""
+    files = find_results_files(Path(path))
+    if len(files) > 1:
+        listing = ", ".join(str(file) for file in files)
+        raise ResultsError(f"{path}: holds results of {len(files)} models ({listing}); name one file")
+    return load_run(files[0])
+
+
+def _suffix_duplicates(runs: Sequence[Run], suffix: Any) -> None:
+    """Appends ``suffix(run, n)`` (n = 1, 2, ... within a label) to labels shared by several runs."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.label] = counts.get(run.label, 0) + 1
+    seen: dict[str, int] = {}
+    for run in runs:
+        if counts[run.label] > 1:
+            seen[run.label] = seen.get(run.label, 0) + 1
+            run.label = f"{run.label} {suffix(run, seen[run.label])}"
+
+
+def make_labels_unique(runs: Sequence[Run]) -> None:
+    """Tells apart runs with the same label by their date, then (same date) by a counter."""
+    _suffix_duplicates(runs, lambda run, _: f"@ {date_id(run.path) or run.path.stem}")
+    _suffix_duplicates(runs, lambda _, n: f"#{n}")
+
+
+# --------------------------------------------------------------------------- selecting metrics
+
+
+def available_metrics(runs: Iterable[Run]) -> list[str]:
+    """Every metric id any run reports, IFEval's four first in their usual order."""
+    names: dict[str, None] = {}
+    for run in runs:
+        for task_metrics in run.metrics.values():
+            names.update(dict.fromkeys(task_metrics))
+    return sorted(names, key=lambda name: (IFEVAL_METRICS.index(name) if name in IFEVAL_METRICS else 99, name))
+
+
+def select_metrics(runs: Sequence[Run], requested: Sequence[str] | None) -> list[str]:
+    """``requested`` (checked to exist), else IFEval's four when present, else every metric."""
+    available = available_metrics(runs)
+    if requested:
+        unknown = [name for name in requested if name not in available]
+        if unknown:
+            raise ResultsError(f"metric(s) {', '.join(unknown)} not in any input; available: {', '.join(available)}")
+        return list(dict.fromkeys(requested))
+    ifeval = [name for name in available if name in IFEVAL_METRICS]
+    return ifeval or available
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+def _task_difference(reference: Mapping[str, Any], other: Mapping[str, Any], tasks: Iterable[str]) -> list[str]:
+    """Tasks (among ``tasks``) whose value differs between two per-task mappings."""
+    return [task for task in tasks if task in reference and task in other and reference[task] != other[task]]
+
+
+def incompatibilities(reference: Run, other: Run) -> list[str]:
+    """Why ``other`` cannot be compared number for number with ``reference`` (empty when it can).
+
+    Checked: task versions, ``--limit`` and the number of documents actually scored, generation
+    settings, and the chat template. Each difference would move the scores by itself, so a delta
+    between such runs measures the setup, not the steering.
+    """
+    shared = [task for task in reference.tasks if task in other.metrics]
+    problems = []
+    for task in _task_difference(reference.versions, other.versions, shared):
+        problems.append(f"task {task}: version {other.versions[task]} vs {reference.versions[task]}")
+    if reference.limit != other.limit:
+        problems.append(f"--limit {other.limit} vs {reference.limit}")
+    else:  # the same --limit on different data still scores different documents
+        for task in _task_difference(reference.n_samples, other.n_samples, shared):
+            problems.append(f"task {task}: {other.n_samples[task]} documents vs {reference.n_samples[task]}")
+    if reference.gen_kwargs != other.gen_kwargs:
+        problems.append(f"--gen_kwargs {other.gen_kwargs} vs {reference.gen_kwargs}")
+    else:  # same CLI override, but the task YAMLs themselves may generate differently
+        for task in _task_difference(reference.task_gen_kwargs, other.task_gen_kwargs, shared):
+            problems.append(f"task {task}: generation_kwargs {other.task_gen_kwargs[task]} vs {reference.task_gen_kwargs[task]}")
+    if reference.chat_template_sha != other.chat_template_sha:
+        problems.append("chat template differs (applied in one run only, or a different template)")
+    return problems
+
+
+# --------------------------------------------------------------------------- math and formatting
+
+
+def combined_stderr(a: float | None, b: float | None) -> float | None:
+    """Standard error of a difference of two independent estimates: ``sqrt(se_a^2 + se_b^2)``.
+
+    Runs on the same documents are positively correlated, so this overstates the true error of the
+    delta: a conservative choice for both the leaderboard and the sigma gate.
+    """
+    if a is None or b is None:
+        return None
+    return math.hypot(a, b)
+
+
+def format_value(value: float | None, stderr: float | None = None, *, signed: bool = False) -> str:
+    """``0.412 ± 0.021`` (or ``+0.052 ± 0.030`` with ``signed``); ``—`` for a missing value."""
+    if value is None:
+        return "—"
+    text = f"{value:+.3f}" if signed else f"{value:.3f}"
+    return f"{text} ± {stderr:.3f}" if stderr is not None else text
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A GitHub Markdown table, padded so that it also reads well as plain terminal output."""
+    rows = [[str(cell).replace("|", "\\|") for cell in row] for row in rows]
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+        *("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows),
+    ]
+    return "\n".join(lines)
