@@ -76,7 +76,7 @@ def allowance(baseline: MetricValue, current: MetricValue, tolerance: float, sig
         stderr = combined_stderr(baseline.stderr, current.stderr)
         if stderr is not None:
             return sigma * stderr, f"{sigma:g}σ"
-        return tolerance, "tolerance (no stderr)"
+        return tolerance, "tolerance, no stderr"
     return tolerance, "tolerance"
 
 
@@ -129,7 +129,7 @@ def verdict_table(verdicts: Sequence[Verdict]) -> str:
             format_value(v.baseline.value, v.baseline.stderr),
             format_value(v.current.value, v.current.stderr),
             format_value(v.delta, signed=True),
-            f"{v.allowed:.3f} ({v.basis})",
+            f"{v.allowed:.4g} ({v.basis})",
             "REGRESSION" if v.regressed else "ok",
         ]
         for v in verdicts

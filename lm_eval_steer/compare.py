@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,8 +26,11 @@ from lm_eval_steer.results import (
     Run,
     combined_stderr,
     format_value,
+    find_results_files,
     incompatibilities,
+    load_run,
     load_runs,
+    make_labels_unique,
     markdown_table,
     select_metrics,
 )
@@ -170,25 +174,27 @@ def scores_table(runs: Sequence[Run], baseline: Run, columns: Sequence[Column], 
 def breakdown_section(runs: Sequence[Run], baseline: Run, metrics: Sequence[str]) -> list[str]:
     """Markdown lines: per task and instruction-level metric, accuracy per instruction and run."""
     lines: list[str] = []
-    tasks = list(dict.fromkeys(task for run in runs for task in run.sample_files))
-    for task in tasks:
+    for task in dict.fromkeys(task for run in runs for task in run.sample_files):
         logged = [run for run in runs if task in run.sample_files]
         samples = {run.label: read_samples(run.sample_files[task]) for run in logged}
         for metric in breakdown_metrics(metrics):
             per_run = {run.label: instruction_accuracy(samples[run.label], metric) for run in logged}
-            instructions = sorted({i for counts in per_run.values() for i in counts})
-            if not instructions:
-                continue
-            reference = per_run.get(baseline.label, {})
-            rows = []
-            for instruction in instructions:
-                row = [instruction]
-                for run in logged:
-                    row.append(_breakdown_cell(per_run[run.label].get(instruction), reference.get(instruction), run is baseline))
-                rows.append(row)
-            headers = ["instruction", *(f"{run.label} (n)" for run in logged)]
-            lines += ["", f"### {task} · {short_metric(metric)}", "", markdown_table(headers, rows)]
+            if any(per_run.values()):
+                table = breakdown_table(logged, baseline, per_run)
+                lines += ["", f"### {task} · {short_metric(metric)}", "", table]
     return lines
+
+
+def breakdown_table(logged: Sequence[Run], baseline: Run, per_run: dict[str, dict[str, tuple[int, int]]]) -> str:
+    """One row per instruction id, one column per run that logged samples; deltas vs the baseline."""
+    reference = per_run.get(baseline.label, {})
+    instructions = sorted({instruction for counts in per_run.values() for instruction in counts})
+    rows = [
+        [instruction]
+        + [_breakdown_cell(per_run[run.label].get(instruction), reference.get(instruction), run is baseline) for run in logged]
+        for instruction in instructions
+    ]
+    return markdown_table(["instruction", *(f"{run.label} (n)" for run in logged)], rows)
 
 
 def _breakdown_cell(counts: tuple[int, int] | None, reference: tuple[int, int] | None, is_baseline: bool) -> str:
@@ -268,7 +274,10 @@ def write_chart(path: Path, runs: Sequence[Run], columns: Sequence[Column]) -> N
     from matplotlib.figure import Figure
 
     width = 0.8 / max(len(runs), 1)
-    figure = Figure(figsize=(max(6.0, 1.2 + 0.5 * len(columns) * max(len(runs), 2)), 4.8), layout="constrained")
+    # Room per group grows with the number of bars; the legend (long steering labels, one line per
+    # run) goes below the axes, where constrained layout reserves space for it.
+    size = (max(6.0, 1.5 + len(columns) * (0.6 + 0.4 * len(runs))), 4.5 + 0.25 * len(runs))
+    figure = Figure(figsize=size, layout="constrained")
     axes = figure.subplots()
     for index, run in enumerate(runs):
         values = [lookup(run, column) for column in columns]
@@ -277,14 +286,16 @@ def write_chart(path: Path, runs: Sequence[Run], columns: Sequence[Column]) -> N
             positions,
             [v.value if v else 0.0 for v in values],
             width,
-            yerr=[(v.stderr or 0.0) if v else 0.0 for v in values],
+            # NaN draws no error bar: a missing stderr (IFEval's instruction-level metrics) is not zero
+            yerr=[v.stderr if v and v.stderr is not None else math.nan for v in values],
             capsize=3,
             label=run.label,
         )
-    axes.set_xticks(range(len(columns)), [f"{task}\n{short_metric(metric)}" for task, metric in columns], fontsize=8)
+    labels = [f"{task}\n{short_metric(metric)}" for task, metric in columns]
+    axes.set_xticks(range(len(columns)), labels, fontsize=8, rotation=30, ha="right")
     axes.set_ylabel("score (± stderr)")
     axes.set_title("lm-eval-steer leaderboard")
-    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.legend(fontsize=7, loc="outside lower center")
     _atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=120))
 
 
@@ -301,25 +312,26 @@ def _atomic_write(path: Path, write: Any) -> None:
 def pick_baseline(runs: list[Run], spec: str | None) -> Run:
     """The run named by ``--baseline`` (a label, a results file, or an input path); else the first.
 
-    A path that is not among the inputs is loaded and put first, so that it is both compared
-    and shown.
+    A results file that is not among the inputs is loaded and put first, so that it is both
+    compared and shown.
     """
     if spec is None:
         return runs[0]
     for run in runs:
-        if spec == run.label or _same_path(spec, run.path) or _same_path(spec, run.path.parent):
+        if spec == run.label:
             return run
     if not Path(spec).exists():
         raise ResultsError(f"--baseline {spec}: neither a run label nor an existing path")
-    extra = load_runs([spec])
-    if len(extra) != 1:
-        raise ResultsError(f"--baseline {spec}: stands for {len(extra)} runs; name one results file")
-    runs.insert(0, extra[0])
-    return extra[0]
-
-
-def _same_path(spec: str, path: Path) -> bool:
-    return Path(spec).resolve() == path.resolve()
+    files = {file.resolve(): file for file in find_results_files(Path(spec))}
+    if len(files) != 1:
+        raise ResultsError(f"--baseline {spec}: stands for {len(files)} runs; name one results file")
+    for run in runs:
+        if run.path.resolve() in files:
+            return run
+    baseline = load_run(next(iter(files.values())))
+    runs.insert(0, baseline)
+    make_labels_unique(runs)
+    return baseline
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -266,8 +266,9 @@ def load_run(path: Path) -> Run:
 
 
 def load_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Run]:
-    """Every run the given files/directories stand for, with labels made unique."""
-    runs = [load_run(file) for path in paths for file in find_results_files(Path(path))]
+    """Every run the given files/directories stand for (each file once), with labels made unique."""
+    files = {file.resolve(): file for path in paths for file in find_results_files(Path(path))}
+    runs = [load_run(file) for file in files.values()]
     make_labels_unique(runs)
     return runs
 

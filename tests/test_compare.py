@@ -1,0 +1,226 @@
+"""``lm-eval-steer compare`` on synthetic results files: Markdown, CSV and PNG contents."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+from results_fixtures import ifeval_sample, ifeval_scores, steering_config, table_rows, write_run
+
+from lm_eval_steer import compare
+from lm_eval_steer.cli import main
+from lm_eval_steer.results import MetricValue, load_runs, run_label
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BASE_LABEL = "SmolLM2-135M-Instruct"
+STEERED_LABEL = "SmolLM2-135M-Instruct [fmt.safetensors L12,18 c=4.5 route=auto]"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def section(markdown: str, title: str) -> str:
+    """The text of one ``## title`` section of the leaderboard."""
+    return markdown.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.fixture
+def two_runs(tmp_path: Path) -> tuple[Path, Path]:
+    """An unsteered ``hf`` run and a steered one that gains 0.25 prompt-level strict accuracy."""
+    samples_base = [
+        ifeval_sample(0, {"change_case:english_lowercase": False, "punctuation:no_comma": True}),
+        ifeval_sample(1, {"change_case:english_lowercase": False}),
+    ]
+    samples_steered = [
+        ifeval_sample(0, {"change_case:english_lowercase": True, "punctuation:no_comma": True}),
+        ifeval_sample(1, {"change_case:english_lowercase": False}),
+    ]
+    base = write_run(
+        tmp_path / "base",
+        {"ifeval_format": ifeval_scores(0.25, 0.5, 0.375, 0.625, se=0.03)},
+        samples={"ifeval_format": samples_base},
+    )
+    steered = write_run(
+        tmp_path / "steered",
+        {"ifeval_format": ifeval_scores(0.5, 0.75, 0.375, 0.5, se=0.04)},
+        model_type="steered-hf",
+        steering=steering_config(layers=(12, 18)),
+        samples={"ifeval_format": samples_steered},
+    )
+    return base, steered
+
+
+def run_compare(out: Path, *args: str) -> int:
+    return main(["compare", *args, "--out", str(out)])
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def test_make_cell_delta_and_combined_stderr() -> None:
+    cell = compare.make_cell(MetricValue(0.5, 0.04), MetricValue(0.25, 0.03))
+    assert cell.delta == 0.25 and cell.delta_stderr == pytest.approx(0.05)
+    assert compare.make_cell(MetricValue(0.5, None), MetricValue(0.25, 0.03)).delta_stderr is None
+    assert compare.make_cell(None, MetricValue(0.25, 0.03)).value is None
+    assert compare.make_cell(MetricValue(0.5, 0.04), None).delta is None
+
+
+def test_instruction_accuracy_counts_each_instruction_and_skips_other_filters() -> None:
+    samples = [
+        ifeval_sample(0, {"a": True, "b": False}),
+        ifeval_sample(1, {"a": False}),
+        {**ifeval_sample(2, {"a": True}), "filter": "other"},
+    ]
+    assert compare.instruction_accuracy(samples, "inst_level_loose_acc") == {"a": (1, 2), "b": (0, 1)}
+
+
+def test_run_labels_describe_the_steering() -> None:
+    assert run_label("m", None) == "m"
+    assert run_label("m", {"route": "none"}) == "m [route=none]"
+    many = steering_config(vector="a/b/v.safetensors", layers=(8, 10, 12, 14), strength=2.0, route="all")
+    assert run_label("m", many) == "m [v.safetensors L8..14 c=2 route=all]"
+    overridden = {**steering_config(), "overrides": {"layer": 9, "scale": 1.5, "positions": "generated"}}
+    assert run_label("m", overridden) == "m [fmt.safetensors L9 x1.5 positions=generated route=auto]"
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_markdown_rows_columns_and_deltas(tmp_path: Path, two_runs, capsys) -> None:
+    base, steered = two_runs
+    out = tmp_path / "board"
+    assert run_compare(out, str(base), str(steered)) == 0
+    markdown = (out / "leaderboard.md").read_text(encoding="utf-8")
+    scores = table_rows(markdown.split("## Runs")[0])
+    assert scores[0] == [
+        "run",
+        "ifeval_format · prompt strict",
+        "ifeval_format · inst strict",
+        "ifeval_format · prompt loose",
+        "ifeval_format · inst loose",
+    ]
+    assert scores[1] == [f"{BASE_LABEL} (baseline)", "0.250 ± 0.030", "0.500", "0.375 ± 0.030", "0.625"]
+    assert scores[2] == [
+        STEERED_LABEL,
+        "0.500 ± 0.040 (Δ +0.250 ± 0.050)",
+        "0.750 (Δ +0.250)",
+        "0.375 ± 0.040 (Δ +0.000 ± 0.050)",
+        "0.500 (Δ -0.125)",
+    ]
+    assert len(scores) == 3
+    assert "## Warnings" not in markdown  # same setup: nothing to flag
+    assert [row[1] for row in table_rows(section(markdown, "Runs"))[1:]] == [str(base), str(steered)]
+    printed = capsys.readouterr().out
+    assert f"using {base}  ->  {BASE_LABEL}" in printed
+
+
+def test_per_instruction_breakdown_from_samples(tmp_path: Path, two_runs) -> None:
+    out = tmp_path / "board"
+    assert run_compare(out, *map(str, two_runs), "--metrics", "inst_level_loose_acc") == 0
+    breakdown = section((out / "leaderboard.md").read_text(encoding="utf-8"), "Per-instruction accuracy (from logged samples)")
+    assert "### ifeval_format · inst loose" in breakdown
+    assert table_rows(breakdown) == [
+        ["instruction", f"{BASE_LABEL} (n)", f"{STEERED_LABEL} (n)"],
+        ["change_case:english_lowercase", "0.000 (2)", "0.500 (2, Δ +0.500)"],
+        ["punctuation:no_comma", "1.000 (1)", "1.000 (1, Δ +0.000)"],
+    ]
+
+
+def test_csv_content(tmp_path: Path, two_runs) -> None:
+    out = tmp_path / "board"
+    assert run_compare(out, *map(str, two_runs)) == 0
+    with (out / "leaderboard.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == list(compare.CSV_FIELDS)
+    assert len(rows) == 8  # 2 runs x 1 task x 4 metrics
+    steered = {row["metric"]: row for row in rows if row["run"] == STEERED_LABEL}
+    strict = steered["prompt_level_strict_acc"]
+    assert (strict["is_baseline"], strict["task"], float(strict["value"]), float(strict["stderr"])) == ("False", "ifeval_format", 0.5, 0.04)
+    assert float(strict["delta"]) == 0.25 and math.isclose(float(strict["delta_stderr"]), 0.05)
+    assert steered["inst_level_loose_acc"]["stderr"] == "" and float(steered["inst_level_loose_acc"]["delta"]) == -0.125
+    assert {row["is_baseline"] for row in rows if row["run"] == BASE_LABEL} == {"True"}
+
+
+def test_png_is_valid(tmp_path: Path, two_runs) -> None:
+    import matplotlib.image
+
+    out = tmp_path / "board"
+    assert run_compare(out, *map(str, two_runs)) == 0
+    png = out / "leaderboard.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert not list(out.glob("*.tmp"))  # atomic writes left no temp files behind
+
+
+def test_baseline_option_by_path_label_and_outside_path(tmp_path: Path, two_runs) -> None:
+    base, steered = two_runs
+    out = tmp_path / "board"
+    assert run_compare(out, str(base), str(steered), "--baseline", str(steered.parent.parent)) == 0
+    markdown = (out / "leaderboard.md").read_text(encoding="utf-8")
+    assert f"**{STEERED_LABEL}**" in markdown
+    scores = table_rows(markdown.split("## Runs")[0])
+    assert [row[0] for row in scores[1:]] == [BASE_LABEL, f"{STEERED_LABEL} (baseline)"]  # not loaded twice
+    assert run_compare(out, str(base), str(steered), "--baseline", BASE_LABEL) == 0
+    assert f"**{BASE_LABEL}**" in (out / "leaderboard.md").read_text(encoding="utf-8")
+    # a baseline that is not among the runs is added as the first row
+    assert run_compare(out, str(steered), "--baseline", str(base)) == 0
+    scores = table_rows((out / "leaderboard.md").read_text(encoding="utf-8").split("## Runs")[0])
+    assert [row[0] for row in scores[1:]] == [f"{BASE_LABEL} (baseline)", STEERED_LABEL]
+
+
+def test_mismatched_configurations_are_flagged(tmp_path: Path, two_runs, capsys) -> None:
+    base, _ = two_runs
+    other = write_run(
+        tmp_path / "other",
+        {"ifeval_format": ifeval_scores(0.5, 0.5, 0.5, 0.5), "ifeval_length": ifeval_scores(0.5, 0.5, 0.5, 0.5)},
+        model="other/model",
+        limit=10.0,
+        n=10,
+        versions={"ifeval_format": 5.0},
+        gen_kwargs="max_gen_toks=32",
+    )
+    out = tmp_path / "board"
+    assert run_compare(out, str(base), str(other)) == 0
+    warnings = section((out / "leaderboard.md").read_text(encoding="utf-8"), "Warnings")
+    assert "model vs baseline: task ifeval_format: version 5.0 vs 4.0" in warnings
+    assert "model vs baseline: --limit 10.0 vs 20.0" in warnings
+    assert "model vs baseline: --gen_kwargs {'max_gen_toks': '32'} vs None" in warnings
+    assert f"ifeval_length prompt_level_strict_acc: not reported by {BASE_LABEL}" in warnings
+    assert "warning(s)" in capsys.readouterr().err
+
+
+def test_same_model_runs_get_distinct_labels(tmp_path: Path) -> None:
+    first = write_run(tmp_path / "a", {"t": ifeval_scores(0.5, 0.5, 0.5, 0.5)}, date="2025-01-01T00-00-00.0")
+    second = write_run(tmp_path / "b", {"t": ifeval_scores(0.5, 0.5, 0.5, 0.5)}, date="2025-01-02T00-00-00.0")
+    labels = [run.label for run in load_runs([first, second, first])]  # the repeated file counts once
+    assert labels == [f"{BASE_LABEL} @ 2025-01-01T00-00-00.0", f"{BASE_LABEL} @ 2025-01-02T00-00-00.0"]
+
+
+def test_non_ifeval_metrics_default_to_all(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "ll", {"arc_easy": {"acc": (0.5, 0.01), "acc_norm": (0.625, 0.01)}})
+    out = tmp_path / "board"
+    assert run_compare(out, str(run)) == 0
+    header = table_rows((out / "leaderboard.md").read_text(encoding="utf-8"))[0]
+    assert header == ["run", "arc_easy · acc", "arc_easy · acc_norm"]
+
+
+# --------------------------------------------------------------------------- errors (exit 2)
+
+
+def test_unreadable_input_exits_2_naming_the_file(tmp_path: Path, two_runs, capsys) -> None:
+    broken = tmp_path / "results_broken.json"
+    broken.write_bytes(b"\xff\xfe not json")
+    out = tmp_path / "board"
+    assert run_compare(out, str(two_runs[0]), str(broken)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lm-eval-steer compare: error: {broken}:") and len(err.splitlines()) == 1
+    assert not out.exists()  # nothing half-written
+
+
+def test_bad_metric_or_baseline_exits_2(tmp_path: Path, two_runs, capsys) -> None:
+    out = tmp_path / "board"
+    assert run_compare(out, *map(str, two_runs), "--metrics", "exact_match") == 2
+    assert "exact_match" in capsys.readouterr().err
+    assert run_compare(out, *map(str, two_runs), "--baseline", "no-such-run") == 2
+    assert "--baseline no-such-run" in capsys.readouterr().err
