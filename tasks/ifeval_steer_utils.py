@@ -1,0 +1,316 @@
+"""IFEval subsets for the steering paper: which prompts, where the data lives, how to score them.
+
+The task YAMLs in this folder point at :class:`IFEvalSubsetTask`. Every document has the IFEval
+fields ``key``, ``prompt``, ``instruction_id_list`` and ``kwargs`` (a list of dicts aligned with
+``instruction_id_list``; ``steered-hf`` routes vectors by them); the no-instruction variants add
+``prompt_without_instruction``, the text the model is shown. Scoring always uses the original
+instruction ids and kwargs through the harness's own IFEval scorer.
+
+Data: ``google/IFEval`` from the hub by default. ``LM_EVAL_STEER_DATA`` names a local directory laid
+out like ``shared/data`` (``ifeval/input_data.jsonl``, ``seed/*.jsonl``, ``nltk/``); when it is set,
+nothing is read from the network. The instruction-stripped prompts and the keyword subsets exist
+only in the paper's files, so those tasks need ``LM_EVAL_STEER_DATA``.
+
+Nothing from ``lm_eval.tasks.ifeval`` is imported at module level: importing it makes the harness
+try to download NLTK data, so it happens only after :func:`prepare_scorer` has checked for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from lm_eval.api.metrics import mean
+from lm_eval.api.task import ConfigurableTask
+
+DATA_ENV = "LM_EVAL_STEER_DATA"
+HUB_DATASET = "google/IFEval"
+IFEVAL_FILE = "ifeval/input_data.jsonl"
+PAPER_REPOSITORY = "https://github.com/microsoft/llm-steer-instruct"
+PUNKT_RESOURCE = "tokenizers/punkt_tab"
+PER_INSTRUCTION_PREFIX = "inst_level_loose_acc:"
+
+# The paper's 13 format instructions (exactly the single-instruction prompts of its format file).
+FORMAT_INSTRUCTIONS = frozenset(
+    {
+        "change_case:capital_word_frequency",
+        "change_case:english_capital",
+        "change_case:english_lowercase",
+        "detectable_format:constrained_response",
+        "detectable_format:json_format",
+        "detectable_format:multiple_sections",
+        "detectable_format:number_bullet_lists",
+        "detectable_format:number_highlighted_sections",
+        "detectable_format:title",
+        "language:response_language",
+        "punctuation:no_comma",
+        "startend:end_checker",
+        "startend:quotation",
+    }
+)
+LENGTH_INSTRUCTIONS = frozenset(
+    {
+        "length_constraints:number_paragraphs",
+        "length_constraints:number_sentences",
+        "length_constraints:number_words",
+    }
+)
+KEYWORD_INSTRUCTIONS = frozenset({"keywords:existence", "keywords:forbidden_words"})
+
+STRIPPED_FILE = "ifeval_wo_instructions.jsonl"
+
+# Prompts where the paper's stripping left the instruction in place (1802, 2857) or kept the
+# stripping model's scaffolding (136): without these the no-instruction setting would still show
+# the instruction. Each is the original prompt with only the instruction sentences removed.
+STRIPPED_FIXES: dict[int, str] = {
+    136: "A nucleus is a cluster of protons and neutrons. Elaborate on this. An example:\n"
+    "* A nucleus is a cluster of protons and neutrons\n* A proton is ....\n\n"
+    "Please follow the format of the example above.",
+    1802: "Gandalf was a wizard who fought in the War of the Ring. Is that a good explanation for "
+    "a 10 year old? Please think first, then give your answer.",
+    2857: "Write a rubric for performance review of a software engineer.",
+}
+
+
+@dataclass(frozen=True)
+class Subset:
+    """One IFEval subset: which prompts belong to it and where its stripped prompts come from."""
+
+    instructions: frozenset[str]
+    min_instructions: int
+    max_instructions: int
+    # Paper file (under seed/) holding the stripped prompts; for the keyword subsets it holds the
+    # documents themselves, since the paper rewrote those prompts to carry a single keyword.
+    paper_file: str
+    stripped_field: str
+    docs_from_paper_file: bool = False
+
+    def selects(self, instruction_ids: list[str]) -> bool:
+        """True when a prompt's instructions put it in this subset."""
+        count_ok = self.min_instructions <= len(instruction_ids) <= self.max_instructions
+        return count_ok and set(instruction_ids) <= self.instructions
+
+
+SUBSETS: dict[str, Subset] = {
+    "format": Subset(
+        FORMAT_INSTRUCTIONS, 1, 1, "ifeval_single_instr_format.jsonl", "prompt_without_instruction"
+    ),
+    "length": Subset(LENGTH_INSTRUCTIONS, 1, 1, STRIPPED_FILE, "model_output"),
+    "keywords_include": Subset(
+        frozenset({"keywords:existence"}),
+        1,
+        1,
+        "ifeval_single_keyword_include.jsonl",
+        "prompt_without_instruction",
+        docs_from_paper_file=True,
+    ),
+    "keywords_exclude": Subset(
+        frozenset({"keywords:forbidden_words"}),
+        1,
+        1,
+        "ifeval_single_keyword_exclude.jsonl",
+        "prompt_without_instruction",
+        docs_from_paper_file=True,
+    ),
+    "composition": Subset(
+        FORMAT_INSTRUCTIONS | LENGTH_INSTRUCTIONS | KEYWORD_INSTRUCTIONS, 2, 3, STRIPPED_FILE, "model_output"
+    ),
+}
+
+
+class DataMissingError(FileNotFoundError):
+    """A data file the task needs is not where ``LM_EVAL_STEER_DATA`` says."""
+
+
+class PunktMissingError(LookupError):
+    """NLTK's ``punkt_tab`` (used by the IFEval scorer) cannot be found."""
+
+
+# ----------------------------------------------------------------------------- data location
+
+
+def local_data_dir() -> Path | None:
+    """The directory named by ``LM_EVAL_STEER_DATA``, or None when it is unset (use the hub)."""
+    value = os.environ.get(DATA_ENV, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise DataMissingError(f"{DATA_ENV}={value!r} is not a directory (expected a layout like shared/data)")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file (blank lines skipped)."""
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def paper_file(name: str) -> Path:
+    """Path of one of the paper's files under ``$LM_EVAL_STEER_DATA/seed``; error if unavailable."""
+    data = local_data_dir()
+    origin = f"it comes from the paper's repository {PAPER_REPOSITORY} (MIT licence)"
+    if data is None:
+        raise DataMissingError(
+            f"seed/{name} is needed for this task and is not on the hub: {origin}. "
+            f"Set {DATA_ENV} to a directory holding seed/{name} (e.g. ../shared/data)."
+        )
+    path = data / "seed" / name
+    if not path.is_file():
+        raise DataMissingError(f"{path} not found ({DATA_ENV}={data}): {origin}.")
+    return path
+
+
+def ifeval_rows() -> list[dict[str, Any]]:
+    """The 541 IFEval prompts: local ``ifeval/input_data.jsonl`` if configured, else the hub."""
+    data = local_data_dir()
+    if data is None:
+        import datasets
+
+        return list(datasets.load_dataset(HUB_DATASET, split="train"))
+    path = data / IFEVAL_FILE
+    if not path.is_file():
+        raise DataMissingError(
+            f"{path} not found ({DATA_ENV}={data}): it is IFEval's input_data.jsonl "
+            f"(google-research/instruction_following_eval/data, or the {HUB_DATASET} dataset)."
+        )
+    return read_jsonl(path)
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def as_doc(row: dict[str, Any], stripped: str | None) -> dict[str, Any]:
+    """A task document in IFEval's shape, plus the stripped prompt for no-instruction tasks."""
+    doc = {
+        "key": int(row["key"]),
+        "prompt": row["prompt"],
+        "instruction_id_list": list(row["instruction_id_list"]),
+        # Sparse dicts as in IFEval's input_data.jsonl (the hub stores absent kwargs as None);
+        # the Dataset then fills absent keys with None again, so both sources end up identical.
+        "kwargs": [{k: v for k, v in kwargs.items() if v is not None} for kwargs in row["kwargs"]],
+    }
+    if stripped is not None:
+        doc["prompt_without_instruction"] = stripped
+    return doc
+
+
+def stripped_prompts(subset: Subset) -> dict[int, str]:
+    """Paper's instruction-stripped prompt per IFEval key, with :data:`STRIPPED_FIXES` applied."""
+    rows = read_jsonl(paper_file(subset.paper_file))
+    return {int(row["key"]): row[subset.stripped_field] for row in rows} | STRIPPED_FIXES
+
+
+def subset_docs(name: str, noinst: bool = False) -> list[dict[str, Any]]:
+    """Documents of subset ``name`` (a key of :data:`SUBSETS`), without the instruction if ``noinst``."""
+    if name not in SUBSETS:
+        raise ValueError(f"unknown IFEval subset {name!r}; known: {', '.join(SUBSETS)}")
+    subset = SUBSETS[name]
+    if subset.docs_from_paper_file:
+        rows = [row for row in read_jsonl(paper_file(subset.paper_file)) if subset.selects(row["instruction_id_list"])]
+        return [as_doc(row, row[subset.stripped_field] if noinst else None) for row in rows]
+    rows = [row for row in ifeval_rows() if subset.selects(row["instruction_id_list"])]
+    if not noinst:
+        return [as_doc(row, None) for row in rows]
+    stripped = stripped_prompts(subset)
+    missing = [row["key"] for row in rows if int(row["key"]) not in stripped]
+    if missing:
+        raise DataMissingError(f"seed/{subset.paper_file} has no stripped prompt for IFEval keys {missing}")
+    return [as_doc(row, stripped[int(row["key"])]) for row in rows]
+
+
+def load_subset(subset: str, noinst: bool = False, **_: Any) -> dict[str, Any]:
+    """``custom_dataset``-style loader: ``{"test": Dataset}`` for the task's ``dataset_kwargs``."""
+    import datasets
+
+    return {"test": datasets.Dataset.from_list(subset_docs(subset, noinst))}
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def prepare_scorer() -> None:
+    """Makes the IFEval scorer usable offline and deterministic, or fails saying how to fix it.
+
+    Run before any document is generated for: offline, the harness "downloads" ``punkt_tab``,
+    fails silently, and only crashes while scoring, after all the generation time is spent.
+    """
+    import nltk
+    from langdetect import DetectorFactory
+
+    DetectorFactory.seed = 0  # langdetect samples randomly; unseeded, scores vary run to run
+    data = local_data_dir()
+    if data is not None and (data / "nltk").is_dir() and str(data / "nltk") not in nltk.data.path:
+        nltk.data.path.append(str(data / "nltk"))
+    try:
+        nltk.data.find(PUNKT_RESOURCE)
+    except LookupError:
+        raise PunktMissingError(
+            f"NLTK's {PUNKT_RESOURCE!r}, needed by the IFEval scorer, was not found (searched "
+            f"{nltk.data.path}). Fix: set {DATA_ENV} to a directory with nltk/{PUNKT_RESOURCE} "
+            f"(e.g. ../shared/data), or set NLTK_DATA to such an nltk folder, or run "
+            f"`python -m nltk.downloader punkt_tab` with network access."
+        ) from None
+
+
+def harness_ifeval() -> ModuleType:
+    """The harness's ``lm_eval.tasks.ifeval.utils`` (imported after :func:`prepare_scorer`)."""
+    prepare_scorer()
+    from lm_eval.tasks.ifeval import utils
+
+    return utils
+
+
+def per_instruction_metric(instruction_id: str) -> str:
+    """Name of the metric holding loose accuracy on one instruction id."""
+    return PER_INSTRUCTION_PREFIX + instruction_id
+
+
+def per_instruction_scores(instruction_ids: list[str], followed: list[bool]) -> dict[str, float]:
+    """Loose accuracy per instruction id of one document (mean if an id occurs twice)."""
+    by_id: dict[str, list[bool]] = defaultdict(list)
+    for instruction_id, ok in zip(instruction_ids, followed, strict=True):
+        by_id[instruction_id].append(ok)
+    return {per_instruction_metric(key): sum(oks) / len(oks) for key, oks in by_id.items()}
+
+
+def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, Any]:
+    """The harness's IFEval metrics, plus ``inst_level_loose_acc:<id>`` for each of the doc's ids.
+
+    A document reports only its own ids, so each per-id metric averages (with stderr) over the
+    documents that carry that instruction.
+    """
+    scores = harness_ifeval().process_results(doc, results)
+    scores.update(per_instruction_scores(doc["instruction_id_list"], scores["inst_level_loose_acc"]))
+    return scores
+
+
+def agg_inst_level_acc(items: list[list[bool]]) -> float:
+    """The harness's instruction-level aggregation (fraction of all instructions followed)."""
+    return harness_ifeval().agg_inst_level_acc(items)
+
+
+class IFEvalSubsetTask(ConfigurableTask):
+    """A ``ConfigurableTask`` over one subset, with early checks and per-instruction metrics.
+
+    ``dataset_kwargs`` in the YAML (``subset``, ``noinst``) select the documents.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        # "class" is how the YAML names this class; TaskConfig has no such field.
+        config = {key: value for key, value in config.items() if key != "class"}
+        prepare_scorer()  # fail now, before any generation, if scoring cannot work
+        super().__init__(config=config)
+        for instruction_id in sorted(SUBSETS[self.config.dataset_kwargs["subset"]].instructions):
+            name = per_instruction_metric(instruction_id)
+            self._aggregation_list[name] = mean
+            self._higher_is_better[name] = True
+
+    def download(self, dataset_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Loads the subset locally or from the hub (see :func:`load_subset`)."""
+        self.dataset = load_subset(**(self.config.dataset_kwargs or {}))
