@@ -59,8 +59,9 @@ def vector_file(tmp_path_factory) -> Path:
 
 
 def run_cli(command: list[str], output: Path) -> dict:
+    # cwd outside the checkout: the installed package must be what runs, not the source folder
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300, cwd=output.parent)
     assert completed.returncode == 0, completed.stderr[-3000:]
     (results_file,) = output.rglob("results_*.json")
     return json.loads(results_file.read_text())

@@ -311,12 +311,9 @@ def test_lm_eval_cli_end_to_end_on_tiny_model(tiny_model_dir: Path, shared_data:
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    # The harness CLI, after importing lm_eval.models: lm_eval_steer.registration.register_model
-    # registers steered-hf into the empty model registry, so the harness skips its lazy import of
-    # the built-in models and plain `lm_eval --model hf` fails (reported; not this module's code).
-    harness_cli = "import sys, lm_eval.models; from lm_eval.__main__ import cli_evaluate; cli_evaluate()"
+    # The plain harness CLI: our tasks are found without --include_path.
     command = [
-        sys.executable, "-c", harness_cli, "run",
+        sys.executable, "-m", "lm_eval", "run",
         "--model", "hf",
         "--model_args", f"pretrained={tiny_model_dir}",
         "--device", "cpu",
@@ -328,7 +325,7 @@ def test_lm_eval_cli_end_to_end_on_tiny_model(tiny_model_dir: Path, shared_data:
         "--log_samples",
         "--output_path", str(tmp_path / "out"),
     ]  # fmt: skip
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
     (results_file,) = (tmp_path / "out").rglob("results_*.json")
     results = json.loads(results_file.read_text())["results"]
