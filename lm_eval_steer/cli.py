@@ -21,7 +21,7 @@ SUBCOMMANDS = {
     "build": ("vector_builder.cli", "build steering vectors and choose their layers on validation data"),
     "compare": ("lm_eval_steer.compare", "leaderboard (Markdown, CSV, PNG) from lm-eval results"),
     "check": ("lm_eval_steer.check", "fail when instruction following regressed against a baseline"),
-    "gguf": ("lm_eval_steer.gguf_cli", "export to / import from llama.cpp control-vector GGUF"),
+    "gguf": ("lm_eval_steer.controlvector", "export to / import from llama.cpp control-vector GGUF"),
 }
 
 

@@ -1,0 +1,64 @@
+"""GGUF control-vector export/import (llama.cpp's and repeng's format)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from lm_eval_steer.cli import main
+from lm_eval_steer.controlvector import export_gguf, import_gguf
+from lm_eval_steer.vectorfile import AppliesTo, SteeringEntry, VectorFileError, load_vector_file, save_vector_file
+
+
+@pytest.fixture
+def vector_file(tmp_path):
+    path = tmp_path / "v.safetensors"
+    entries = [
+        SteeringEntry("a", torch.arange(8, dtype=torch.float32), 2, "add", 2.0),
+        SteeringEntry("b", torch.ones(8), 2, "add", -1.0, "all", AppliesTo("keywords:existence")),
+        SteeringEntry("c", torch.ones(8), 3, "add", 0.5),
+        SteeringEntry("p", torch.ones(8), 3, "project", 4.0),
+    ]
+    save_vector_file(path, entries, model="tiny-llama", hidden_size=8, num_layers=4)
+    return path
+
+
+def test_export_writes_llama_cpp_layout_with_strength_folded_in(vector_file, tmp_path):
+    target = tmp_path / "v.gguf"
+    export_gguf(vector_file, target, ["a", "b", "c"])
+    reader = gguf.GGUFReader(str(target))
+    assert reader.get_field("general.architecture").contents() == "controlvector"
+    assert reader.get_field("controlvector.model_hint").contents() == "tiny-llama"
+    assert reader.get_field("controlvector.layer_count").contents() == 2
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert sorted(tensors) == ["direction.2", "direction.3"]
+    np.testing.assert_allclose(tensors["direction.2"], 2.0 * np.arange(8) - 1.0)
+    np.testing.assert_allclose(tensors["direction.3"], np.full(8, 0.5))
+
+
+def test_round_trip_through_gguf_steers_the_same(vector_file, tmp_path):
+    export_gguf(vector_file, tmp_path / "v.gguf", ["a", "c"])
+    back = import_gguf(tmp_path / "v.gguf", tmp_path / "back.safetensors", num_layers=4, instruction_id="change_case:english_lowercase")
+    assert [(e.name, e.layer, e.mode, e.strength) for e in back.entries] == [("direction.2", 2, "add", 1.0), ("direction.3", 3, "add", 1.0)]
+    assert torch.allclose(back.entry("direction.2").vector, 2.0 * torch.arange(8, dtype=torch.float32))
+    assert back.entries[0].applies_to.instruction_id == "change_case:english_lowercase"
+    assert load_vector_file(tmp_path / "back.safetensors").model == "tiny-llama"
+
+
+def test_project_mode_and_bad_gguf_are_refused(vector_file, tmp_path):
+    with pytest.raises(VectorFileError, match="'project' mode cannot be exported"):
+        export_gguf(vector_file, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all")
+    with pytest.raises(VectorFileError, match="junk.gguf: not a readable GGUF file"):
+        import_gguf(junk, tmp_path / "y.safetensors", num_layers=4)
+
+
+def test_cli_export_and_import(vector_file, tmp_path, capsys):
+    assert main(["gguf", "export", str(vector_file), str(tmp_path / "c.gguf"), "--entries", "c"]) == 0
+    assert main(["gguf", "import", str(tmp_path / "c.gguf"), str(tmp_path / "c.safetensors"), "--num-layers", "4"]) == 0
+    assert main(["gguf", "export", str(vector_file), str(tmp_path / "p.gguf"), "--entries", "p"]) == 2
+    assert "cannot be exported" in capsys.readouterr().out
