@@ -1,0 +1,181 @@
+"""vector_builder on a tiny random Llama: activation collection, the full build, resume, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import build_tiny_llama
+from lm_eval_steer.routing import entries_for_document
+from lm_eval_steer.vectorfile import load_vector_file
+from vector_builder import ModelMismatchError, build, check_compatible, report
+from vector_builder.activations import collect, last_token_states, left_pad
+from vector_builder.pipeline import ModelShape
+
+os.environ.setdefault("NLTK_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "nltk"))
+
+QUERIES = [f"Question number {i}: what is {i} plus {i + 1}?" for i in range(12)]
+SMALL = dict(queries=QUERIES, n_train=4, n_val=2, layers=[1, 2], multipliers=[1.0, 4.0], batch_size=4, max_new_tokens=6, seed=0)
+
+
+def hash_scorer(instruction_id, kwargs, prompt, response) -> bool:
+    """Deterministic stand-in for the IFEval checker: random-looking but fixed per response text."""
+    return hashlib.sha256(f"{instruction_id}|{response}".encode()).digest()[0] % 2 == 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices on a shared 2-core machine: extra intra-op threads only spin (10x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(smol_tokenizer):
+    model = build_tiny_llama(len(smol_tokenizer))
+    model.config.pad_token_id = smol_tokenizer.pad_token_id
+    return model, smol_tokenizer
+
+
+def test_one_pass_all_layers_equals_per_layer_collection(tiny):
+    model, tokenizer = tiny
+    sequences = [tokenizer.encode(text) for text in ("a short one", "a rather longer prompt than the first", "mid size prompt")]
+    ids, mask = left_pad(sequences, tokenizer.pad_token_id)
+    all_layers = last_token_states(model, ids, mask)
+    assert all_layers.shape == (3, 4, 64)
+    for layer in range(4):
+        torch.testing.assert_close(all_layers[:, layer], last_token_states(model, ids, mask, layers=[layer])[:, 0])
+    with torch.no_grad():  # the harness's own per-layer hidden states agree (before the final norm)
+        hidden = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), output_hidden_states=True).hidden_states
+    for layer in range(3):
+        torch.testing.assert_close(all_layers[:, layer], hidden[layer + 1][:, -1], atol=1e-4, rtol=1e-4)
+    for row, seq in enumerate(sequences):  # left padding does not change a row's states
+        alone = last_token_states(model, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
+        torch.testing.assert_close(all_layers[row], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_collect_shares_prompts_and_matches_stacking(tiny):
+    model, tokenizer = tiny
+    a, b, c = ([tokenizer.encode(t)] for t in ("one", "two words", "three more words"))
+    sums = collect(model, {"x": a + b, "y": b + c}, batch_size=2, pad_id=tokenizer.pad_token_id)
+    assert sums["x"].count == 2 and sums["y"].count == 2
+    stacked = torch.cat([last_token_states(model, *left_pad(s, tokenizer.pad_token_id)) for s in (a, b)])
+    torch.testing.assert_close(sums["x"].total, stacked.double().sum(0), atol=1e-4, rtol=1e-4)
+
+
+def test_build_writes_a_loadable_file_report_and_plot(tiny, tmp_path):
+    model, tokenizer = tiny
+    out = tmp_path / "vec.safetensors"
+    result = build(model, tokenizer, instructions=["punctuation:no_comma", "change_case:english_lowercase", "length"], out=out,
+                   report_dir=tmp_path / "rep", model_name="tiny", scorer=hash_scorer, **SMALL)
+    payload = json.loads(result.report_path.read_text())
+    assert result.plot_path.read_bytes()[:4] == b"\x89PNG"
+    names = [t["name"] for t in payload["targets"]]
+    assert names == ["punctuation:no_comma", "change_case:english_lowercase", "length_constraints:number_sentences", "length_constraints:number_words"]
+    for row in payload["targets"]:
+        assert len(row["candidates"]) == 5 and all(c["n"] == 2 for c in row["candidates"])
+        assert sum(c["chosen"] for c in row["candidates"]) == 1
+        assert (row["chosen"] == "none") == (row["note"] is not None)
+    chosen = {t["name"]: t for t in payload["targets"] if t["chosen"] != "none"}
+    assert chosen, "the hash scorer should make at least one candidate win"
+    loaded = load_vector_file(out, hidden_size=64, num_layers=4)
+    assert {e.name for e in loaded.entries} == set(chosen)
+    for entry in loaded.entries:
+        row = chosen[entry.name]
+        assert entry.layer == row["layer"] and entry.strength == pytest.approx(row["strength"])
+        assert entry.mode == ("add" if entry.name.startswith("length") else "project")
+        assert entry.applies_to.instruction_id == entry.name
+        assert float(entry.vector.norm()) == pytest.approx(1.0, abs=1e-5)
+        if entry.name.startswith("length"):
+            assert entry.applies_to.kwargs == {"relation": "less than"} and entry.applies_to.strength_rule is not None
+    # steered-hf's routing serves each entry to the documents of its instruction (with the rule's strength)
+    for entry in loaded.entries:
+        kwargs = {"relation": "less than", "num_sentences": 3, "num_words": 50} if entry.name.startswith("length") else {}
+        doc = {"instruction_id_list": [entry.name], "kwargs": [kwargs]}
+        (routed,) = entries_for_document(doc, [loaded], "auto")
+        assert routed.name == entry.name and torch.equal(routed.vector, entry.vector)
+        rule = entry.applies_to.strength_rule
+        assert routed.strength == pytest.approx(rule.strength_for(kwargs[rule.kwarg]) if rule else entry.strength)
+        assert entries_for_document({"instruction_id_list": ["detectable_format:title"], "kwargs": [{}]}, [loaded], "auto") == ()
+    settings = json.loads(loaded.extra_metadata["builder"])
+    assert settings["n_train"] == 4 and loaded.extra_metadata["data_sha256"] == settings["data_sha256"]
+    assert payload["vector_file_sha256"] == loaded.sha256
+
+
+def _file_content(path: Path) -> tuple[dict, dict]:
+    """Metadata and tensor bytes (safetensors writes its metadata map in no fixed order, so files that
+    hold the same content need not be byte-identical)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata()), {key: handle.get_tensor(key).numpy().tobytes() for key in handle.keys()}
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    kwargs = dict(instructions=["punctuation:no_comma", "startend:quotation", "change_case:english_capital"], model_name="tiny", scorer=hash_scorer, **SMALL)
+    full = build(model, tokenizer, out=tmp_path / "full.safetensors", report_dir=tmp_path / "full", **kwargs)
+
+    saved = []
+    original = report.Checkpoint.save_target
+
+    def save_then_crash(self, result):
+        original(self, result)
+        saved.append(result.name)
+        if len(saved) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(report.Checkpoint, "save_target", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", **kwargs)
+    assert not (tmp_path / "resumed.safetensors").exists()
+    resumed = build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", resume=True, **kwargs)
+    assert saved[0] not in saved[1:], "the finished target must come from the checkpoint"
+    assert _file_content(tmp_path / "full.safetensors") == _file_content(tmp_path / "resumed.safetensors")
+    strip = lambda r: {k: v for k, v in json.loads(r.report_path.read_text()).items() if k not in ("timing_seconds", "peak_rss_mib", "vector_file", "vector_file_sha256")}  # noqa: E731
+    assert strip(full) == strip(resumed)
+
+    with pytest.raises(report.CheckpointError, match="other settings"):
+        build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True, **{**kwargs, "seed": 1})
+
+
+def test_ties_leave_entries_out(tiny, tmp_path):
+    model, tokenizer = tiny
+    with pytest.warns(UserWarning, match="not written"):
+        result = build(model, tokenizer, instructions=["punctuation:no_comma"], out=tmp_path / "v.safetensors", report_dir=tmp_path,
+                       model_name="tiny", scorer=lambda *args: True, **SMALL)
+    assert result.vector_file is None and not (tmp_path / "v.safetensors").exists()
+    row = json.loads(result.report_path.read_text())["targets"][0]
+    assert row["chosen"] == "none" and "ties go to no steering" in row["note"]
+    assert all(c["score"] == 1.0 for c in row["candidates"])
+
+
+def test_cross_model_shape_checks():
+    check_compatible(ModelShape("a", 64, 4), ModelShape("a", 64, 4))
+    with pytest.warns(UserWarning, match="different model"):
+        check_compatible(ModelShape("instruct", 64, 4), ModelShape("base", 64, 4))
+    with pytest.raises(ModelMismatchError, match="hidden size 64, 4 layers"):
+        check_compatible(ModelShape("a", 64, 4), ModelShape("b", 64, 6))
+
+
+def test_cli_build_on_saved_tiny_model(tiny_model_dir, tmp_path, capsys):
+    from lm_eval_steer.cli import main
+
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps({"query": q}) + "\n" for q in QUERIES))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["build", "--model_args", f"pretrained={tiny_model_dir},dtype=float32,device=cpu", "--instructions", "punctuation:no_comma",
+                     "--queries", str(queries), "--out", str(tmp_path / "v.safetensors"), "--report", str(tmp_path / "rep"),
+                     "--layers", "1,3", "--multipliers", "1", "--n-train", "3", "--n-val", "2", "--batch-size", "4", "--max-new-tokens", "5"])
+    text = capsys.readouterr().out
+    assert code in (0, 1) and "punctuation:no_comma" in text
+    assert (tmp_path / "rep" / "report.json").is_file() and (tmp_path / "rep" / "scores.png").is_file()
+    assert (code == 0) == (tmp_path / "v.safetensors").is_file()

@@ -1,0 +1,119 @@
+"""``lm-eval-steer build``: build steering vectors and choose their layers and strengths.
+
+    lm-eval-steer build --model_args pretrained=DIR,gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf,dtype=float32 \
+        --instructions format --out fmt.safetensors --report build/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from vector_builder import prompts
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": "auto"}
+
+
+def _int_list(value: str) -> list[int]:
+    return [int(item) for item in value.split(",") if item.strip()]
+
+
+def _float_list(value: str) -> list[float]:
+    return [float(item) for item in value.split(",") if item.strip()]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model_args", required=True, help="pretrained=NAME_OR_DIR[,gguf_file=F][,dtype=float32][,device=cpu][,name=MODEL_NAME]")
+    parser.add_argument("--search_model_args", default=None, help="choose layers/strengths on another model of the same shape (e.g. the base model)")
+    parser.add_argument("--instructions", required=True, help="comma-separated groups (format, length, keywords) and/or IFEval instruction ids")
+    parser.add_argument("--keywords", default=None, help="words for the keywords group: word1,word2 or a file with one word per line")
+    parser.add_argument("--queries", default=None, help="JSONL of {'query': ...} questions (default: the packaged set)")
+    parser.add_argument("--out", required=True, help="vector file to write (.safetensors)")
+    parser.add_argument("--report", default="build", help="directory for report.json, scores.png and the checkpoint")
+    parser.add_argument("--layers", type=_int_list, default=None, help="candidate layers, e.g. 6,10,14 (default: from n_layers/5 in steps of 2)")
+    parser.add_argument("--multipliers", type=_float_list, default=[1.0, 2.0], help="strength multipliers (default 1,2; m=1 is the paper's strength in project mode)")
+    parser.add_argument("--strength-base", choices=["shift", "paper"], default="shift",
+                        help="shift: project s = b + m*|d|, add s = m*|d|; paper: s = m*c (see vector_builder.search.strength_of)")
+    parser.add_argument("--n-train", type=int, default=64, help="training pairs per instruction")
+    parser.add_argument("--n-val", type=int, default=8, help="validation prompts per instruction")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-repetition", type=float, default=0.5, help="degeneracy guard: 1 - distinct 4-gram ratio above which an output is degenerate")
+    parser.add_argument("--allowed-degenerate", type=int, default=0, help="degenerate outputs a candidate may have beyond the unsteered model's (default 0)")
+    parser.add_argument("--steer-first-token", action="store_true", help="also steer each row's first token (the attention sink); off by default")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted build from the checkpoint in --report")
+
+
+def load_model(model_args: str) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, name)`` from harness-style ``key=value,...`` model args."""
+    import torch
+    from lm_eval.utils import simple_parse_args_string
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = simple_parse_args_string(model_args)
+    if "pretrained" not in args:
+        raise SystemExit("--model_args needs pretrained=...")
+    pretrained = str(args["pretrained"])
+    gguf = {"gguf_file": str(args["gguf_file"])} if args.get("gguf_file") else {}
+    dtype_name = DTYPES.get(str(args.get("dtype", "float32")))
+    if dtype_name is None:
+        raise SystemExit(f"--model_args dtype={args['dtype']!r}: expected one of {', '.join(DTYPES)}")
+    dtype = dtype_name if dtype_name == "auto" else getattr(torch, dtype_name)
+    device = str(args.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(pretrained, **gguf)
+    model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=dtype, **gguf).to(device).eval()
+    return model, tokenizer, str(args.get("name", pretrained))
+
+
+def run(args: argparse.Namespace) -> int:
+    from vector_builder.pipeline import build
+
+    beside = Path.cwd().parent / "shared" / "data"
+    if "LM_EVAL_STEER_DATA" not in os.environ and "NLTK_DATA" not in os.environ and (beside / "nltk").is_dir():
+        os.environ["NLTK_DATA"] = str(beside / "nltk")  # the project's offline layout (see DESIGN.md)
+    selection = [item.strip() for item in args.instructions.split(",") if item.strip()]
+    model, tokenizer, name = load_model(args.model_args)
+    search_model, search_name = (None, None)
+    if args.search_model_args:
+        search_model, _, search_name = load_model(args.search_model_args)
+    try:
+        result = build(
+            model,
+            tokenizer,
+            instructions=selection,
+            out=args.out,
+            report_dir=args.report,
+            model_name=name,
+            queries=prompts.load_queries(args.queries) if args.queries else None,
+            keywords=prompts.parse_keywords(args.keywords),
+            n_train=args.n_train,
+            n_val=args.n_val,
+            layers=args.layers,
+            multipliers=args.multipliers,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            resume=args.resume,
+            max_new_tokens=args.max_new_tokens,
+            max_repetition=args.max_repetition,
+            allowed_degenerate=args.allowed_degenerate,
+            skip_first_token=not args.steer_first_token,
+            strength_base=args.strength_base,
+            search_model=search_model,
+            search_model_name=search_name,
+        )
+    except (ValueError, OSError) as error:
+        print(f"lm-eval-steer build: error: {error}")
+        return 2
+    for name_, outcome in result.results.items():
+        chosen = outcome.candidate(outcome.chosen) if outcome.chosen else None
+        summary = "no steering (left out)" if chosen is None else f"layer {chosen.layer}, strength {chosen.strength:.3g}, val {chosen.score:.2f}"
+        print(f"{name_:55s} unsteered {outcome.candidates[0].score:.2f} -> {summary}")
+    print(f"report: {result.report_path}\nplot:   {result.plot_path}")
+    if result.vector_file is None:
+        print("no entry beat 'no steering' on validation: no vector file written")
+        return 1
+    print(f"vectors: {args.out} ({len(result.vector_file.entries)} entries)")
+    return 0

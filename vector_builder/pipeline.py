@@ -1,0 +1,249 @@
+"""The whole build: prompts → activations → directions → search → vector file, report and plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lm_eval_steer.hooks import find_decoder_layers
+from lm_eval_steer.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
+from vector_builder import activations, prompts, report, search
+from vector_builder.directions import Direction, build_direction
+
+log = logging.getLogger(__name__)
+BUILDER_VERSION = 1
+
+
+class ModelMismatchError(ValueError):
+    """The model used for the search cannot take vectors of the build model."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    hidden_size: int
+    num_layers: int
+
+    @classmethod
+    def of(cls, model: nn.Module, name: str) -> ModelShape:
+        return cls(name, int(model.config.hidden_size), len(find_decoder_layers(model)))
+
+
+def check_compatible(built_on: ModelShape, applied_to: ModelShape) -> None:
+    """Vectors move between models of one shape (an instruct model and its base model): a different
+    hidden size or layer count is an error, a different name only a warning."""
+    if (built_on.hidden_size, built_on.num_layers) != (applied_to.hidden_size, applied_to.num_layers):
+        raise ModelMismatchError(
+            f"vectors built on {built_on.name!r} (hidden size {built_on.hidden_size}, {built_on.num_layers} layers) "
+            f"cannot steer {applied_to.name!r} (hidden size {applied_to.hidden_size}, {applied_to.num_layers} layers)"
+        )
+    if built_on.name != applied_to.name:
+        warnings.warn(f"vectors built on {built_on.name!r} are applied to a different model, {applied_to.name!r}", stacklevel=2)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    vector_file: VectorFile | None  # None when no entry beat "no steering" on validation
+    report_path: Path
+    plot_path: Path
+    results: dict[str, search.TargetResult]
+
+
+def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
+    # Chat models end a turn with a special token that may differ from eos (e.g. <|im_end|>, <|eot_id|>).
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        if isinstance(token_id, int):
+            ids.add(token_id)
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def _collect_sums(
+    model: nn.Module, tokenizer: Any, specs: Sequence[prompts.DirectionSpec], train: Sequence[str], seed: int, batch_size: int, pad_id: int
+) -> dict[str, tuple[activations.RunningSum, activations.RunningSum]]:
+    groups: dict[str, list[list[int]]] = {}
+    for spec in specs:
+        pairs = prompts.training_pairs(spec, train, seed)
+        groups[f"with:{spec.key}"] = [prompts.chat_ids(tokenizer, text) for text, _ in pairs]
+        groups[f"without:{spec.key}"] = [prompts.chat_ids(tokenizer, text) for _, text in pairs]
+    sums = activations.collect(model, groups, batch_size=batch_size, pad_id=pad_id, desc="train activations")
+    return {spec.key: (sums[f"with:{spec.key}"], sums[f"without:{spec.key}"]) for spec in specs}
+
+
+def _entry(target: prompts.Target, direction: Direction, result: search.TargetResult) -> SteeringEntry | None:
+    if result.chosen is None:
+        return None
+    chosen = result.candidate(result.chosen)
+    assert chosen.layer is not None and chosen.strength is not None
+    rule = StrengthRule(target.rule_kwarg, tuple((x, s) for x, s in result.rule_points)) if target.rule_kwarg and result.rule_points else None
+    applies_to = AppliesTo(target.instruction_id, dict(target.fixed_kwargs), rule)
+    return replace(search.make_entry(target, direction, chosen.layer, chosen.strength), applies_to=applies_to)
+
+
+def _note(result: search.TargetResult) -> str | None:
+    if result.chosen is not None:
+        return None
+    if all(item.disqualified for item in result.candidates[1:]):
+        return "no steering: every steered candidate was disqualified as degenerate; entry left out"
+    return "no steering: no candidate beat the unsteered model on validation (ties go to no steering); entry left out"
+
+
+def build(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    instructions: Sequence[str],
+    out: str | Path,
+    report_dir: str | Path,
+    model_name: str,
+    queries: Sequence[str] | None = None,
+    keywords: Sequence[str] = (),
+    n_train: int = 64,
+    n_val: int = 8,
+    layers: Sequence[int] | None = None,
+    multipliers: Sequence[float] = (1.0, 2.0),
+    batch_size: int = 8,
+    seed: int = 0,
+    resume: bool = False,
+    max_new_tokens: int = 128,
+    max_repetition: float = 0.5,
+    allowed_degenerate: int = 0,
+    skip_first_token: bool = True,
+    strength_base: str = "shift",
+    search_model: nn.Module | None = None,
+    search_model_name: str | None = None,
+    scorer: search.Scorer = search.loose_follows,
+) -> BuildResult:
+    """Builds steering vectors for ``instructions`` (groups or IFEval ids) and writes the vector file
+    ``out`` plus ``report.json``, ``scores.png`` and a checkpoint under ``report_dir``.
+
+    ``search_model`` (default: ``model``) is the model the layers and strengths are chosen on, e.g.
+    the base model when the vectors come from its instruct variant (same shape required).
+    ``resume=True`` continues from the checkpoint of an interrupted build with the same settings and
+    writes the same file an uninterrupted build would.
+    """
+    started = time.perf_counter()
+    shape = ModelShape.of(model, model_name)
+    target_model = search_model if search_model is not None else model
+    target_shape = ModelShape.of(target_model, search_model_name or model_name)
+    check_compatible(shape, target_shape)
+    instruction_ids = prompts.expand_instructions(instructions)
+    specs, targets = prompts.plan(instruction_ids, keywords)
+    query_list = list(queries) if queries is not None else prompts.load_queries()
+    train, val = prompts.split_queries(query_list, n_train, n_val, seed)
+    layer_list = list(layers) if layers is not None else search.default_layers(shape.num_layers)
+    bad = [layer for layer in layer_list if not 0 <= layer < shape.num_layers]
+    if bad or not layer_list:
+        raise ValueError(f"--layers {bad or layer_list} out of range for a {shape.num_layers}-layer model (0..{shape.num_layers - 1})")
+    if strength_base not in search.STRENGTH_BASES:
+        raise ValueError(f"strength_base must be one of {', '.join(search.STRENGTH_BASES)}, got {strength_base!r}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings = {
+        "builder_version": BUILDER_VERSION,
+        "model": model_name,
+        "search_model": target_shape.name,
+        "instructions": instruction_ids,
+        "keywords": list(keywords),
+        "n_train": n_train,
+        "n_val": n_val,
+        "layers": layer_list,
+        "multipliers": [float(m) for m in multipliers],
+        "batch_size": batch_size,  # batch composition changes float rounding, so it is part of the result
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "max_repetition": max_repetition,
+        "allowed_degenerate": allowed_degenerate,
+        "skip_first_token": skip_first_token,
+        "strength_base": strength_base,
+        "validation_prompts": "without instruction",
+        "degeneracy_guard": (
+            f"degenerate = repetition (1 - distinct {search.NGRAM}-grams / {search.NGRAM}-grams) > {max_repetition}; a candidate with "
+            f"more than (unsteered count + {allowed_degenerate}) degenerate outputs is disqualified"
+        ),
+        "data_sha256": prompts.data_hash(query_list, keywords),
+    }
+    checkpoint = report.Checkpoint(report_dir, settings, resume)
+
+    stage = time.perf_counter()
+    sums = checkpoint.load_sums() if resume else None
+    if sums is None:
+        sums = _collect_sums(model, tokenizer, specs, train, seed, batch_size, pad_id)
+        checkpoint.save_sums(sums)
+    directions = {key: build_direction(key, with_sum, without_sum) for key, (with_sum, without_sum) in sums.items()}
+    activation_seconds = time.perf_counter() - stage
+
+    stage = time.perf_counter()
+    val_prompts = {target.name: prompts.validation_prompts(target, val, seed) for target in targets}
+    val_ids = {name: [prompts.chat_ids(tokenizer, p.text) for p in items] for name, items in val_prompts.items()}
+    generation = search.SearchSettings(
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        stop_ids=_stop_ids(tokenizer),
+        skip_first_token=skip_first_token,
+        max_repetition=max_repetition,
+        allowed_extra_degenerate=allowed_degenerate,
+        strength_base=strength_base,
+    )
+    decode: Callable[[list[int]], str] = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    results = search.search(
+        target_model,
+        targets,
+        directions,
+        val_prompts,
+        val_ids,
+        search.candidates(layer_list, multipliers),
+        generation,
+        decode=decode,
+        done=checkpoint.load_targets() if resume else None,
+        on_target_done=checkpoint.save_target,
+        scorer=scorer,
+    )
+    search_seconds = time.perf_counter() - stage
+
+    entries = [entry for target in targets if (entry := _entry(target, directions[target.direction], results[target.name])) is not None]
+    vector_file = None
+    if entries:
+        vector_file = save_vector_file(
+            out,
+            entries,
+            model=model_name,
+            hidden_size=shape.hidden_size,
+            num_layers=shape.num_layers,
+            extra_metadata={"builder": json.dumps(settings, sort_keys=True), "data_sha256": settings["data_sha256"]},
+        )
+    else:
+        warnings.warn(f"no entry beat 'no steering' on validation: {out} was not written (see {report_dir}/report.json)", stacklevel=2)
+
+    ordered = [results[target.name] for target in targets]
+    report_path = report.write_report(
+        report_dir,
+        {
+            "vector_file": str(out) if vector_file is not None else None,
+            "vector_file_sha256": None if vector_file is None else vector_file.sha256,
+            "settings": settings,
+            "directions": {
+                key: {"count": d.count, "strength_c": d.strength.tolist(), "baseline_projection": d.baseline.tolist(), "shift_norm": d.shift.tolist()}
+                for key, d in directions.items()
+            },
+            "targets": [report.target_summary(result, _note(result)) for result in ordered],
+            "timing_seconds": {
+                "activations": round(activation_seconds, 3),
+                "search": round(search_seconds, 3),
+                "total": round(time.perf_counter() - started, 3),
+            },
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        },
+    )
+    plot_path = report.write_plot(report_dir, ordered)
+    return BuildResult(vector_file=vector_file, report_path=report_path, plot_path=plot_path, results=results)

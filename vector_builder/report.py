@@ -1,0 +1,173 @@
+"""Build outputs besides the vector file: checkpoints (for ``--resume``), the JSON report, the plot.
+
+Everything is written atomically (temp file + rename), so an interrupted build leaves either the old
+file or the new one, never half of one.
+
+Checkpoint layout under ``<report>/checkpoint/``:
+
+- ``settings.json``: fingerprint of everything that determines the result; ``--resume`` refuses a
+  checkpoint made with other settings;
+- ``sums.safetensors``: the activation running sums of every direction (float64, counts in its metadata);
+- ``targets/<name>.json``: one finished target's candidate results and choice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lm_eval_steer.vectorfile import atomic_write_bytes
+from vector_builder.activations import RunningSum
+from vector_builder.search import TargetResult
+
+REPORT_NAME = "report.json"
+PLOT_NAME = "scores.png"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (other settings, or unreadable)."""
+
+
+def write_json(path: Path, payload: Any) -> None:
+    data = (json.dumps(payload, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode()
+    atomic_write_bytes(path, lambda temp: Path(temp).write_bytes(data))
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _safe_name(name: str) -> str:
+    # Entry names hold ':' and arbitrary keywords; keep them readable but filesystem-safe and unique.
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80]
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+class Checkpoint:
+    """Per-build resumable state in ``<report>/checkpoint``."""
+
+    def __init__(self, report_dir: str | Path, settings: Mapping[str, Any], resume: bool) -> None:
+        self.root = Path(report_dir) / "checkpoint"
+        self.settings_path = self.root / "settings.json"
+        self.sums_path = self.root / "sums.safetensors"
+        self.targets_dir = self.root / "targets"
+        self.key = fingerprint(settings)
+        if resume and self.settings_path.is_file():
+            stored = json.loads(self.settings_path.read_text())
+            if stored.get("fingerprint") != self.key:
+                raise CheckpointError(
+                    f"{self.settings_path}: the checkpoint was made with other settings or data; "
+                    "rerun without --resume (or with a fresh --report directory)"
+                )
+        elif not resume:
+            # A fresh build must not pick up stale results.
+            for stale in [self.sums_path, *self.targets_dir.glob("*.json")]:
+                stale.unlink(missing_ok=True)
+        write_json(self.settings_path, {"fingerprint": self.key, "settings": dict(settings)})
+
+    def load_sums(self) -> dict[str, tuple[RunningSum, RunningSum]] | None:
+        if not self.sums_path.is_file():
+            return None
+        with safe_open(str(self.sums_path), framework="pt") as handle:
+            counts = json.loads(handle.metadata()["counts"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        return {
+            key: (RunningSum(tensors[f"{key}/with"], count[0]), RunningSum(tensors[f"{key}/without"], count[1]))
+            for key, count in counts.items()
+        }
+
+    def save_sums(self, sums: Mapping[str, tuple[RunningSum, RunningSum]]) -> None:
+        tensors = {}
+        for key, (with_sum, without_sum) in sums.items():
+            tensors[f"{key}/with"] = with_sum.total.contiguous()
+            tensors[f"{key}/without"] = without_sum.total.contiguous()
+        counts = json.dumps({key: [w.count, o.count] for key, (w, o) in sums.items()})
+        atomic_write_bytes(self.sums_path, lambda temp: save_file(tensors, temp, metadata={"counts": counts}))
+
+    def load_targets(self) -> dict[str, TargetResult]:
+        results = {}
+        for path in sorted(self.targets_dir.glob("*.json")):
+            result = TargetResult.from_json(json.loads(path.read_text()))
+            results[result.name] = result
+        return results
+
+    def save_target(self, result: TargetResult) -> None:
+        write_json(self.targets_dir / f"{_safe_name(result.name)}.json", result.to_json())
+
+
+def target_summary(result: TargetResult, note: str | None) -> dict[str, Any]:
+    """Report row for one target: its candidates' scores and the choice (without the raw responses)."""
+    chosen = result.candidate(result.chosen) if result.chosen else None
+    return {
+        "name": result.name,
+        "chosen": result.chosen or "none",
+        "layer": None if chosen is None else chosen.layer,
+        "strength": None if chosen is None else chosen.strength,
+        "strength_rule": result.rule_points or None,
+        "note": note,
+        "candidates": [
+            {
+                "candidate": item.label,
+                "layer": item.layer,
+                "multiplier": item.multiplier,
+                "strength": item.strength,
+                "score": item.score,
+                "n": len(item.follows),
+                "degenerate": item.n_degenerate,
+                "disqualified": item.disqualified,
+                "chosen": item.label == (result.chosen or "none"),
+            }
+            for item in result.candidates
+        ],
+    }
+
+
+def write_report(report_dir: str | Path, payload: Mapping[str, Any]) -> Path:
+    path = Path(report_dir) / REPORT_NAME
+    write_json(path, payload)
+    return path
+
+
+def write_plot(report_dir: str | Path, results: Sequence[TargetResult]) -> Path:
+    """One panel per target: validation score vs layer, a line per multiplier, dashed = no steering,
+    star = chosen, x = disqualified by the degeneracy guard."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(4, max(1, len(results)))
+    rows = math.ceil(len(results) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for axis, result in zip(axes.flat, results):
+        baseline = result.candidates[0]
+        axis.axhline(baseline.score, color="grey", linestyle="--", label="no steering")
+        for multiplier in sorted({item.multiplier for item in result.candidates[1:]}):
+            points = [item for item in result.candidates[1:] if item.multiplier == multiplier]
+            axis.plot([p.layer for p in points], [p.score for p in points], marker="o", label=f"×{multiplier:g}")
+            bad = [p for p in points if p.disqualified]
+            axis.scatter([p.layer for p in bad], [p.score for p in bad], marker="x", color="red", zorder=3)
+        if result.chosen:
+            chosen = result.candidate(result.chosen)
+            axis.scatter([chosen.layer], [chosen.score], marker="*", s=200, color="gold", edgecolor="black", zorder=4)
+        axis.set_title(result.name, fontsize=8)
+        axis.set_xlabel("layer")
+        axis.set_ylabel("loose accuracy (val)")
+        axis.set_ylim(-0.05, 1.05)
+    for axis in list(axes.flat)[len(results) :]:
+        axis.axis("off")
+    if results:
+        axes.flat[0].legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(report_dir) / PLOT_NAME
+    atomic_write_bytes(path, lambda temp: figure.savefig(temp, format="png", dpi=80))
+    plt.close(figure)
+    return path
