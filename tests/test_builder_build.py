@@ -75,12 +75,15 @@ def test_collect_shares_prompts_and_matches_stacking(tiny):
 def test_build_writes_a_loadable_file_report_and_plot(tiny, tmp_path):
     model, tokenizer = tiny
     out = tmp_path / "vec.safetensors"
-    result = build(model, tokenizer, instructions=["punctuation:no_comma", "change_case:english_lowercase", "length"], out=out,
-                   report_dir=tmp_path / "rep", model_name="tiny", scorer=hash_scorer, **SMALL)
+    result = build(model, tokenizer, instructions=["punctuation:no_comma", "change_case:english_lowercase", "length", "keywords"], out=out,
+                   report_dir=tmp_path / "rep", model_name="tiny", scorer=hash_scorer, keywords=["apple"], **SMALL)
     payload = json.loads(result.report_path.read_text())
     assert result.plot_path.read_bytes()[:4] == b"\x89PNG"
     names = [t["name"] for t in payload["targets"]]
-    assert names == ["punctuation:no_comma", "change_case:english_lowercase", "length_constraints:number_sentences", "length_constraints:number_words"]
+    assert names == ["punctuation:no_comma", "change_case:english_lowercase", "length_constraints:number_sentences",
+                     "length_constraints:number_words", "keywords:existence:apple", "keywords:forbidden_words:apple"]
+    exclusion = payload["targets"][-1]["candidates"]
+    assert all(c["strength"] < 0 for c in exclusion[1:])  # the inclusion direction, subtracted
     for row in payload["targets"]:
         assert len(row["candidates"]) == 5 and all(c["n"] == 2 for c in row["candidates"])
         assert sum(c["chosen"] for c in row["candidates"]) == 1
@@ -92,15 +95,16 @@ def test_build_writes_a_loadable_file_report_and_plot(tiny, tmp_path):
     for entry in loaded.entries:
         row = chosen[entry.name]
         assert entry.layer == row["layer"] and entry.strength == pytest.approx(row["strength"])
-        assert entry.mode == ("add" if entry.name.startswith("length") else "project")
-        assert entry.applies_to.instruction_id == entry.name
+        assert entry.mode == ("add" if entry.name.startswith(("length", "keywords")) else "project")
+        assert entry.name.startswith(entry.applies_to.instruction_id)
         assert float(entry.vector.norm()) == pytest.approx(1.0, abs=1e-5)
         if entry.name.startswith("length"):
             assert entry.applies_to.kwargs == {"relation": "less than"} and entry.applies_to.strength_rule is not None
     # steered-hf's routing serves each entry to the documents of its instruction (with the rule's strength)
     for entry in loaded.entries:
         kwargs = {"relation": "less than", "num_sentences": 3, "num_words": 50} if entry.name.startswith("length") else {}
-        doc = {"instruction_id_list": [entry.name], "kwargs": [kwargs]}
+        kwargs.update({"keywords": ["apple", "pear"]} if "existence" in entry.name else {"forbidden_words": ["apple"]} if "forbidden" in entry.name else {})
+        doc = {"instruction_id_list": [entry.applies_to.instruction_id], "kwargs": [kwargs]}
         (routed,) = entries_for_document(doc, [loaded], "auto")
         assert routed.name == entry.name and torch.equal(routed.vector, entry.vector)
         rule = entry.applies_to.strength_rule

@@ -33,7 +33,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="vector file to write (.safetensors)")
     parser.add_argument("--report", default="build", help="directory for report.json, scores.png and the checkpoint")
     parser.add_argument("--layers", type=_int_list, default=None, help="candidate layers, e.g. 6,10,14 (default: from n_layers/5 in steps of 2)")
-    parser.add_argument("--multipliers", type=_float_list, default=[1.0, 2.0], help="strength multipliers (default 1,2; m=1 is the paper's strength in project mode)")
+    parser.add_argument("--multipliers", type=_float_list, default=[0.5, 1.0, 1.5],
+                        help="strength multipliers (default 0.5,1,1.5; m=1 is the paper's strength in project mode; 2 made SmolLM2 repeat itself)")
     parser.add_argument("--strength-base", choices=["shift", "paper"], default="shift",
                         help="shift: project s = b + m*|d|, add s = m*|d|; paper: s = m*c (see vector_builder.search.strength_of)")
     parser.add_argument("--n-train", type=int, default=64, help="training pairs per instruction")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import resource
 import time
 import warnings
@@ -19,7 +18,6 @@ from lm_eval_steer.vectorfile import AppliesTo, SteeringEntry, StrengthRule, Vec
 from vector_builder import activations, prompts, report, search
 from vector_builder.directions import Direction, build_direction
 
-log = logging.getLogger(__name__)
 BUILDER_VERSION = 1
 
 
@@ -111,7 +109,7 @@ def build(
     n_train: int = 64,
     n_val: int = 8,
     layers: Sequence[int] | None = None,
-    multipliers: Sequence[float] = (1.0, 2.0),
+    multipliers: Sequence[float] = (0.5, 1.0, 1.5),
     batch_size: int = 8,
     seed: int = 0,
     resume: bool = False,

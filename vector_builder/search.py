@@ -219,9 +219,9 @@ def fit_rule(result: TargetResult, prompts: Sequence[Prompt], rule_kwarg: str) -
     points = []
     for value in values:
         rows = [i for i, prompt in enumerate(prompts) if float(prompt.kwargs.get(rule_kwarg, "nan")) == value]
-        def local(item: CandidateResult) -> tuple[int, bool]:
-            return (sum(item.follows[i] for i in rows), item is chosen)
-        best = max(same_layer, key=local)
+        # max() keeps the first best, so list the overall choice first: ties keep its strength
+        ranked = sorted(same_layer, key=lambda item: item is not chosen)
+        best = max(ranked, key=lambda item: sum(item.follows[i] for i in rows))
         points.append([value, float(best.strength or 0.0)])
     return points
 
