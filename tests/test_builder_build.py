@@ -154,11 +154,11 @@ def test_ties_leave_entries_out(tiny, tmp_path):
     model, tokenizer = tiny
     with pytest.warns(UserWarning, match="not written"):
         result = build(model, tokenizer, instructions=["punctuation:no_comma"], out=tmp_path / "v.safetensors", report_dir=tmp_path,
-                       model_name="tiny", scorer=lambda *args: True, **SMALL)
+                       model_name="tiny", scorer=lambda *args: True, val_with_instruction=True, **SMALL)
     assert result.vector_file is None and not (tmp_path / "v.safetensors").exists()
     row = json.loads(result.report_path.read_text())["targets"][0]
     assert row["chosen"] == "none" and "ties go to no steering" in row["note"]
-    assert all(c["score"] == 1.0 for c in row["candidates"])
+    assert all(c["score"] == c["score_with_instruction"] == 1.0 and c["n"] == 4 for c in row["candidates"])
 
 
 def test_cross_model_shape_checks():

@@ -92,7 +92,7 @@ def test_strength_rule_is_fitted_per_requested_value():
     result.candidates[2].strength = 2.0
     result.chosen = search._choose(result, SETTINGS)
     assert result.chosen == "L1x1"
-    val = [prompts.Prompt("q", {"num_sentences": n}, "") for n in (3, 5, 3)]
+    val = [prompts.Prompt("q", {"num_sentences": n}, "q") for n in (3, 5, 3)]
     assert search.fit_rule(result, val, "num_sentences") == [[3.0, 1.0], [5.0, 2.0]]
 
 
@@ -162,3 +162,12 @@ def test_strength_bases():
     assert search.strength_of(exclude, direction, two, "paper") == pytest.approx(-2 * c, rel=1e-5)
     with pytest.raises(ValueError, match="strength base"):
         search.strength_of(project, direction, two, "other")
+
+
+def test_validation_prompts_hide_the_instruction_but_score_against_it():
+    target = prompts.Target("length_constraints:number_words", prompts.CONCISE_KEY, "length_constraints:number_words", "add", 1.0, {"relation": "less than"}, "num_words")
+    plain = prompts.validation_prompts(target, ["Why?", "How?"], seed=0)
+    both = prompts.validation_prompts(target, ["Why?", "How?"], seed=0, also_with_instruction=True)
+    assert [p.text for p in plain] == ["Why?", "How?"] and both[:2] == plain
+    assert all(p.kwargs["relation"] == "less than" and p.checker_prompt.startswith(q) for p, q in zip(plain, ["Why?", "How?"]))
+    assert [p.text for p in both[2:]] == [p.checker_prompt for p in plain]

@@ -44,6 +44,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-repetition", type=float, default=0.5, help="degeneracy guard: 1 - distinct 4-gram ratio above which an output is degenerate")
     parser.add_argument("--allowed-degenerate", type=int, default=0, help="degenerate outputs a candidate may have beyond the unsteered model's (default 0)")
+    parser.add_argument("--val-with-instruction", action="store_true",
+                        help="also validate on the prompts with the instruction shown (doubles validation; guards the instructed setting)")
     parser.add_argument("--steer-first-token", action="store_true", help="also steer each row's first token (the attention sink); off by default")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted build from the checkpoint in --report")
 
@@ -100,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             max_repetition=args.max_repetition,
             allowed_degenerate=args.allowed_degenerate,
+            val_with_instruction=args.val_with_instruction,
             skip_first_token=not args.steer_first_token,
             strength_base=args.strength_base,
             search_model=search_model,

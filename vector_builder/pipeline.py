@@ -116,6 +116,7 @@ def build(
     max_new_tokens: int = 128,
     max_repetition: float = 0.5,
     allowed_degenerate: int = 0,
+    val_with_instruction: bool = False,
     skip_first_token: bool = True,
     strength_base: str = "shift",
     search_model: nn.Module | None = None,
@@ -163,7 +164,7 @@ def build(
         "allowed_degenerate": allowed_degenerate,
         "skip_first_token": skip_first_token,
         "strength_base": strength_base,
-        "validation_prompts": "without instruction",
+        "validation_prompts": "without and with instruction" if val_with_instruction else "without instruction",
         "degeneracy_guard": (
             f"degenerate = repetition (1 - distinct {search.NGRAM}-grams / {search.NGRAM}-grams) > {max_repetition}; a candidate with "
             f"more than (unsteered count + {allowed_degenerate}) degenerate outputs is disqualified"
@@ -181,7 +182,7 @@ def build(
     activation_seconds = time.perf_counter() - stage
 
     stage = time.perf_counter()
-    val_prompts = {target.name: prompts.validation_prompts(target, val, seed) for target in targets}
+    val_prompts = {target.name: prompts.validation_prompts(target, val, seed, val_with_instruction) for target in targets}
     val_ids = {name: [prompts.chat_ids(tokenizer, p.text) for p in items] for name, items in val_prompts.items()}
     generation = search.SearchSettings(
         max_new_tokens=max_new_tokens,
@@ -234,7 +235,7 @@ def build(
                 key: {"count": d.count, "strength_c": d.strength.tolist(), "baseline_projection": d.baseline.tolist(), "shift_norm": d.shift.tolist()}
                 for key, d in directions.items()
             },
-            "targets": [report.target_summary(result, _note(result)) for result in ordered],
+            "targets": [report.target_summary(result, _note(result), n_val) for result in ordered],
             "timing_seconds": {
                 "activations": round(activation_seconds, 3),
                 "search": round(search_seconds, 3),

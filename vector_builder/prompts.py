@@ -79,11 +79,12 @@ class Target:
 
 @dataclass(frozen=True)
 class Prompt:
-    """A user message and the IFEval kwargs its instruction was built with (for the checker)."""
+    """A user message shown to the model, and what the IFEval checker scores it against: the kwargs
+    its instruction was built with and the full prompt (query + instruction)."""
 
     text: str
     kwargs: Mapping[str, Any]
-    instruction_text: str
+    checker_prompt: str
 
 
 # ------------------------------------------------------------------------------------------ queries
@@ -174,14 +175,18 @@ def training_pairs(spec: DirectionSpec, queries: Sequence[str], seed: int) -> li
     return pairs
 
 
-def validation_prompts(target: Target, queries: Sequence[str], seed: int) -> list[Prompt]:
+def validation_prompts(target: Target, queries: Sequence[str], seed: int, also_with_instruction: bool = False) -> list[Prompt]:
     """Validation prompts *without* the instruction text (the paper's setting: steering stands in for
-    the instruction), each scored against the kwargs its instruction would have had."""
-    prompts = []
+    the instruction), each scored against the kwargs its instruction would have had; with
+    ``also_with_instruction`` the same queries follow, this time with the instruction shown (so a
+    candidate that hurts the instructed setting is not chosen)."""
+    plain, instructed = [], []
     for index, query in enumerate(queries):
         text, kwargs = describe(target.instruction_id, target.fixed_kwargs, f"{seed}:val:{target.name}:{index}")
-        prompts.append(Prompt(text=query, kwargs=kwargs, instruction_text=text))
-    return prompts
+        full = with_instruction(query, text)
+        plain.append(Prompt(text=query, kwargs=kwargs, checker_prompt=full))
+        instructed.append(Prompt(text=full, kwargs=kwargs, checker_prompt=full))
+    return plain + (instructed if also_with_instruction else [])
 
 
 # ------------------------------------------------------------------------------------------- plans

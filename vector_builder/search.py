@@ -33,7 +33,7 @@ from lm_eval_steer.hooks import steering
 from lm_eval_steer.vectorfile import SteeringEntry
 from vector_builder.activations import left_pad, model_device
 from vector_builder.directions import Direction
-from vector_builder.prompts import Prompt, Target, with_instruction
+from vector_builder.prompts import Prompt, Target
 
 Scorer = Callable[[str, Mapping[str, Any], str, str], bool]
 """``scorer(instruction_id, kwargs, prompt_with_instruction, response) -> followed``."""
@@ -306,7 +306,7 @@ def _score_target(
                 multiplier=candidate.multiplier,
                 strength=None if candidate.layer is None else strength_of(target, direction, candidate, settings.strength_base),
                 follows=[
-                    scorer(target.instruction_id, prompt.kwargs, with_instruction(prompt.text, prompt.instruction_text), response)
+                    scorer(target.instruction_id, prompt.kwargs, prompt.checker_prompt, response)
                     for prompt, response in zip(prompts, responses)
                 ],
                 degenerate=[is_degenerate(ids, settings.max_repetition) for ids in row],
