@@ -93,9 +93,13 @@ def main() -> None:
             configurations[label] = SteeredHFLM(pretrained=base.model, tokenizer=base.tokenizer, vectors=str(path), batch_size=args.batch_size)
         batch = requests(args.batch_size, args.new_tokens, base.tokenizer)
         timings: dict[str, list[float]] = {label: [] for label in configurations}
-        configurations["unsteered"].generate_until(batch[:2], disable_tqdm=True)  # warm-up
+        for model in configurations.values():  # warm-up: first full-size batches pay for allocations
+            model.generate_until(batch, disable_tqdm=True)
+        labels = list(configurations)
         for round_index in range(args.rounds):
-            for label, model in configurations.items():
+            # rotate the order each round so no configuration always runs first
+            for label in labels[round_index % len(labels) :] + labels[: round_index % len(labels)]:
+                model = configurations[label]
                 start = time.perf_counter()
                 model.generate_until(batch, disable_tqdm=True)
                 timings[label].append(time.perf_counter() - start)

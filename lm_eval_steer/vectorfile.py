@@ -329,6 +329,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
     os.close(handle)
     try:
         write(temp_name)
+        # mkstemp creates the file 0600; give it the permissions a plain open() would have
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp_name, 0o666 & ~umask)
         os.replace(temp_name, target)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,9 @@ def test_round_trip_keeps_every_field_and_extra_metadata(tmp_path):
     assert loaded.sha256 is not None and len(loaded.sha256) == 64
     assert loaded.entry("len").applies_to.strength_rule.strength_for(3.0) == pytest.approx(5.0)
     assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask, "written like a plain open() would, not 0600"
 
 
 def test_strength_rule_interpolates_and_clamps():
