@@ -77,9 +77,12 @@ class SteeredHFLM(HFLM):
         ]
         if self.overrides.layer is not None and not 0 <= self.overrides.layer < config.num_hidden_layers:
             raise ValueError(f"layer={self.overrides.layer} is out of range for a {config.num_hidden_layers}-layer model")
-        model_name = str(getattr(config, "_name_or_path", "") or (pretrained if isinstance(pretrained, str) else ""))
+        # A GGUF load is named after its folder; its file name carries the model's name.
+        model_name = " ".join(
+            str(part) for part in (getattr(config, "_name_or_path", "") or (pretrained if isinstance(pretrained, str) else ""), kwargs.get("gguf_file") or "") if part
+        )
         for vector_file in self.vector_files:
-            if vector_file.model and model_name and vector_file.model.split("/")[-1] not in model_name:
+            if vector_file.model and model_name and vector_file.model.split("/")[-1].lower() not in model_name.lower():
                 warnings.warn(
                     f"{vector_file.path}: built on {vector_file.model!r}, applied to {model_name!r} "
                     "(fine for a base/instruct pair with the same shapes; check this is intended)",

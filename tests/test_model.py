@@ -186,3 +186,11 @@ def test_bad_model_args_and_mismatched_files_fail_clearly(tiny_model_dir, vector
     save_vector_file(other, [SteeringEntry("a", torch.ones(32), 1)], model="x", hidden_size=32, num_layers=4)
     with pytest.raises(VectorFileError, match="built for hidden_size 32, but the model has hidden_size 64"):
         SteeredHFLM(pretrained=str(tiny_model_dir), vectors=f"{vectors}+{other}")
+
+
+def test_vectors_from_another_model_name_warn_but_load(tiny_model_dir, tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_vector_file(path, [SteeringEntry("a", torch.ones(64), 1)], model="Org/other-model", hidden_size=64, num_layers=4)
+    with pytest.warns(UserWarning, match="built on 'Org/other-model'"):
+        model = SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(path))
+    assert model.vector_files[0].model == "Org/other-model"
