@@ -1,0 +1,78 @@
+"""Collects the benchmark and study numbers into one table: ``benchmarks/README.md``.
+
+    python benchmarks/collect.py
+
+Reads ``benchmarks/results/steering.json`` (bench_steering.py), ``benchmarks/results/build-*.json``
+(bench_build.py) and the wall times that lm-eval records in ``results/*/*.json``; missing inputs are
+skipped with a note, so the table shows exactly what has been measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lm_eval_steer.vectorfile import atomic_write_bytes
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def steering_rows() -> list[str]:
+    path = RESULTS / "steering.json"
+    if not path.is_file():
+        return ["| throughput | not measured (run `python benchmarks/bench_steering.py`) | | |"]
+    data = json.loads(path.read_text())
+    setting = f"batch {data['batch_size']}, {data['new_tokens']} new tokens, {data['rounds']} interleaved rounds"
+    return [
+        f"| throughput: {row['configuration']} | {setting} | {row['tokens_per_second']} tokens/s | {row['throughput_vs_unsteered']:.3f}× unsteered |"
+        for row in data["rows"]
+    ]
+
+
+def build_rows() -> list[str]:
+    rows = []
+    for path in sorted(RESULTS.glob("build-*.json")):
+        data = json.loads(path.read_text())
+        cost = data["cost"]
+        memory = " / ".join(f"{m['peak_rss_mib']:.0f}" for m in data["memory"])
+        prompts = " / ".join(str(m["prompts"]) for m in data["memory"])
+        rows.append(f"| build cost ({data['model']}) | batch {data['batch_size']}, {cost['pairs']} pairs | {cost['ms_per_pair']['build']:.1f} ms/pair | {cost['build_vs_plain_last']:.2f}× a plain forward of both prompts |")
+        rows.append(f"| build peak memory ({data['model']}) | {prompts} prompts | {memory} MiB | flat = independent of prompt count |")
+    return rows
+
+
+def study_rows() -> list[str]:
+    rows = []
+    for path in sorted((REPO / "results").glob("*/*.json")):
+        data = json.loads(path.read_text())
+        seconds = data.get("total_evaluation_time_seconds")
+        if seconds is None:
+            continue
+        documents = sum(count["effective"] for count in data.get("n-samples", {}).values())
+        generation = data.get("config", {}).get("gen_kwargs") or {}
+        rows.append(f"| study wall time: {path.parent.name}/{path.stem} | {documents} documents, {generation} | {float(seconds):,.0f} s | |")
+    return rows
+
+
+def main() -> None:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Regenerate with `python benchmarks/collect.py` (it reads the JSON files the benchmark scripts write).",
+        "All on the project's 2-core CPU machines: compare ratios measured side by side, not absolute times.",
+        "",
+        "| what | setting | measured | ratio / note |",
+        "|---|---|---|---|",
+        *steering_rows(),
+        *build_rows(),
+        *study_rows(),
+        "",
+    ]
+    target = REPO / "benchmarks" / "README.md"
+    atomic_write_bytes(target, lambda temp: Path(temp).write_text("\n".join(lines)))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
