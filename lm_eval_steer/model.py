@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # needs no shell quoting.
 VECTOR_FILE_SEPARATOR = "+"
 
-Rows = list[tuple[SteeringEntry, ...]]
+Rows = list[tuple[SteeringEntry, ...]]  # one entry tuple per batch row / request
 
 
 def parse_vector_paths(vectors: str | Sequence[str] | None) -> list[str]:
@@ -155,16 +155,23 @@ class SteeredHFLM(HFLM):
             return self._generate_with(requests, by_context, disable_tqdm)
         # The same prompt routed two ways (e.g. one task run with and without a vector): the harness
         # only hands us strings, so run each route's requests in their own pass.
-        results: list[str | None] = [None] * len(requests)
-        by_route: dict[Any, list[int]] = {}
+        return self._per_route(
+            requests,
+            rows,
+            lambda subset, entries: self._generate_with(subset, {request.args[0]: entries for request in subset}, disable_tqdm),
+        )
+
+    @staticmethod
+    def _per_route(requests: list[Instance], rows: Rows, run: Callable[[list[Instance], tuple[SteeringEntry, ...]], list[Any]]) -> list[Any]:
+        """Calls ``run(requests of one route, that route's entries)`` per distinct route; answers in request order."""
+        groups: dict[Any, list[int]] = {}
         for index, entries in enumerate(rows):
-            by_route.setdefault(route_key(entries), []).append(index)
-        for indices in by_route.values():
-            subset = [requests[i] for i in indices]
-            contexts = {requests[i].args[0]: rows[i] for i in indices}
-            for i, text in zip(indices, self._generate_with(subset, contexts, disable_tqdm)):
-                results[i] = text
-        return [text for text in results if text is not None]
+            groups.setdefault(route_key(entries), []).append(index)
+        answers: list[Any] = [None] * len(requests)
+        for indices in groups.values():
+            for index, answer in zip(indices, run([requests[i] for i in indices], rows[indices[0]])):
+                answers[index] = answer
+        return answers
 
     def _generate_with(self, requests: list[Instance], by_context: dict[str, tuple[SteeringEntry, ...]], disable_tqdm: bool) -> list[str]:
         self._rows_by_context = by_context
@@ -196,20 +203,14 @@ class SteeredHFLM(HFLM):
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         # Rolling windows reach the model without their request, so each route gets its own pass.
-        results: list[float | None] = [None] * len(requests)
-        by_route: dict[Any, tuple[tuple[SteeringEntry, ...], list[int]]] = {}
-        for index, request in enumerate(requests):
-            entries = self.rows_for(request)
-            by_route.setdefault(route_key(entries), (entries, []))[1].append(index)
-        for entries, indices in by_route.values():
+        def run(subset: list[Instance], entries: tuple[SteeringEntry, ...]) -> list[float]:
             self._uniform_rows = entries
             try:
-                scores = super().loglikelihood_rolling([requests[i] for i in indices], disable_tqdm=disable_tqdm)
+                return super(SteeredHFLM, self).loglikelihood_rolling(subset, disable_tqdm=disable_tqdm)
             finally:
                 self._uniform_rows = None
-            for i, score in zip(indices, scores):
-                results[i] = score
-        return [score for score in results if score is not None]
+
+        return self._per_route(requests, [self.rows_for(request) for request in requests], run)
 
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, override_bs: int | None = None) -> list[tuple[float, bool]]:
         # Index every model input the harness will build (see HFLM._loglikelihood_tokens) by its

@@ -194,3 +194,12 @@ def test_vectors_from_another_model_name_warn_but_load(tiny_model_dir, tmp_path)
     with pytest.warns(UserWarning, match="built on 'Org/other-model'"):
         model = SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(path))
     assert model.vector_files[0].model == "Org/other-model"
+
+
+def test_same_prompt_routed_two_ways_in_one_call(steered, plain):
+    # One prompt, two documents: one needs a vector, one does not (e.g. a task run with and without it).
+    requests = gen_requests([doc(LOWER), doc("detectable_format:title")], ["Describe a cat", "Describe a cat"])
+    steered_text, unsteered_text = steered.generate_until(requests)
+    assert steered_text == steered.generate_until(requests[:1])[0]
+    assert unsteered_text == plain.generate_until(requests[1:])[0]
+    assert steered_text != unsteered_text
