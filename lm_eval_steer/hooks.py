@@ -38,9 +38,14 @@ class SteeringError(ValueError):
     """The steering configuration does not fit the model or the batch."""
 
 
-def _num_layers(model: nn.Module) -> int | None:
+def text_config(model: nn.Module) -> Any:
+    """The config that describes the decoder stack (multimodal wrappers keep it in ``text_config``)."""
     config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
+    return getattr(config, "text_config", None) or config
+
+
+def _num_layers(model: nn.Module) -> int | None:
+    config = text_config(model)
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
         value = getattr(config, name, None)
         if isinstance(value, int):
@@ -208,7 +213,7 @@ def steering(
     every row is left unsteered.
     """
     layers = find_decoder_layers(model)
-    hidden_size = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
+    hidden_size = int(getattr(text_config(model), "hidden_size", 0) or 0)
     if not hidden_size:
         hidden_size = next((len(entry.vector) for entries in rows for entry in entries), 0)
     by_layer = compile_rows(rows, hidden_size)

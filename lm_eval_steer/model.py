@@ -19,7 +19,7 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from lm_eval_steer.hooks import steering
+from lm_eval_steer.hooks import steering, text_config
 from lm_eval_steer.routing import ROUTES, Overrides, entries_for_document, route_key
 from lm_eval_steer.vectorfile import MODES, POSITIONS, SteeringEntry, VectorFile, load_vector_file
 
@@ -69,8 +69,7 @@ class SteeredHFLM(HFLM):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(pretrained=pretrained, device=device, **kwargs)
 
-        config = self.model.config
-        config = getattr(config, "text_config", None) or config
+        config = text_config(self.model)
         self.vector_files = [
             load_vector_file(path, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers)
             for path in parse_vector_paths(vectors)
