@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lm_eval_steer.hooks import find_decoder_layers
+from lm_eval_steer.hooks import find_decoder_layers, text_config
 
 
 @dataclass
@@ -114,7 +114,7 @@ def collect(
             owners.setdefault(tuple(seq), []).append(group)
     unique = sorted(owners, key=lambda seq: (-len(seq), seq))
     num_layers = len(find_decoder_layers(model))
-    hidden_size = int(model.config.hidden_size)
+    hidden_size = int(text_config(model).hidden_size)
     sums = {group: RunningSum.zeros(num_layers, hidden_size) for group in prompts}
     with tqdm(total=len(unique), desc=desc, unit="prompt") as bar:
         for start in range(0, len(unique), batch_size):

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from lm_eval_steer.hooks import find_decoder_layers
+from lm_eval_steer.hooks import find_decoder_layers, text_config
 from lm_eval_steer.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
 from vector_builder import activations, prompts, report, search
 from vector_builder.directions import Direction, build_direction
@@ -33,7 +33,7 @@ class ModelShape:
 
     @classmethod
     def of(cls, model: nn.Module, name: str) -> ModelShape:
-        return cls(name, int(model.config.hidden_size), len(find_decoder_layers(model)))
+        return cls(name, int(text_config(model).hidden_size), len(find_decoder_layers(model)))
 
 
 def check_compatible(built_on: ModelShape, applied_to: ModelShape) -> None:
