@@ -222,7 +222,8 @@ class SteeredHFLM(HFLM):
                 entries = self._rows_by_pair.get(tuple(request_strings) if request_strings else (), ())
             model_input = (context_tokens + continuation_tokens)[-(self.max_length + 1) :][:-1]
             index[tuple(model_input)] = (entries, len(model_input) - len(continuation_tokens) + 1)
-        self._rows_by_tokens = index
+        # Nothing to steer (route=none, or no entry applies): skip the per-row lookups altogether.
+        self._rows_by_tokens = index if any(entries for entries, _ in index.values()) else None
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
