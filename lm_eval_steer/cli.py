@@ -5,6 +5,7 @@
     lm-eval-steer build   ...   # vector_builder: build vectors, choose layers and strengths
     lm-eval-steer compare ...   # leaderboard from results files
     lm-eval-steer check   ...   # CI regression gate (exit 0 ok, 1 regression, 2 not comparable)
+    lm-eval-steer quality ...   # output quality: unsteered perplexity of steered responses
 
 Each subcommand lives in its own module exposing ``configure_parser(parser)`` and ``run(args) -> int``;
 modules are imported only when their subcommand is used.
@@ -21,6 +22,7 @@ SUBCOMMANDS = {
     "build": ("vector_builder.cli", "build steering vectors and choose their layers on validation data"),
     "compare": ("lm_eval_steer.compare", "leaderboard (Markdown, CSV, PNG) from lm-eval results"),
     "check": ("lm_eval_steer.check", "fail when instruction following regressed against a baseline"),
+    "quality": ("lm_eval_steer.quality", "what steering costs: the unsteered model's perplexity of logged responses"),
     "gguf": ("lm_eval_steer.controlvector", "export to / import from llama.cpp control-vector GGUF"),
 }
 

@@ -161,6 +161,36 @@ def test_ties_leave_entries_out(tiny, tmp_path):
     assert all(c["score"] == c["score_with_instruction"] == 1.0 and c["n"] == 4 for c in row["candidates"])
 
 
+SALT = "0"
+
+
+def test_keyword_sample_pools_one_choice_for_every_word(tiny, tmp_path):
+    model, tokenizer = tiny
+    words = ["apple", "pear", "plum", "fig", "kiwi"]
+    salted_scorer = lambda iid, kwargs, prompt, response: hash_scorer(iid, kwargs, prompt, SALT + response)  # noqa: E731
+
+    result = build(model, tokenizer, instructions=["keywords:existence"], keywords=words, keyword_sample=2, out=tmp_path / "k.safetensors",
+                   report_dir=tmp_path / "rep", model_name="tiny", scorer=salted_scorer, **SMALL)
+    sampled = result.pooled["keywords:existence"]
+    assert len(sampled) == 2 and set(sampled) <= {f"keywords:existence:{w}" for w in words}
+    pooled = result.results["keywords:existence (pooled over 2 words)"]
+    # only the sampled words were validated; the pooled score is over their 2 x n_val prompts
+    assert {name for name in result.results if name.startswith("keywords:existence:")} == set(sampled)
+    assert all(len(item.follows) == 2 * SMALL["n_val"] for item in pooled.candidates)
+    report_json = json.loads(result.report_path.read_text())
+    assert report_json["pooled_over"] == {"keywords:existence": sampled} and report_json["settings"]["keyword_sample"] == 2
+    assert pooled.chosen is not None  # this salt's fixed scores favour a steered candidate
+    chosen = pooled.candidate(pooled.chosen)
+    entries = load_vector_file(tmp_path / "k.safetensors").entries
+    assert sorted(e.name for e in entries) == sorted(f"keywords:existence:{w}" for w in words)  # every word, sampled or not
+    assert {e.layer for e in entries} == {chosen.layer}
+    sums = {e.name: e for e in entries}
+    # each word's strength is the multiplier times its own direction's norm at that layer
+    norms = {w: report_json["directions"][f"keywords:existence:{w}"]["shift_norm"][chosen.layer] for w in words}
+    for word in words:
+        assert sums[f"keywords:existence:{word}"].strength == pytest.approx(chosen.multiplier * norms[word], rel=1e-5)
+
+
 def test_cross_model_shape_checks():
     check_compatible(ModelShape("a", 64, 4), ModelShape("a", 64, 4))
     with pytest.warns(UserWarning, match="different model"):

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from lm_eval_steer import degeneracy
 from vector_builder import prompts, search
 from vector_builder.activations import RunningSum, left_pad, positions_from_mask
 from vector_builder.directions import build_direction, difference_of_means, mean_projection, unit_rows
@@ -54,11 +55,11 @@ def test_left_pad_and_positions():
 
 
 def test_repetition_measure():
-    assert search.repetition([1, 2, 3, 4, 5, 6]) == 0.0
+    assert degeneracy.repetition([1, 2, 3, 4, 5, 6]) == 0.0
     looping = [1, 2, 3] * 10
-    assert search.repetition(looping) > 0.8
-    assert search.is_degenerate(looping, 0.5)
-    assert not search.is_degenerate([1, 2, 3] * 3, 0.5)  # too short to judge
+    assert degeneracy.repetition(looping) > 0.8
+    assert degeneracy.is_degenerate(looping, 0.5)
+    assert not degeneracy.is_degenerate([1, 2, 3] * 3, 0.5)  # too short to judge
 
 
 def _result(scores: dict[str, list[bool]], degenerate: dict[str, int] | None = None) -> search.TargetResult:
@@ -85,6 +86,24 @@ def test_best_candidate_wins_and_degenerate_ones_are_disqualified():
     # as many degenerate outputs as the unsteered model has is tolerated
     result = _result({"none": [False, False], "L1x1": [True, True]}, degenerate={"none": 1, "L1x1": 1})
     assert search._choose(result, SETTINGS) == "L1x1"
+
+
+def test_pooled_choice_sums_outcomes_over_targets():
+    # Alone, the first word would pick L3 and the second tie; pooled, L3 wins 3/4 against 1/4 unsteered.
+    first = _result({"none": [False, False], "L1x1": [True, False], "L3x1": [True, True]})
+    second = _result({"none": [True, False], "L1x1": [False, False], "L3x1": [True, False]})
+    pooled = search.pool("keywords:existence (pooled)", [first, second], SETTINGS)
+    assert pooled.chosen == "L3x1"
+    assert pooled.candidate("L3x1").follows == [True, True, True, False]
+    assert pooled.candidate("L3x1").strength is None  # each word's strength comes from its own direction
+    # the degeneracy guard counts the pooled outputs: one degenerate output anywhere disqualifies L3
+    looping = _result({"none": [False, False], "L1x1": [True, True], "L3x1": [True, True]}, degenerate={"L3x1": 1})
+    guarded = search.pool("p", [first, looping], SETTINGS)
+    assert guarded.candidate("L3x1").disqualified and guarded.chosen == "L1x1"
+    with pytest.raises(ValueError, match="different candidates"):
+        search.pool("p", [first, _result({"none": [False], "L2x1": [True]})], SETTINGS)
+    with pytest.raises(ValueError, match="nothing to pool"):
+        search.pool("p", [], SETTINGS)
 
 
 def test_strength_rule_is_fitted_per_requested_value():

@@ -29,6 +29,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search_model_args", default=None, help="choose layers/strengths on another model of the same shape (e.g. the base model)")
     parser.add_argument("--instructions", required=True, help="comma-separated groups (format, length, keywords) and/or IFEval instruction ids")
     parser.add_argument("--keywords", default=None, help="words for the keywords group: word1,word2 or a file with one word per line")
+    parser.add_argument("--keyword-sample", type=int, default=None, metavar="N",
+                        help="keywords: choose one layer/strength per keyword instruction on N sampled words pooled, for every word "
+                        "(default: search each word on its own)")
     parser.add_argument("--queries", default=None, help="JSONL of {'query': ...} questions (default: the packaged set)")
     parser.add_argument("--out", required=True, help="vector file to write (.safetensors)")
     parser.add_argument("--report", default="build", help="directory for report.json, scores.png and the checkpoint")
@@ -105,15 +108,19 @@ def run(args: argparse.Namespace) -> int:
             val_with_instruction=args.val_with_instruction,
             skip_first_token=not args.steer_first_token,
             strength_base=args.strength_base,
+            keyword_sample=args.keyword_sample,
             search_model=search_model,
             search_model_name=search_name,
         )
     except (ValueError, OSError) as error:
         print(f"lm-eval-steer build: error: {error}")
         return 2
+    for instruction_id, words in result.pooled.items():
+        print(f"{instruction_id}: one choice pooled over {len(words)} sampled words, applied to every word")
     for name_, outcome in result.results.items():
         chosen = outcome.candidate(outcome.chosen) if outcome.chosen else None
-        summary = "no steering (left out)" if chosen is None else f"layer {chosen.layer}, strength {chosen.strength:.3g}, val {chosen.score:.2f}"
+        strength = f"strength {chosen.strength:.3g}" if chosen is not None and chosen.strength is not None else f"multiplier {chosen.multiplier:g}" if chosen else ""
+        summary = "no steering (left out)" if chosen is None else f"layer {chosen.layer}, {strength}, val {chosen.score:.2f}"
         print(f"{name_:55s} unsteered {outcome.candidates[0].score:.2f} -> {summary}")
     print(f"report: {result.report_path}\nplot:   {result.plot_path}")
     if result.vector_file is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import resource
 import time
 import warnings
@@ -53,7 +54,8 @@ class BuildResult:
     vector_file: VectorFile | None  # None when no entry beat "no steering" on validation
     report_path: Path
     plot_path: Path
-    results: dict[str, search.TargetResult]
+    results: dict[str, search.TargetResult]  # per searched target, then one per pooled keyword instruction
+    pooled: dict[str, list[str]]  # keyword instruction id -> the sampled targets its choice was pooled over
 
 
 def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
@@ -78,14 +80,44 @@ def _collect_sums(
     return {spec.key: (sums[f"with:{spec.key}"], sums[f"without:{spec.key}"]) for spec in specs}
 
 
-def _entry(target: prompts.Target, direction: Direction, result: search.TargetResult) -> SteeringEntry | None:
+def _entry(target: prompts.Target, direction: Direction, layer: int, strength: float, rule_points: Sequence[Sequence[float]] = ()) -> SteeringEntry:
+    rule = StrengthRule(target.rule_kwarg, tuple((x, s) for x, s in rule_points)) if target.rule_kwarg and rule_points else None
+    applies_to = AppliesTo(target.instruction_id, dict(target.fixed_kwargs), rule)
+    return replace(search.make_entry(target, direction, layer, strength), applies_to=applies_to)
+
+
+def _chosen_entry(target: prompts.Target, direction: Direction, result: search.TargetResult) -> SteeringEntry | None:
     if result.chosen is None:
         return None
     chosen = result.candidate(result.chosen)
     assert chosen.layer is not None and chosen.strength is not None
-    rule = StrengthRule(target.rule_kwarg, tuple((x, s) for x, s in result.rule_points)) if target.rule_kwarg and result.rule_points else None
-    applies_to = AppliesTo(target.instruction_id, dict(target.fixed_kwargs), rule)
-    return replace(search.make_entry(target, direction, chosen.layer, chosen.strength), applies_to=applies_to)
+    return _entry(target, direction, chosen.layer, chosen.strength, result.rule_points)
+
+
+def _pooled_entry(target: prompts.Target, direction: Direction, pooled: search.TargetResult, strength_base: str) -> SteeringEntry | None:
+    """The pooled choice's layer and multiplier, at the strength of this target's own direction."""
+    if pooled.chosen is None:
+        return None
+    chosen = pooled.candidate(pooled.chosen)
+    assert chosen.layer is not None
+    candidate = search.Candidate(chosen.layer, chosen.multiplier)
+    return _entry(target, direction, chosen.layer, search.strength_of(target, direction, candidate, strength_base))
+
+
+def _pooling_plan(targets: Sequence[prompts.Target], per_instruction: int | None, seed: int) -> dict[str, list[prompts.Target]]:
+    """Keyword instruction id → the targets (words) validated for its pooled choice: a seeded sample
+    of ``per_instruction`` words (all of them when there are fewer). Empty without pooling."""
+    if per_instruction is None:
+        return {}
+    if per_instruction < 1:
+        raise ValueError(f"keyword_sample must be positive, got {per_instruction}")
+    plan: dict[str, list[prompts.Target]] = {}
+    for instruction_id in prompts.KEYWORD_IDS:
+        group = [target for target in targets if target.instruction_id == instruction_id]
+        if group:
+            keep = set(random.Random(f"{seed}:pool:{instruction_id}").sample(range(len(group)), min(per_instruction, len(group))))
+            plan[instruction_id] = [target for index, target in enumerate(group) if index in keep]
+    return plan
 
 
 def _note(result: search.TargetResult) -> str | None:
@@ -119,6 +151,7 @@ def build(
     val_with_instruction: bool = False,
     skip_first_token: bool = True,
     strength_base: str = "shift",
+    keyword_sample: int | None = None,
     search_model: nn.Module | None = None,
     search_model_name: str | None = None,
     scorer: search.Scorer = search.loose_follows,
@@ -128,6 +161,10 @@ def build(
 
     ``search_model`` (default: ``model``) is the model the layers and strengths are chosen on, e.g.
     the base model when the vectors come from its instruct variant (same shape required).
+    ``keyword_sample=N`` chooses one layer and multiplier per keyword instruction on the pooled
+    validation of N sampled words and gives every word that choice (at its own direction's
+    strength): the paper chose one keyword layer, and a search per word costs a validation run per
+    word. Without it every word is searched on its own.
     ``resume=True`` continues from the checkpoint of an interrupted build with the same settings and
     writes the same file an uninterrupted build would.
     """
@@ -164,6 +201,7 @@ def build(
         "allowed_degenerate": allowed_degenerate,
         "skip_first_token": skip_first_token,
         "strength_base": strength_base,
+        "keyword_sample": keyword_sample,
         "validation_prompts": "without and with instruction" if val_with_instruction else "without instruction",
         "degeneracy_guard": (
             f"degenerate = repetition (1 - distinct {search.NGRAM}-grams / {search.NGRAM}-grams) > {max_repetition}; a candidate with "
@@ -182,7 +220,10 @@ def build(
     activation_seconds = time.perf_counter() - stage
 
     stage = time.perf_counter()
-    val_prompts = {target.name: prompts.validation_prompts(target, val, seed, val_with_instruction) for target in targets}
+    pooling = _pooling_plan(targets, keyword_sample, seed)
+    sampled = {target.name for group in pooling.values() for target in group}
+    searched = [target for target in targets if target.instruction_id not in pooling or target.name in sampled]
+    val_prompts = {target.name: prompts.validation_prompts(target, val, seed, val_with_instruction) for target in searched}
     val_ids = {name: [prompts.chat_ids(tokenizer, p.text) for p in items] for name, items in val_prompts.items()}
     generation = search.SearchSettings(
         max_new_tokens=max_new_tokens,
@@ -197,7 +238,7 @@ def build(
     decode: Callable[[list[int]], str] = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     results = search.search(
         target_model,
-        targets,
+        searched,
         directions,
         val_prompts,
         val_ids,
@@ -208,9 +249,22 @@ def build(
         on_target_done=checkpoint.save_target,
         scorer=scorer,
     )
+    pooled = {
+        instruction_id: search.pool(f"{instruction_id} (pooled over {len(group)} words)", [results[t.name] for t in group], generation)
+        for instruction_id, group in pooling.items()
+    }
     search_seconds = time.perf_counter() - stage
 
-    entries = [entry for target in targets if (entry := _entry(target, directions[target.direction], results[target.name])) is not None]
+    entries = [
+        entry
+        for target in targets
+        if (
+            entry := _pooled_entry(target, directions[target.direction], pooled[target.instruction_id], strength_base)
+            if target.instruction_id in pooled
+            else _chosen_entry(target, directions[target.direction], results[target.name])
+        )
+        is not None
+    ]
     vector_file = None
     if entries:
         vector_file = save_vector_file(
@@ -224,7 +278,7 @@ def build(
     else:
         warnings.warn(f"no entry beat 'no steering' on validation: {out} was not written (see {report_dir}/report.json)", stacklevel=2)
 
-    ordered = [results[target.name] for target in targets]
+    ordered = [*pooled.values(), *(results[target.name] for target in searched)]
     report_path = report.write_report(
         report_dir,
         {
@@ -235,7 +289,8 @@ def build(
                 key: {"count": d.count, "strength_c": d.strength.tolist(), "baseline_projection": d.baseline.tolist(), "shift_norm": d.shift.tolist()}
                 for key, d in directions.items()
             },
-            "targets": [report.target_summary(result, _note(result), n_val) for result in ordered],
+            "targets": [report.target_summary(result, _note(result), n_val if result.name in results else None) for result in ordered],
+            "pooled_over": {instruction_id: [target.name for target in group] for instruction_id, group in pooling.items()},
             "timing_seconds": {
                 "activations": round(activation_seconds, 3),
                 "search": round(search_seconds, 3),
@@ -245,4 +300,10 @@ def build(
         },
     )
     plot_path = report.write_plot(report_dir, ordered)
-    return BuildResult(vector_file=vector_file, report_path=report_path, plot_path=plot_path, results=results)
+    return BuildResult(
+        vector_file=vector_file,
+        report_path=report_path,
+        plot_path=plot_path,
+        results={**results, **{result.name: result for result in pooled.values()}},
+        pooled={instruction_id: [target.name for target in group] for instruction_id, group in pooling.items()},
+    )

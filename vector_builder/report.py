@@ -103,15 +103,16 @@ class Checkpoint:
         write_json(self.targets_dir / f"{_safe_name(result.name)}.json", result.to_json())
 
 
-def _part_scores(follows: Sequence[bool], n_without: int) -> dict[str, float]:
-    """With ``--val-with-instruction`` the first ``n_without`` prompts hide the instruction, the rest show it."""
-    if len(follows) <= n_without:
+def _part_scores(follows: Sequence[bool], n_without: int | None) -> dict[str, float]:
+    """With ``--val-with-instruction`` the first ``n_without`` prompts hide the instruction, the rest
+    show it (``None``: no split, as for pooled results, which interleave their targets' prompts)."""
+    if n_without is None or len(follows) <= n_without:
         return {}
     shown = follows[n_without:]
     return {"score_without_instruction": sum(follows[:n_without]) / n_without, "score_with_instruction": sum(shown) / len(shown)}
 
 
-def target_summary(result: TargetResult, note: str | None, n_without: int) -> dict[str, Any]:
+def target_summary(result: TargetResult, note: str | None, n_without: int | None) -> dict[str, Any]:
     """Report row for one target: its candidates' scores and the choice (without the raw responses)."""
     chosen = result.candidate(result.chosen) if result.chosen else None
     return {

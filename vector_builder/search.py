@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lm_eval_steer.degeneracy import NGRAM, is_degenerate
 from lm_eval_steer.hooks import steering
 from lm_eval_steer.vectorfile import SteeringEntry
 from vector_builder.activations import left_pad, model_device
@@ -37,10 +38,6 @@ from vector_builder.prompts import Prompt, Target
 
 Scorer = Callable[[str, Mapping[str, Any], str, str], bool]
 """``scorer(instruction_id, kwargs, prompt_with_instruction, response) -> followed``."""
-
-MIN_DEGENERATE_TOKENS = 16
-NGRAM = 4
-
 
 @dataclass(frozen=True)
 class Candidate:
@@ -61,16 +58,6 @@ def default_layers(num_layers: int, step: int = 2) -> list[int]:
 
 def candidates(layers: Sequence[int], multipliers: Sequence[float]) -> list[Candidate]:
     return [Candidate(None)] + [Candidate(layer, float(m)) for layer in layers for m in multipliers]
-
-
-def repetition(token_ids: Sequence[int], n: int = NGRAM) -> float:
-    """``1 − |distinct n-grams| / |n-grams|`` (0 for sequences shorter than n)."""
-    grams = [tuple(token_ids[i : i + n]) for i in range(len(token_ids) - n + 1)]
-    return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
-
-
-def is_degenerate(token_ids: Sequence[int], max_repetition: float) -> bool:
-    return len(token_ids) >= MIN_DEGENERATE_TOKENS and repetition(token_ids) > max_repetition
 
 
 def loose_follows(instruction_id: str, kwargs: Mapping[str, Any], prompt: str, response: str) -> bool:
@@ -205,6 +192,33 @@ def _choose(result: TargetResult, settings: SearchSettings) -> str | None:
     if best is None or best[0] <= baseline.score:
         return None  # ties (and losses) go to no steering
     return best_label
+
+
+def pool(name: str, results: Sequence[TargetResult], settings: SearchSettings) -> TargetResult:
+    """One choice for many targets of one instruction (e.g. every keyword of ``keywords:existence``):
+    candidate ``i``'s validation outcomes are concatenated over ``results`` (its score is the pooled
+    loose accuracy, its degenerate count the pooled count) and chosen like a single target. The
+    pooled candidates carry no strength: each target's strength follows from its own direction."""
+    if not results:
+        raise ValueError(f"{name}: nothing to pool")
+    labels = [[item.label for item in result.candidates] for result in results]
+    if any(row != labels[0] for row in labels):
+        raise ValueError(f"{name}: pooled targets were searched over different candidates")
+    items = [
+        CandidateResult(
+            label=first.label,
+            layer=first.layer,
+            multiplier=first.multiplier,
+            strength=None,
+            follows=[ok for result in results for ok in result.candidates[index].follows],
+            degenerate=[bad for result in results for bad in result.candidates[index].degenerate],
+            responses=[],
+        )
+        for index, first in enumerate(results[0].candidates)
+    ]
+    pooled = TargetResult(name=name, candidates=items)
+    pooled.chosen = _choose(pooled, settings)
+    return pooled
 
 
 def fit_rule(result: TargetResult, prompts: Sequence[Prompt], rule_kwarg: str) -> list[list[float]]:
