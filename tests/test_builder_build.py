@@ -181,6 +181,7 @@ def test_keyword_sample_pools_one_choice_for_every_word(tiny, tmp_path):
     assert report_json["pooled_over"] == {"keywords:existence": sampled} and report_json["settings"]["keyword_sample"] == 2
     assert pooled.chosen is not None  # this salt's fixed scores favour a steered candidate
     chosen = pooled.candidate(pooled.chosen)
+    assert all(result.results[name].chosen == pooled.chosen for name in sampled)  # the report shows what was applied
     entries = load_vector_file(tmp_path / "k.safetensors").entries
     assert sorted(e.name for e in entries) == sorted(f"keywords:existence:{w}" for w in words)  # every word, sampled or not
     assert {e.layer for e in entries} == {chosen.layer}

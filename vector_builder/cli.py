@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"lm-eval-steer build: error: {error}")
         return 2
     for instruction_id, words in result.pooled.items():
-        print(f"{instruction_id}: one choice pooled over {len(words)} sampled words, applied to every word")
+        print(f"{instruction_id}: one choice pooled over {len(words)} sampled words, applied to every word (each at its own strength)")
     for name_, outcome in result.results.items():
         chosen = outcome.candidate(outcome.chosen) if outcome.chosen else None
         strength = f"strength {chosen.strength:.3g}" if chosen is not None and chosen.strength is not None else f"multiplier {chosen.multiplier:g}" if chosen else ""

@@ -253,6 +253,9 @@ def build(
         instruction_id: search.pool(f"{instruction_id} (pooled over {len(group)} words)", [results[t.name] for t in group], generation)
         for instruction_id, group in pooling.items()
     }
+    for instruction_id, group in pooling.items():
+        for target in group:  # what was applied to every word, so the report and plot show it per word too
+            results[target.name] = replace(results[target.name], chosen=pooled[instruction_id].chosen)
     search_seconds = time.perf_counter() - stage
 
     entries = [
