@@ -144,21 +144,25 @@ class SteeredHFLM(HFLM):
     # ------------------------------------------------------------------------------- generation
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        rows = [self.rows_for(request) for request in requests]
-        by_context: dict[str, tuple[SteeringEntry, ...]] = {}
-        conflicting = False
-        for request, entries in zip(requests, rows):
-            known = by_context.setdefault(request.args[0], entries)
-            conflicting |= route_key(known) != route_key(entries)
-        if not conflicting:
-            return self._generate_with(requests, by_context, disable_tqdm)
-        # The same prompt routed two ways (e.g. one task run with and without a vector): the harness
-        # only hands us strings, so run each route's requests in their own pass.
-        return self._per_route(
-            requests,
-            rows,
-            lambda subset, entries: self._generate_with(subset, {request.args[0]: entries for request in subset}, disable_tqdm),
-        )
+        # The harness hands us only prompt strings, so within one harness call a prompt must mean one
+        # route. A prompt routed several ways (one task run with and without a vector, or IFEval's
+        # keyword documents that share a question but not the word) gets one pass per route; every
+        # other request rides in the first pass, so batches stay full.
+        passes: list[tuple[list[int], dict[str, tuple[SteeringEntry, ...]]]] = []
+        for index, request in enumerate(requests):
+            entries = self.rows_for(request)
+            for indices, by_context in passes:
+                known = by_context.setdefault(request.args[0], entries)
+                if route_key(known) == route_key(entries):
+                    indices.append(index)
+                    break
+            else:
+                passes.append(([index], {request.args[0]: entries}))
+        answers: list[str] = [""] * len(requests)
+        for indices, by_context in passes:
+            for index, answer in zip(indices, self._generate_with([requests[i] for i in indices], by_context, disable_tqdm)):
+                answers[index] = answer
+        return answers
 
     @staticmethod
     def _per_route(requests: list[Instance], rows: Rows, run: Callable[[list[Instance], tuple[SteeringEntry, ...]], list[Any]]) -> list[Any]:

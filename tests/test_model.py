@@ -203,3 +203,19 @@ def test_same_prompt_routed_two_ways_in_one_call(steered, plain):
     assert steered_text == steered.generate_until(requests[:1])[0]
     assert unsteered_text == plain.generate_until(requests[1:])[0]
     assert steered_text != unsteered_text
+
+
+def test_shared_prompts_routed_several_ways_take_one_pass_per_route_not_per_group(steered, plain, monkeypatch):
+    # IFEval's keyword subsets: documents share a question but each needs its own word's vector.
+    docs = [doc(LOWER), doc(COMMA), doc("detectable_format:title"), doc(LOWER), doc(COMMA), doc(LOWER, COMMA)]
+    prompts = ["Describe a cat", "Describe a cat", "Describe a cat", "Hi", "Why?", "Why?"]
+    requests = gen_requests(docs, prompts)
+    calls = []
+    original = SteeredHFLM._generate_with
+    monkeypatch.setattr(SteeredHFLM, "_generate_with", lambda self, subset, *args: calls.append(len(subset)) or original(self, subset, *args))
+    together = steered.generate_until(requests)
+    assert calls == [3, 2, 1]  # "Describe a cat" is routed three ways: three passes, the rest ride in the first
+    calls.clear()
+    alone = [steered.generate_until([request])[0] for request in requests]
+    assert together == alone
+    assert together[2] == plain.generate_until(requests[2:3])[0]
