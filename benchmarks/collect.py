@@ -3,7 +3,8 @@
     python benchmarks/collect.py
 
 Reads ``benchmarks/results/steering.json`` (bench_steering.py), ``benchmarks/results/build-*.json``
-(bench_build.py) and the wall times that lm-eval records in ``results/*/*.json``; missing inputs are
+(bench_build.py), the build reports ``vectors/*-report/report.json`` and the wall times that lm-eval
+records in ``results/*/*.json``; missing inputs are
 skipped with a note, so the table shows exactly what has been measured.
 """
 
@@ -55,6 +56,23 @@ def study_rows() -> list[str]:
     return rows
 
 
+def vector_build_rows() -> list[str]:
+    rows = []
+    for path in sorted((REPO / "vectors").glob("*-report/report.json")):
+        data = json.loads(path.read_text())
+        settings, timing = data["settings"], data["timing_seconds"]
+        setting = (
+            f"{len(settings['instructions'])} instruction ids, {len(settings.get('keywords') or [])} keywords"
+            f"{' (layer chosen on ' + str(settings['keyword_sample']) + ' sampled)' if settings.get('keyword_sample') else ''}, "
+            f"{settings['n_train']} train / {settings['n_val']} val prompts, layers {settings['layers']}"
+        )
+        rows.append(
+            f"| study build wall time: {path.parent.name.removesuffix('-report')} | {setting} | {timing['total']:,.0f} s "
+            f"(activations {timing['activations']:,.0f} s, search {timing['search']:,.0f} s) | peak {data['peak_rss_mib']:,.0f} MiB |"
+        )
+    return rows
+
+
 def main() -> None:
     lines = [
         "# Benchmarks",
@@ -66,6 +84,7 @@ def main() -> None:
         "|---|---|---|---|",
         *steering_rows(),
         *build_rows(),
+        *vector_build_rows(),
         *study_rows(),
         "",
     ]
