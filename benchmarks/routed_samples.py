@@ -17,11 +17,9 @@ from pathlib import Path
 
 from lm_eval.tasks import TaskManager
 
+from lm_eval_steer.model import parse_vector_paths
 from lm_eval_steer.routing import entries_for_document
 from lm_eval_steer.vectorfile import atomic_write_bytes, load_vector_file
-
-TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -29,8 +27,9 @@ def main() -> None:
     parser.add_argument("--tasks", required=True, help="comma-separated tasks or groups")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
-    files = [load_vector_file(path) for path in args.vectors.split("+")]
-    tasks = TaskManager(include_path=str(TASKS_DIR)).load(args.tasks.split(","))["tasks"]  # groups expanded
+    files = [load_vector_file(path) for path in parse_vector_paths(args.vectors)]
+    # the plugin's import hook makes every TaskManager index the ifeval_* tasks
+    tasks = TaskManager().load(args.tasks.split(","))["tasks"]  # groups expanded
     routed: dict[str, list[int]] = {}
     for name, task in sorted(tasks.items()):
         docs = list(task.test_docs() if task.has_test_docs() else task.validation_docs())
