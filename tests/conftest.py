@@ -27,8 +27,11 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``LM_EVAL_STEER_DATA`` or ../shared/data beside the repository."""
-    path = Path(os.environ.get("LM_EVAL_STEER_DATA", DEFAULT_DATA))
+    """``LM_EVAL_STEER_DATA`` or ../shared/data beside the repository, as an absolute path.
+
+    Absolute because subprocess tests run outside the checkout: a relative value such as the
+    README's ``../shared/data`` would point elsewhere there."""
+    path = Path(os.environ.get("LM_EVAL_STEER_DATA", DEFAULT_DATA)).resolve()
     if not (path / "ifeval" / "input_data.jsonl").is_file():
         pytest.skip(f"offline data not found at {path} (set LM_EVAL_STEER_DATA)")
     return path
