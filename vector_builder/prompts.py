@@ -166,13 +166,19 @@ def with_instruction(query: str, instruction: str) -> str:
     return f"{query} {instruction}"
 
 
+def training_prompts(spec: DirectionSpec, queries: Sequence[str], seed: int) -> list[Prompt]:
+    """Per training query: the plain query (``text``), the query with the instruction
+    (``checker_prompt``) and the instruction's kwargs, which vary per query."""
+    out = []
+    for index, query in enumerate(queries):
+        text, kwargs = describe(spec.instruction_id, spec.fixed_kwargs, f"{seed}:train:{spec.key}:{index}")
+        out.append(Prompt(text=query, kwargs=kwargs, checker_prompt=with_instruction(query, text)))
+    return out
+
+
 def training_pairs(spec: DirectionSpec, queries: Sequence[str], seed: int) -> list[tuple[str, str]]:
     """``(query + instruction, query)`` per training query; the instruction's random kwargs vary per pair."""
-    pairs = []
-    for index, query in enumerate(queries):
-        text, _ = describe(spec.instruction_id, spec.fixed_kwargs, f"{seed}:train:{spec.key}:{index}")
-        pairs.append((with_instruction(query, text), query))
-    return pairs
+    return [(prompt.checker_prompt, prompt.text) for prompt in training_prompts(spec, queries, seed)]
 
 
 def validation_prompts(target: Target, queries: Sequence[str], seed: int, also_with_instruction: bool = False) -> list[Prompt]:
@@ -255,3 +261,14 @@ def chat_ids(tokenizer: Any, text: str) -> list[int]:
     (``--apply_chat_template``): the template already holds any BOS, so no special tokens are added."""
     templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     return list(tokenizer.encode(templated, add_special_tokens=False))
+
+
+# Chat models end a turn with a special token that may differ from eos.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that closes an assistant turn: the first of :data:`END_OF_TURN_TOKENS` the
+    vocabulary has, else eos."""
+    vocab = tokenizer.get_vocab()
+    return next((int(vocab[token]) for token in END_OF_TURN_TOKENS if token in vocab), int(tokenizer.eos_token_id))

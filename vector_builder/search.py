@@ -246,7 +246,7 @@ def search(
     directions: Mapping[str, Direction],
     prompts: Mapping[str, Sequence[Prompt]],
     prompt_ids: Mapping[str, Sequence[Sequence[int]]],
-    candidate_list: Sequence[Candidate],
+    candidate_list: Sequence[Candidate] | Mapping[str, Sequence[Candidate]],
     settings: SearchSettings,
     *,
     decode: Callable[[list[int]], str],
@@ -257,7 +257,8 @@ def search(
     """Scores every target × candidate on its validation prompts and chooses per target.
 
     ``prompts[name]`` / ``prompt_ids[name]`` are a target's validation prompts and their chat token
-    ids. Targets in ``done`` (from a checkpoint) are not recomputed. Batches are cut from the full,
+    ids; ``candidate_list`` is one list for every target or a list per target name (a learned
+    direction exists only at the layers it was trained at). Targets in ``done`` (from a checkpoint) are not recomputed. Batches are cut from the full,
     deterministic job list, and a batch is re-run whole if any of its rows is still needed, so a
     resumed search generates every row in exactly the batch it would have had without interruption.
     """
@@ -265,10 +266,13 @@ def search(
     jobs: dict[tuple, tuple[list[int], list[SteeringEntry]]] = {}
     owners: dict[tuple, set[str]] = {}
     grid: dict[str, list[list[tuple]]] = {}  # target -> [candidate][prompt] -> job key
+    per_target = {
+        target.name: list(candidate_list[target.name] if isinstance(candidate_list, Mapping) else candidate_list) for target in targets
+    }
     for target in targets:
         direction = directions[target.direction]
         grid[target.name] = []
-        for candidate in candidate_list:
+        for candidate in per_target[target.name]:
             strength = None if candidate.layer is None else strength_of(target, direction, candidate, settings.strength_base)
             entries = [] if candidate.layer is None else [make_entry(target, direction, candidate.layer, strength)]
             # Two rows are the same generation when prompt, direction, layer, mode and strength agree.
@@ -293,7 +297,9 @@ def search(
             for target in [t for t in pending if all(key in outputs for row in grid[t.name] for key in row)]:
                 pending.remove(target)
                 generations = [[outputs[key] for key in row] for row in grid[target.name]]
-                results[target.name] = _score_target(target, directions[target.direction], prompts[target.name], candidate_list, generations, settings, scorer, decode)
+                results[target.name] = _score_target(
+                    target, directions[target.direction], prompts[target.name], per_target[target.name], generations, settings, scorer, decode
+                )
                 if on_target_done is not None:
                     on_target_done(results[target.name])
     return {target.name: results[target.name] for target in targets}

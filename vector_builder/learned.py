@@ -1,0 +1,180 @@
+"""Learned steering vectors: one additive vector per instruction, trained with the model frozen.
+
+Difference-of-means directions describe where the *prompt* representation moves when an instruction
+is added; on small models that direction often does not carry the behaviour. A learned vector is
+optimised for the behaviour itself (context distillation into a vector, cf. BiPO and ReFT): given
+examples ``(p, r)`` of a prompt *without* the instruction and a response ``r`` that follows it,
+
+    L(v) = − (1 / Σ|r|) Σ_(p, r) Σ_t log P(r_t | p, r_<t ; h_L ← h_L + v)  +  λ ‖v‖²
+
+where ``h_L ← h_L + v`` is exactly the runtime's ``add`` intervention (:func:`lm_eval_steer.hooks.steering`:
+the output of decoder layer ``L``, every real position but, with ``skip_first_token``, each row's
+first one). Only ``v`` receives gradients; the model's parameters are frozen for the duration and
+keep no gradient buffers. Training stops early when the loss on held-out examples stops improving,
+and the vector of the best held-out step is kept.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lm_eval_steer.hooks import steering, text_config
+from lm_eval_steer.vectorfile import SteeringEntry
+from vector_builder.activations import left_pad, model_device, positions_from_mask
+
+IGNORE = -100  # label of positions that are not scored (prompt and padding)
+
+
+@dataclass(frozen=True)
+class Example:
+    """Token ids of a chat prompt (generation prompt included) and of the response to learn (stop token included)."""
+
+    prompt: tuple[int, ...]
+    response: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Hyper-parameters of one vector's training (recorded in the vector file and the report)."""
+
+    max_steps: int = 60
+    learning_rate: float = 0.04
+    batch_size: int = 4
+    l2: float = 0.0  # λ in the objective
+    eval_every: int = 10  # held-out loss every this many steps (and at the end)
+    patience: int = 2  # stop after this many held-out evaluations without improvement
+    seed: int = 0
+
+
+@dataclass
+class TrainedVector:
+    """The kept vector (best held-out step) and the curves that led to it."""
+
+    layer: int
+    vector: torch.Tensor  # [hidden] float32
+    train_loss: list[float] = field(default_factory=list)  # per step
+    heldout_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    best_step: int = 0
+    seconds: float = 0.0
+
+    @property
+    def norm(self) -> float:
+        return float(self.vector.norm())
+
+
+def batch_tensors(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(input_ids, attention_mask, labels, scored)`` for left-padded ``prompt + response`` rows.
+
+    ``labels`` hold the response ids at the response positions and ``IGNORE`` elsewhere; ``scored`` is
+    the longest response, so only the last ``scored + 1`` positions' logits are needed."""
+    sequences = [list(example.prompt) + list(example.response) for example in examples]
+    ids, mask = left_pad(sequences, pad_id)
+    labels = torch.full_like(ids, IGNORE)
+    for row, example in enumerate(examples):
+        labels[row, ids.shape[1] - len(example.response) :] = torch.tensor(example.response, dtype=torch.long)
+    return ids, mask, labels, max(len(example.response) for example in examples)
+
+
+def response_loss(model: nn.Module, examples: Sequence[Example], vector: torch.Tensor, layer: int, pad_id: int, skip_first_token: bool) -> torch.Tensor:
+    """Mean token cross-entropy of the responses given their prompts, with ``vector`` added at ``layer``
+    exactly as ``steered-hf`` adds an ``add``-mode entry of strength 1."""
+    ids, mask, labels, scored = batch_tensors(examples, pad_id)
+    device = model_device(model)
+    entry = SteeringEntry(name="learned", vector=vector, layer=layer, mode="add", strength=1.0, positions="all")
+    with steering(model, [[entry]] * len(examples), skip_first_token=skip_first_token):
+        # Under left padding every response ends the row, so the logits of the last scored + 1
+        # positions cover all of them; the LM head over the prompt would be wasted work.
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions_from_mask(mask).to(device),
+            use_cache=False,
+            logits_to_keep=scored + 1,
+        ).logits
+    predicted = logits[:, :-1].float()
+    wanted = labels[:, -scored:].to(device)
+    return nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), wanted.reshape(-1), ignore_index=IGNORE)
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Parameters stop requiring gradients (no gradient buffers are ever allocated for them)."""
+    previous = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in previous:
+            parameter.requires_grad_(flag)
+
+
+def _heldout_loss(model: nn.Module, examples: Sequence[Example], vector: torch.Tensor, layer: int, pad_id: int, skip_first_token: bool, batch_size: int) -> float:
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            count = sum(len(example.response) for example in chunk)
+            total += float(response_loss(model, chunk, vector, layer, pad_id, skip_first_token)) * count
+            tokens += count
+    return total / tokens
+
+
+def train_vector(
+    model: nn.Module,
+    train: Sequence[Example],
+    heldout: Sequence[Example],
+    layer: int,
+    settings: TrainingSettings,
+    *,
+    pad_id: int,
+    skip_first_token: bool = True,
+    desc: str = "train vector",
+) -> TrainedVector:
+    """Adam on ``v`` (initialised at zero) over seeded shuffled mini-batches of ``train``; held-out loss
+    every ``eval_every`` steps decides early stopping and which step's vector is kept."""
+    if not train or not heldout:
+        raise ValueError(f"{desc}: training needs examples to train on and held-out examples (got {len(train)} and {len(heldout)})")
+    started = time.perf_counter()
+    hidden_size = int(text_config(model).hidden_size)
+    vector = torch.zeros(hidden_size, device=model_device(model), requires_grad=True)
+    optimizer = torch.optim.Adam([vector], lr=settings.learning_rate)
+    result = TrainedVector(layer=layer, vector=vector.detach().clone().cpu())
+    best = _heldout_loss(model, heldout, vector.detach(), layer, pad_id, skip_first_token, settings.batch_size)
+    result.heldout_loss.append((0, best))
+    order: list[int] = []
+    shuffler = random.Random(settings.seed)
+    stale = 0
+    with frozen(model), tqdm(total=settings.max_steps, desc=desc, unit="step", leave=False) as bar:
+        for step in range(1, settings.max_steps + 1):
+            if len(order) < settings.batch_size:
+                order += shuffler.sample(range(len(train)), len(train))
+            batch = [train[index] for index in order[: settings.batch_size]]
+            del order[: settings.batch_size]
+            loss = response_loss(model, batch, vector, layer, pad_id, skip_first_token) + settings.l2 * vector.pow(2).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            result.train_loss.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.train_loss[-1]:.3f}")
+            if step % settings.eval_every and step != settings.max_steps:
+                continue
+            current = _heldout_loss(model, heldout, vector.detach(), layer, pad_id, skip_first_token, settings.batch_size)
+            result.heldout_loss.append((step, current))
+            if current < best:
+                best, stale = current, 0
+                result.vector, result.best_step = vector.detach().clone().cpu(), step
+            else:
+                stale += 1
+                if stale >= settings.patience:
+                    break
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,142 @@
+"""The learned method's build stage: per direction, training targets → one vector per learned layer.
+
+The result is a :class:`~vector_builder.directions.Direction` like the difference-of-means one, so the
+layer/strength search treats both methods alike: at a learned layer ``L``, ``unit[L] = v_L / ‖v_L‖``
+and ``shift[L] = strength[L] = ‖v_L‖`` (so the ``add`` strength ``m × ‖v_L‖`` at multiplier ``m = 1``
+adds exactly the trained ``v_L``); rows of layers that were not trained are zero and never searched.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lm_eval_steer.hooks import find_decoder_layers, text_config
+from vector_builder import learned, prompts, targets
+from vector_builder.directions import Direction
+
+LEARNED_SUFFIX = "@learned"
+MIN_TARGETS = 4  # fewer passing targets than this and no vector is trained (too little to learn from)
+
+
+@dataclass(frozen=True)
+class LearnedSettings:
+    """Everything the learned stage depends on besides the model, the queries and the seed."""
+
+    layers: tuple[int, ...]
+    training: learned.TrainingSettings
+    samples: int = 4  # sampled answers per training query whose greedy answer fails
+    temperature: float = 0.8
+    heldout_fraction: float = 0.25  # of the targets, for early stopping
+    max_target_tokens: int = 128  # answers generated for targets are at most this long
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LearnedDirection:
+    """A learned direction, how its targets were obtained and each layer's training."""
+
+    direction: Direction | None  # None: too few targets passed the checker
+    sources: dict[str, int] = field(default_factory=dict)  # target source -> count
+    trained: dict[int, learned.TrainedVector] = field(default_factory=dict)
+    targets_seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "targets": dict(self.sources),
+            "targets_seconds": round(self.targets_seconds, 3),
+            "layers": {
+                str(layer): {
+                    "norm": round(item.norm, 4),
+                    "best_step": item.best_step,
+                    "seconds": round(item.seconds, 3),
+                    "train_loss": [round(value, 5) for value in item.train_loss],
+                    "heldout_loss": [[step, round(value, 5)] for step, value in item.heldout_loss],
+                }
+                for layer, item in sorted(self.trained.items())
+            },
+        }
+
+
+def learned_key(direction_key: str) -> str:
+    return direction_key + LEARNED_SUFFIX
+
+
+def examples_from(tokenizer: Any, responses: Sequence[targets.TargetResponse]) -> list[learned.Example]:
+    """Chat prompt ids of each plain query and the response's ids, closed by the end-of-turn token so
+    that the vector does not teach the model to run on."""
+    end = prompts.end_of_turn_id(tokenizer)
+    return [
+        learned.Example(tuple(prompts.chat_ids(tokenizer, item.query)), (*tokenizer.encode(item.response, add_special_tokens=False), end))
+        for item in responses
+    ]
+
+
+def as_direction(key: str, trained: Mapping[int, learned.TrainedVector], num_layers: int, hidden_size: int, count: int) -> Direction:
+    unit = torch.zeros(num_layers, hidden_size)
+    norms = torch.zeros(num_layers)
+    for layer, item in trained.items():
+        norms[layer] = item.vector.norm()
+        if norms[layer] > 0:
+            unit[layer] = item.vector / norms[layer]
+    return Direction(key=key, unit=unit, strength=norms.clone(), baseline=torch.zeros(num_layers), shift=norms, count=count)
+
+
+def learn_direction(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: prompts.DirectionSpec,
+    queries: Sequence[str],
+    settings: LearnedSettings,
+    target_settings: targets.TargetSettings,
+    *,
+    skip_first_token: bool,
+) -> LearnedDirection:
+    """Targets for ``spec`` on the training ``queries``, then one vector per layer in ``settings.layers``."""
+    begin = time.perf_counter()
+    responses = targets.collect(model, tokenizer, spec, queries, target_settings)
+    outcome = LearnedDirection(direction=None, sources=dict(Counter(item.source for item in responses)), targets_seconds=time.perf_counter() - begin)
+    if len(responses) < MIN_TARGETS:
+        return outcome
+    examples = examples_from(tokenizer, responses)
+    held = max(1, math.ceil(len(examples) * settings.heldout_fraction))
+    heldout, train = examples[:held], examples[held:]
+    for layer in settings.layers:
+        outcome.trained[layer] = learned.train_vector(
+            model, train, heldout, layer, settings.training, pad_id=target_settings.pad_id, skip_first_token=skip_first_token, desc=f"train {spec.key} L{layer}"
+        )
+    shape = (len(find_decoder_layers(model)), int(text_config(model).hidden_size))
+    outcome.direction = as_direction(learned_key(spec.key), outcome.trained, *shape, count=len(responses))
+    return outcome
+
+
+def learn_all(
+    model: nn.Module,
+    tokenizer: Any,
+    specs: Sequence[prompts.DirectionSpec],
+    queries: Sequence[str],
+    settings: LearnedSettings,
+    target_settings: targets.TargetSettings,
+    *,
+    skip_first_token: bool,
+    done: Mapping[str, LearnedDirection] | None = None,
+    on_done: Callable[[str, LearnedDirection], None] | None = None,
+) -> dict[str, LearnedDirection]:
+    """:func:`learn_direction` for every spec not already in ``done`` (a checkpoint), in spec order."""
+    results = dict(done or {})
+    for spec in specs:
+        if spec.key in results:
+            continue
+        results[spec.key] = learn_direction(model, tokenizer, spec, queries, settings, target_settings, skip_first_token=skip_first_token)
+        if on_done is not None:
+            on_done(spec.key, results[spec.key])
+    return {spec.key: results[spec.key] for spec in specs}

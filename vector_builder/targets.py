@@ -1,0 +1,183 @@
+"""Training targets for learned vectors: responses that follow an instruction, shown a prompt without it.
+
+For every training query the model answers the query *with* the instruction, and the answer becomes
+a target for the same query *without* it (context distillation). Per query, the first that passes
+IFEval's **strict** checker is kept:
+
+1. ``greedy``: the greedy answer;
+2. ``sampled``: one of ``samples`` sampled answers (temperature ``temperature``), for queries the
+   greedy answer fails;
+3. ``repaired``: a deterministic repair of the greedy answer (:data:`REPAIRS`: case changes, commas
+   removed, quotes, a ``<<title>>``, an end phrase …), re-checked after repair;
+
+and a query none of these pass gives no target. The report counts targets per source.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vector_builder import prompts
+from vector_builder.activations import left_pad, model_device
+
+Source = Literal["greedy", "sampled", "repaired"]
+Checker = Callable[[str, Mapping[str, Any], str, str], bool]
+"""``checker(instruction_id, kwargs, prompt_with_instruction, response) -> followed``."""
+
+
+@dataclass(frozen=True)
+class TargetResponse:
+    """A response that follows ``instruction_id`` (with ``kwargs``) for the plain ``query``."""
+
+    query: str
+    kwargs: Mapping[str, Any]
+    response: str
+    source: Source
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    max_new_tokens: int
+    batch_size: int
+    pad_id: int
+    stop_ids: tuple[int, ...]
+    samples: int = 4  # sampled answers per query whose greedy answer fails (0: none)
+    temperature: float = 0.8
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------ repairs
+
+
+def _title(query: str) -> str:
+    words = re.findall(r"[A-Za-z0-9']+", query)[:6]
+    return " ".join(word.capitalize() for word in words) or "Answer"
+
+
+def _highlight(response: str, count: int) -> str | None:
+    """``*line*`` around the first ``count`` non-empty lines that hold no ``*`` yet (None if too few)."""
+    lines = response.split("\n")
+    free = [index for index, line in enumerate(lines) if line.strip() and "*" not in line]
+    if len(free) < count:
+        return None
+    for index in free[:count]:
+        lines[index] = f"*{lines[index].strip()}*"
+    return "\n".join(lines)
+
+
+def _capital_words(response: str, kwargs: Mapping[str, Any]) -> str | None:
+    """At least N all-capital words: capitalise whole lines from the top until there are N + 1."""
+    if kwargs.get("capital_relation") != "at least":
+        return None
+    lines, needed, capitals = response.split("\n"), int(kwargs.get("capital_frequency", 1)) + 1, 0
+    for index, line in enumerate(lines):
+        if capitals >= needed:
+            break
+        lines[index] = line.upper()
+        capitals += len(re.findall(r"[A-Za-z]{2,}", line))
+    return "\n".join(lines) if capitals >= needed else None
+
+
+REPAIRS: Mapping[str, Callable[[str, Mapping[str, Any], str], str | None]] = {
+    "change_case:english_lowercase": lambda response, kwargs, query: response.lower(),
+    "change_case:english_capital": lambda response, kwargs, query: response.upper(),
+    "change_case:capital_word_frequency": lambda response, kwargs, query: _capital_words(response, kwargs),
+    "punctuation:no_comma": lambda response, kwargs, query: response.replace(",", ""),
+    "startend:quotation": lambda response, kwargs, query: '"' + response.strip().strip('"') + '"',
+    "startend:end_checker": lambda response, kwargs, query: f"{response.rstrip()}\n\n{kwargs['end_phrase']}" if kwargs.get("end_phrase") else None,
+    "detectable_format:title": lambda response, kwargs, query: f"<<{_title(query)}>>\n\n{response.lstrip()}",
+    "detectable_format:json_format": lambda response, kwargs, query: "```json\n" + json.dumps({"answer": response.strip()}, indent=2) + "\n```",
+    "detectable_format:constrained_response": lambda response, kwargs, query: f"{response.rstrip()}\n\nMy answer is yes.",
+    "detectable_format:number_highlighted_sections": lambda response, kwargs, query: _highlight(response, int(kwargs.get("num_highlights", 1))),
+}
+"""instruction id → ``repair(response, kwargs, query)``: a minimal edit meant to make the response
+follow the instruction, or None when no such edit is known for these kwargs."""
+
+
+def strict_follows(instruction_id: str, kwargs: Mapping[str, Any], prompt: str, response: str) -> bool:
+    """IFEval's strict check of one instruction, as the harness scores ``prompt_level_strict_acc``."""
+    from lm_eval_steer.tasks.ifeval_steer_utils import harness_ifeval
+
+    utils = harness_ifeval()
+    example = utils.InputExample(key=0, instruction_id_list=[instruction_id], prompt=prompt, kwargs=[dict(kwargs)])
+    return bool(utils.test_instruction_following_strict(example, response).follow_all_instructions)
+
+
+# ---------------------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def generate_texts(
+    model: nn.Module, tokenizer: Any, messages: Sequence[str], settings: TargetSettings, *, sample: bool, desc: str
+) -> list[list[str]]:
+    """Answers per chat message: one greedy answer, or ``settings.samples`` sampled ones (seeded per batch)."""
+    per_prompt = settings.samples if sample else 1
+    answers: list[list[str]] = []
+    device = model_device(model)
+    with tqdm(total=len(messages), desc=desc, unit="prompt", leave=False) as bar:
+        for start in range(0, len(messages), max(1, settings.batch_size // per_prompt)):
+            batch = messages[start : start + max(1, settings.batch_size // per_prompt)]
+            ids, mask = left_pad([prompts.chat_ids(tokenizer, text) for text in batch], settings.pad_id)
+            extra = {"do_sample": True, "temperature": settings.temperature, "num_return_sequences": per_prompt} if sample else {"do_sample": False}
+            torch.manual_seed(settings.seed * 100_003 + start)
+            output = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=settings.max_new_tokens,
+                pad_token_id=settings.pad_id,
+                eos_token_id=list(settings.stop_ids),
+                **extra,
+            )
+            texts = [tokenizer.decode(cut_at_stop(row, settings.stop_ids), skip_special_tokens=True) for row in output[:, ids.shape[1] :].tolist()]
+            answers += [texts[i : i + per_prompt] for i in range(0, len(texts), per_prompt)]
+            bar.update(len(batch))
+    return answers
+
+
+def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    """``ids`` up to (not including) the first stop token."""
+    stop = next((i for i, token in enumerate(ids) if token in stop_ids), len(ids))
+    return list(ids[:stop])
+
+
+def collect(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: prompts.DirectionSpec,
+    queries: Sequence[str],
+    settings: TargetSettings,
+    *,
+    checker: Checker = strict_follows,
+) -> list[TargetResponse]:
+    """Targets for ``spec`` on ``queries`` (see the module docstring), in query order."""
+    instructed = prompts.training_prompts(spec, queries, settings.seed)
+    greedy = [answers[0] for answers in generate_texts(model, tokenizer, [p.checker_prompt for p in instructed], settings, sample=False, desc=f"targets {spec.key}")]
+    chosen: dict[int, tuple[str, Source]] = {}
+    for index, (prompt, answer) in enumerate(zip(instructed, greedy)):
+        if checker(spec.instruction_id, prompt.kwargs, prompt.checker_prompt, answer):
+            chosen[index] = (answer, "greedy")
+    failing = [index for index in range(len(instructed)) if index not in chosen]
+    if failing and settings.samples > 0:
+        sampled = generate_texts(model, tokenizer, [instructed[i].checker_prompt for i in failing], settings, sample=True, desc=f"samples {spec.key}")
+        for index, answers in zip(failing, sampled):
+            passing = [a for a in answers if checker(spec.instruction_id, instructed[index].kwargs, instructed[index].checker_prompt, a)]
+            if passing:
+                chosen[index] = (passing[0], "sampled")
+    repair = REPAIRS.get(spec.instruction_id)
+    for index in [i for i in range(len(instructed)) if i not in chosen and repair is not None]:
+        prompt = instructed[index]
+        fixed = repair(greedy[index], prompt.kwargs, prompt.text)
+        if fixed is not None and checker(spec.instruction_id, prompt.kwargs, prompt.checker_prompt, fixed):
+            chosen[index] = (fixed, "repaired")
+    return [
+        TargetResponse(query=instructed[index].text, kwargs=instructed[index].kwargs, response=response, source=source)
+        for index, (response, source) in sorted(chosen.items())
+    ]
