@@ -17,12 +17,16 @@ from lm_eval_steer.routing import entries_for_document
 from lm_eval_steer.vectorfile import load_vector_file
 from vector_builder import ModelMismatchError, build, check_compatible, report
 from vector_builder.activations import collect, last_token_states, left_pad
+from vector_builder.learned import TrainingSettings
+from vector_builder.learned_directions import LearnedSettings
+from vector_builder.methods import pick
 from vector_builder.pipeline import ModelShape
 
 os.environ.setdefault("NLTK_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "nltk"))
 
 QUERIES = [f"Question number {i}: what is {i} plus {i + 1}?" for i in range(12)]
-SMALL = dict(queries=QUERIES, n_train=4, n_val=2, layers=[1, 2], multipliers=[1.0, 4.0], batch_size=4, max_new_tokens=6, seed=0)
+SMALL = dict(queries=QUERIES, n_train=4, n_val=2, layers=[1, 2], multipliers=[1.0, 4.0], batch_size=4, max_new_tokens=6, seed=0, method="diffmean")
+TINY_LEARNED = LearnedSettings(layers=(1,), training=TrainingSettings(max_steps=4, eval_every=2, batch_size=2), samples=1, max_target_tokens=6)
 
 
 def hash_scorer(instruction_id, kwargs, prompt, response) -> bool:
@@ -209,8 +213,48 @@ def test_cli_build_on_saved_tiny_model(tiny_model_dir, tmp_path, capsys):
         warnings.simplefilter("ignore")
         code = main(["build", "--model_args", f"pretrained={tiny_model_dir},dtype=float32,device=cpu", "--instructions", "punctuation:no_comma",
                      "--queries", str(queries), "--out", str(tmp_path / "v.safetensors"), "--report", str(tmp_path / "rep"),
-                     "--layers", "1,3", "--multipliers", "1", "--n-train", "3", "--n-val", "2", "--batch-size", "4", "--max-new-tokens", "5"])
+                     "--layers", "1,3", "--multipliers", "1", "--n-train", "5", "--n-val", "2", "--batch-size", "4", "--max-new-tokens", "5",
+                     "--method", "both", "--learned-layers", "2", "--learned-steps", "2", "--target-samples", "0", "--target-max-tokens", "5"])
     text = capsys.readouterr().out
     assert code in (0, 1) and "punctuation:no_comma" in text
     assert (tmp_path / "rep" / "report.json").is_file() and (tmp_path / "rep" / "scores.png").is_file()
     assert (code == 0) == (tmp_path / "v.safetensors").is_file()
+    report_json = json.loads((tmp_path / "rep" / "report.json").read_text())
+    # no_comma answers without commas pass (or are repaired to): the learned vector is trained at layer 2
+    assert report_json["settings"]["method"] == "both" and report_json["settings"]["learned"]["layers"] == [2]
+    assert list(report_json["learned"]["punctuation:no_comma"]["layers"]) == ["2"]
+    assert (tmp_path / "rep" / "training.png").is_file()
+
+
+def test_both_methods_keep_the_better_method_per_instruction(tiny, tmp_path):
+    model, tokenizer = tiny
+    instructions = ["punctuation:no_comma", "change_case:english_lowercase"]
+    kwargs = {**SMALL, "n_train": 6, "method": "both", "learned": TINY_LEARNED, "learned_multipliers": [1.0, 8.0]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = build(model, tokenizer, instructions=instructions, out=tmp_path / "v.safetensors", report_dir=tmp_path / "rep",
+                       model_name="tiny", scorer=hash_scorer, **kwargs)
+    # Both instructions have enough (repaired) targets, so each was searched under both methods.
+    assert {"punctuation:no_comma@learned", "change_case:english_lowercase@learned"} <= set(result.results)
+    learned_labels = [item.label for item in result.results["punctuation:no_comma@learned"].candidates]
+    assert learned_labels == ["none", "L1x1", "L1x8"]
+    for name in instructions:
+        outcomes = {"diffmean": result.results[name], "learned": result.results[name + "@learned"]}
+        assert result.methods[name] == pick(outcomes)
+    report_json = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report_json["methods"] == result.methods
+    curves = report_json["learned"]["punctuation:no_comma"]["layers"]["1"]
+    assert len(curves["train_loss"]) == 4 and curves["heldout_loss"][0][0] == 0
+    if result.vector_file is None:
+        return
+    meta = json.loads(result.vector_file.extra_metadata["methods"])
+    for entry in result.vector_file.entries:
+        winner = result.methods[entry.name]
+        assert meta[entry.name] == winner
+        if winner == "learned":
+            # add mode at the learned layer; strength = multiplier x trained norm
+            trained = report_json["learned"][entry.name]["layers"]["1"]["norm"]
+            assert entry.mode == "add" and entry.layer == 1
+            assert any(abs(entry.strength - m * trained) < 1e-3 for m in (1.0, 8.0))
+        else:
+            assert entry.mode == "project"

@@ -51,6 +51,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="also validate on the prompts with the instruction shown (doubles validation; guards the instructed setting)")
     parser.add_argument("--steer-first-token", action="store_true", help="also steer each row's first token (the attention sink); off by default")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted build from the checkpoint in --report")
+    learned = parser.add_argument_group("build method", "diffmean: the paper's difference of means; learned: a vector trained on target "
+                                        "responses with the model frozen; both (default): search both, keep the better per instruction")
+    learned.add_argument("--method", choices=["diffmean", "learned", "both"], default="both")
+    learned.add_argument("--learned-layers", type=_int_list, default=None, help="layers to train learned vectors at (default: about n_layers/5)")
+    learned.add_argument("--learned-multipliers", type=_float_list, default=[1.0], help="strength multipliers of learned vectors (default 1: the trained vector)")
+    learned.add_argument("--learned-steps", type=int, default=60, help="maximum training steps per vector (early stopping on held-out loss)")
+    learned.add_argument("--learned-lr", type=float, default=0.04, help="Adam learning rate")
+    learned.add_argument("--learned-batch-size", type=int, default=4, help="training examples per step")
+    learned.add_argument("--learned-l2", type=float, default=0.0, help="L2 penalty on the vector")
+    learned.add_argument("--target-samples", type=int, default=4, help="sampled answers per training query whose greedy answer fails the checker")
+    learned.add_argument("--target-max-tokens", type=int, default=128, help="length limit of generated training targets")
 
 
 def load_model(model_args: str) -> tuple[Any, Any, str]:
@@ -72,6 +83,19 @@ def load_model(model_args: str) -> tuple[Any, Any, str]:
     tokenizer = AutoTokenizer.from_pretrained(pretrained, **gguf)
     model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=dtype, **gguf).to(device).eval()
     return model, tokenizer, str(args.get("name", pretrained))
+
+
+def learned_settings(args: argparse.Namespace, model: Any) -> Any:
+    """The learned method's settings from the command line (layers default to about n_layers/5)."""
+    from vector_builder.learned import TrainingSettings
+    from vector_builder.learned_directions import LearnedSettings
+    from vector_builder.pipeline import default_learned_settings
+    from lm_eval_steer.hooks import find_decoder_layers
+
+    defaults = default_learned_settings(len(find_decoder_layers(model)), args.seed)
+    training = TrainingSettings(max_steps=args.learned_steps, learning_rate=args.learned_lr, batch_size=args.learned_batch_size, l2=args.learned_l2, seed=args.seed)
+    layers = tuple(args.learned_layers) if args.learned_layers else defaults.layers
+    return LearnedSettings(layers=layers, training=training, samples=args.target_samples, max_target_tokens=args.target_max_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
             skip_first_token=not args.steer_first_token,
             strength_base=args.strength_base,
             keyword_sample=args.keyword_sample,
+            method=args.method,
+            learned=learned_settings(args, model),
+            learned_multipliers=args.learned_multipliers,
             search_model=search_model,
             search_model_name=search_name,
         )
@@ -121,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         chosen = outcome.candidate(outcome.chosen) if outcome.chosen else None
         strength = f"strength {chosen.strength:.3g}" if chosen is not None and chosen.strength is not None else f"multiplier {chosen.multiplier:g}" if chosen else ""
         summary = "no steering (left out)" if chosen is None else f"layer {chosen.layer}, {strength}, val {chosen.score:.2f}"
+        if name_ in result.methods and result.methods[name_]:
+            summary += f" [{result.methods[name_]} kept]"
         print(f"{name_:55s} unsteered {outcome.candidates[0].score:.2f} -> {summary}")
     print(f"report: {result.report_path}\nplot:   {result.plot_path}")
     if result.vector_file is None:

@@ -7,7 +7,7 @@ import random
 import resource
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,10 @@ from torch import nn
 
 from lm_eval_steer.hooks import find_decoder_layers, text_config
 from lm_eval_steer.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
-from vector_builder import activations, prompts, report, search
+from vector_builder import activations, learned_directions, methods, prompts, report, search, targets
 from vector_builder.directions import Direction, build_direction
+from vector_builder.learned import TrainingSettings
+from vector_builder.learned_directions import LearnedDirection, LearnedSettings
 
 BUILDER_VERSION = 1
 
@@ -56,6 +58,8 @@ class BuildResult:
     plot_path: Path
     results: dict[str, search.TargetResult]  # per searched target, then one per pooled keyword instruction
     pooled: dict[str, list[str]]  # keyword instruction id -> the sampled targets its choice was pooled over
+    methods: dict[str, str | None]  # entry name -> the method whose candidate won (None: no steering)
+    training_plot_path: Path | None = None
 
 
 def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
@@ -128,6 +132,102 @@ def _note(result: search.TargetResult) -> str | None:
     return "no steering: no candidate beat the unsteered model on validation (ties go to no steering); entry left out"
 
 
+def default_learned_settings(num_layers: int, seed: int) -> LearnedSettings:
+    """One learned layer at about ``num_layers / 5`` (layer 6 of SmolLM2's 30, where learned vectors
+    worked in our measurements; later layers needed far more steps)."""
+    return LearnedSettings(layers=(max(1, round(num_layers / 5)),), training=TrainingSettings(seed=seed))
+
+
+def _method_metadata(entries: Sequence[SteeringEntry], winners: Mapping[str, str | None], learned: Mapping[str, LearnedDirection]) -> dict[str, str]:
+    """Vector-file metadata: which method made each entry, and the learned directions' targets and
+    loss curves (the hyper-parameters are in ``builder``)."""
+    written = {entry.name for entry in entries}
+    return {
+        "methods": json.dumps({name: method for name, method in winners.items() if name in written}, sort_keys=True),
+        **({"learned": json.dumps({key: item.summary() for key, item in learned.items()}, sort_keys=True)} if learned else {}),
+    }
+
+
+def _learn(
+    model: nn.Module,
+    tokenizer: Any,
+    specs: Sequence[prompts.DirectionSpec],
+    train: Sequence[str],
+    learned: LearnedSettings,
+    checkpoint: report.Checkpoint,
+    *,
+    resume: bool,
+    batch_size: int,
+    pad_id: int,
+    seed: int,
+    skip_first_token: bool,
+) -> dict[str, LearnedDirection]:
+    """The learned method's stage: targets and training per direction, checkpointed per direction."""
+    target_settings = targets.TargetSettings(
+        max_new_tokens=learned.max_target_tokens,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        stop_ids=_stop_ids(tokenizer),
+        samples=learned.samples,
+        temperature=learned.temperature,
+        seed=seed,
+    )
+    shape = (len(find_decoder_layers(model)), int(text_config(model).hidden_size))
+    done = checkpoint.load_learned() if resume else {}
+    for key, item in done.items():  # rebuilt from the checkpointed vectors
+        item.direction = learned_directions.as_direction(learned_directions.learned_key(key), item.trained, *shape, count=sum(item.sources.values())) if item.trained else None
+    return learned_directions.learn_all(
+        model, tokenizer, specs, train, learned, target_settings, skip_first_token=skip_first_token, done=done, on_done=checkpoint.save_learned
+    )
+
+
+def _method_targets(
+    searched: Sequence[prompts.Target], method_names: Sequence[str], learned: Mapping[str, LearnedDirection], candidate_lists: Mapping[str, list[search.Candidate]]
+) -> tuple[list[prompts.Target], dict[str, list[search.Candidate]]]:
+    """The targets to search under each method (a learned twin only where its direction was trained)
+    and each one's candidates."""
+    out, per_target = [], {}
+    for method in method_names:
+        for target in searched:
+            if method == "learned" and learned[target.direction].direction is None:
+                continue
+            twin = methods.targets_for(target, method)
+            out.append(twin)
+            per_target[twin.name] = candidate_lists[method]
+    return out, per_target
+
+
+def _winning_entries(
+    targets_: Sequence[prompts.Target],
+    method_names: Sequence[str],
+    directions: Mapping[str, Direction],
+    results: Mapping[str, search.TargetResult],
+    pooled: Mapping[tuple[str, str], search.TargetResult],
+    strength_base: str,
+) -> tuple[list[SteeringEntry], dict[str, str | None]]:
+    """Per base target, the entry of the method that won on validation (named like the base target)."""
+    entries, winners = [], {}
+    for target in targets_:
+        twins = {method: methods.targets_for(target, method) for method in method_names}
+        twins = {method: twin for method, twin in twins.items() if twin.direction in directions}
+        if target.instruction_id in {instruction_id for instruction_id, _ in pooled}:
+            outcomes = {method: pooled[(target.instruction_id, method)] for method in twins if (target.instruction_id, method) in pooled}
+        else:
+            outcomes = {method: results[twin.name] for method, twin in twins.items() if twin.name in results}
+        winner = methods.pick(outcomes)
+        winners[target.name] = winner
+        if winner is None:
+            continue
+        twin = twins[winner]
+        if target.instruction_id in {instruction_id for instruction_id, _ in pooled}:
+            entry = _pooled_entry(twin, directions[twin.direction], outcomes[winner], strength_base)
+        else:
+            entry = _chosen_entry(twin, directions[twin.direction], outcomes[winner])
+        if entry is not None:
+            entries.append(replace(entry, name=target.name))
+    return entries, winners
+
+
 def build(
     model: nn.Module,
     tokenizer: Any,
@@ -155,6 +255,9 @@ def build(
     search_model: nn.Module | None = None,
     search_model_name: str | None = None,
     scorer: search.Scorer = search.loose_follows,
+    method: str = "both",
+    learned: LearnedSettings | None = None,
+    learned_multipliers: Sequence[float] = (1.0,),
 ) -> BuildResult:
     """Builds steering vectors for ``instructions`` (groups or IFEval ids) and writes the vector file
     ``out`` plus ``report.json``, ``scores.png`` and a checkpoint under ``report_dir``.
@@ -167,6 +270,9 @@ def build(
     word. Without it every word is searched on its own.
     ``resume=True`` continues from the checkpoint of an interrupted build with the same settings and
     writes the same file an uninterrupted build would.
+    ``method`` is ``diffmean``, ``learned`` or ``both`` (:mod:`vector_builder.methods`); ``learned``
+    holds the learned method's settings (default: :func:`default_learned_settings`), and its
+    candidates are ``learned.layers × learned_multipliers``.
     """
     started = time.perf_counter()
     shape = ModelShape.of(model, model_name)
@@ -184,6 +290,11 @@ def build(
     if strength_base not in search.STRENGTH_BASES:
         raise ValueError(f"strength_base must be one of {', '.join(search.STRENGTH_BASES)}, got {strength_base!r}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    method_names = methods.methods_of(method)
+    learned = learned if learned is not None else default_learned_settings(shape.num_layers, seed)
+    bad = [layer for layer in learned.layers if not 0 <= layer < shape.num_layers]
+    if "learned" in method_names and (bad or not learned.layers):
+        raise ValueError(f"--learned-layers {bad or list(learned.layers)} out of range for a {shape.num_layers}-layer model (0..{shape.num_layers - 1})")
     settings = {
         "builder_version": BUILDER_VERSION,
         "model": model_name,
@@ -208,21 +319,38 @@ def build(
             f"more than (unsteered count + {allowed_degenerate}) degenerate outputs is disqualified"
         ),
         "data_sha256": prompts.data_hash(query_list, keywords),
+        "method": method,
     }
+    if "learned" in method_names:
+        settings["learned"] = {**learned.to_json(), "multipliers": [float(m) for m in learned_multipliers]}
     checkpoint = report.Checkpoint(report_dir, settings, resume)
 
     stage = time.perf_counter()
-    sums = checkpoint.load_sums() if resume else None
-    if sums is None:
-        sums = _collect_sums(model, tokenizer, specs, train, seed, batch_size, pad_id)
-        checkpoint.save_sums(sums)
-    directions = {key: build_direction(key, with_sum, without_sum) for key, (with_sum, without_sum) in sums.items()}
+    directions: dict[str, Direction] = {}
+    if "diffmean" in method_names:
+        sums = checkpoint.load_sums() if resume else None
+        if sums is None:
+            sums = _collect_sums(model, tokenizer, specs, train, seed, batch_size, pad_id)
+            checkpoint.save_sums(sums)
+        directions = {key: build_direction(key, with_sum, without_sum) for key, (with_sum, without_sum) in sums.items()}
     activation_seconds = time.perf_counter() - stage
+
+    stage = time.perf_counter()
+    learned_by_key: dict[str, LearnedDirection] = {}
+    if "learned" in method_names:
+        learned_by_key = _learn(
+            model, tokenizer, specs, train, learned, checkpoint, resume=resume, batch_size=batch_size, pad_id=pad_id, seed=seed, skip_first_token=skip_first_token
+        )
+        directions.update({item.direction.key: item.direction for item in learned_by_key.values() if item.direction is not None})
+    learning_seconds = time.perf_counter() - stage
 
     stage = time.perf_counter()
     pooling = _pooling_plan(targets, keyword_sample, seed)
     sampled = {target.name for group in pooling.values() for target in group}
     searched = [target for target in targets if target.instruction_id not in pooling or target.name in sampled]
+    candidate_lists = {"diffmean": search.candidates(layer_list, multipliers), "learned": search.candidates(learned.layers, learned_multipliers)}
+    searched, per_target = _method_targets(searched, method_names, learned_by_key, candidate_lists)
+    # A learned twin is validated on exactly its base target's prompts (same seed string).
     val_prompts = {target.name: prompts.validation_prompts(target, val, seed, val_with_instruction) for target in searched}
     val_ids = {name: [prompts.chat_ids(tokenizer, p.text) for p in items] for name, items in val_prompts.items()}
     generation = search.SearchSettings(
@@ -242,7 +370,7 @@ def build(
         directions,
         val_prompts,
         val_ids,
-        search.candidates(layer_list, multipliers),
+        per_target,
         generation,
         decode=decode,
         done=checkpoint.load_targets() if resume else None,
@@ -250,24 +378,23 @@ def build(
         scorer=scorer,
     )
     pooled = {
-        instruction_id: search.pool(f"{instruction_id} (pooled over {len(group)} words)", [results[t.name] for t in group], generation)
+        (instruction_id, method_name): search.pool(
+            f"{instruction_id} (pooled over {len(twins)} words{'' if method_name == 'diffmean' else ', ' + method_name})",
+            [results[twin.name] for twin in twins],
+            generation,
+        )
         for instruction_id, group in pooling.items()
+        for method_name in method_names
+        if (twins := [methods.targets_for(t, method_name) for t in group if methods.targets_for(t, method_name).name in results])
     }
-    for instruction_id, group in pooling.items():
-        for target in group:  # what was applied to every word, so the report and plot show it per word too
-            results[target.name] = replace(results[target.name], chosen=pooled[instruction_id].chosen)
+    for (instruction_id, method_name), outcome in pooled.items():
+        for target in pooling[instruction_id]:  # what was applied to every word, so the report and plot show it per word too
+            name = methods.targets_for(target, method_name).name
+            if name in results:
+                results[name] = replace(results[name], chosen=outcome.chosen)
     search_seconds = time.perf_counter() - stage
 
-    entries = [
-        entry
-        for target in targets
-        if (
-            entry := _pooled_entry(target, directions[target.direction], pooled[target.instruction_id], strength_base)
-            if target.instruction_id in pooled
-            else _chosen_entry(target, directions[target.direction], results[target.name])
-        )
-        is not None
-    ]
+    entries, winners = _winning_entries(targets, method_names, directions, results, pooled, strength_base)
     vector_file = None
     if entries:
         vector_file = save_vector_file(
@@ -276,7 +403,11 @@ def build(
             model=model_name,
             hidden_size=shape.hidden_size,
             num_layers=shape.num_layers,
-            extra_metadata={"builder": json.dumps(settings, sort_keys=True), "data_sha256": settings["data_sha256"]},
+            extra_metadata={
+                "builder": json.dumps(settings, sort_keys=True),
+                "data_sha256": settings["data_sha256"],
+                **_method_metadata(entries, winners, learned_by_key),
+            },
         )
     else:
         warnings.warn(f"no entry beat 'no steering' on validation: {out} was not written (see {report_dir}/report.json)", stacklevel=2)
@@ -294,8 +425,11 @@ def build(
             },
             "targets": [report.target_summary(result, _note(result), n_val if result.name in results else None) for result in ordered],
             "pooled_over": {instruction_id: [target.name for target in group] for instruction_id, group in pooling.items()},
+            "methods": winners,
+            "learned": {key: item.summary() for key, item in learned_by_key.items()},
             "timing_seconds": {
                 "activations": round(activation_seconds, 3),
+                "learning": round(learning_seconds, 3),
                 "search": round(search_seconds, 3),
                 "total": round(time.perf_counter() - started, 3),
             },
@@ -303,10 +437,13 @@ def build(
         },
     )
     plot_path = report.write_plot(report_dir, ordered)
+    training_plot_path = report.write_training_plot(report_dir, learned_by_key)
     return BuildResult(
         vector_file=vector_file,
         report_path=report_path,
         plot_path=plot_path,
         results={**results, **{result.name: result for result in pooled.values()}},
         pooled={instruction_id: [target.name for target in group] for instruction_id, group in pooling.items()},
+        methods=winners,
+        training_plot_path=training_plot_path,
     )

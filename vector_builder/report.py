@@ -8,7 +8,9 @@ Checkpoint layout under ``<report>/checkpoint/``:
 - ``settings.json``: fingerprint of everything that determines the result; ``--resume`` refuses a
   checkpoint made with other settings;
 - ``sums.safetensors``: the activation running sums of every direction (float64, counts in its metadata);
-- ``targets/<name>.json``: one finished target's candidate results and choice.
+- ``targets/<name>.json``: one finished target's candidate results and choice;
+- ``learned/<direction>.safetensors``: one learned direction's vectors per layer, with its targets'
+  sources and training curves in the metadata.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from safetensors.torch import save_file
 
 from lm_eval_steer.vectorfile import atomic_write_bytes
 from vector_builder.activations import RunningSum
+from vector_builder.learned import TrainedVector
+from vector_builder.learned_directions import LearnedDirection
 from vector_builder.search import TargetResult
 
 REPORT_NAME = "report.json"
 PLOT_NAME = "scores.png"
+TRAINING_PLOT_NAME = "training.png"
 
 
 class CheckpointError(ValueError):
@@ -59,6 +64,7 @@ class Checkpoint:
         self.settings_path = self.root / "settings.json"
         self.sums_path = self.root / "sums.safetensors"
         self.targets_dir = self.root / "targets"
+        self.learned_dir = self.root / "learned"
         self.key = fingerprint(settings)
         if resume and self.settings_path.is_file():
             stored = json.loads(self.settings_path.read_text())
@@ -69,7 +75,7 @@ class Checkpoint:
                 )
         elif not resume:
             # A fresh build must not pick up stale results.
-            for stale in [self.sums_path, *self.targets_dir.glob("*.json")]:
+            for stale in [self.sums_path, *self.targets_dir.glob("*.json"), *self.learned_dir.glob("*.safetensors")]:
                 stale.unlink(missing_ok=True)
         write_json(self.settings_path, {"fingerprint": self.key, "settings": dict(settings)})
 
@@ -101,6 +107,35 @@ class Checkpoint:
 
     def save_target(self, result: TargetResult) -> None:
         write_json(self.targets_dir / f"{_safe_name(result.name)}.json", result.to_json())
+
+    def load_learned(self) -> dict[str, LearnedDirection]:
+        """Learned directions finished before an interruption, keyed by direction key (their
+        ``direction`` is rebuilt by the caller from ``trained``)."""
+        found = {}
+        for path in sorted(self.learned_dir.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads(handle.metadata()["learned"])
+                vectors = {int(key): handle.get_tensor(key) for key in handle.keys()}
+            trained = {
+                layer: TrainedVector(layer, vectors[layer], curves["train_loss"], [tuple(p) for p in curves["heldout_loss"]], curves["best_step"], curves["seconds"])
+                for layer, curves in ((int(k), v) for k, v in meta["layers"].items())
+            }
+            found[meta["key"]] = LearnedDirection(None, meta["targets"], trained, meta["targets_seconds"])
+        return found
+
+    def save_learned(self, key: str, learned: LearnedDirection) -> None:
+        tensors = {str(layer): item.vector.contiguous() for layer, item in learned.trained.items()}
+        meta = {
+            "key": key,
+            "targets": learned.sources,
+            "targets_seconds": learned.targets_seconds,
+            "layers": {
+                str(layer): {"train_loss": item.train_loss, "heldout_loss": item.heldout_loss, "best_step": item.best_step, "seconds": item.seconds}
+                for layer, item in learned.trained.items()
+            },
+        }
+        path = self.learned_dir / f"{_safe_name(key)}.safetensors"
+        atomic_write_bytes(path, lambda temp: save_file(tensors, temp, metadata={"learned": json.dumps(meta)}))
 
 
 def _part_scores(follows: Sequence[bool], n_without: int | None) -> dict[str, float]:
@@ -178,6 +213,40 @@ def write_plot(report_dir: str | Path, results: Sequence[TargetResult]) -> Path:
         axes.flat[0].legend(fontsize=7)
     figure.tight_layout()
     path = Path(report_dir) / PLOT_NAME
+    atomic_write_bytes(path, lambda temp: figure.savefig(temp, format="png", dpi=80))
+    plt.close(figure)
+    return path
+
+
+def write_training_plot(report_dir: str | Path, learned: Mapping[str, LearnedDirection]) -> Path | None:
+    """One panel per learned direction: training loss per step (thin) and held-out loss (markers)
+    per layer, star = the kept step. Drawn next to ``scores.png``; None when nothing was trained."""
+    trained = {key: item for key, item in learned.items() if item.trained}
+    if not trained:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(4, len(trained))
+    rows = math.ceil(len(trained) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for axis, (key, item) in zip(axes.flat, trained.items()):
+        for layer, curves in sorted(item.trained.items()):
+            line = axis.plot(range(1, len(curves.train_loss) + 1), curves.train_loss, linewidth=0.8, alpha=0.6, label=f"L{layer} train")[0]
+            steps, losses = zip(*curves.heldout_loss)
+            axis.plot(steps, losses, marker="o", color=line.get_color(), label=f"L{layer} held-out")
+            best = dict(curves.heldout_loss).get(curves.best_step)
+            axis.scatter([curves.best_step], [best], marker="*", s=150, color="gold", edgecolor="black", zorder=4)
+        axis.set_title(f"{key} ({sum(item.sources.values())} targets)", fontsize=8)
+        axis.set_xlabel("step")
+        axis.set_ylabel("response cross-entropy")
+        axis.legend(fontsize=6)
+    for axis in list(axes.flat)[len(trained) :]:
+        axis.axis("off")
+    figure.tight_layout()
+    path = Path(report_dir) / TRAINING_PLOT_NAME
     atomic_write_bytes(path, lambda temp: figure.savefig(temp, format="png", dpi=80))
     plt.close(figure)
     return path

@@ -6,7 +6,8 @@ IFEval's **strict** checker is kept:
 
 1. ``greedy``: the greedy answer;
 2. ``sampled``: one of ``samples`` sampled answers (temperature ``temperature``), for queries the
-   greedy answer fails;
+   greedy answer fails (the first :data:`PROBE` such queries are sampled first, the rest only if
+   that found a passing answer);
 3. ``repaired``: a deterministic repair of the greedy answer (:data:`REPAIRS`: case changes, commas
    removed, quotes, a ``<<title>>``, an end phrase …), re-checked after repair;
 
@@ -29,6 +30,7 @@ from vector_builder import prompts
 from vector_builder.activations import left_pad, model_device
 
 Source = Literal["greedy", "sampled", "repaired"]
+PROBE = 4  # failing queries sampled first; sampling goes on only if one of them found a passing answer
 Checker = Callable[[str, Mapping[str, Any], str, str], bool]
 """``checker(instruction_id, kwargs, prompt_with_instruction, response) -> followed``."""
 
@@ -148,6 +150,19 @@ def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     return list(ids[:stop])
 
 
+def _sampled_passing(
+    model: nn.Module, tokenizer: Any, spec: prompts.DirectionSpec, instructed: Sequence[prompts.Prompt], settings: TargetSettings, checker: Checker
+) -> list[str | None]:
+    """Per prompt, the first of ``settings.samples`` sampled answers that passes (None if none does)."""
+    if not instructed:
+        return []
+    sampled = generate_texts(model, tokenizer, [p.checker_prompt for p in instructed], settings, sample=True, desc=f"samples {spec.key}")
+    return [
+        next((answer for answer in answers if checker(spec.instruction_id, prompt.kwargs, prompt.checker_prompt, answer)), None)
+        for prompt, answers in zip(instructed, sampled)
+    ]
+
+
 def collect(
     model: nn.Module,
     tokenizer: Any,
@@ -166,11 +181,13 @@ def collect(
             chosen[index] = (answer, "greedy")
     failing = [index for index in range(len(instructed)) if index not in chosen]
     if failing and settings.samples > 0:
-        sampled = generate_texts(model, tokenizer, [instructed[i].checker_prompt for i in failing], settings, sample=True, desc=f"samples {spec.key}")
-        for index, answers in zip(failing, sampled):
-            passing = [a for a in answers if checker(spec.instruction_id, instructed[index].kwargs, instructed[index].checker_prompt, a)]
-            if passing:
-                chosen[index] = (passing[0], "sampled")
+        # Sampling is the expensive step: probe a few failing queries first and go on only if that
+        # finds passing answers at all (a small model told "all lowercase" may never comply).
+        probe = _sampled_passing(model, tokenizer, spec, [instructed[i] for i in failing[:PROBE]], settings, checker)
+        rest = _sampled_passing(model, tokenizer, spec, [instructed[i] for i in failing[PROBE:]], settings, checker) if any(a is not None for a in probe) else []
+        for index, answer in zip(failing, probe + rest):
+            if answer is not None:
+                chosen[index] = (answer, "sampled")
     repair = REPAIRS.get(spec.instruction_id)
     for index in [i for i in range(len(instructed)) if i not in chosen and repair is not None]:
         prompt = instructed[index]
