@@ -190,6 +190,8 @@ REPAIRABLE = {
     "detectable_format:title": {},
     "detectable_format:json_format": {},
     "detectable_format:constrained_response": {},
+    "length_constraints:number_sentences": {"relation": "less than", "num_sentences": 2},
+    "length_constraints:number_words": {"relation": "less than", "num_words": 9},
 }
 
 SENTENCES = [

@@ -45,8 +45,8 @@ class Example:
 class TrainingSettings:
     """Hyper-parameters of one vector's training (recorded in the vector file and the report)."""
 
-    max_steps: int = 60
-    learning_rate: float = 0.04
+    max_steps: int = 40
+    learning_rate: float = 0.08
     batch_size: int = 4
     l2: float = 0.0  # λ in the objective
     eval_every: int = 10  # held-out loss every this many steps (and at the end)

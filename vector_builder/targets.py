@@ -88,6 +88,27 @@ def _capital_words(response: str, kwargs: Mapping[str, Any]) -> str | None:
     return "\n".join(lines) if capitals >= needed else None
 
 
+def _first_sentences(response: str, kwargs: Mapping[str, Any]) -> str | None:
+    """Fewer than N sentences: keep the first N − 1 (split after ``.``, ``!`` or ``?``)."""
+    if kwargs.get("relation") != "less than":
+        return None
+    sentences = re.split(r"(?<=[.!?])\s+", response.strip())
+    return " ".join(sentences[: max(1, int(kwargs.get("num_sentences", 2)) - 1)])
+
+
+def _first_words(response: str, kwargs: Mapping[str, Any]) -> str | None:
+    """Fewer than N words: cut after the (N − 1)-th word, at a sentence end where one is near."""
+    if kwargs.get("relation") != "less than":
+        return None
+    words = list(re.finditer(r"\w+", response))
+    keep = max(1, int(kwargs.get("num_words", 2)) - 1)
+    if len(words) <= keep:
+        return response
+    cut = response[: words[keep - 1].end()]
+    sentence_end = max(cut.rfind("."), cut.rfind("!"), cut.rfind("?"))
+    return cut[: sentence_end + 1] if sentence_end > len(cut) // 2 else cut
+
+
 REPAIRS: Mapping[str, Callable[[str, Mapping[str, Any], str], str | None]] = {
     "change_case:english_lowercase": lambda response, kwargs, query: response.lower(),
     "change_case:english_capital": lambda response, kwargs, query: response.upper(),
@@ -99,6 +120,8 @@ REPAIRS: Mapping[str, Callable[[str, Mapping[str, Any], str], str | None]] = {
     "detectable_format:json_format": lambda response, kwargs, query: "```json\n" + json.dumps({"answer": response.strip()}, indent=2) + "\n```",
     "detectable_format:constrained_response": lambda response, kwargs, query: f"{response.rstrip()}\n\nMy answer is yes.",
     "detectable_format:number_highlighted_sections": lambda response, kwargs, query: _highlight(response, int(kwargs.get("num_highlights", 1))),
+    "length_constraints:number_sentences": lambda response, kwargs, query: _first_sentences(response, kwargs),
+    "length_constraints:number_words": lambda response, kwargs, query: _first_words(response, kwargs),
 }
 """instruction id → ``repair(response, kwargs, query)``: a minimal edit meant to make the response
 follow the instruction, or None when no such edit is known for these kwargs."""
