@@ -12,17 +12,24 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import build_tiny_llama
-from lm_eval_steer.routing import entries_for_document
-from lm_eval_steer.vectorfile import load_vector_file
-from vector_builder import ModelMismatchError, build, check_compatible, report
+from conftest import build_tiny_llama, offline_data
+from lm_eval_steer.runtime.routing import entries_for_document
+from lm_eval_steer.runtime.vectorfile import load_vector_file
+from vector_builder import BuildSettings, ModelMismatchError, build, check_compatible, report
 from vector_builder.activations import collect, last_token_states, left_pad
 from vector_builder.pipeline import ModelShape
 
-os.environ.setdefault("NLTK_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "nltk"))
+DATA = offline_data()
+if DATA is not None:  # the instruction registry needs NLTK's punkt_tab
+    os.environ.setdefault("NLTK_DATA", str(DATA / "nltk"))
 
 QUERIES = [f"Question number {i}: what is {i} plus {i + 1}?" for i in range(12)]
-SMALL = dict(queries=QUERIES, n_train=4, n_val=2, layers=[1, 2], multipliers=[1.0, 4.0], batch_size=4, max_new_tokens=6, seed=0)
+SMALL = dict(n_train=4, n_val=2, layers=[1, 2], multipliers=[1.0, 4.0], batch_size=4, max_new_tokens=6, seed=0)
+
+
+def run_build(network, tokenizer, /, *, out, report_dir, scorer, resume=False, **settings):
+    """``build`` on the test questions with ``BuildSettings(**settings)`` (``model=`` is its name)."""
+    return build(network, tokenizer, BuildSettings(**settings), out=out, report_dir=report_dir, queries=QUERIES, resume=resume, scorer=scorer)
 
 
 def hash_scorer(instruction_id, kwargs, prompt, response) -> bool:
@@ -75,8 +82,8 @@ def test_collect_shares_prompts_and_matches_stacking(tiny):
 def test_build_writes_a_loadable_file_report_and_plot(tiny, tmp_path):
     model, tokenizer = tiny
     out = tmp_path / "vec.safetensors"
-    result = build(model, tokenizer, instructions=["punctuation:no_comma", "change_case:english_lowercase", "length", "keywords"], out=out,
-                   report_dir=tmp_path / "rep", model_name="tiny", scorer=hash_scorer, keywords=["apple"], **SMALL)
+    result = run_build(model, tokenizer, instructions=["punctuation:no_comma", "change_case:english_lowercase", "length", "keywords"], out=out,
+                       report_dir=tmp_path / "rep", model="tiny", scorer=hash_scorer, keywords=["apple"], **SMALL)
     payload = json.loads(result.report_path.read_text())
     assert result.plot_path.read_bytes()[:4] == b"\x89PNG"
     names = [t["name"] for t in payload["targets"]]
@@ -124,8 +131,8 @@ def _file_content(path: Path) -> tuple[dict, dict]:
 
 def test_interrupted_then_resumed_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     model, tokenizer = tiny
-    kwargs = dict(instructions=["punctuation:no_comma", "startend:quotation", "change_case:english_capital"], model_name="tiny", scorer=hash_scorer, **SMALL)
-    full = build(model, tokenizer, out=tmp_path / "full.safetensors", report_dir=tmp_path / "full", **kwargs)
+    kwargs = dict(instructions=["punctuation:no_comma", "startend:quotation", "change_case:english_capital"], model="tiny", scorer=hash_scorer, **SMALL)
+    full = run_build(model, tokenizer, out=tmp_path / "full.safetensors", report_dir=tmp_path / "full", **kwargs)
 
     saved = []
     original = report.Checkpoint.save_target
@@ -138,23 +145,23 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny, tmp_path, monkeypat
 
     monkeypatch.setattr(report.Checkpoint, "save_target", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", **kwargs)
+        run_build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", **kwargs)
     assert not (tmp_path / "resumed.safetensors").exists()
-    resumed = build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", resume=True, **kwargs)
+    resumed = run_build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", resume=True, **kwargs)
     assert saved[0] not in saved[1:], "the finished target must come from the checkpoint"
     assert _file_content(tmp_path / "full.safetensors") == _file_content(tmp_path / "resumed.safetensors")
     strip = lambda r: {k: v for k, v in json.loads(r.report_path.read_text()).items() if k not in ("timing_seconds", "peak_rss_mib", "vector_file", "vector_file_sha256")}  # noqa: E731
     assert strip(full) == strip(resumed)
 
     with pytest.raises(report.CheckpointError, match="other settings"):
-        build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True, **{**kwargs, "seed": 1})
+        run_build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True, **{**kwargs, "seed": 1})
 
 
 def test_ties_leave_entries_out(tiny, tmp_path):
     model, tokenizer = tiny
     with pytest.warns(UserWarning, match="not written"):
-        result = build(model, tokenizer, instructions=["punctuation:no_comma"], out=tmp_path / "v.safetensors", report_dir=tmp_path,
-                       model_name="tiny", scorer=lambda *args: True, val_with_instruction=True, **SMALL)
+        result = run_build(model, tokenizer, instructions=["punctuation:no_comma"], out=tmp_path / "v.safetensors", report_dir=tmp_path,
+                           model="tiny", scorer=lambda *args: True, validation_prompts="without and with instruction", **SMALL)
     assert result.vector_file is None and not (tmp_path / "v.safetensors").exists()
     row = json.loads(result.report_path.read_text())["targets"][0]
     assert row["chosen"] == "none" and "ties go to no steering" in row["note"]
@@ -169,8 +176,8 @@ def test_keyword_sample_pools_one_choice_for_every_word(tiny, tmp_path):
     words = ["apple", "pear", "plum", "fig", "kiwi"]
     salted_scorer = lambda iid, kwargs, prompt, response: hash_scorer(iid, kwargs, prompt, SALT + response)  # noqa: E731
 
-    result = build(model, tokenizer, instructions=["keywords:existence"], keywords=words, keyword_sample=2, out=tmp_path / "k.safetensors",
-                   report_dir=tmp_path / "rep", model_name="tiny", scorer=salted_scorer, **SMALL)
+    result = run_build(model, tokenizer, instructions=["keywords:existence"], keywords=words, keyword_sample=2, out=tmp_path / "k.safetensors",
+                       report_dir=tmp_path / "rep", model="tiny", scorer=salted_scorer, **SMALL)
     sampled = result.pooled["keywords:existence"]
     assert len(sampled) == 2 and set(sampled) <= {f"keywords:existence:{w}" for w in words}
     pooled = result.results["keywords:existence (pooled over 2 words)"]

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import Any
 
+from lm_eval_steer.console import fail
+from lm_eval_steer.paths import DATA_ENV, find_data_dir
 from vector_builder import prompts
+from vector_builder.pipeline import BuildResult, build
+from vector_builder.settings import WITH_INSTRUCTION_TOO, WITHOUT_INSTRUCTION, BuildSettings
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": "auto"}
 
@@ -74,55 +77,62 @@ def load_model(model_args: str) -> tuple[Any, Any, str]:
     return model, tokenizer, str(args.get("name", pretrained))
 
 
-def run(args: argparse.Namespace) -> int:
-    from vector_builder.pipeline import build
+def settings_from(args: argparse.Namespace, model_name: str, search_model_name: str) -> BuildSettings:
+    """The one place command-line options become build settings."""
+    return BuildSettings(
+        model=model_name,
+        search_model=search_model_name,
+        instructions=tuple(item.strip() for item in args.instructions.split(",") if item.strip()),
+        keywords=tuple(prompts.parse_keywords(args.keywords)),
+        n_train=args.n_train,
+        n_val=args.n_val,
+        layers=tuple(args.layers or ()),
+        multipliers=tuple(args.multipliers),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        max_repetition=args.max_repetition,
+        allowed_degenerate=args.allowed_degenerate,
+        skip_first_token=not args.steer_first_token,
+        strength_base=args.strength_base,
+        keyword_sample=args.keyword_sample,
+        validation_prompts=WITH_INSTRUCTION_TOO if args.val_with_instruction else WITHOUT_INSTRUCTION,
+    )
 
-    beside = Path.cwd().parent / "shared" / "data"
-    if "LM_EVAL_STEER_DATA" not in os.environ and "NLTK_DATA" not in os.environ and (beside / "nltk").is_dir():
-        os.environ["NLTK_DATA"] = str(beside / "nltk")  # the project's offline layout (see DESIGN.md)
-    selection = [item.strip() for item in args.instructions.split(",") if item.strip()]
-    model, tokenizer, name = load_model(args.model_args)
-    search_model, search_name = (None, None)
-    if args.search_model_args:
-        search_model, _, search_name = load_model(args.search_model_args)
-    try:
-        result = build(
-            model,
-            tokenizer,
-            instructions=selection,
-            out=args.out,
-            report_dir=args.report,
-            model_name=name,
-            queries=prompts.load_queries(args.queries) if args.queries else None,
-            keywords=prompts.parse_keywords(args.keywords),
-            n_train=args.n_train,
-            n_val=args.n_val,
-            layers=args.layers,
-            multipliers=args.multipliers,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            resume=args.resume,
-            max_new_tokens=args.max_new_tokens,
-            max_repetition=args.max_repetition,
-            allowed_degenerate=args.allowed_degenerate,
-            val_with_instruction=args.val_with_instruction,
-            skip_first_token=not args.steer_first_token,
-            strength_base=args.strength_base,
-            keyword_sample=args.keyword_sample,
-            search_model=search_model,
-            search_model_name=search_name,
-        )
-    except (ValueError, OSError) as error:
-        print(f"lm-eval-steer build: error: {error}")
-        return 2
+
+def print_summary(result: BuildResult) -> None:
+    """Per target: the unsteered validation score and what was chosen."""
     for instruction_id, words in result.pooled.items():
         print(f"{instruction_id}: one choice pooled over {len(words)} sampled words, applied to every word (each at its own strength)")
-    for name_, outcome in result.results.items():
+    for name, outcome in result.results.items():
         chosen = outcome.candidate(outcome.chosen) if outcome.chosen else None
         strength = f"strength {chosen.strength:.3g}" if chosen is not None and chosen.strength is not None else f"multiplier {chosen.multiplier:g}" if chosen else ""
         summary = "no steering (left out)" if chosen is None else f"layer {chosen.layer}, {strength}, val {chosen.score:.2f}"
-        print(f"{name_:55s} unsteered {outcome.candidates[0].score:.2f} -> {summary}")
+        print(f"{name:55s} unsteered {outcome.candidates[0].score:.2f} -> {summary}")
     print(f"report: {result.report_path}\nplot:   {result.plot_path}")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        # The instruction registry needs NLTK's punkt_tab: use the offline data wherever it is found.
+        data = find_data_dir()
+        if data is not None:
+            os.environ.setdefault(DATA_ENV, str(data))
+        model, tokenizer, name = load_model(args.model_args)
+        search_model, _, search_name = load_model(args.search_model_args) if args.search_model_args else (None, None, "")
+        result = build(
+            model,
+            tokenizer,
+            settings_from(args, name, search_name),
+            out=args.out,
+            report_dir=args.report,
+            queries=prompts.load_queries(args.queries) if args.queries else None,
+            resume=args.resume,
+            search_model=search_model,
+        )
+    except (ValueError, OSError) as error:
+        return fail("build", error)
+    print_summary(result)
     if result.vector_file is None:
         print("no entry beat 'no steering' on validation: no vector file written")
         return 1

@@ -1,4 +1,6 @@
-"""The whole build: prompts → activations → directions → search → vector file, report and plot."""
+"""The whole build, stage by stage: plan → directions (activations) → layer search → entries →
+vector file, report and plot. Each stage is a function of the :class:`Plan` and what the stages
+before it produced; :func:`build` runs them in order and times them."""
 
 from __future__ import annotations
 
@@ -7,20 +9,18 @@ import random
 import resource
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from lm_eval_steer.hooks import find_decoder_layers, text_config
-from lm_eval_steer.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
+from lm_eval_steer.runtime.hooks import find_decoder_layers, text_config
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
 from vector_builder import activations, prompts, report, search
 from vector_builder.directions import Direction, build_direction
-
-BUILDER_VERSION = 1
-
+from vector_builder.settings import BuildSettings
 
 class ModelMismatchError(ValueError):
     """The model used for the search cannot take vectors of the build model."""
@@ -109,8 +109,6 @@ def _pooling_plan(targets: Sequence[prompts.Target], per_instruction: int | None
     of ``per_instruction`` words (all of them when there are fewer). Empty without pooling."""
     if per_instruction is None:
         return {}
-    if per_instruction < 1:
-        raise ValueError(f"keyword_sample must be positive, got {per_instruction}")
     plan: dict[str, list[prompts.Target]] = {}
     for instruction_id in prompts.KEYWORD_IDS:
         group = [target for target in targets if target.instruction_id == instruction_id]
@@ -128,121 +126,84 @@ def _note(result: search.TargetResult) -> str | None:
     return "no steering: no candidate beat the unsteered model on validation (ties go to no steering); entry left out"
 
 
-def build(
-    model: nn.Module,
-    tokenizer: Any,
-    *,
-    instructions: Sequence[str],
-    out: str | Path,
-    report_dir: str | Path,
-    model_name: str,
-    queries: Sequence[str] | None = None,
-    keywords: Sequence[str] = (),
-    n_train: int = 64,
-    n_val: int = 8,
-    layers: Sequence[int] | None = None,
-    multipliers: Sequence[float] = (0.5, 1.0, 1.5),
-    batch_size: int = 8,
-    seed: int = 0,
-    resume: bool = False,
-    max_new_tokens: int = 128,
-    max_repetition: float = 0.5,
-    allowed_degenerate: int = 0,
-    val_with_instruction: bool = False,
-    skip_first_token: bool = True,
-    strength_base: str = "shift",
-    keyword_sample: int | None = None,
-    search_model: nn.Module | None = None,
-    search_model_name: str | None = None,
-    scorer: search.Scorer = search.loose_follows,
-) -> BuildResult:
-    """Builds steering vectors for ``instructions`` (groups or IFEval ids) and writes the vector file
-    ``out`` plus ``report.json``, ``scores.png`` and a checkpoint under ``report_dir``.
+@dataclass(frozen=True)
+class Plan:
+    """What the resolved settings and the data say to do, before any model runs."""
 
-    ``search_model`` (default: ``model``) is the model the layers and strengths are chosen on, e.g.
-    the base model when the vectors come from its instruct variant (same shape required).
-    ``keyword_sample=N`` chooses one layer and multiplier per keyword instruction on the pooled
-    validation of N sampled words and gives every word that choice (at its own direction's
-    strength): the paper chose one keyword layer, and a search per word costs a validation run per
-    word. Without it every word is searched on its own.
-    ``resume=True`` continues from the checkpoint of an interrupted build with the same settings and
-    writes the same file an uninterrupted build would.
-    """
-    started = time.perf_counter()
-    shape = ModelShape.of(model, model_name)
-    target_model = search_model if search_model is not None else model
-    target_shape = ModelShape.of(target_model, search_model_name or model_name)
-    check_compatible(shape, target_shape)
-    instruction_ids = prompts.expand_instructions(instructions)
-    specs, targets = prompts.plan(instruction_ids, keywords)
-    query_list = list(queries) if queries is not None else prompts.load_queries()
-    train, val = prompts.split_queries(query_list, n_train, n_val, seed)
-    layer_list = list(layers) if layers is not None else search.default_layers(shape.num_layers)
-    bad = [layer for layer in layer_list if not 0 <= layer < shape.num_layers]
-    if bad or not layer_list:
-        raise ValueError(f"--layers {bad or layer_list} out of range for a {shape.num_layers}-layer model (0..{shape.num_layers - 1})")
-    if strength_base not in search.STRENGTH_BASES:
-        raise ValueError(f"strength_base must be one of {', '.join(search.STRENGTH_BASES)}, got {strength_base!r}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    settings = {
-        "builder_version": BUILDER_VERSION,
-        "model": model_name,
-        "search_model": target_shape.name,
-        "instructions": instruction_ids,
-        "keywords": list(keywords),
-        "n_train": n_train,
-        "n_val": n_val,
-        "layers": layer_list,
-        "multipliers": [float(m) for m in multipliers],
-        "batch_size": batch_size,  # batch composition changes float rounding, so it is part of the result
-        "seed": seed,
-        "max_new_tokens": max_new_tokens,
-        "max_repetition": max_repetition,
-        "allowed_degenerate": allowed_degenerate,
-        "skip_first_token": skip_first_token,
-        "strength_base": strength_base,
-        "keyword_sample": keyword_sample,
-        "validation_prompts": "without and with instruction" if val_with_instruction else "without instruction",
-        "degeneracy_guard": (
-            f"degenerate = repetition (1 - distinct {search.NGRAM}-grams / {search.NGRAM}-grams) > {max_repetition}; a candidate with "
-            f"more than (unsteered count + {allowed_degenerate}) degenerate outputs is disqualified"
-        ),
-        "data_sha256": prompts.data_hash(query_list, keywords),
-    }
-    checkpoint = report.Checkpoint(report_dir, settings, resume)
+    settings: BuildSettings
+    specs: list[prompts.DirectionSpec]  # directions to train
+    targets: list[prompts.Target]  # entries to choose a layer and strength for
+    train: list[str]
+    val: list[str]
+    pooling: dict[str, list[prompts.Target]]  # keyword instruction id -> the sampled words its choice is pooled over
 
-    stage = time.perf_counter()
+    @property
+    def searched(self) -> list[prompts.Target]:
+        """Targets validated on their own prompts: every target but the unsampled pooled words."""
+        sampled = {target.name for group in self.pooling.values() for target in group}
+        return [target for target in self.targets if target.instruction_id not in self.pooling or target.name in sampled]
+
+
+@dataclass(frozen=True)
+class Searched:
+    """The search stage's outcome: a result per searched target (pooled words show the pooled choice)
+    and one pooled result per pooled keyword instruction."""
+
+    results: dict[str, search.TargetResult]
+    pooled: dict[str, search.TargetResult]
+
+
+def plan_build(settings: BuildSettings, queries: Sequence[str], num_layers: int) -> Plan:
+    """Stage 1: resolve the settings and lay out directions, targets, the query split and pooling."""
+    resolved = settings.resolved(num_layers, queries)
+    specs, targets = prompts.plan(resolved.instructions, resolved.keywords)
+    train, val = prompts.split_queries(queries, resolved.n_train, resolved.n_val, resolved.seed)
+    return Plan(resolved, specs, targets, train, val, _pooling_plan(targets, resolved.keyword_sample, resolved.seed))
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def collect_directions(model: nn.Module, tokenizer: Any, plan: Plan, checkpoint: report.Checkpoint, resume: bool) -> dict[str, Direction]:
+    """Stage 2: activation running sums (from the checkpoint when resuming) -> one direction per spec."""
     sums = checkpoint.load_sums() if resume else None
     if sums is None:
-        sums = _collect_sums(model, tokenizer, specs, train, seed, batch_size, pad_id)
+        sums = _collect_sums(model, tokenizer, plan.specs, plan.train, plan.settings.seed, plan.settings.batch_size, _pad_id(tokenizer))
         checkpoint.save_sums(sums)
-    directions = {key: build_direction(key, with_sum, without_sum) for key, (with_sum, without_sum) in sums.items()}
-    activation_seconds = time.perf_counter() - stage
+    return {key: build_direction(key, with_sum, without_sum) for key, (with_sum, without_sum) in sums.items()}
 
-    stage = time.perf_counter()
-    pooling = _pooling_plan(targets, keyword_sample, seed)
-    sampled = {target.name for group in pooling.values() for target in group}
-    searched = [target for target in targets if target.instruction_id not in pooling or target.name in sampled]
-    val_prompts = {target.name: prompts.validation_prompts(target, val, seed, val_with_instruction) for target in searched}
-    val_ids = {name: [prompts.chat_ids(tokenizer, p.text) for p in items] for name, items in val_prompts.items()}
-    generation = search.SearchSettings(
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        pad_id=pad_id,
+
+def search_settings(settings: BuildSettings, tokenizer: Any) -> search.SearchSettings:
+    """How validation generates and judges, from the build settings and the tokenizer."""
+    return search.SearchSettings(
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        pad_id=_pad_id(tokenizer),
         stop_ids=_stop_ids(tokenizer),
-        skip_first_token=skip_first_token,
-        max_repetition=max_repetition,
-        allowed_extra_degenerate=allowed_degenerate,
-        strength_base=strength_base,
+        skip_first_token=settings.skip_first_token,
+        max_repetition=settings.max_repetition,
+        allowed_extra_degenerate=settings.allowed_degenerate,
+        strength_base=settings.strength_base,
     )
+
+
+def search_layers(
+    model: nn.Module, tokenizer: Any, plan: Plan, directions: Mapping[str, Direction], checkpoint: report.Checkpoint, resume: bool, scorer: search.Scorer
+) -> Searched:
+    """Stage 3: validate every searched target x candidate on ``model``, choose, and pool the sampled words."""
+    settings = plan.settings
+    val_prompts = {target.name: prompts.validation_prompts(target, plan.val, settings.seed, settings.with_instruction_too) for target in plan.searched}
+    val_ids = {name: [prompts.chat_ids(tokenizer, p.text) for p in items] for name, items in val_prompts.items()}
+    generation = search_settings(settings, tokenizer)
     decode: Callable[[list[int]], str] = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     results = search.search(
-        target_model,
-        searched,
+        model,
+        plan.searched,
         directions,
         val_prompts,
         val_ids,
-        search.candidates(layer_list, multipliers),
+        search.candidates(settings.layers, settings.multipliers),
         generation,
         decode=decode,
         done=checkpoint.load_targets() if resume else None,
@@ -251,62 +212,114 @@ def build(
     )
     pooled = {
         instruction_id: search.pool(f"{instruction_id} (pooled over {len(group)} words)", [results[t.name] for t in group], generation)
-        for instruction_id, group in pooling.items()
+        for instruction_id, group in plan.pooling.items()
     }
-    for instruction_id, group in pooling.items():
+    for instruction_id, group in plan.pooling.items():
         for target in group:  # what was applied to every word, so the report and plot show it per word too
             results[target.name] = replace(results[target.name], chosen=pooled[instruction_id].chosen)
+    return Searched(results, pooled)
+
+
+def chosen_entries(plan: Plan, directions: Mapping[str, Direction], searched: Searched) -> list[SteeringEntry]:
+    """Stage 4: one vector-file entry per target whose choice beat "no steering" (pooled words take
+    their instruction's pooled choice at their own direction's strength)."""
+    entries = []
+    for target in plan.targets:
+        direction = directions[target.direction]
+        if target.instruction_id in searched.pooled:
+            entry = _pooled_entry(target, direction, searched.pooled[target.instruction_id], plan.settings.strength_base)
+        else:
+            entry = _chosen_entry(target, direction, searched.results[target.name])
+        if entry is not None:
+            entries.append(entry)
+    return entries
+
+
+def write_vectors(out: str | Path, entries: Sequence[SteeringEntry], settings: BuildSettings, shape: ModelShape, report_dir: str | Path) -> VectorFile | None:
+    """Stage 5: the vector file with the settings in its metadata; nothing (and a warning) without entries."""
+    if not entries:
+        warnings.warn(f"no entry beat 'no steering' on validation: {out} was not written (see {report_dir}/report.json)", stacklevel=3)
+        return None
+    return save_vector_file(
+        out,
+        entries,
+        model=settings.model,
+        hidden_size=shape.hidden_size,
+        num_layers=shape.num_layers,
+        extra_metadata={"builder": json.dumps(asdict(settings), sort_keys=True), "data_sha256": settings.data_sha256},
+    )
+
+
+def ordered_results(plan: Plan, searched: Searched) -> list[search.TargetResult]:
+    """Pooled results first, then each searched target: the order of the report and the plot."""
+    return [*searched.pooled.values(), *(searched.results[target.name] for target in plan.searched)]
+
+
+def assemble_report(
+    plan: Plan, directions: Mapping[str, Direction], searched: Searched, out: str | Path, vector_file: VectorFile | None, timing: Mapping[str, float]
+) -> dict[str, Any]:
+    """Stage 6: ``report.json``: settings, per-layer direction statistics, every target's candidates
+    and choice, what pooled choices were pooled over, timings and peak memory."""
+    return {
+        "vector_file": str(out) if vector_file is not None else None,
+        "vector_file_sha256": None if vector_file is None else vector_file.sha256,
+        "settings": asdict(plan.settings),
+        "directions": {
+            key: {"count": d.count, "strength_c": d.strength.tolist(), "baseline_projection": d.baseline.tolist(), "shift_norm": d.shift.tolist()}
+            for key, d in directions.items()
+        },
+        "targets": [
+            report.target_summary(result, _note(result), plan.settings.n_val if result.name in searched.results else None)
+            for result in ordered_results(plan, searched)
+        ],
+        "pooled_over": {instruction_id: [target.name for target in group] for instruction_id, group in plan.pooling.items()},
+        "timing_seconds": {key: round(seconds, 3) for key, seconds in timing.items()},
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def build(
+    model: nn.Module,
+    tokenizer: Any,
+    settings: BuildSettings,
+    *,
+    out: str | Path,
+    report_dir: str | Path,
+    queries: Sequence[str] | None = None,
+    resume: bool = False,
+    search_model: nn.Module | None = None,
+    scorer: search.Scorer = search.loose_follows,
+) -> BuildResult:
+    """Builds steering vectors as ``settings`` say and writes the vector file ``out`` plus
+    ``report.json``, ``scores.png`` and a checkpoint under ``report_dir``.
+
+    ``queries`` (default: the packaged questions) are the training and validation questions.
+    ``search_model`` (default: ``model``) is the model the layers and strengths are chosen on, e.g.
+    the base model when the vectors come from its instruct variant (same shape required; its name
+    is ``settings.search_model``). ``resume=True`` continues from the checkpoint of an interrupted
+    build with the same settings and writes the same file an uninterrupted build would.
+    """
+    started = time.perf_counter()
+    shape = ModelShape.of(model, settings.model)
+    target_model = search_model if search_model is not None else model
+    check_compatible(shape, ModelShape.of(target_model, settings.search_model or settings.model))
+    plan = plan_build(settings, list(queries) if queries is not None else prompts.load_queries(), shape.num_layers)
+    checkpoint = report.Checkpoint(report_dir, asdict(plan.settings), resume)
+
+    stage = time.perf_counter()
+    directions = collect_directions(model, tokenizer, plan, checkpoint, resume)
+    activation_seconds = time.perf_counter() - stage
+    stage = time.perf_counter()
+    searched = search_layers(target_model, tokenizer, plan, directions, checkpoint, resume, scorer)
     search_seconds = time.perf_counter() - stage
 
-    entries = [
-        entry
-        for target in targets
-        if (
-            entry := _pooled_entry(target, directions[target.direction], pooled[target.instruction_id], strength_base)
-            if target.instruction_id in pooled
-            else _chosen_entry(target, directions[target.direction], results[target.name])
-        )
-        is not None
-    ]
-    vector_file = None
-    if entries:
-        vector_file = save_vector_file(
-            out,
-            entries,
-            model=model_name,
-            hidden_size=shape.hidden_size,
-            num_layers=shape.num_layers,
-            extra_metadata={"builder": json.dumps(settings, sort_keys=True), "data_sha256": settings["data_sha256"]},
-        )
-    else:
-        warnings.warn(f"no entry beat 'no steering' on validation: {out} was not written (see {report_dir}/report.json)", stacklevel=2)
-
-    ordered = [*pooled.values(), *(results[target.name] for target in searched)]
-    report_path = report.write_report(
-        report_dir,
-        {
-            "vector_file": str(out) if vector_file is not None else None,
-            "vector_file_sha256": None if vector_file is None else vector_file.sha256,
-            "settings": settings,
-            "directions": {
-                key: {"count": d.count, "strength_c": d.strength.tolist(), "baseline_projection": d.baseline.tolist(), "shift_norm": d.shift.tolist()}
-                for key, d in directions.items()
-            },
-            "targets": [report.target_summary(result, _note(result), n_val if result.name in results else None) for result in ordered],
-            "pooled_over": {instruction_id: [target.name for target in group] for instruction_id, group in pooling.items()},
-            "timing_seconds": {
-                "activations": round(activation_seconds, 3),
-                "search": round(search_seconds, 3),
-                "total": round(time.perf_counter() - started, 3),
-            },
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        },
-    )
-    plot_path = report.write_plot(report_dir, ordered)
+    vector_file = write_vectors(out, chosen_entries(plan, directions, searched), plan.settings, shape, report_dir)
+    timing = {"activations": activation_seconds, "search": search_seconds, "total": time.perf_counter() - started}
+    report_path = report.write_report(report_dir, assemble_report(plan, directions, searched, out, vector_file, timing))
     return BuildResult(
         vector_file=vector_file,
         report_path=report_path,
-        plot_path=plot_path,
-        results={**results, **{result.name: result for result in pooled.values()}},
-        pooled={instruction_id: [target.name for target in group] for instruction_id, group in pooling.items()},
+        plot_path=report.write_plot(report_dir, ordered_results(plan, searched)),
+        results={**searched.results, **{result.name: result for result in searched.pooled.values()}},
+        pooled={instruction_id: [target.name for target in group] for instruction_id, group in plan.pooling.items()},
     )

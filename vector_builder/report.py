@@ -24,7 +24,7 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lm_eval_steer.vectorfile import atomic_write_bytes
+from lm_eval_steer.atomic import atomic_write, write_json
 from vector_builder.activations import RunningSum
 from vector_builder.search import TargetResult
 
@@ -34,11 +34,6 @@ PLOT_NAME = "scores.png"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from (other settings, or unreadable)."""
-
-
-def write_json(path: Path, payload: Any) -> None:
-    data = (json.dumps(payload, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode()
-    atomic_write_bytes(path, lambda temp: Path(temp).write_bytes(data))
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
@@ -90,7 +85,7 @@ class Checkpoint:
             tensors[f"{key}/with"] = with_sum.total.contiguous()
             tensors[f"{key}/without"] = without_sum.total.contiguous()
         counts = json.dumps({key: [w.count, o.count] for key, (w, o) in sums.items()})
-        atomic_write_bytes(self.sums_path, lambda temp: save_file(tensors, temp, metadata={"counts": counts}))
+        atomic_write(self.sums_path, lambda temp: save_file(tensors, temp, metadata={"counts": counts}))
 
     def load_targets(self) -> dict[str, TargetResult]:
         results = {}
@@ -178,6 +173,6 @@ def write_plot(report_dir: str | Path, results: Sequence[TargetResult]) -> Path:
         axes.flat[0].legend(fontsize=7)
     figure.tight_layout()
     path = Path(report_dir) / PLOT_NAME
-    atomic_write_bytes(path, lambda temp: figure.savefig(temp, format="png", dpi=80))
+    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=80))
     plt.close(figure)
     return path
