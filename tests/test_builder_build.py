@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import warnings
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,24 @@ def test_keyword_sample_pools_one_choice_for_every_word(tiny, tmp_path):
     norms = {w: report_json["directions"][f"keywords:existence:{w}"]["shift_norm"][chosen.layer] for w in words}
     for word in words:
         assert sums[f"keywords:existence:{word}"].strength == pytest.approx(chosen.multiplier * norms[word], rel=1e-5)
+
+
+def test_build_settings_are_the_recorded_settings():
+    settings = BuildSettings(model="tiny", instructions=["length"], multipliers=[1, 2], validation_prompts="without and with instruction")
+    assert list(asdict(settings)) == [
+        "builder_version", "model", "search_model", "instructions", "keywords", "n_train", "n_val", "layers", "multipliers",
+        "batch_size", "seed", "max_new_tokens", "max_repetition", "allowed_degenerate", "skip_first_token", "strength_base",
+        "keyword_sample", "validation_prompts", "degeneracy_guard", "data_sha256",
+    ]  # fmt: skip
+    assert settings.multipliers == (1.0, 2.0) and settings.with_instruction_too
+    resolved = settings.resolved(num_layers=10, queries=QUERIES)
+    assert resolved.instructions == ("length_constraints:number_sentences", "length_constraints:number_words")
+    assert resolved.layers == (2, 4, 6, 8) and resolved.search_model == "tiny" and len(resolved.data_sha256) == 64
+    assert replace(resolved, max_repetition=0.25).degeneracy_guard.count("> 0.25;") == 1  # derived fields follow
+    with pytest.raises(ValueError, match="out of range"):
+        replace(settings, layers=(10,)).resolved(num_layers=10, queries=QUERIES)
+    with pytest.raises(ValueError, match="strength_base"):
+        BuildSettings(model="tiny", instructions=["length"], strength_base="other")
 
 
 def test_cross_model_shape_checks():
