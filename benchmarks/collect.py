@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lm_eval_steer.vectorfile import atomic_write_bytes
+from lm_eval_steer.atomic import write_text
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -89,7 +89,7 @@ def main() -> None:
         "",
     ]
     target = REPO / "benchmarks" / "README.md"
-    atomic_write_bytes(target, lambda temp: Path(temp).write_text("\n".join(lines)))
+    write_text(target, "\n".join(lines))
     print("\n".join(lines))
 
 

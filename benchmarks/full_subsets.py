@@ -20,13 +20,13 @@ keeps its unsteered score. Standard errors are lm-eval's for a mean of 0/1 score
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from lm_eval_steer.results import Run, combined_stderr, format_value, load_single_run, markdown_table
-from lm_eval_steer.vectorfile import atomic_write_bytes
+from lm_eval_steer.analysis.results import Run, load_single_run
+from lm_eval_steer.analysis.tables import combined_stderr, format_value, markdown_table
+from lm_eval_steer.atomic import write_json
 
 METRICS = ("prompt_level_loose_acc", "prompt_level_strict_acc")
 
@@ -99,7 +99,7 @@ def main() -> None:
     rows = derive(load_single_run(args.full), load_single_run(args.routed_baseline), [load_single_run(p) for p in args.routed_steered])
     print(render(rows))
     report = {"inputs": {"full": args.full, "routed_baseline": args.routed_baseline, "routed_steered": args.routed_steered}, "tasks": rows}
-    atomic_write_bytes(args.out, lambda temp: Path(temp).write_text(json.dumps(report, indent=2) + "\n"))
+    write_json(args.out, report)
     print(f"\nwrote {args.out}")
 
 

@@ -12,14 +12,15 @@ the file's keys, then derive full-subset scores with ``benchmarks/full_subsets.p
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from lm_eval.tasks import TaskManager
 
-from lm_eval_steer.model import parse_vector_paths
-from lm_eval_steer.routing import entries_for_document
-from lm_eval_steer.vectorfile import atomic_write_bytes, load_vector_file
+from lm_eval_steer.runtime.model import parse_vector_paths
+from lm_eval_steer.runtime.routing import entries_for_document
+from lm_eval_steer.atomic import write_json
+from lm_eval_steer.runtime.vectorfile import load_vector_file
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,7 +38,7 @@ def main() -> None:
         print(f"{name}: {len(indices)} of {len(docs)} documents routed")
         if indices:
             routed[name] = indices
-    atomic_write_bytes(args.out, lambda temp: Path(temp).write_text(json.dumps(routed) + "\n"))
+    write_json(args.out, routed, indent=None)
     print(f"wrote {args.out} ({sum(map(len, routed.values()))} documents; --tasks {','.join(routed)})")
 
 

@@ -14,7 +14,7 @@ import importlib.machinery
 import sys
 from types import ModuleType
 
-# module the harness imports  ->  function in lm_eval_steer.registration to run after it loads
+# module the harness imports  ->  function in lm_eval_steer.runtime.registration to run after it loads
 _AFTER_IMPORT = {
     "lm_eval.api.registry": "register_model",
     "lm_eval.tasks.manager": "register_tasks",
@@ -23,7 +23,7 @@ _AFTER_IMPORT = {
 
 def _run(function_name: str) -> None:
     try:
-        from lm_eval_steer import registration
+        from lm_eval_steer.runtime import registration
 
         getattr(registration, function_name)()
     except Exception as error:  # noqa: BLE001 - never break the interpreter start-up

@@ -20,16 +20,16 @@ from collections.abc import Sequence
 
 SUBCOMMANDS = {
     "build": ("vector_builder.cli", "build steering vectors and choose their layers on validation data"),
-    "compare": ("lm_eval_steer.compare", "leaderboard (Markdown, CSV, PNG) from lm-eval results"),
-    "check": ("lm_eval_steer.check", "fail when instruction following regressed against a baseline"),
-    "quality": ("lm_eval_steer.quality", "what steering costs: the unsteered model's perplexity of logged responses"),
+    "compare": ("lm_eval_steer.analysis.compare", "leaderboard (Markdown, CSV, PNG) from lm-eval results"),
+    "check": ("lm_eval_steer.analysis.check", "fail when instruction following regressed against a baseline"),
+    "quality": ("lm_eval_steer.analysis.quality", "what steering costs: the unsteered model's perplexity of logged responses"),
     "gguf": ("lm_eval_steer.controlvector", "export to / import from llama.cpp control-vector GGUF"),
 }
 
 
 def run_harness(argv: Sequence[str]) -> int:
     """Runs the lm-eval CLI with our model and tasks registered."""
-    from lm_eval_steer.registration import register
+    from lm_eval_steer.runtime.registration import register
 
     register()
     from lm_eval.__main__ import cli_evaluate

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm_eval_steer.vectorfile import (
+from lm_eval_steer.atomic import atomic_write
+from lm_eval_steer.console import fail
+from lm_eval_steer.runtime.vectorfile import (
     AppliesTo,
     SteeringEntry,
     VectorFile,
     VectorFileError,
-    atomic_write_bytes,
     load_vector_file,
     save_vector_file,
 )
@@ -68,7 +69,7 @@ def export_gguf(source: str | os.PathLike[str], target: str | os.PathLike[str], 
         writer.write_tensors_to_file()
         writer.close()
 
-    atomic_write_bytes(target, write)
+    atomic_write(target, write)
     return directions
 
 
@@ -137,6 +138,5 @@ def run(args: argparse.Namespace) -> int:
             vector_file = import_gguf(args.source, args.target, args.num_layers, args.instruction_id, args.model)
             print(f"wrote {args.target}: {len(vector_file.entries)} add-mode entries")
     except (VectorFileError, KeyError) as error:
-        print(f"lm-eval-steer gguf: error: {str(error).strip(chr(39))}")
-        return 2
+        return fail("gguf", error)
     return 0

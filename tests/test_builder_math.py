@@ -7,10 +7,11 @@ import random
 import pytest
 import torch
 
-from lm_eval_steer import degeneracy
+from lm_eval_steer.analysis import degeneracy
 from vector_builder import prompts, search
 from vector_builder.activations import RunningSum, left_pad, positions_from_mask
-from vector_builder.directions import build_direction, difference_of_means, mean_projection, unit_rows
+from lm_eval_steer.runtime.interventions import unit as unit_rows
+from vector_builder.directions import build_direction, difference_of_means, mean_projection
 
 
 def _states(n: int, seed: int) -> torch.Tensor:

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from results_fixtures import ifeval_scores, table_rows, write_run
 
-from lm_eval_steer import check
+from lm_eval_steer.analysis import check
 from lm_eval_steer.cli import main
-from lm_eval_steer.results import MetricValue
+from lm_eval_steer.analysis.results import MetricValue
 
 TASK = "ifeval_format"
 

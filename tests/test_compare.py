@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from results_fixtures import ifeval_sample, ifeval_scores, steering_config, table_rows, write_run
 
-from lm_eval_steer import compare
+from lm_eval_steer.analysis import compare
 from lm_eval_steer.cli import main
-from lm_eval_steer.results import MetricValue, load_runs, run_label
+from lm_eval_steer.analysis.results import MetricValue, load_runs, run_label, steering_description
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BASE_LABEL = "SmolLM2-135M-Instruct"
-STEERED_LABEL = "SmolLM2-135M-Instruct [fmt.safetensors L12,18 c=4.5 route=auto]"
+STEERED_LABEL = "SmolLM2-135M-Instruct [fmt route=auto]"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -77,10 +77,11 @@ def test_instruction_accuracy_counts_each_instruction_and_skips_other_filters() 
 def test_run_labels_describe_the_steering() -> None:
     assert run_label("m", None) == "m"
     assert run_label("m", {"route": "none"}) == "m [route=none]"
-    many = steering_config(vector="a/b/v.safetensors", layers=(8, 10, 12, 14), strength=2.0, route="all")
-    assert run_label("m", many) == "m [v.safetensors L8..14 c=2 route=all]"
+    many = steering_config(vector="a/b/v.safetensors", layers=(8, 10, 12, 14), strength=-11.03125, route="all")
+    assert run_label("m", many) == "m [v route=all]"  # short: the file stem and the route
+    assert steering_description(many) == "v.safetensors L8..14 c=-11.0312 route=all"  # the details, for the Runs table
     overridden = {**steering_config(), "overrides": {"layer": 9, "scale": 1.5, "positions": "generated"}}
-    assert run_label("m", overridden) == "m [fmt.safetensors L9 x1.5 positions=generated route=auto]"
+    assert run_label("m", overridden) == "m [fmt L9 x1.5 positions=generated route=auto]"
 
 
 # --------------------------------------------------------------------------- outputs
@@ -109,7 +110,9 @@ def test_markdown_rows_columns_and_deltas(tmp_path: Path, two_runs, capsys) -> N
     ]
     assert len(scores) == 3
     assert "## Warnings" not in markdown  # same setup: nothing to flag
-    assert [row[1] for row in table_rows(section(markdown, "Runs"))[1:]] == [str(base), str(steered)]
+    runs_table = table_rows(section(markdown, "Runs"))
+    assert [row[1] for row in runs_table[1:]] == [str(base), str(steered)]
+    assert [row[2] for row in runs_table[1:]] == ["", "fmt.safetensors L12,18 c=4.5 route=auto"]
     printed = capsys.readouterr().out
     assert f"using {base}  ->  {BASE_LABEL}" in printed
 
@@ -224,3 +227,68 @@ def test_bad_metric_or_baseline_exits_2(tmp_path: Path, two_runs, capsys) -> Non
     assert "exact_match" in capsys.readouterr().err
     assert run_compare(out, *map(str, two_runs), "--baseline", "no-such-run") == 2
     assert "--baseline no-such-run" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- labels and split runs
+
+
+def test_label_option_names_each_run_in_order(tmp_path: Path, two_runs, capsys) -> None:
+    out = tmp_path / "board"
+    assert run_compare(out, *map(str, two_runs), "--label", "unsteered", "--label", "no_comma vector") == 0
+    scores = table_rows((out / "leaderboard.md").read_text(encoding="utf-8").split("## Runs")[0])
+    assert [row[0] for row in scores[1:]] == ["unsteered (baseline)", "no_comma vector"]
+    assert run_compare(out, *map(str, two_runs), "--baseline", "no_comma vector", "--label", "a", "--label", "no_comma vector") == 0
+    capsys.readouterr()
+    assert run_compare(out, *map(str, two_runs), "--label", "only one") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "lm-eval-steer compare: error: --label given 1 times for 2 runs: give one per RUN, in order"
+
+
+def split_runs(tmp_path: Path, vector: str = "vectors/fmt.safetensors") -> tuple[Path, Path, Path]:
+    """An unsteered run over two tasks, and one steered configuration run as two ``--samples`` parts."""
+    base = write_run(
+        tmp_path / "base",
+        {"ifeval_format": ifeval_scores(0.25, 0.5, 0.375, 0.625), "ifeval_length": ifeval_scores(0.5, 0.5, 0.5, 0.5)},
+        date="2025-01-01T00-00-00.0",
+    )
+    steering = steering_config(layers=(12, 18))
+    part_a = write_run(tmp_path / "a", {"ifeval_format": ifeval_scores(0.5, 0.75, 0.5, 0.75)}, model_type="steered-hf",
+                       steering=steering, date="2025-01-02T00-00-00.0")
+    moved = {**steering, "vector_files": [{**steering["vector_files"][0], "path": vector}]}
+    part_b = write_run(tmp_path / "b", {"ifeval_length": ifeval_scores(0.75, 0.75, 0.75, 0.75)}, model_type="steered-hf",
+                       steering=moved, date="2025-01-03T00-00-00.0")
+    return base, part_a, part_b
+
+
+def test_split_runs_of_one_configuration_share_one_row(tmp_path: Path) -> None:
+    base, part_a, part_b = split_runs(tmp_path, vector="elsewhere/fmt.safetensors")  # the same file, moved
+    out = tmp_path / "board"
+    assert run_compare(out, str(base), str(part_a), str(part_b)) == 0
+    markdown = (out / "leaderboard.md").read_text(encoding="utf-8")
+    scores = table_rows(markdown.split("## Runs")[0])
+    assert [row[0] for row in scores[1:]] == [f"{BASE_LABEL} (baseline)", STEERED_LABEL]
+    steered = dict(zip(scores[0], scores[2]))
+    assert steered["ifeval_format · prompt strict"].startswith("0.500")
+    assert steered["ifeval_length · prompt strict"].startswith("0.750")
+    assert "## Warnings" not in markdown  # no half-empty rows
+    assert table_rows(section(markdown, "Runs"))[2][1] == f"{part_a}; {part_b}"
+    with (out / "leaderboard.csv").open(newline="", encoding="utf-8") as handle:
+        steered_rows = [row for row in csv.DictReader(handle) if row["run"] == STEERED_LABEL]
+    assert {row["task"] for row in steered_rows} == {"ifeval_format", "ifeval_length"}
+
+
+def test_runs_that_share_a_task_or_differ_in_steering_stay_apart(tmp_path: Path) -> None:
+    base, part_a, _ = split_runs(tmp_path)
+    again = write_run(tmp_path / "again", {"ifeval_format": ifeval_scores(0.5, 0.75, 0.5, 0.75)}, model_type="steered-hf",
+                      steering=steering_config(layers=(12, 18)), date="2025-01-04T00-00-00.0")
+    other = write_run(tmp_path / "other", {"ifeval_length": ifeval_scores(0.5, 0.5, 0.5, 0.5)}, model_type="steered-hf",
+                      steering=steering_config(layers=(12, 18), strength=9.0), date="2025-01-05T00-00-00.0")
+    labels = [run.label for run in load_runs([base, part_a, again, other])]
+    assert labels == [
+        BASE_LABEL,
+        f"{STEERED_LABEL} @ 2025-01-02T00-00-00.0",  # a repeat of the same task is a second row ...
+        f"{STEERED_LABEL} @ 2025-01-04T00-00-00.0",
+        f"{STEERED_LABEL} @ 2025-01-05T00-00-00.0",  # ... and other strengths are another configuration
+    ]
+    # explicit labels decide too: parts given different labels stay apart
+    assert [run.label for run in load_runs([part_a, other], ["first", "second"])] == ["first", "second"]

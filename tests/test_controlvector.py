@@ -9,7 +9,7 @@ import torch
 
 from lm_eval_steer.cli import main
 from lm_eval_steer.controlvector import export_gguf, import_gguf
-from lm_eval_steer.vectorfile import AppliesTo, SteeringEntry, VectorFileError, load_vector_file, save_vector_file
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, VectorFileError, load_vector_file, save_vector_file
 
 
 @pytest.fixture
@@ -61,4 +61,4 @@ def test_cli_export_and_import(vector_file, tmp_path, capsys):
     assert main(["gguf", "export", str(vector_file), str(tmp_path / "c.gguf"), "--entries", "c"]) == 0
     assert main(["gguf", "import", str(tmp_path / "c.gguf"), str(tmp_path / "c.safetensors"), "--num-layers", "4"]) == 0
     assert main(["gguf", "export", str(vector_file), str(tmp_path / "p.gguf"), "--entries", "p"]) == 2
-    assert "cannot be exported" in capsys.readouterr().out
+    assert "cannot be exported" in capsys.readouterr().err

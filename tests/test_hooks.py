@@ -7,9 +7,9 @@ import torch
 import transformers
 from conftest import build_tiny_llama
 
-from lm_eval_steer.hooks import SteeringError, find_decoder_layers, steering
-from lm_eval_steer.interventions import unit
-from lm_eval_steer.vectorfile import SteeringEntry
+from lm_eval_steer.runtime.hooks import SteeringError, find_decoder_layers, steering
+from lm_eval_steer.runtime.interventions import unit
+from lm_eval_steer.runtime.vectorfile import SteeringEntry
 
 VOCAB = 300
 HIDDEN = 64

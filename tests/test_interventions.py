@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lm_eval_steer import interventions
+from lm_eval_steer.runtime import interventions
 
 
 def test_add_only_touches_masked_positions_of_each_row():

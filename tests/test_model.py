@@ -8,8 +8,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import CachingLM
 from lm_eval.models.huggingface import HFLM
 
-from lm_eval_steer.model import SteeredHFLM
-from lm_eval_steer.vectorfile import AppliesTo, SteeringEntry, VectorFileError, save_vector_file
+from lm_eval_steer.runtime.model import SteeredHFLM
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, VectorFileError, save_vector_file
 
 LOWER = "change_case:english_lowercase"
 COMMA = "punctuation:no_comma"
@@ -110,7 +110,7 @@ def test_loglikelihood_rolling_is_steered(tiny_model_dir, vectors, plain):
 
 
 def test_strength_rule_and_kwargs_filter_choose_per_document_strength(tiny_model_dir, tmp_path, plain):
-    from lm_eval_steer.vectorfile import StrengthRule
+    from lm_eval_steer.runtime.vectorfile import StrengthRule
 
     generator = torch.Generator().manual_seed(3)
     rule = StrengthRule("num_sentences", ((1.0, 0.0), (5.0, 8.0)))

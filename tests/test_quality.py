@@ -10,9 +10,9 @@ import torch
 from results_fixtures import ifeval_scores, table_rows, write_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lm_eval_steer import quality
+from lm_eval_steer.analysis import quality
 from lm_eval_steer.cli import main
-from lm_eval_steer.results import ResultsError, load_single_run
+from lm_eval_steer.analysis.results import ResultsError, load_single_run
 
 TASK = "ifeval_format_noinst"
 SCORES = {TASK: ifeval_scores(0.1, 0.1, 0.1, 0.1)}
@@ -96,4 +96,4 @@ def test_cli_writes_markdown_and_json(tmp_path, tiny_model_dir, capsys):
 def test_cli_refuses_runs_without_samples(tmp_path, capsys):
     bare = write_run(tmp_path / "bare", SCORES)
     assert main(["quality", str(bare), "--model_args", "pretrained=unused", "--out", str(tmp_path / "q")]) == 2
-    assert "--log_samples" in capsys.readouterr().out
+    assert "--log_samples" in capsys.readouterr().err

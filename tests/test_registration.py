@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_eval_steer.vectorfile import AppliesTo, SteeringEntry, save_vector_file
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, save_vector_file
 
 TASK_YAML = """\
 task: tiny_instructions

@@ -7,9 +7,9 @@ import torch
 from conftest import SMOL_GGUF, smollm2_dir
 from lm_eval.api.instance import Instance
 
-from lm_eval_steer.hooks import find_decoder_layers, steering
-from lm_eval_steer.model import SteeredHFLM
-from lm_eval_steer.vectorfile import AppliesTo, SteeringEntry, save_vector_file
+from lm_eval_steer.runtime.hooks import find_decoder_layers, steering
+from lm_eval_steer.runtime.model import SteeredHFLM
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, save_vector_file
 
 pytestmark = pytest.mark.slow
 LOWER = "change_case:english_lowercase"

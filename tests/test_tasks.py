@@ -12,7 +12,7 @@ from typing import Any
 import nltk
 import pytest
 
-from lm_eval_steer.tasks import ifeval_steer_utils as steer
+from lm_eval_steer import ifeval as steer
 
 EXPECTED_COUNTS = {
     "format": 163,

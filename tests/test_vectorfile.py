@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lm_eval_steer.vectorfile import (
+from lm_eval_steer.runtime.vectorfile import (
     FORMAT_VERSION,
     AppliesTo,
     SteeringEntry,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lm_eval_steer.hooks import find_decoder_layers, text_config
+from lm_eval_steer.runtime.hooks import find_decoder_layers, text_config
 
 
 @dataclass

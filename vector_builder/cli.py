@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import Any
 
+from lm_eval_steer.console import fail
+from lm_eval_steer.paths import DATA_ENV, find_data_dir
 from vector_builder import prompts
+from vector_builder.pipeline import BuildResult, build
+from vector_builder.settings import WITH_INSTRUCTION_TOO, WITHOUT_INSTRUCTION, BuildSettings
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": "auto"}
 
@@ -51,17 +54,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="also validate on the prompts with the instruction shown (doubles validation; guards the instructed setting)")
     parser.add_argument("--steer-first-token", action="store_true", help="also steer each row's first token (the attention sink); off by default")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted build from the checkpoint in --report")
-    learned = parser.add_argument_group("build method", "diffmean: the paper's difference of means; learned: a vector trained on target "
-                                        "responses with the model frozen; both (default): search both, keep the better per instruction")
-    learned.add_argument("--method", choices=["diffmean", "learned", "both"], default="both")
-    learned.add_argument("--learned-layers", type=_int_list, default=None, help="layers to train learned vectors at (default: about n_layers/5)")
-    learned.add_argument("--learned-multipliers", type=_float_list, default=[1.0], help="strength multipliers of learned vectors (default 1: the trained vector)")
-    learned.add_argument("--learned-steps", type=int, default=40, help="maximum training steps per vector (early stopping on held-out loss)")
-    learned.add_argument("--learned-lr", type=float, default=0.08, help="Adam learning rate")
-    learned.add_argument("--learned-batch-size", type=int, default=4, help="training examples per step")
-    learned.add_argument("--learned-l2", type=float, default=0.0, help="L2 penalty on the vector")
-    learned.add_argument("--target-samples", type=int, default=4, help="sampled answers per training query whose greedy answer fails the checker")
-    learned.add_argument("--target-max-tokens", type=int, default=128, help="length limit of generated training targets")
+    method = parser.add_argument_group(
+        "build method",
+        "diffmean: the paper's difference of means; learned: a vector trained on responses that follow the instruction, with the "
+        "model frozen; both (default): search both on the same validation prompts and keep the better per instruction",
+    )
+    method.add_argument("--method", choices=["diffmean", "learned", "both"], default="both")
+    method.add_argument("--learned-layers", type=_int_list, default=None, help="layers to train learned vectors at (default: about n_layers/5)")
+    method.add_argument("--learned-multipliers", type=_float_list, default=[1.0], help="strength multipliers of learned vectors (default 1: the trained vector)")
+    method.add_argument("--learned-steps", type=int, default=40, help="maximum Adam steps per vector (early stopping on held-out loss; default 40)")
+    method.add_argument("--learned-lr", type=float, default=0.08, help="Adam learning rate (default 0.08)")
+    method.add_argument("--learned-batch-size", type=int, default=4, help="training examples per step (default 4)")
+    method.add_argument("--learned-l2", type=float, default=0.0, help="L2 penalty on the vector (default 0)")
+    method.add_argument("--target-samples", type=int, default=4, help="sampled answers per training query whose greedy answer fails the checker (default 4)")
+    method.add_argument("--target-max-tokens", type=int, default=128, help="length limit of the generated training targets (default 128)")
 
 
 def load_model(model_args: str) -> tuple[Any, Any, str]:
@@ -85,73 +91,76 @@ def load_model(model_args: str) -> tuple[Any, Any, str]:
     return model, tokenizer, str(args.get("name", pretrained))
 
 
-def learned_settings(args: argparse.Namespace, model: Any) -> Any:
-    """The learned method's settings from the command line (layers default to about n_layers/5)."""
-    from vector_builder.learned import TrainingSettings
-    from vector_builder.learned_directions import LearnedSettings
-    from vector_builder.pipeline import default_learned_settings
-    from lm_eval_steer.hooks import find_decoder_layers
+def settings_from(args: argparse.Namespace, model_name: str, search_model_name: str) -> BuildSettings:
+    """The one place command-line options become build settings."""
+    return BuildSettings(
+        model=model_name,
+        search_model=search_model_name,
+        instructions=tuple(item.strip() for item in args.instructions.split(",") if item.strip()),
+        keywords=tuple(prompts.parse_keywords(args.keywords)),
+        n_train=args.n_train,
+        n_val=args.n_val,
+        layers=tuple(args.layers or ()),
+        multipliers=tuple(args.multipliers),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        max_repetition=args.max_repetition,
+        allowed_degenerate=args.allowed_degenerate,
+        skip_first_token=not args.steer_first_token,
+        strength_base=args.strength_base,
+        keyword_sample=args.keyword_sample,
+        validation_prompts=WITH_INSTRUCTION_TOO if args.val_with_instruction else WITHOUT_INSTRUCTION,
+        method=args.method,
+        learned_layers=tuple(args.learned_layers or ()),
+        learned_multipliers=tuple(args.learned_multipliers),
+        learned_steps=args.learned_steps,
+        learned_lr=args.learned_lr,
+        learned_batch_size=args.learned_batch_size,
+        learned_l2=args.learned_l2,
+        target_samples=args.target_samples,
+        target_max_tokens=args.target_max_tokens,
+    )
 
-    defaults = default_learned_settings(len(find_decoder_layers(model)), args.seed)
-    training = TrainingSettings(max_steps=args.learned_steps, learning_rate=args.learned_lr, batch_size=args.learned_batch_size, l2=args.learned_l2, seed=args.seed)
-    layers = tuple(args.learned_layers) if args.learned_layers else defaults.layers
-    return LearnedSettings(layers=layers, training=training, samples=args.target_samples, max_target_tokens=args.target_max_tokens)
 
-
-def run(args: argparse.Namespace) -> int:
-    from vector_builder.pipeline import build
-
-    beside = Path.cwd().parent / "shared" / "data"
-    if "LM_EVAL_STEER_DATA" not in os.environ and "NLTK_DATA" not in os.environ and (beside / "nltk").is_dir():
-        os.environ["NLTK_DATA"] = str(beside / "nltk")  # the project's offline layout (see DESIGN.md)
-    selection = [item.strip() for item in args.instructions.split(",") if item.strip()]
-    model, tokenizer, name = load_model(args.model_args)
-    search_model, search_name = (None, None)
-    if args.search_model_args:
-        search_model, _, search_name = load_model(args.search_model_args)
-    try:
-        result = build(
-            model,
-            tokenizer,
-            instructions=selection,
-            out=args.out,
-            report_dir=args.report,
-            model_name=name,
-            queries=prompts.load_queries(args.queries) if args.queries else None,
-            keywords=prompts.parse_keywords(args.keywords),
-            n_train=args.n_train,
-            n_val=args.n_val,
-            layers=args.layers,
-            multipliers=args.multipliers,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            resume=args.resume,
-            max_new_tokens=args.max_new_tokens,
-            max_repetition=args.max_repetition,
-            allowed_degenerate=args.allowed_degenerate,
-            val_with_instruction=args.val_with_instruction,
-            skip_first_token=not args.steer_first_token,
-            strength_base=args.strength_base,
-            keyword_sample=args.keyword_sample,
-            method=args.method,
-            learned=learned_settings(args, model),
-            learned_multipliers=args.learned_multipliers,
-            search_model=search_model,
-            search_model_name=search_name,
-        )
-    except (ValueError, OSError) as error:
-        print(f"lm-eval-steer build: error: {error}")
-        return 2
+def print_summary(result: BuildResult) -> None:
+    """Per target: the unsteered validation score and what was chosen."""
     for instruction_id, words in result.pooled.items():
         print(f"{instruction_id}: one choice pooled over {len(words)} sampled words, applied to every word (each at its own strength)")
-    for name_, outcome in result.results.items():
+    for name, outcome in result.results.items():
         chosen = outcome.candidate(outcome.chosen) if outcome.chosen else None
         strength = f"strength {chosen.strength:.3g}" if chosen is not None and chosen.strength is not None else f"multiplier {chosen.multiplier:g}" if chosen else ""
         summary = "no steering (left out)" if chosen is None else f"layer {chosen.layer}, {strength}, val {chosen.score:.2f}"
-        if name_ in result.methods and result.methods[name_]:
-            summary += f" [{result.methods[name_]} kept]"
-        print(f"{name_:55s} unsteered {outcome.candidates[0].score:.2f} -> {summary}")
+        print(f"{name:55s} unsteered {outcome.candidates[0].score:.2f} -> {summary}")
+    kept = {name: method for name, method in result.methods.items() if method is not None}
+    if kept:
+        print("kept: " + ", ".join(f"{name} ({method})" for name, method in kept.items()))
     print(f"report: {result.report_path}\nplot:   {result.plot_path}")
+    if result.training_plot_path is not None:
+        print(f"training curves: {result.training_plot_path}")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        # The instruction registry needs NLTK's punkt_tab: use the offline data wherever it is found.
+        data = find_data_dir()
+        if data is not None:
+            os.environ.setdefault(DATA_ENV, str(data))
+        model, tokenizer, name = load_model(args.model_args)
+        search_model, _, search_name = load_model(args.search_model_args) if args.search_model_args else (None, None, "")
+        result = build(
+            model,
+            tokenizer,
+            settings_from(args, name, search_name),
+            out=args.out,
+            report_dir=args.report,
+            queries=prompts.load_queries(args.queries) if args.queries else None,
+            resume=args.resume,
+            search_model=search_model,
+        )
+    except (ValueError, OSError) as error:
+        return fail("build", error)
+    print_summary(result)
     if result.vector_file is None:
         print("no entry beat 'no steering' on validation: no vector file written")
         return 1

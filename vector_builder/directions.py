@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lm_eval_steer.runtime import interventions
 from vector_builder.activations import RunningSum
 
 
@@ -13,12 +14,6 @@ def difference_of_means(with_sum: RunningSum, without_sum: RunningSum) -> torch.
     """``d[L] = (1/n_w) Σ h_with[L] − (1/n_o) Σ h_without[L]``; with paired prompts (n_w = n_o) this is
     the mean over pairs of ``h_with − h_without``."""
     return with_sum.mean() - without_sum.mean()
-
-
-def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
-    """``u[L] = d[L] / ‖d[L]‖`` (a zero row stays zero)."""
-    norms = vectors.norm(dim=-1, keepdim=True)
-    return torch.where(norms > 0, vectors / norms.clamp_min(torch.finfo(vectors.dtype).tiny), vectors)
 
 
 def mean_projection(mean: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -45,7 +40,7 @@ class Direction:
 
 def build_direction(key: str, with_sum: RunningSum, without_sum: RunningSum) -> Direction:
     difference = difference_of_means(with_sum, without_sum)
-    unit = unit_rows(difference)
+    unit = interventions.unit(difference)
     return Direction(
         key=key,
         unit=unit.to(torch.float32),

@@ -7,7 +7,7 @@ examples ``(p, r)`` of a prompt *without* the instruction and a response ``r`` t
 
     L(v) = − (1 / Σ|r|) Σ_(p, r) Σ_t log P(r_t | p, r_<t ; h_L ← h_L + v)  +  λ ‖v‖²
 
-where ``h_L ← h_L + v`` is exactly the runtime's ``add`` intervention (:func:`lm_eval_steer.hooks.steering`:
+where ``h_L ← h_L + v`` is exactly the runtime's ``add`` intervention (:func:`lm_eval_steer.runtime.hooks.steering`:
 the output of decoder layer ``L``, every real position but, with ``skip_first_token``, each row's
 first one). Only ``v`` receives gradients; the model's parameters are frozen for the duration and
 keep no gradient buffers. Training stops early when the loss on held-out examples stops improving,
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lm_eval_steer.hooks import steering, text_config
-from lm_eval_steer.vectorfile import SteeringEntry
+from lm_eval_steer.runtime.hooks import steering, text_config
+from lm_eval_steer.runtime.vectorfile import SteeringEntry
 from vector_builder.activations import left_pad, model_device, positions_from_mask
 
 IGNORE = -100  # label of positions that are not scored (prompt and padding)

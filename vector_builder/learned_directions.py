@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lm_eval_steer.hooks import find_decoder_layers, text_config
+from lm_eval_steer.runtime.hooks import find_decoder_layers, text_config
 from vector_builder import learned, prompts, targets
 from vector_builder.directions import Direction
 
@@ -50,15 +50,18 @@ class LearnedDirection:
     trained: dict[int, learned.TrainedVector] = field(default_factory=dict)
     targets_seconds: float = 0.0
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, timing: bool = True) -> dict[str, Any]:
+        """Targets per source and each layer's norm and loss curves (and, with ``timing``, seconds:
+        the vector file leaves them out so that a resumed build writes the same bytes)."""
+        seconds = lambda value: {"seconds": round(value, 3)} if timing else {}  # noqa: E731
         return {
             "targets": dict(self.sources),
-            "targets_seconds": round(self.targets_seconds, 3),
+            **({"targets_seconds": round(self.targets_seconds, 3)} if timing else {}),
             "layers": {
                 str(layer): {
                     "norm": round(item.norm, 4),
                     "best_step": item.best_step,
-                    "seconds": round(item.seconds, 3),
+                    **seconds(item.seconds),
                     "train_loss": [round(value, 5) for value in item.train_loss],
                     "heldout_loss": [[step, round(value, 5)] for step, value in item.heldout_loss],
                 }

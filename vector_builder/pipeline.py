@@ -1,4 +1,6 @@
-"""The whole build: prompts → activations → directions → search → vector file, report and plot."""
+"""The whole build, stage by stage: plan → directions (activations) → layer search → entries →
+vector file, report and plot. Each stage is a function of the :class:`Plan` and what the stages
+before it produced; :func:`build` runs them in order and times them."""
 
 from __future__ import annotations
 
@@ -8,20 +10,18 @@ import resource
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from lm_eval_steer.hooks import find_decoder_layers, text_config
-from lm_eval_steer.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
+from lm_eval_steer.runtime.hooks import find_decoder_layers, text_config
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
 from vector_builder import activations, learned_directions, methods, prompts, report, search, targets
 from vector_builder.directions import Direction, build_direction
-from vector_builder.learned import TrainingSettings
-from vector_builder.learned_directions import LearnedDirection, LearnedSettings
-
-BUILDER_VERSION = 1
+from vector_builder.learned_directions import LearnedDirection
+from vector_builder.settings import BuildSettings
 
 
 class ModelMismatchError(ValueError):
@@ -59,17 +59,7 @@ class BuildResult:
     results: dict[str, search.TargetResult]  # per searched target, then one per pooled keyword instruction
     pooled: dict[str, list[str]]  # keyword instruction id -> the sampled targets its choice was pooled over
     methods: dict[str, str | None]  # entry name -> the method whose candidate won (None: no steering)
-    training_plot_path: Path | None = None
-
-
-def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
-    # Chat models end a turn with a special token that may differ from eos (e.g. <|im_end|>, <|eot_id|>).
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
-        if isinstance(token_id, int):
-            ids.add(token_id)
-    return tuple(sorted(i for i in ids if i is not None))
+    training_plot_path: Path | None = None  # loss curves of the learned vectors (None: nothing trained)
 
 
 def _collect_sums(
@@ -113,8 +103,6 @@ def _pooling_plan(targets: Sequence[prompts.Target], per_instruction: int | None
     of ``per_instruction`` words (all of them when there are fewer). Empty without pooling."""
     if per_instruction is None:
         return {}
-    if per_instruction < 1:
-        raise ValueError(f"keyword_sample must be positive, got {per_instruction}")
     plan: dict[str, list[prompts.Target]] = {}
     for instruction_id in prompts.KEYWORD_IDS:
         group = [target for target in targets if target.instruction_id == instruction_id]
@@ -132,240 +120,138 @@ def _note(result: search.TargetResult) -> str | None:
     return "no steering: no candidate beat the unsteered model on validation (ties go to no steering); entry left out"
 
 
-def default_learned_settings(num_layers: int, seed: int) -> LearnedSettings:
-    """One learned layer at about ``num_layers / 5`` (layer 6 of SmolLM2's 30, where learned vectors
-    worked in our measurements; later layers needed far more steps)."""
-    return LearnedSettings(layers=(max(1, round(num_layers / 5)),), training=TrainingSettings(seed=seed))
+@dataclass(frozen=True)
+class Plan:
+    """What the resolved settings and the data say to do, before any model runs."""
+
+    settings: BuildSettings
+    specs: list[prompts.DirectionSpec]  # directions to train
+    targets: list[prompts.Target]  # entries to choose a layer and strength for
+    train: list[str]
+    val: list[str]
+    pooling: dict[str, list[prompts.Target]]  # keyword instruction id -> the sampled words its choice is pooled over
+
+    @property
+    def searched(self) -> list[prompts.Target]:
+        """Targets validated on their own prompts: every target but the unsampled pooled words."""
+        sampled = {target.name for group in self.pooling.values() for target in group}
+        return [target for target in self.targets if target.instruction_id not in self.pooling or target.name in sampled]
 
 
-def _method_metadata(entries: Sequence[SteeringEntry], winners: Mapping[str, str | None], learned: Mapping[str, LearnedDirection]) -> dict[str, str]:
-    """Vector-file metadata: which method made each entry, and the learned directions' targets and
-    loss curves (the hyper-parameters are in ``builder``)."""
-    written = {entry.name for entry in entries}
-    return {
-        "methods": json.dumps({name: method for name, method in winners.items() if name in written}, sort_keys=True),
-        **({"learned": json.dumps({key: item.summary() for key, item in learned.items()}, sort_keys=True)} if learned else {}),
-    }
+@dataclass(frozen=True)
+class Searched:
+    """The search stage's outcome: a result per searched target and method (a learned twin is named
+    ``<target>@learned``; pooled words show the pooled choice) and one pooled result per pooled
+    keyword instruction and method."""
+
+    targets: list[prompts.Target]  # what was searched, every method's twin of every searched target
+    results: dict[str, search.TargetResult]
+    pooled: dict[tuple[str, str], search.TargetResult]  # (instruction id, method) -> pooled result
 
 
-def _learn(
-    model: nn.Module,
-    tokenizer: Any,
-    specs: Sequence[prompts.DirectionSpec],
-    train: Sequence[str],
-    learned: LearnedSettings,
-    checkpoint: report.Checkpoint,
-    *,
-    resume: bool,
-    batch_size: int,
-    pad_id: int,
-    seed: int,
-    skip_first_token: bool,
-) -> dict[str, LearnedDirection]:
-    """The learned method's stage: targets and training per direction, checkpointed per direction."""
+def plan_build(settings: BuildSettings, queries: Sequence[str], num_layers: int) -> Plan:
+    """Stage 1: resolve the settings and lay out directions, targets, the query split and pooling."""
+    resolved = settings.resolved(num_layers, queries)
+    specs, targets = prompts.plan(resolved.instructions, resolved.keywords)
+    train, val = prompts.split_queries(queries, resolved.n_train, resolved.n_val, resolved.seed)
+    return Plan(resolved, specs, targets, train, val, _pooling_plan(targets, resolved.keyword_sample, resolved.seed))
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def collect_directions(model: nn.Module, tokenizer: Any, plan: Plan, checkpoint: report.Checkpoint, resume: bool) -> dict[str, Direction]:
+    """Stage 2: activation running sums (from the checkpoint when resuming) -> one direction per spec
+    (nothing when the build does not use difference of means)."""
+    if "diffmean" not in plan.settings.method_names:
+        return {}
+    sums = checkpoint.load_sums() if resume else None
+    if sums is None:
+        sums = _collect_sums(model, tokenizer, plan.specs, plan.train, plan.settings.seed, plan.settings.batch_size, _pad_id(tokenizer))
+        checkpoint.save_sums(sums)
+    return {key: build_direction(key, with_sum, without_sum) for key, (with_sum, without_sum) in sums.items()}
+
+
+def learn_directions(model: nn.Module, tokenizer: Any, plan: Plan, checkpoint: report.Checkpoint, resume: bool) -> dict[str, LearnedDirection]:
+    """Stage 2b (learned method): per spec, training targets and one trained vector per learned layer,
+    checkpointed per spec (nothing when the build does not use the learned method)."""
+    settings = plan.settings
+    if "learned" not in settings.method_names:
+        return {}
     target_settings = targets.TargetSettings(
-        max_new_tokens=learned.max_target_tokens,
-        batch_size=batch_size,
-        pad_id=pad_id,
-        stop_ids=_stop_ids(tokenizer),
-        samples=learned.samples,
-        temperature=learned.temperature,
-        seed=seed,
+        max_new_tokens=settings.target_max_tokens,
+        batch_size=settings.batch_size,
+        pad_id=_pad_id(tokenizer),
+        stop_ids=prompts.stop_ids(tokenizer),
+        samples=settings.target_samples,
+        seed=settings.seed,
     )
     shape = (len(find_decoder_layers(model)), int(text_config(model).hidden_size))
     done = checkpoint.load_learned() if resume else {}
-    for key, item in done.items():  # rebuilt from the checkpointed vectors
-        item.direction = learned_directions.as_direction(learned_directions.learned_key(key), item.trained, *shape, count=sum(item.sources.values())) if item.trained else None
+    for key, item in done.items():  # the checkpoint holds the vectors; the direction is rebuilt from them
+        if item.trained:
+            item.direction = learned_directions.as_direction(learned_directions.learned_key(key), item.trained, *shape, count=sum(item.sources.values()))
     return learned_directions.learn_all(
-        model, tokenizer, specs, train, learned, target_settings, skip_first_token=skip_first_token, done=done, on_done=checkpoint.save_learned
+        model, tokenizer, plan.specs, plan.train, settings.learned(), target_settings,
+        skip_first_token=settings.skip_first_token, done=done, on_done=checkpoint.save_learned,
     )
 
 
-def _method_targets(
-    searched: Sequence[prompts.Target], method_names: Sequence[str], learned: Mapping[str, LearnedDirection], candidate_lists: Mapping[str, list[search.Candidate]]
-) -> tuple[list[prompts.Target], dict[str, list[search.Candidate]]]:
-    """The targets to search under each method (a learned twin only where its direction was trained)
-    and each one's candidates."""
-    out, per_target = [], {}
-    for method in method_names:
-        for target in searched:
+def method_targets(plan: Plan, learned: Mapping[str, LearnedDirection]) -> tuple[list[prompts.Target], dict[str, list[search.Candidate]]]:
+    """Every searched target under each method (a learned twin only where its direction was trained)
+    and each one's candidates: ``layers × multipliers`` or ``learned_layers × learned_multipliers``."""
+    settings = plan.settings
+    candidate_lists = {
+        "diffmean": search.candidates(settings.layers, settings.multipliers),
+        "learned": search.candidates(settings.learned_layers, settings.learned_multipliers),
+    }
+    searched, per_target = [], {}
+    for method in settings.method_names:
+        for target in plan.searched:
             if method == "learned" and learned[target.direction].direction is None:
-                continue
+                continue  # too few training targets passed the checker
             twin = methods.targets_for(target, method)
-            out.append(twin)
+            searched.append(twin)
             per_target[twin.name] = candidate_lists[method]
-    return out, per_target
+    return searched, per_target
 
 
-def _winning_entries(
-    targets_: Sequence[prompts.Target],
-    method_names: Sequence[str],
-    directions: Mapping[str, Direction],
-    results: Mapping[str, search.TargetResult],
-    pooled: Mapping[tuple[str, str], search.TargetResult],
-    strength_base: str,
-) -> tuple[list[SteeringEntry], dict[str, str | None]]:
-    """Per base target, the entry of the method that won on validation (named like the base target)."""
-    entries, winners = [], {}
-    for target in targets_:
-        twins = {method: methods.targets_for(target, method) for method in method_names}
-        twins = {method: twin for method, twin in twins.items() if twin.direction in directions}
-        if target.instruction_id in {instruction_id for instruction_id, _ in pooled}:
-            outcomes = {method: pooled[(target.instruction_id, method)] for method in twins if (target.instruction_id, method) in pooled}
-        else:
-            outcomes = {method: results[twin.name] for method, twin in twins.items() if twin.name in results}
-        winner = methods.pick(outcomes)
-        winners[target.name] = winner
-        if winner is None:
-            continue
-        twin = twins[winner]
-        if target.instruction_id in {instruction_id for instruction_id, _ in pooled}:
-            entry = _pooled_entry(twin, directions[twin.direction], outcomes[winner], strength_base)
-        else:
-            entry = _chosen_entry(twin, directions[twin.direction], outcomes[winner])
-        if entry is not None:
-            entries.append(replace(entry, name=target.name))
-    return entries, winners
+def search_settings(settings: BuildSettings, tokenizer: Any) -> search.SearchSettings:
+    """How validation generates and judges, from the build settings and the tokenizer."""
+    return search.SearchSettings(
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        pad_id=_pad_id(tokenizer),
+        stop_ids=prompts.stop_ids(tokenizer),
+        skip_first_token=settings.skip_first_token,
+        max_repetition=settings.max_repetition,
+        allowed_extra_degenerate=settings.allowed_degenerate,
+        strength_base=settings.strength_base,
+    )
 
 
-def build(
+def search_layers(
     model: nn.Module,
     tokenizer: Any,
-    *,
-    instructions: Sequence[str],
-    out: str | Path,
-    report_dir: str | Path,
-    model_name: str,
-    queries: Sequence[str] | None = None,
-    keywords: Sequence[str] = (),
-    n_train: int = 64,
-    n_val: int = 8,
-    layers: Sequence[int] | None = None,
-    multipliers: Sequence[float] = (0.5, 1.0, 1.5),
-    batch_size: int = 8,
-    seed: int = 0,
-    resume: bool = False,
-    max_new_tokens: int = 128,
-    max_repetition: float = 0.5,
-    allowed_degenerate: int = 0,
-    val_with_instruction: bool = False,
-    skip_first_token: bool = True,
-    strength_base: str = "shift",
-    keyword_sample: int | None = None,
-    search_model: nn.Module | None = None,
-    search_model_name: str | None = None,
-    scorer: search.Scorer = search.loose_follows,
-    method: str = "both",
-    learned: LearnedSettings | None = None,
-    learned_multipliers: Sequence[float] = (1.0,),
-) -> BuildResult:
-    """Builds steering vectors for ``instructions`` (groups or IFEval ids) and writes the vector file
-    ``out`` plus ``report.json``, ``scores.png`` and a checkpoint under ``report_dir``.
-
-    ``search_model`` (default: ``model``) is the model the layers and strengths are chosen on, e.g.
-    the base model when the vectors come from its instruct variant (same shape required).
-    ``keyword_sample=N`` chooses one layer and multiplier per keyword instruction on the pooled
-    validation of N sampled words and gives every word that choice (at its own direction's
-    strength): the paper chose one keyword layer, and a search per word costs a validation run per
-    word. Without it every word is searched on its own.
-    ``resume=True`` continues from the checkpoint of an interrupted build with the same settings and
-    writes the same file an uninterrupted build would.
-    ``method`` is ``diffmean``, ``learned`` or ``both`` (:mod:`vector_builder.methods`); ``learned``
-    holds the learned method's settings (default: :func:`default_learned_settings`), and its
-    candidates are ``learned.layers × learned_multipliers``.
-    """
-    started = time.perf_counter()
-    shape = ModelShape.of(model, model_name)
-    target_model = search_model if search_model is not None else model
-    target_shape = ModelShape.of(target_model, search_model_name or model_name)
-    check_compatible(shape, target_shape)
-    instruction_ids = prompts.expand_instructions(instructions)
-    specs, targets = prompts.plan(instruction_ids, keywords)
-    query_list = list(queries) if queries is not None else prompts.load_queries()
-    train, val = prompts.split_queries(query_list, n_train, n_val, seed)
-    layer_list = list(layers) if layers is not None else search.default_layers(shape.num_layers)
-    bad = [layer for layer in layer_list if not 0 <= layer < shape.num_layers]
-    if bad or not layer_list:
-        raise ValueError(f"--layers {bad or layer_list} out of range for a {shape.num_layers}-layer model (0..{shape.num_layers - 1})")
-    if strength_base not in search.STRENGTH_BASES:
-        raise ValueError(f"strength_base must be one of {', '.join(search.STRENGTH_BASES)}, got {strength_base!r}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    method_names = methods.methods_of(method)
-    learned = learned if learned is not None else default_learned_settings(shape.num_layers, seed)
-    bad = [layer for layer in learned.layers if not 0 <= layer < shape.num_layers]
-    if "learned" in method_names and (bad or not learned.layers):
-        raise ValueError(f"--learned-layers {bad or list(learned.layers)} out of range for a {shape.num_layers}-layer model (0..{shape.num_layers - 1})")
-    settings = {
-        "builder_version": BUILDER_VERSION,
-        "model": model_name,
-        "search_model": target_shape.name,
-        "instructions": instruction_ids,
-        "keywords": list(keywords),
-        "n_train": n_train,
-        "n_val": n_val,
-        "layers": layer_list,
-        "multipliers": [float(m) for m in multipliers],
-        "batch_size": batch_size,  # batch composition changes float rounding, so it is part of the result
-        "seed": seed,
-        "max_new_tokens": max_new_tokens,
-        "max_repetition": max_repetition,
-        "allowed_degenerate": allowed_degenerate,
-        "skip_first_token": skip_first_token,
-        "strength_base": strength_base,
-        "keyword_sample": keyword_sample,
-        "validation_prompts": "without and with instruction" if val_with_instruction else "without instruction",
-        "degeneracy_guard": (
-            f"degenerate = repetition (1 - distinct {search.NGRAM}-grams / {search.NGRAM}-grams) > {max_repetition}; a candidate with "
-            f"more than (unsteered count + {allowed_degenerate}) degenerate outputs is disqualified"
-        ),
-        "data_sha256": prompts.data_hash(query_list, keywords),
-        "method": method,
-    }
-    if "learned" in method_names:
-        settings["learned"] = {**learned.to_json(), "multipliers": [float(m) for m in learned_multipliers]}
-    checkpoint = report.Checkpoint(report_dir, settings, resume)
-
-    stage = time.perf_counter()
-    directions: dict[str, Direction] = {}
-    if "diffmean" in method_names:
-        sums = checkpoint.load_sums() if resume else None
-        if sums is None:
-            sums = _collect_sums(model, tokenizer, specs, train, seed, batch_size, pad_id)
-            checkpoint.save_sums(sums)
-        directions = {key: build_direction(key, with_sum, without_sum) for key, (with_sum, without_sum) in sums.items()}
-    activation_seconds = time.perf_counter() - stage
-
-    stage = time.perf_counter()
-    learned_by_key: dict[str, LearnedDirection] = {}
-    if "learned" in method_names:
-        learned_by_key = _learn(
-            model, tokenizer, specs, train, learned, checkpoint, resume=resume, batch_size=batch_size, pad_id=pad_id, seed=seed, skip_first_token=skip_first_token
-        )
-        directions.update({item.direction.key: item.direction for item in learned_by_key.values() if item.direction is not None})
-    learning_seconds = time.perf_counter() - stage
-
-    stage = time.perf_counter()
-    pooling = _pooling_plan(targets, keyword_sample, seed)
-    sampled = {target.name for group in pooling.values() for target in group}
-    searched = [target for target in targets if target.instruction_id not in pooling or target.name in sampled]
-    candidate_lists = {"diffmean": search.candidates(layer_list, multipliers), "learned": search.candidates(learned.layers, learned_multipliers)}
-    searched, per_target = _method_targets(searched, method_names, learned_by_key, candidate_lists)
-    # A learned twin is validated on exactly its base target's prompts (same seed string).
-    val_prompts = {target.name: prompts.validation_prompts(target, val, seed, val_with_instruction) for target in searched}
+    plan: Plan,
+    directions: Mapping[str, Direction],
+    learned: Mapping[str, LearnedDirection],
+    checkpoint: report.Checkpoint,
+    resume: bool,
+    scorer: search.Scorer,
+) -> Searched:
+    """Stage 3: validate every searched target (under each method) x candidate on ``model``, choose,
+    and pool the sampled words. A learned twin is validated on its base target's prompts."""
+    settings = plan.settings
+    searched, per_target = method_targets(plan, learned)
+    val_prompts = {target.name: prompts.validation_prompts(target, plan.val, settings.seed, settings.with_instruction_too) for target in plan.searched}
+    val_prompts.update({twin.name: val_prompts[twin.name.removesuffix(learned_directions.LEARNED_SUFFIX)] for twin in searched})
     val_ids = {name: [prompts.chat_ids(tokenizer, p.text) for p in items] for name, items in val_prompts.items()}
-    generation = search.SearchSettings(
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        pad_id=pad_id,
-        stop_ids=_stop_ids(tokenizer),
-        skip_first_token=skip_first_token,
-        max_repetition=max_repetition,
-        allowed_extra_degenerate=allowed_degenerate,
-        strength_base=strength_base,
-    )
+    generation = search_settings(settings, tokenizer)
     decode: Callable[[list[int]], str] = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     results = search.search(
-        target_model,
+        model,
         searched,
         directions,
         val_prompts,
@@ -377,73 +263,162 @@ def build(
         on_target_done=checkpoint.save_target,
         scorer=scorer,
     )
-    pooled = {
-        (instruction_id, method_name): search.pool(
-            f"{instruction_id} (pooled over {len(twins)} words{'' if method_name == 'diffmean' else ', ' + method_name})",
-            [results[twin.name] for twin in twins],
-            generation,
-        )
-        for instruction_id, group in pooling.items()
-        for method_name in method_names
-        if (twins := [methods.targets_for(t, method_name) for t in group if methods.targets_for(t, method_name).name in results])
+    return Searched(searched, results, _pool(plan, results, generation))
+
+
+def _pool(plan: Plan, results: dict[str, search.TargetResult], generation: search.SearchSettings) -> dict[tuple[str, str], search.TargetResult]:
+    """One pooled choice per keyword instruction and method; every sampled word's result then shows it."""
+    pooled = {}
+    for instruction_id, group in plan.pooling.items():
+        for method in plan.settings.method_names:
+            twins = [name for target in group if (name := methods.targets_for(target, method).name) in results]
+            if not twins:
+                continue
+            label = f"{instruction_id} (pooled over {len(twins)} words{'' if method == 'diffmean' else ', ' + method})"
+            pooled[(instruction_id, method)] = search.pool(label, [results[name] for name in twins], generation)
+            for name in twins:  # what was applied to every word, so the report and plot show it per word too
+                results[name] = replace(results[name], chosen=pooled[(instruction_id, method)].chosen)
+    return pooled
+
+
+def chosen_entries(plan: Plan, directions: Mapping[str, Direction], searched: Searched) -> tuple[list[SteeringEntry], dict[str, str | None]]:
+    """Stage 4: per target, the method whose choice validated best (:func:`methods.pick`) and its
+    entry, named like the target; nothing where every method chose "no steering". Pooled words take
+    their instruction's pooled choice at their own direction's strength."""
+    entries, winners = [], {}
+    for target in plan.targets:
+        twins = {method: twin for method in plan.settings.method_names if (twin := methods.targets_for(target, method)).direction in directions}
+        pooled = target.instruction_id in plan.pooling
+        outcomes = {
+            method: searched.pooled.get((target.instruction_id, method)) if pooled else searched.results.get(twin.name) for method, twin in twins.items()
+        }
+        winners[target.name] = winner = methods.pick({method: outcome for method, outcome in outcomes.items() if outcome is not None})
+        if winner is None:
+            continue
+        twin, direction = twins[winner], directions[twins[winner].direction]
+        entry = _pooled_entry(twin, direction, outcomes[winner], plan.settings.strength_base) if pooled else _chosen_entry(twin, direction, outcomes[winner])
+        if entry is not None:
+            entries.append(replace(entry, name=target.name))
+    return entries, winners
+
+
+def method_metadata(entries: Sequence[SteeringEntry], winners: Mapping[str, str | None], learned: Mapping[str, LearnedDirection]) -> dict[str, str]:
+    """Vector-file metadata beside the settings: which method made each entry, and each learned
+    direction's training targets and loss curves."""
+    written = {entry.name for entry in entries}
+    return {
+        "methods": json.dumps({name: method for name, method in winners.items() if name in written}, sort_keys=True),
+        **({"learned": json.dumps({key: item.summary(timing=False) for key, item in learned.items()}, sort_keys=True)} if learned else {}),
     }
-    for (instruction_id, method_name), outcome in pooled.items():
-        for target in pooling[instruction_id]:  # what was applied to every word, so the report and plot show it per word too
-            name = methods.targets_for(target, method_name).name
-            if name in results:
-                results[name] = replace(results[name], chosen=outcome.chosen)
+
+
+def write_vectors(
+    out: str | Path, entries: Sequence[SteeringEntry], settings: BuildSettings, shape: ModelShape, report_dir: str | Path, metadata: Mapping[str, str]
+) -> VectorFile | None:
+    """Stage 5: the vector file with the settings (and ``metadata``) in its metadata; nothing (and a
+    warning) without entries."""
+    if not entries:
+        warnings.warn(f"no entry beat 'no steering' on validation: {out} was not written (see {report_dir}/report.json)", stacklevel=3)
+        return None
+    return save_vector_file(
+        out,
+        entries,
+        model=settings.model,
+        hidden_size=shape.hidden_size,
+        num_layers=shape.num_layers,
+        extra_metadata={"builder": json.dumps(asdict(settings), sort_keys=True), "data_sha256": settings.data_sha256, **metadata},
+    )
+
+
+def ordered_results(plan: Plan, searched: Searched) -> list[search.TargetResult]:
+    """Pooled results first, then each searched target: the order of the report and the plot."""
+    return [*searched.pooled.values(), *(searched.results[target.name] for target in searched.targets)]
+
+
+def assemble_report(
+    plan: Plan,
+    directions: Mapping[str, Direction],
+    searched: Searched,
+    learned: Mapping[str, LearnedDirection],
+    winners: Mapping[str, str | None],
+    out: str | Path,
+    vector_file: VectorFile | None,
+    timing: Mapping[str, float],
+) -> dict[str, Any]:
+    """Stage 6: ``report.json``: settings, per-layer direction statistics, every target's candidates
+    and choice (per method), which method won per entry, the learned directions' targets and loss
+    curves, what pooled choices were pooled over, timings and peak memory."""
+    return {
+        "vector_file": str(out) if vector_file is not None else None,
+        "vector_file_sha256": None if vector_file is None else vector_file.sha256,
+        "settings": asdict(plan.settings),
+        "directions": {
+            key: {"count": d.count, "strength_c": d.strength.tolist(), "baseline_projection": d.baseline.tolist(), "shift_norm": d.shift.tolist()}
+            for key, d in directions.items()
+        },
+        "targets": [
+            report.target_summary(result, _note(result), plan.settings.n_val if result.name in searched.results else None)
+            for result in ordered_results(plan, searched)
+        ],
+        "pooled_over": {instruction_id: [target.name for target in group] for instruction_id, group in plan.pooling.items()},
+        "methods": dict(winners),
+        "learned": {key: item.summary() for key, item in learned.items()},
+        "timing_seconds": {key: round(seconds, 3) for key, seconds in timing.items()},
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def build(
+    model: nn.Module,
+    tokenizer: Any,
+    settings: BuildSettings,
+    *,
+    out: str | Path,
+    report_dir: str | Path,
+    queries: Sequence[str] | None = None,
+    resume: bool = False,
+    search_model: nn.Module | None = None,
+    scorer: search.Scorer = search.loose_follows,
+) -> BuildResult:
+    """Builds steering vectors as ``settings`` say and writes the vector file ``out`` plus
+    ``report.json``, ``scores.png`` and a checkpoint under ``report_dir``.
+
+    ``queries`` (default: the packaged questions) are the training and validation questions.
+    ``search_model`` (default: ``model``) is the model the layers and strengths are chosen on, e.g.
+    the base model when the vectors come from its instruct variant (same shape required; its name
+    is ``settings.search_model``). ``resume=True`` continues from the checkpoint of an interrupted
+    build with the same settings and writes the same file an uninterrupted build would.
+    ``settings.method`` decides whether difference-of-means directions, learned vectors or both are
+    searched (:mod:`vector_builder.methods`); ``training.png`` shows the learned vectors' loss curves.
+    """
+    started = time.perf_counter()
+    shape = ModelShape.of(model, settings.model)
+    target_model = search_model if search_model is not None else model
+    check_compatible(shape, ModelShape.of(target_model, settings.search_model or settings.model))
+    plan = plan_build(settings, list(queries) if queries is not None else prompts.load_queries(), shape.num_layers)
+    checkpoint = report.Checkpoint(report_dir, asdict(plan.settings), resume)
+
+    stage = time.perf_counter()
+    directions = collect_directions(model, tokenizer, plan, checkpoint, resume)
+    activation_seconds = time.perf_counter() - stage
+    stage = time.perf_counter()
+    learned = learn_directions(model, tokenizer, plan, checkpoint, resume)
+    directions = {**directions, **{item.direction.key: item.direction for item in learned.values() if item.direction is not None}}
+    learning_seconds = time.perf_counter() - stage
+    stage = time.perf_counter()
+    searched = search_layers(target_model, tokenizer, plan, directions, learned, checkpoint, resume, scorer)
     search_seconds = time.perf_counter() - stage
 
-    entries, winners = _winning_entries(targets, method_names, directions, results, pooled, strength_base)
-    vector_file = None
-    if entries:
-        vector_file = save_vector_file(
-            out,
-            entries,
-            model=model_name,
-            hidden_size=shape.hidden_size,
-            num_layers=shape.num_layers,
-            extra_metadata={
-                "builder": json.dumps(settings, sort_keys=True),
-                "data_sha256": settings["data_sha256"],
-                **_method_metadata(entries, winners, learned_by_key),
-            },
-        )
-    else:
-        warnings.warn(f"no entry beat 'no steering' on validation: {out} was not written (see {report_dir}/report.json)", stacklevel=2)
-
-    ordered = [*pooled.values(), *(results[target.name] for target in searched)]
-    report_path = report.write_report(
-        report_dir,
-        {
-            "vector_file": str(out) if vector_file is not None else None,
-            "vector_file_sha256": None if vector_file is None else vector_file.sha256,
-            "settings": settings,
-            "directions": {
-                key: {"count": d.count, "strength_c": d.strength.tolist(), "baseline_projection": d.baseline.tolist(), "shift_norm": d.shift.tolist()}
-                for key, d in directions.items()
-            },
-            "targets": [report.target_summary(result, _note(result), n_val if result.name in results else None) for result in ordered],
-            "pooled_over": {instruction_id: [target.name for target in group] for instruction_id, group in pooling.items()},
-            "methods": winners,
-            "learned": {key: item.summary() for key, item in learned_by_key.items()},
-            "timing_seconds": {
-                "activations": round(activation_seconds, 3),
-                "learning": round(learning_seconds, 3),
-                "search": round(search_seconds, 3),
-                "total": round(time.perf_counter() - started, 3),
-            },
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        },
-    )
-    plot_path = report.write_plot(report_dir, ordered)
-    training_plot_path = report.write_training_plot(report_dir, learned_by_key)
+    entries, winners = chosen_entries(plan, directions, searched)
+    vector_file = write_vectors(out, entries, plan.settings, shape, report_dir, method_metadata(entries, winners, learned))
+    timing = {"activations": activation_seconds, "learning": learning_seconds, "search": search_seconds, "total": time.perf_counter() - started}
+    report_path = report.write_report(report_dir, assemble_report(plan, directions, searched, learned, winners, out, vector_file, timing))
     return BuildResult(
         vector_file=vector_file,
         report_path=report_path,
-        plot_path=plot_path,
-        results={**results, **{result.name: result for result in pooled.values()}},
-        pooled={instruction_id: [target.name for target in group] for instruction_id, group in pooling.items()},
+        plot_path=report.write_plot(report_dir, ordered_results(plan, searched)),
+        results={**searched.results, **{result.name: result for result in searched.pooled.values()}},
+        pooled={instruction_id: [target.name for target in group] for instruction_id, group in plan.pooling.items()},
         methods=winners,
-        training_plot_path=training_plot_path,
+        training_plot_path=report.write_training_plot(report_dir, learned),
     )

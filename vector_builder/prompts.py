@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lm_eval_steer.tasks.ifeval_steer_utils import FORMAT_INSTRUCTIONS, prepare_scorer
+from lm_eval_steer.ifeval import FORMAT_INSTRUCTIONS, prepare_scorer
 
 DEFAULT_QUERIES = Path(__file__).resolve().parent / "data" / "queries.jsonl"
 
@@ -265,6 +265,13 @@ def chat_ids(tokenizer: Any, text: str) -> list[int]:
 
 # Chat models end a turn with a special token that may differ from eos.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def stop_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Tokens that end a generated answer: eos and whichever end-of-turn tokens the vocabulary has."""
+    vocab = tokenizer.get_vocab()
+    found = {int(vocab[token]) for token in END_OF_TURN_TOKENS if token in vocab}
+    return tuple(sorted(found | ({int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set())))
 
 
 def end_of_turn_id(tokenizer: Any) -> int:

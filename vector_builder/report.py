@@ -26,7 +26,7 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lm_eval_steer.vectorfile import atomic_write_bytes
+from lm_eval_steer.atomic import atomic_write, write_json
 from vector_builder.activations import RunningSum
 from vector_builder.learned import TrainedVector
 from vector_builder.learned_directions import LearnedDirection
@@ -39,11 +39,6 @@ TRAINING_PLOT_NAME = "training.png"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from (other settings, or unreadable)."""
-
-
-def write_json(path: Path, payload: Any) -> None:
-    data = (json.dumps(payload, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode()
-    atomic_write_bytes(path, lambda temp: Path(temp).write_bytes(data))
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
@@ -96,7 +91,7 @@ class Checkpoint:
             tensors[f"{key}/with"] = with_sum.total.contiguous()
             tensors[f"{key}/without"] = without_sum.total.contiguous()
         counts = json.dumps({key: [w.count, o.count] for key, (w, o) in sums.items()})
-        atomic_write_bytes(self.sums_path, lambda temp: save_file(tensors, temp, metadata={"counts": counts}))
+        atomic_write(self.sums_path, lambda temp: save_file(tensors, temp, metadata={"counts": counts}))
 
     def load_targets(self) -> dict[str, TargetResult]:
         results = {}
@@ -135,7 +130,7 @@ class Checkpoint:
             },
         }
         path = self.learned_dir / f"{_safe_name(key)}.safetensors"
-        atomic_write_bytes(path, lambda temp: save_file(tensors, temp, metadata={"learned": json.dumps(meta)}))
+        atomic_write(path, lambda temp: save_file(tensors, temp, metadata={"learned": json.dumps(meta)}))
 
 
 def _part_scores(follows: Sequence[bool], n_without: int | None) -> dict[str, float]:
@@ -213,7 +208,7 @@ def write_plot(report_dir: str | Path, results: Sequence[TargetResult]) -> Path:
         axes.flat[0].legend(fontsize=7)
     figure.tight_layout()
     path = Path(report_dir) / PLOT_NAME
-    atomic_write_bytes(path, lambda temp: figure.savefig(temp, format="png", dpi=80))
+    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=80))
     plt.close(figure)
     return path
 
@@ -247,6 +242,6 @@ def write_training_plot(report_dir: str | Path, learned: Mapping[str, LearnedDir
         axis.axis("off")
     figure.tight_layout()
     path = Path(report_dir) / TRAINING_PLOT_NAME
-    atomic_write_bytes(path, lambda temp: figure.savefig(temp, format="png", dpi=80))
+    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=80))
     plt.close(figure)
     return path

@@ -2,7 +2,7 @@
 
 Every target (vector-file entry) is tried at each candidate ``(layer, multiplier)`` plus "no
 steering" on the same validation prompts; generations of all targets and candidates run batched
-together through :func:`lm_eval_steer.hooks.steering` (one row per (prompt, candidate), each row
+together through :func:`lm_eval_steer.runtime.hooks.steering` (one row per (prompt, candidate), each row
 with its own entry). Identical generations are run once: the unsteered generation of a validation
 query serves every target, and targets that share a direction and mode (the two length entries)
 share their steered generations too. Outputs are scored with IFEval's loose checker.
@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lm_eval_steer.degeneracy import NGRAM, is_degenerate
-from lm_eval_steer.hooks import steering
-from lm_eval_steer.vectorfile import SteeringEntry
+from lm_eval_steer.analysis.degeneracy import NGRAM, is_degenerate
+from lm_eval_steer.runtime.hooks import steering
+from lm_eval_steer.runtime.vectorfile import SteeringEntry
 from vector_builder.activations import left_pad, model_device
 from vector_builder.directions import Direction
 from vector_builder.prompts import Prompt, Target
@@ -60,13 +60,24 @@ def candidates(layers: Sequence[int], multipliers: Sequence[float]) -> list[Cand
     return [Candidate(None)] + [Candidate(layer, float(m)) for layer in layers for m in multipliers]
 
 
-def loose_follows(instruction_id: str, kwargs: Mapping[str, Any], prompt: str, response: str) -> bool:
-    """IFEval's loose check of one instruction, exactly as the harness scores it."""
-    from lm_eval_steer.tasks.ifeval_steer_utils import harness_ifeval
+def ifeval_follows(instruction_id: str, kwargs: Mapping[str, Any], prompt: str, response: str, *, strict: bool) -> bool:
+    """IFEval's strict or loose check of one instruction, exactly as the harness scores it."""
+    from lm_eval_steer.ifeval import harness_ifeval
 
     utils = harness_ifeval()  # finds the offline NLTK data and seeds langdetect (deterministic scores)
     example = utils.InputExample(key=0, instruction_id_list=[instruction_id], prompt=prompt, kwargs=[dict(kwargs)])
-    return bool(utils.test_instruction_following_loose(example, response).follow_all_instructions)
+    test = utils.test_instruction_following_strict if strict else utils.test_instruction_following_loose
+    return bool(test(example, response).follow_all_instructions)
+
+
+def loose_follows(instruction_id: str, kwargs: Mapping[str, Any], prompt: str, response: str) -> bool:
+    """IFEval's loose check (the validation score)."""
+    return ifeval_follows(instruction_id, kwargs, prompt, response, strict=False)
+
+
+def strict_follows(instruction_id: str, kwargs: Mapping[str, Any], prompt: str, response: str) -> bool:
+    """IFEval's strict check (what a learned vector's training target must pass)."""
+    return ifeval_follows(instruction_id, kwargs, prompt, response, strict=True)
 
 
 @dataclass

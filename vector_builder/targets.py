@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from vector_builder import prompts
 from vector_builder.activations import left_pad, model_device
+from vector_builder.search import strict_follows
 
 Source = Literal["greedy", "sampled", "repaired"]
 PROBE = 4  # failing queries sampled first; sampling goes on only if one of them found a passing answer
@@ -125,15 +126,6 @@ REPAIRS: Mapping[str, Callable[[str, Mapping[str, Any], str], str | None]] = {
 }
 """instruction id → ``repair(response, kwargs, query)``: a minimal edit meant to make the response
 follow the instruction, or None when no such edit is known for these kwargs."""
-
-
-def strict_follows(instruction_id: str, kwargs: Mapping[str, Any], prompt: str, response: str) -> bool:
-    """IFEval's strict check of one instruction, as the harness scores ``prompt_level_strict_acc``."""
-    from lm_eval_steer.tasks.ifeval_steer_utils import harness_ifeval
-
-    utils = harness_ifeval()
-    example = utils.InputExample(key=0, instruction_id_list=[instruction_id], prompt=prompt, kwargs=[dict(kwargs)])
-    return bool(utils.test_instruction_following_strict(example, response).follow_all_instructions)
 
 
 # ---------------------------------------------------------------------------------------- sampling

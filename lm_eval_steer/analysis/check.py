@@ -19,17 +19,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lm_eval_steer.results import (
+from lm_eval_steer.analysis.results import (
     MetricValue,
     ResultsError,
     Run,
-    combined_stderr,
-    format_value,
     incompatibilities,
     load_single_run,
-    markdown_table,
     select_metrics,
 )
+from lm_eval_steer.analysis.tables import combined_stderr, format_value, markdown_table
+from lm_eval_steer.console import EXIT_USAGE, fail
 
 DEFAULT_TOLERANCE = 0.02
 
@@ -38,7 +37,7 @@ DEFAULT_TOLERANCE = 0.02
 #: the tolerance would fail. 1e-9 is far below any real score difference (1 / 10^9 documents).
 EPSILON = 1e-9
 
-EXIT_OK, EXIT_REGRESSION, EXIT_NOT_COMPARABLE = 0, 1, 2
+EXIT_OK, EXIT_REGRESSION, EXIT_NOT_COMPARABLE = 0, 1, EXIT_USAGE
 
 
 @dataclass(frozen=True)
@@ -154,15 +153,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Exit 0 ok, 1 regression, 2 not comparable (see the module docstring)."""
     if args.tolerance < 0 or (args.sigma is not None and args.sigma < 0):
-        print("lm-eval-steer check: error: --tolerance and --sigma must be >= 0", file=sys.stderr)
-        return EXIT_NOT_COMPARABLE
+        return fail("check", "--tolerance and --sigma must be >= 0")
     try:
         baseline = load_single_run(args.baseline)
         current = load_single_run(args.results)
         metrics = select_metrics([baseline], args.metrics)
     except ResultsError as error:
-        print(f"lm-eval-steer check: error: {error}", file=sys.stderr)
-        return EXIT_NOT_COMPARABLE
+        return fail("check", error)
     print(f"baseline: {baseline.path} ({baseline.label})")
     print(f"results:  {current.path} ({current.label})")
     problems = comparability_problems(baseline, current, metrics)

@@ -9,7 +9,8 @@ x.json`` writes ``x_<date>.json`` instead. A results JSON holds, among others::
     versions[task], n-samples[task]["effective"], higher_is_better[task][metric]
     configs[task]["generation_kwargs"], config["limit"], config["gen_kwargs"], config["steering"]
 
-This module knows that layout; nothing else in the package parses results JSON by hand.
+This module knows that layout; nothing else in the package parses results JSON or samples by hand.
+It also decides what one leaderboard row is: a run's label, and split runs merged into one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,9 @@ class MetricValue:
 
 @dataclass
 class Run:
-    """One results file, reduced to what comparing and checking need."""
+    """One run (one results file, or several split runs merged), reduced to what comparing and checking need."""
 
-    path: Path
+    paths: tuple[Path, ...]  # its results file(s)
     label: str
     model: str
     steering: dict[str, Any] | None
@@ -66,6 +67,11 @@ class Run:
     task_gen_kwargs: dict[str, Any]  # task -> effective generation_kwargs from the task config
     chat_template_sha: str | None
     sample_files: dict[str, Path] = field(default_factory=dict)  # task -> samples_*.jsonl
+
+    @property
+    def path(self) -> Path:
+        """Its (first) results file."""
+        return self.paths[0]
 
     @property
     def tasks(self) -> list[str]:
@@ -175,7 +181,7 @@ def model_name(data: Mapping[str, Any]) -> str:
 
 
 def _number_range(values: Sequence[Any], prefix: str) -> str:
-    """``L12`` for one value, ``L10,12`` for a few, ``L10..22`` for many (labels stay short)."""
+    """``L12`` for one value, ``L10,12`` for a few, ``L10..22`` for many."""
     unique = sorted(set(values), key=lambda v: (isinstance(v, str), v))
     if not unique:
         return ""
@@ -184,32 +190,43 @@ def _number_range(values: Sequence[Any], prefix: str) -> str:
     return f"{prefix}{unique[0]:g}..{unique[-1]:g}"
 
 
+def _override_parts(overrides: Mapping[str, Any]) -> list[str]:
+    """``L9``, ``x1.5``, ``mode=add``, ``positions=generated`` for the overrides a run set."""
+    parts = [f"L{overrides['layer']}"] if "layer" in overrides else []
+    parts += [f"x{overrides['scale']}"] if "scale" in overrides else []
+    return parts + [f"{key}={overrides[key]}" for key in ("mode", "positions") if key in overrides]
+
+
 def steering_label(steering: Mapping[str, Any] | None) -> str:
-    """The steering part of a run label: vector files, layers, strengths, route.
+    """The steering part of a run's default label: vector file stems, overrides, route.
 
     ``""`` for runs without steering (plain ``hf``); ``"route=none"`` for a ``steered-hf`` baseline.
+    Layers and strengths live in the vector files; :func:`steering_description` spells them out.
     """
     if steering is None:
         return ""
     route = steering.get("route", "auto")
     if route == "none":
         return "route=none"
+    files = steering.get("vector_files") or []
+    stems = "+".join(Path(str(file.get("path", "?"))).stem for file in files) or "no-vectors"
+    return " ".join([stems, *_override_parts(steering.get("overrides") or {}), f"route={route}"])
+
+
+def steering_description(steering: Mapping[str, Any] | None) -> str:
+    """Every detail of a run's steering for the leaderboard's Runs table: vector files, the layers and
+    strengths of their entries (or the overrides), route; ``""`` for runs without steering."""
+    if steering is None or steering.get("route") == "none":
+        return steering_label(steering)
     overrides = steering.get("overrides") or {}
     files = steering.get("vector_files") or []
     entries = [entry for file in files for entry in (file.get("entries") or [])]
     parts = ["+".join(Path(str(file.get("path", "?"))).name for file in files) or "no-vectors"]
-    if "layer" in overrides:
-        parts.append(f"L{overrides['layer']}")
-    else:
+    if "layer" not in overrides:
         parts.append(_number_range([e["layer"] for e in entries if "layer" in e], "L"))
-    if "scale" in overrides:
-        parts.append(f"x{overrides['scale']}")
-    else:
+    if "scale" not in overrides:
         parts.append(_number_range([e["strength"] for e in entries if "strength" in e], "c="))
-    for key in ("mode", "positions"):
-        if key in overrides:
-            parts.append(f"{key}={overrides[key]}")
-    parts.append(f"route={route}")
+    parts += [*_override_parts(overrides), f"route={steering.get('route', 'auto')}"]
     return " ".join(part for part in parts if part)
 
 
@@ -248,7 +265,7 @@ def load_run(path: Path) -> Run:
     steering = config.get("steering")
     model = model_name(data)
     return Run(
-        path=path,
+        paths=(path,),
         label=run_label(model, steering),
         model=model,
         steering=steering,
@@ -265,12 +282,24 @@ def load_run(path: Path) -> Run:
     )
 
 
-def load_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Run]:
-    """Every run the given files/directories stand for (each file once), with labels made unique."""
-    files = {file.resolve(): file for path in paths for file in find_results_files(Path(path))}
-    runs = [load_run(file) for file in files.values()]
-    make_labels_unique(runs)
-    return runs
+def load_runs(paths: Sequence[str | os.PathLike[str]], labels: Sequence[str] | None = None) -> list[Run]:
+    """Every run the given files/directories stand for (each file once), split runs merged
+    (:func:`merge_split_runs`), labels made unique. ``labels`` (``--label``): one per path, in order;
+    every results file a path stands for takes its label."""
+    if labels and len(labels) != len(paths):
+        raise ResultsError(f"--label given {len(labels)} times for {len(paths)} runs: give one per RUN, in order")
+    runs: dict[Path, Run] = {}
+    for index, path in enumerate(paths):
+        for file in find_results_files(Path(path)):
+            if file.resolve() in runs:
+                continue
+            run = load_run(file)
+            if labels:
+                run.label = labels[index]
+            runs[file.resolve()] = run
+    merged = merge_split_runs(list(runs.values()))
+    make_labels_unique(merged)
+    return merged
 
 
 def load_single_run(path: str | os.PathLike[str]) -> Run:
@@ -298,6 +327,79 @@ def make_labels_unique(runs: Sequence[Run]) -> None:
     """Tells apart runs with the same label by their date, then (same date) by a counter."""
     _suffix_duplicates(runs, lambda run, _: f"@ {date_id(run.path) or run.path.stem}")
     _suffix_duplicates(runs, lambda _, n: f"#{n}")
+
+
+def _configuration(run: Run) -> str:
+    """What must agree for two runs to be one configuration: label, model, steering (vector files by
+    content, not path), generation settings, ``--limit`` and chat template."""
+    steering = None
+    if run.steering is not None:
+        files = [{k: v for k, v in file.items() if k != "path"} for file in run.steering.get("vector_files") or []]
+        steering = {**run.steering, "vector_files": files}
+    setup = [run.label, run.model, steering, run.gen_kwargs, run.limit, run.chat_template_sha]
+    return json.dumps(setup, sort_keys=True, default=str)
+
+
+def _merge(first: Run, second: Run) -> Run:
+    return replace(
+        first,
+        paths=first.paths + second.paths,
+        metrics={**first.metrics, **second.metrics},
+        versions={**first.versions, **second.versions},
+        n_samples={**first.n_samples, **second.n_samples},
+        task_gen_kwargs={**first.task_gen_kwargs, **second.task_gen_kwargs},
+        sample_files={**first.sample_files, **second.sample_files},
+    )
+
+
+def merge_split_runs(runs: Sequence[Run]) -> list[Run]:
+    """Runs of one configuration (:func:`_configuration`) over different tasks, e.g. one evaluation
+    split into several ``--samples`` runs, become one run, so a leaderboard shows them as one row.
+    Runs that share a task stay apart: they are repeats, not parts."""
+    merged: list[Run] = []
+    for run in runs:
+        key = _configuration(run)
+        for index, kept in enumerate(merged):
+            if _configuration(kept) == key and not set(kept.metrics) & set(run.metrics):
+                merged[index] = _merge(kept, run)
+                break
+        else:
+            merged.append(run)
+    return merged
+
+
+def pick_baseline(runs: list[Run], spec: str | None) -> Run:
+    """The run named by ``--baseline`` (a label, a results file, or an input path); else the first.
+
+    A results file that is not among the inputs is loaded and put first, so that it is both
+    compared and shown.
+    """
+    if spec is None:
+        return runs[0]
+    for run in runs:
+        if spec == run.label:
+            return run
+    if not Path(spec).exists():
+        raise ResultsError(f"--baseline {spec}: neither a run label nor an existing path")
+    files = {file.resolve(): file for file in find_results_files(Path(spec))}
+    if len(files) != 1:
+        raise ResultsError(f"--baseline {spec}: stands for {len(files)} runs; name one results file")
+    for run in runs:
+        if any(path.resolve() in files for path in run.paths):
+            return run
+    baseline = load_run(next(iter(files.values())))
+    runs.insert(0, baseline)
+    make_labels_unique(runs)
+    return baseline
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of one ``samples_*.jsonl`` file."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResultsError(f"{path}: not a readable samples file ({error})") from error
 
 
 # --------------------------------------------------------------------------- selecting metrics
@@ -356,37 +458,3 @@ def incompatibilities(reference: Run, other: Run) -> list[str]:
     if reference.chat_template_sha != other.chat_template_sha:
         problems.append("chat template differs (applied in one run only, or a different template)")
     return problems
-
-
-# --------------------------------------------------------------------------- math and formatting
-
-
-def combined_stderr(a: float | None, b: float | None) -> float | None:
-    """Standard error of a difference of two independent estimates: ``sqrt(se_a^2 + se_b^2)``.
-
-    Runs on the same documents are positively correlated, so this overstates the true error of the
-    delta: a conservative choice for both the leaderboard and the sigma gate.
-    """
-    if a is None or b is None:
-        return None
-    return math.hypot(a, b)
-
-
-def format_value(value: float | None, stderr: float | None = None, *, signed: bool = False) -> str:
-    """``0.412 ± 0.021`` (or ``+0.052 ± 0.030`` with ``signed``); ``—`` for a missing value."""
-    if value is None:
-        return "—"
-    text = f"{value:+.3f}" if signed else f"{value:.3f}"
-    return f"{text} ± {stderr:.3f}" if stderr is not None else text
-
-
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """A GitHub Markdown table, padded so that it also reads well as plain terminal output."""
-    rows = [[str(cell).replace("|", "\\|") for cell in row] for row in rows]
-    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
-    lines = [
-        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
-        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-        *("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows),
-    ]
-    return "\n".join(lines)

@@ -2,8 +2,9 @@
 
     lm-eval-steer compare runs/base runs/steered.json [--baseline runs/base] --out leaderboard/
 
-One row per run (model + steering configuration), one column per task x metric, each cell the
-score with its stderr and the delta against the baseline row. Runs that differ in task version,
+One row per run (model + steering configuration; ``--label`` names them, and runs of one
+configuration over different tasks, e.g. split ``--samples`` runs, share a row), one column per
+task x metric, each cell the score with its stderr and the delta against the baseline row. Runs that differ in task version,
 ``--limit``, generation settings or chat template are listed under "Warnings" instead of being
 compared silently. When samples were logged (``--log_samples``), a per-instruction breakdown follows.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from collections.abc import Iterable, Sequence
@@ -20,20 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lm_eval_steer.results import (
+from lm_eval_steer.analysis.results import (
     MetricValue,
     ResultsError,
     Run,
-    combined_stderr,
-    format_value,
-    find_results_files,
     incompatibilities,
-    load_run,
     load_runs,
-    make_labels_unique,
-    markdown_table,
+    pick_baseline,
+    read_samples,
     select_metrics,
+    steering_description,
 )
+from lm_eval_steer.analysis.tables import combined_stderr, format_value, markdown_table
+from lm_eval_steer.atomic import atomic_write, write_text
+from lm_eval_steer.console import fail
 
 Column = tuple[str, str]  # (task, metric id)
 
@@ -125,15 +125,6 @@ def instruction_accuracy(samples: Iterable[dict[str, Any]], metric: str) -> dict
     return {instruction: (hits, total) for instruction, (hits, total) in sorted(counts.items())}
 
 
-def read_samples(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of one ``samples_*.jsonl`` file."""
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ResultsError(f"{path}: not a readable samples file ({error})") from error
-
-
 def breakdown_metrics(metrics: Sequence[str]) -> list[str]:
     """Instruction-level metrics among those selected; loose accuracy when none was selected."""
     chosen = [metric for metric in metrics if metric.startswith("inst_level_")]
@@ -222,7 +213,7 @@ def render_markdown(
         "",
         "## Runs",
         "",
-        markdown_table(["run", "results file"], [[run.label, str(run.path)] for run in runs]),
+        markdown_table(["run", "results file", "steering"], [[run.label, results_files(run), steering_description(run.steering)] for run in runs]),
     ]
     if warnings:
         lines += ["", "## Warnings", "", "Not like-for-like; deltas involving these runs are unreliable:", ""]
@@ -231,6 +222,11 @@ def render_markdown(
     if breakdown:
         lines += ["", "## Per-instruction accuracy (from logged samples)", *breakdown]
     return "\n".join(lines) + "\n"
+
+
+def results_files(run: Run) -> str:
+    """The run's results file, or the files of the split runs merged into it."""
+    return "; ".join(str(path) for path in run.paths)
 
 
 def csv_rows(runs: Sequence[Run], baseline: Run, columns: Sequence[Column]) -> list[dict[str, Any]]:
@@ -246,7 +242,7 @@ def csv_rows(runs: Sequence[Run], baseline: Run, columns: Sequence[Column]) -> l
             "stderr": cell.stderr,
             "delta": cell.delta,
             "delta_stderr": cell.delta_stderr,
-            "results_file": str(run.path),
+            "results_file": results_files(run),
         }
         for run, row in zip(runs, cells)
         for (task, metric), cell in zip(columns, row)
@@ -261,11 +257,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
             writer.writeheader()
             writer.writerows(rows)
 
-    _atomic_write(path, write)
-
-
-def write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+    atomic_write(path, write)
 
 
 def write_chart(path: Path, runs: Sequence[Run], columns: Sequence[Column]) -> None:
@@ -296,47 +288,21 @@ def write_chart(path: Path, runs: Sequence[Run], columns: Sequence[Column]) -> N
     axes.set_ylabel("score (± stderr)")
     axes.set_title("lm-eval-steer leaderboard")
     figure.legend(fontsize=7, loc="outside lower center")
-    _atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=120))
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    # Imported here: vectorfile pulls in torch, which only the writing step needs to pay for.
-    from lm_eval_steer.vectorfile import atomic_write_bytes
-
-    atomic_write_bytes(path, write)
+    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=120))
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def pick_baseline(runs: list[Run], spec: str | None) -> Run:
-    """The run named by ``--baseline`` (a label, a results file, or an input path); else the first.
-
-    A results file that is not among the inputs is loaded and put first, so that it is both
-    compared and shown.
-    """
-    if spec is None:
-        return runs[0]
-    for run in runs:
-        if spec == run.label:
-            return run
-    if not Path(spec).exists():
-        raise ResultsError(f"--baseline {spec}: neither a run label nor an existing path")
-    files = {file.resolve(): file for file in find_results_files(Path(spec))}
-    if len(files) != 1:
-        raise ResultsError(f"--baseline {spec}: stands for {len(files)} runs; name one results file")
-    for run in runs:
-        if run.path.resolve() in files:
-            return run
-    baseline = load_run(next(iter(files.values())))
-    runs.insert(0, baseline)
-    make_labels_unique(runs)
-    return baseline
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="results_*.json file or lm_eval --output_path directory")
     parser.add_argument("--baseline", metavar="RUN", help="baseline run: a label, a RUN path, or another results path (default: the first RUN)")
+    parser.add_argument(
+        "--label",
+        action="append",
+        metavar="LABEL",
+        help="row label of each RUN, repeated once per RUN in order (default: model [vector file stems, route])",
+    )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="writes DIR/leaderboard.{md,csv,png}")
     parser.add_argument(
         "--metrics",
@@ -350,17 +316,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Exit 0 when the leaderboard was written, 2 when inputs are unreadable or unusable."""
     try:
-        runs = load_runs(args.runs)
+        runs = load_runs(args.runs, args.label)
         baseline = pick_baseline(runs, args.baseline)
         metrics = select_metrics(runs, args.metrics)
         columns = columns_for(runs, metrics)
         warnings = comparison_warnings(runs, baseline, columns)
         markdown = render_markdown(runs, baseline, metrics, columns, warnings)
     except ResultsError as error:
-        print(f"lm-eval-steer compare: error: {error}", file=sys.stderr)
-        return 2
+        return fail("compare", error)
     for item in runs:
-        print(f"using {item.path}  ->  {item.label}")
+        print(f"using {results_files(item)}  ->  {item.label}")
     out: Path = args.out
     write_text(out / "leaderboard.md", markdown)
     write_csv(out / "leaderboard.csv", csv_rows(runs, baseline, columns))

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lm_eval_steer import interventions
-from lm_eval_steer.vectorfile import SteeringEntry
+from lm_eval_steer.runtime import interventions
+from lm_eval_steer.runtime.vectorfile import SteeringEntry
 
 # Attribute paths of the decoder-layer list in common architectures, tried before the generic search.
 KNOWN_LAYER_PATHS = (

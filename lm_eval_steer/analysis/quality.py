@@ -18,17 +18,17 @@ Writes ``DIR/quality.md`` and ``DIR/quality.json`` (atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lm_eval_steer.compare import pick_baseline, read_samples
-from lm_eval_steer.degeneracy import is_degenerate
-from lm_eval_steer.results import ResultsError, Run, load_runs, make_labels_unique, markdown_table
-from lm_eval_steer.vectorfile import atomic_write_bytes
+from lm_eval_steer.analysis.degeneracy import is_degenerate
+from lm_eval_steer.analysis.results import ResultsError, Run, load_runs, pick_baseline, read_samples
+from lm_eval_steer.analysis.tables import markdown_table
+from lm_eval_steer.atomic import write_json, write_text
+from lm_eval_steer.console import fail
 
 Scorer = Callable[[Sequence[tuple[str, str]]], list[tuple[float, int]]]
 """``scorer([(prompt, response), ...]) -> [(sum log p(response | prompt), response tokens), ...]``."""
@@ -173,7 +173,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         runs = load_runs(args.runs)
-        make_labels_unique(runs)
         baseline = pick_baseline(runs, args.baseline)
         missing = [run.label for run in runs if not run.sample_files]
         if missing:
@@ -181,15 +180,11 @@ def run(args: argparse.Namespace) -> int:
         score, tokenize = harness_scorer(args.model_args, args.device, args.batch_size)
         rows = [task_quality(task, run, baseline, score, tokenize) for run in runs for task in sorted(run.sample_files)]
     except ResultsError as error:
-        print(f"lm-eval-steer quality: error: {error}")
-        return 2
+        return fail("quality", error)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"scoring_model": args.model_args, "baseline": baseline.label, "rows": [asdict(row) for row in rows]}
-    data = (json.dumps(payload, indent=2) + "\n").encode()
-    atomic_write_bytes(out / "quality.json", lambda temp: Path(temp).write_bytes(data))
-    markdown = render_markdown(rows, baseline.label, args.model_args).encode()
-    atomic_write_bytes(out / "quality.md", lambda temp: Path(temp).write_bytes(markdown))
-    print(markdown.decode())
+    write_json(out / "quality.json", {"scoring_model": args.model_args, "baseline": baseline.label, "rows": [asdict(row) for row in rows]})
+    markdown = render_markdown(rows, baseline.label, args.model_args)
+    write_text(out / "quality.md", markdown)
+    print(markdown)
     print(f"wrote {out / 'quality.md'} and {out / 'quality.json'}")
     return 0

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 from pathlib import Path
 
 MODEL_NAME = "steered-hf"
-MODEL_TARGET = "lm_eval_steer.model:SteeredHFLM"
+MODEL_TARGET = "lm_eval_steer.runtime.model:SteeredHFLM"
+TASKS_PACKAGE = "lm_eval_steer.tasks"
 
 
 def tasks_dir() -> Path:
-    """Directory of our task YAMLs: the package ``lm_eval_steer.tasks`` (``tasks/`` in the source tree)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("lm_eval_steer.tasks")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0]).resolve()
-    # Source checkout imported without installation: the YAMLs sit in the top-level tasks/ folder.
-    return Path(__file__).resolve().parent.parent / "tasks"
+    """Directory of our task YAMLs: the installed package ``lm_eval_steer.tasks`` (``tasks/`` in the source tree)."""
+    spec = importlib.util.find_spec(TASKS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{TASKS_PACKAGE} is not installed: install the package (pip install .), or pass --include_path tasks")
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
 
 
 def register_model() -> None:

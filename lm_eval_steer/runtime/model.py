@@ -1,9 +1,11 @@
 """``steered-hf``: the harness's ``HFLM`` with per-document activation steering.
 
-Each request is routed (:mod:`lm_eval_steer.routing`) to the entries its document needs. The
+Each request is routed (:mod:`lm_eval_steer.runtime.routing`) to the entries its document needs. The
 harness's own batching is kept: batches are full whatever the mix of instructions, and every row
-carries its own vectors (:mod:`lm_eval_steer.hooks`). The rows of a batch are found by the strings
-(generation) or token sequences (loglikelihood) the harness hands to the model.
+carries its own vectors (:mod:`lm_eval_steer.runtime.hooks`). The rows of a batch are found by the strings
+(generation) or token sequences (loglikelihood) the harness hands to the model: the per-row state
+is :class:`~lm_eval_steer.runtime.rows.RequestRows`, and what it relies on in the harness is listed
+in :mod:`lm_eval_steer.runtime.harness`.
 """
 
 from __future__ import annotations
@@ -12,24 +14,23 @@ import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from lm_eval_steer.hooks import steering, text_config
-from lm_eval_steer.routing import ROUTES, Overrides, entries_for_document, route_key
-from lm_eval_steer.vectorfile import MODES, POSITIONS, SteeringEntry, VectorFile, load_vector_file
+from lm_eval_steer.runtime.hooks import steering, text_config
+from lm_eval_steer.runtime.routing import ROUTES, Overrides, entries_for_document, route_key
+from lm_eval_steer.runtime.rows import Entries, RequestRows
+from lm_eval_steer.runtime.vectorfile import MODES, POSITIONS, load_vector_file
 
 logger = logging.getLogger(__name__)
 
 # Separates several vector files in ``vectors=``: lm-eval splits model_args on commas, and ``+``
 # needs no shell quoting.
 VECTOR_FILE_SEPARATOR = "+"
-
-Rows = list[tuple[SteeringEntry, ...]]  # one entry tuple per batch row / request
 
 
 def parse_vector_paths(vectors: str | Sequence[str] | None) -> list[str]:
@@ -89,11 +90,7 @@ class SteeredHFLM(HFLM):
                 )
         if self.route != "none" and not self.vector_files:
             logger.warning("steered-hf: no vectors= given, so nothing is steered")
-        self._rows_by_context: dict[str, tuple[SteeringEntry, ...]] = {}
-        self._rows_by_tokens: dict[tuple[int, ...], tuple[tuple[SteeringEntry, ...], int]] | None = None
-        self._rows_by_pair: dict[tuple[str, str], tuple[SteeringEntry, ...]] = {}
-        self._uniform_rows: tuple[SteeringEntry, ...] | None = None
-        self._pending_rows: Rows | None = None
+        self._rows = RequestRows()
 
     @staticmethod
     def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
@@ -132,13 +129,13 @@ class SteeredHFLM(HFLM):
     def set_cache_hook(self, cache_hook: Any) -> None:
         # lm-eval's --use_cache keys answers by request only; give steered runs their own key space
         # so that a steered run never reads an unsteered run's answers (or another configuration's).
-        from lm_eval_steer.cache import namespace_cache
+        from lm_eval_steer.runtime.cache import namespace_cache
 
         if getattr(cache_hook, "dbdict", None) is not None:
             namespace_cache(cache_hook.dbdict, f"steer:{self.steering_fingerprint()}")
         super().set_cache_hook(cache_hook)
 
-    def rows_for(self, request: Instance) -> tuple[SteeringEntry, ...]:
+    def rows_for(self, request: Instance) -> Entries:
         return entries_for_document(request.doc, self.vector_files, self.route, self.overrides)
 
     # ------------------------------------------------------------------------------- generation
@@ -148,7 +145,7 @@ class SteeredHFLM(HFLM):
         # route. A prompt routed several ways (one task run with and without a vector, or IFEval's
         # keyword documents that share a question but not the word) gets one pass per route; every
         # other request rides in the first pass, so batches stay full.
-        passes: list[tuple[list[int], dict[str, tuple[SteeringEntry, ...]]]] = []
+        passes: list[tuple[list[int], dict[str, Entries]]] = []
         for index, request in enumerate(requests):
             entries = self.rows_for(request)
             for indices, by_context in passes:
@@ -164,89 +161,48 @@ class SteeredHFLM(HFLM):
                 answers[index] = answer
         return answers
 
-    @staticmethod
-    def _per_route(requests: list[Instance], rows: Rows, run: Callable[[list[Instance], tuple[SteeringEntry, ...]], list[Any]]) -> list[Any]:
-        """Calls ``run(requests of one route, that route's entries)`` per distinct route; answers in request order."""
-        groups: dict[Any, list[int]] = {}
-        for index, entries in enumerate(rows):
-            groups.setdefault(route_key(entries), []).append(index)
-        answers: list[Any] = [None] * len(requests)
-        for indices in groups.values():
-            for index, answer in zip(indices, run([requests[i] for i in indices], rows[indices[0]])):
-                answers[index] = answer
-        return answers
-
-    def _generate_with(self, requests: list[Instance], by_context: dict[str, tuple[SteeringEntry, ...]], disable_tqdm: bool) -> list[str]:
-        self._rows_by_context = by_context
-        try:
+    def _generate_with(self, requests: list[Instance], by_context: dict[str, Entries], disable_tqdm: bool) -> list[str]:
+        """One pass of the harness's ``generate_until``; ``by_context`` gives each prompt's entries."""
+        with self._rows.requests(by_context):
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
-        finally:
-            self._rows_by_context = {}
 
     def tok_batch_encode(self, strings: list[str], *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        # generate_until encodes each batch right before generating it: remember whose rows these are.
-        self._pending_rows = [self._rows_by_context.get(string, ()) for string in strings]
+        self._rows.encode_batch(strings)  # generate_until generates this batch next
         return super().tok_batch_encode(strings, *args, **kwargs)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
-        rows, self._pending_rows = self._pending_rows, None
-        if rows is None or len(rows) != context.shape[0]:
-            rows = [()] * context.shape[0]
+        rows = self._rows.take_batch(context.shape[0])
         with steering(self.model, rows, skip_first_token=self.skip_first_token):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     # ---------------------------------------------------------------------------- loglikelihood
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        self._rows_by_pair = {tuple(request.args): self.rows_for(request) for request in requests}
-        try:
+        with self._rows.requests({tuple(request.args): self.rows_for(request) for request in requests}):
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
-        finally:
-            self._rows_by_pair = {}
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         # Rolling windows reach the model without their request, so each route gets its own pass.
-        def run(subset: list[Instance], entries: tuple[SteeringEntry, ...]) -> list[float]:
-            self._uniform_rows = entries
-            try:
-                return super(SteeredHFLM, self).loglikelihood_rolling(subset, disable_tqdm=disable_tqdm)
-            finally:
-                self._uniform_rows = None
-
-        return self._per_route(requests, [self.rows_for(request) for request in requests], run)
+        rows = [self.rows_for(request) for request in requests]
+        groups: dict[Any, list[int]] = {}
+        for index, entries in enumerate(rows):
+            groups.setdefault(route_key(entries), []).append(index)
+        answers: list[float] = [0.0] * len(requests)
+        for indices in groups.values():
+            with self._rows.requests(every_row=rows[indices[0]]):
+                scores = super().loglikelihood_rolling([requests[i] for i in indices], disable_tqdm=disable_tqdm)
+            for index, score in zip(indices, scores):
+                answers[index] = score
+        return answers
 
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, override_bs: int | None = None) -> list[tuple[float, bool]]:
-        # Index every model input the harness will build (see HFLM._loglikelihood_tokens) by its
-        # tokens, with its row's entries and where its continuation starts.
-        index: dict[tuple[int, ...], tuple[tuple[SteeringEntry, ...], int]] = {}
-        for request_strings, context_tokens, continuation_tokens in requests:
-            if self._uniform_rows is not None:
-                entries = self._uniform_rows
-            else:
-                entries = self._rows_by_pair.get(tuple(request_strings) if request_strings else (), ())
-            model_input = (context_tokens + continuation_tokens)[-(self.max_length + 1) :][:-1]
-            index[tuple(model_input)] = (entries, len(model_input) - len(continuation_tokens) + 1)
-        # Nothing to steer (route=none, or no entry applies): skip the per-row lookups altogether.
-        self._rows_by_tokens = index if any(entries for entries, _ in index.values()) else None
-        try:
+        with self._rows.model_inputs(requests, self.max_length):
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        finally:
-            self._rows_by_tokens = None
-
-    def _lookup_row(self, row: list[int]) -> tuple[tuple[SteeringEntry, ...], int]:
-        assert self._rows_by_tokens is not None
-        # Rows are right-padded with zeros: the longest prefix that is a known input is this row.
-        for length in range(len(row), 0, -1):
-            found = self._rows_by_tokens.get(tuple(row[:length]))
-            if found is not None:
-                return found
-        raise RuntimeError("steered-hf: a loglikelihood batch row matches no request (harness internals changed?)")
 
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self._rows_by_tokens is None:  # e.g. batch-size detection: never steered
+        found = self._rows.lookup_inputs(inps.tolist())
+        if found is None:
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-        found = [self._lookup_row(row) for row in inps.tolist()]
-        rows = [entries for entries, _ in found]
-        prompt_lengths = [prompt_length for _, prompt_length in found]
+        rows, prompt_lengths = found
         with steering(self.model, rows, skip_first_token=self.skip_first_token, prompt_lengths=prompt_lengths):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Any, Literal
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from lm_eval_steer.atomic import atomic_write
 
 FORMAT_VERSION = "lm-eval-steer/1"
 MODES = ("add", "project", "ablate")
@@ -95,7 +96,7 @@ class AppliesTo:
 
 @dataclass(frozen=True)
 class SteeringEntry:
-    """One steering vector and how to apply it (see :mod:`lm_eval_steer.interventions` for the math)."""
+    """One steering vector and how to apply it (see :mod:`lm_eval_steer.runtime.interventions` for the math)."""
 
     name: str
     vector: torch.Tensor
@@ -255,6 +256,47 @@ def _parse_entry(raw: Any, tensor: torch.Tensor | None, hidden_size: int, num_la
     )
 
 
+def _file_shape(metadata: Mapping[str, str], check: _Checker, hidden_size: int | None, num_layers: int | None) -> tuple[int, int]:
+    """The file's ``(hidden_size, num_layers)`` after checking the format and, if given, the model's shape."""
+    if metadata.get("format") != FORMAT_VERSION:
+        raise check.fail(f"metadata 'format' is {metadata.get('format')!r}, expected {FORMAT_VERSION!r} (is this an lm-eval-steer vector file?)")
+    missing = sorted(FILE_KEYS - set(metadata))
+    if missing:
+        raise check.fail(f"missing metadata key(s) {missing}")
+    file_hidden = check.integer(metadata["hidden_size"], "hidden_size")
+    file_layers = check.integer(metadata["num_layers"], "num_layers")
+    if file_hidden <= 0 or file_layers <= 0:
+        raise check.fail(f"hidden_size and num_layers must be positive, got {file_hidden} and {file_layers}")
+    if hidden_size is not None and file_hidden != hidden_size:
+        raise check.fail(f"built for hidden_size {file_hidden}, but the model has hidden_size {hidden_size}")
+    if num_layers is not None and file_layers != num_layers:
+        raise check.fail(f"built for {file_layers} layers, but the model has {num_layers} layers")
+    return file_hidden, file_layers
+
+
+def _parse_entries(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor], hidden_size: int, num_layers: int, check: _Checker) -> list[SteeringEntry]:
+    """Every entry listed in the metadata, each checked against its tensor; every tensor listed once."""
+    try:
+        raw_entries = json.loads(metadata["entries"])
+    except json.JSONDecodeError as error:
+        raise check.fail(f"metadata 'entries' is not valid JSON ({error})") from None
+    if not isinstance(raw_entries, list) or not raw_entries:
+        raise check.fail("metadata 'entries' must be a non-empty JSON list")
+    entries: list[SteeringEntry] = []
+    seen: set[str] = set()
+    for raw in raw_entries:
+        name = raw.get("name") if isinstance(raw, dict) else None
+        if name in seen:
+            raise check.fail("duplicate entry name", name)
+        entry = _parse_entry(raw, tensors.get(name) if isinstance(name, str) else None, hidden_size, num_layers, check)
+        seen.add(entry.name)
+        entries.append(entry)
+    unlisted = sorted(set(tensors) - seen)
+    if unlisted:
+        raise check.fail(f"tensor(s) {unlisted} are stored but not listed in metadata 'entries'")
+    return entries
+
+
 def load_vector_file(
     path: str | os.PathLike[str],
     *,
@@ -274,38 +316,8 @@ def load_vector_file(
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise check.fail(f"not a readable safetensors file ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
 
-    if metadata.get("format") != FORMAT_VERSION:
-        raise check.fail(f"metadata 'format' is {metadata.get('format')!r}, expected {FORMAT_VERSION!r} (is this an lm-eval-steer vector file?)")
-    missing = sorted(FILE_KEYS - set(metadata))
-    if missing:
-        raise check.fail(f"missing metadata key(s) {missing}")
-    file_hidden = check.integer(metadata["hidden_size"], "hidden_size")
-    file_layers = check.integer(metadata["num_layers"], "num_layers")
-    if file_hidden <= 0 or file_layers <= 0:
-        raise check.fail(f"hidden_size and num_layers must be positive, got {file_hidden} and {file_layers}")
-    if hidden_size is not None and file_hidden != hidden_size:
-        raise check.fail(f"built for hidden_size {file_hidden}, but the model has hidden_size {hidden_size}")
-    if num_layers is not None and file_layers != num_layers:
-        raise check.fail(f"built for {file_layers} layers, but the model has {num_layers} layers")
-    try:
-        raw_entries = json.loads(metadata["entries"])
-    except json.JSONDecodeError as error:
-        raise check.fail(f"metadata 'entries' is not valid JSON ({error})") from None
-    if not isinstance(raw_entries, list) or not raw_entries:
-        raise check.fail("metadata 'entries' must be a non-empty JSON list")
-
-    entries: list[SteeringEntry] = []
-    seen: set[str] = set()
-    for raw in raw_entries:
-        name = raw.get("name") if isinstance(raw, dict) else None
-        if name in seen:
-            raise check.fail("duplicate entry name", name)
-        entry = _parse_entry(raw, tensors.get(name) if isinstance(name, str) else None, file_hidden, file_layers, check)
-        seen.add(entry.name)
-        entries.append(entry)
-    unlisted = sorted(set(tensors) - seen)
-    if unlisted:
-        raise check.fail(f"tensor(s) {unlisted} are stored but not listed in metadata 'entries'")
+    file_hidden, file_layers = _file_shape(metadata, check, hidden_size, num_layers)
+    entries = _parse_entries(metadata, tensors, file_hidden, file_layers, check)
 
     return VectorFile(
         model=metadata["model"],
@@ -319,24 +331,6 @@ def load_vector_file(
 
 
 # ----------------------------------------------------------------------------------------- writing
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
-    """Calls ``write(temp_path)`` then renames the temp file over ``path``: readers never see half a file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    try:
-        write(temp_name)
-        # mkstemp creates the file 0600; give it the permissions a plain open() would have
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def save_vector_file(
@@ -373,5 +367,5 @@ def save_vector_file(
         # Validate what was written before it replaces anything the user has.
         load_vector_file(temp_path, hidden_size=hidden_size, num_layers=num_layers)
 
-    atomic_write_bytes(path, write)
+    atomic_write(path, write)
     return load_vector_file(path, hidden_size=hidden_size, num_layers=num_layers)

@@ -1,6 +1,7 @@
 """IFEval subsets for the steering paper: which prompts, where the data lives, how to score them.
 
-The task YAMLs in this folder point at :class:`IFEvalSubsetTask`. Every document has the IFEval
+Shared by the task module the harness loads (``tasks/ifeval_task.py``) and the vector builder, so it
+lives in the package and imports from a plain checkout. Every document has the IFEval
 fields ``key``, ``prompt``, ``instruction_id_list`` and ``kwargs`` (a list of dicts aligned with
 ``instruction_id_list``; ``steered-hf`` routes vectors by them); the no-instruction variants add
 ``prompt_without_instruction``, the text the model is shown. Scoring always uses the original
@@ -18,17 +19,14 @@ try to download NLTK data, so it happens only after :func:`prepare_scorer` has c
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from lm_eval.api.metrics import mean
-from lm_eval.api.task import ConfigurableTask
+from lm_eval_steer.paths import DATA_ENV, DataMissingError, local_data_dir
 
-DATA_ENV = "LM_EVAL_STEER_DATA"
 HUB_DATASET = "google/IFEval"
 IFEVAL_FILE = "ifeval/input_data.jsonl"
 PAPER_REPOSITORY = "https://github.com/microsoft/llm-steer-instruct"
@@ -123,26 +121,11 @@ SUBSETS: dict[str, Subset] = {
 }
 
 
-class DataMissingError(FileNotFoundError):
-    """A data file the task needs is not where ``LM_EVAL_STEER_DATA`` says."""
-
-
 class PunktMissingError(LookupError):
     """NLTK's ``punkt_tab`` (used by the IFEval scorer) cannot be found."""
 
 
-# ----------------------------------------------------------------------------- data location
-
-
-def local_data_dir() -> Path | None:
-    """The directory named by ``LM_EVAL_STEER_DATA``, or None when it is unset (use the hub)."""
-    value = os.environ.get(DATA_ENV, "").strip()
-    if not value:
-        return None
-    path = Path(value).expanduser()
-    if not path.is_dir():
-        raise DataMissingError(f"{DATA_ENV}={value!r} is not a directory (expected a layout like shared/data)")
-    return path
+# ----------------------------------------------------------------------------- data files
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -293,24 +276,3 @@ def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, Any]:
 def agg_inst_level_acc(items: list[list[bool]]) -> float:
     """The harness's instruction-level aggregation (fraction of all instructions followed)."""
     return harness_ifeval().agg_inst_level_acc(items)
-
-
-class IFEvalSubsetTask(ConfigurableTask):
-    """A ``ConfigurableTask`` over one subset, with early checks and per-instruction metrics.
-
-    ``dataset_kwargs`` in the YAML (``subset``, ``noinst``) select the documents.
-    """
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        # "class" is how the YAML names this class; TaskConfig has no such field.
-        config = {key: value for key, value in config.items() if key != "class"}
-        prepare_scorer()  # fail now, before any generation, if scoring cannot work
-        super().__init__(config=config)
-        for instruction_id in sorted(SUBSETS[self.config.dataset_kwargs["subset"]].instructions):
-            name = per_instruction_metric(instruction_id)
-            self._aggregation_list[name] = mean
-            self._higher_is_better[name] = True
-
-    def download(self, dataset_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        """Loads the subset locally or from the hub (see :func:`load_subset`)."""
-        self.dataset = load_subset(**(self.config.dataset_kwargs or {}))

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lm_eval_steer.vectorfile import AppliesTo, SteeringEntry, VectorFile
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, VectorFile
 
 ROUTES = ("auto", "all", "none")
 

@@ -1,0 +1,77 @@
+"""The installed harness still behaves as ``lm_eval_steer.runtime.harness`` says.
+
+``steered-hf`` finds each batch row's steering entries from what ``HFLM`` hands the model; these
+tests watch a plain ``HFLM`` on a tiny model and fail if a harness release changes any of the
+assumptions (and steering would silently go to the wrong rows).
+"""
+
+from __future__ import annotations
+
+import pytest
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from lm_eval_steer.runtime.harness import continuation_start, loglikelihood_input
+
+PROMPTS = ["Write a poem about the sea.", "Hi", "Tell me a long story about two dragons and a knight who meet at dawn", "Why?"]
+GEN = {"until": ["\n\n"], "max_gen_toks": 4, "do_sample": False}
+
+
+class Watched(HFLM):
+    """``HFLM`` that records what the model-facing methods receive, in call order."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[str, object]] = []
+
+    def tok_batch_encode(self, strings, *args, **kwargs):
+        self.calls.append(("encode", list(strings)))
+        return super().tok_batch_encode(strings, *args, **kwargs)
+
+    def _model_generate(self, context, max_length, stop, **kwargs):
+        self.calls.append(("generate", context.shape[0]))
+        return super()._model_generate(context, max_length, stop, **kwargs)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+        self.calls.append(("requests", list(requests)))
+        return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        self.calls.append(("model_call", inps.tolist()))
+        return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+
+@pytest.fixture(scope="module")
+def watched(tiny_model_dir) -> Watched:
+    # max_length 12 makes the long prompt exceed the window, so the truncation rule is exercised
+    return Watched(pretrained=str(tiny_model_dir), device="cpu", batch_size=2, max_length=12)
+
+
+def test_each_generation_batch_is_encoded_right_before_it_is_generated(watched) -> None:
+    watched.calls.clear()
+    requests = [Instance("generate_until", {}, (prompt, dict(GEN)), i) for i, prompt in enumerate(PROMPTS)]
+    watched.generate_until(requests, disable_tqdm=True)
+    kinds = [kind for kind, _ in watched.calls]
+    assert kinds == ["encode", "generate"] * (len(kinds) // 2) and kinds
+    encoded = [strings for kind, strings in watched.calls if kind == "encode"]
+    generated = [size for kind, size in watched.calls if kind == "generate"]
+    assert [len(strings) for strings in encoded] == generated  # one string per batch row
+    assert sorted(string for strings in encoded for string in strings) == sorted(PROMPTS)
+
+
+def test_loglikelihood_rows_are_the_documented_model_inputs(watched) -> None:
+    watched.calls.clear()
+    requests = [Instance("loglikelihood", {}, (prompt, " and then it rained"), i) for i, prompt in enumerate(PROMPTS)]
+    watched.loglikelihood(requests, disable_tqdm=True)
+    (given,) = [payload for kind, payload in watched.calls if kind == "requests"]
+    rows = [row for kind, batch in watched.calls if kind == "model_call" for row in batch]
+    assert sorted(tuple(strings) for strings, _, _ in given) == sorted(request.args for request in requests)
+    truncated = 0
+    for _, context, continuation in given:
+        expected = loglikelihood_input(context, continuation, watched.max_length)
+        truncated += len(context) + len(continuation) > watched.max_length + 1
+        # right-padded with zeros into its batch: the row is the input followed by padding only
+        matches = [row for row in rows if row[: len(expected)] == expected and not any(row[len(expected) :])]
+        assert matches, f"no model row equals the documented input {expected}"
+        assert 0 < continuation_start(expected, continuation) <= len(expected)
+    assert truncated, "the window was never exceeded: the truncation rule went untested"
