@@ -3,7 +3,7 @@
     python benchmarks/collect.py
 
 Reads ``benchmarks/results/steering.json`` (bench_steering.py), ``benchmarks/results/build-*.json``
-(bench_build.py), the build reports ``vectors/*-report/report.json`` and the wall times that lm-eval
+(bench_build.py), ``benchmarks/results/learned-*.json`` (bench_learned.py), the build reports ``vectors/*-report/report.json`` and the wall times that lm-eval
 records in ``results/*/*.json``; missing inputs are
 skipped with a note, so the table shows exactly what has been measured.
 """
@@ -43,6 +43,17 @@ def build_rows() -> list[str]:
     return rows
 
 
+def learned_rows() -> list[str]:
+    rows = []
+    for path in sorted(RESULTS.glob("learned-*.json")):
+        data = json.loads(path.read_text())
+        setting = f"{data['instruction']}, {data['n_train']} questions, layer {data['layer']}, {data['torch_threads']} thread(s)"
+        measured = f"{data['total_seconds']:,.0f} s (targets {data['targets_seconds']:,.0f} s, {data['steps']} steps × {data['seconds_per_step']} s)"
+        note = f"peak {data['peak_rss_mib']:,.0f} MiB; {data['parameters_with_grad_buffers']} model parameters with gradient buffers"
+        rows.append(f"| learned vector ({data['model']}) | {setting} | {measured} | {note} |")
+    return rows
+
+
 def study_rows() -> list[str]:
     rows = []
     for path in sorted((REPO / "results").glob("*/*.json")):
@@ -54,6 +65,10 @@ def study_rows() -> list[str]:
         generation = data.get("config", {}).get("gen_kwargs") or {}
         rows.append(f"| study wall time: {path.parent.name}/{path.stem} | {documents} documents, {generation} | {float(seconds):,.0f} s | |")
     return rows
+
+
+def _learning(timing: dict) -> str:
+    return f"learned vectors {timing['learning']:,.0f} s, " if timing.get("learning") else ""
 
 
 def vector_build_rows() -> list[str]:
@@ -68,7 +83,7 @@ def vector_build_rows() -> list[str]:
         )
         rows.append(
             f"| study build wall time: {path.parent.name.removesuffix('-report')} | {setting} | {timing['total']:,.0f} s "
-            f"(activations {timing['activations']:,.0f} s, search {timing['search']:,.0f} s) | peak {data['peak_rss_mib']:,.0f} MiB |"
+            f"(activations {timing['activations']:,.0f} s, {_learning(timing)}search {timing['search']:,.0f} s) | peak {data['peak_rss_mib']:,.0f} MiB |"
         )
     return rows
 
@@ -84,6 +99,7 @@ def main() -> None:
         "|---|---|---|---|",
         *steering_rows(),
         *build_rows(),
+        *learned_rows(),
         *vector_build_rows(),
         *study_rows(),
         "",
