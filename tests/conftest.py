@@ -89,3 +89,20 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
     model.save_pretrained(directory)
     smol_tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices on a shared 2-core machine: extra intra-op threads only spin (10x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(smol_tokenizer):
+    """``(model, tokenizer)``: a tiny random Llama with SmolLM2's tokenizer and pad token."""
+    model = build_tiny_llama(len(smol_tokenizer))
+    model.config.pad_token_id = smol_tokenizer.pad_token_id
+    return model, smol_tokenizer

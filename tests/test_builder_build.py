@@ -41,20 +41,7 @@ def hash_scorer(instruction_id, kwargs, prompt, response) -> bool:
     return hashlib.sha256(f"{instruction_id}|{response}".encode()).digest()[0] % 2 == 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on a shared 2-core machine: extra intra-op threads only spin (10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(smol_tokenizer):
-    model = build_tiny_llama(len(smol_tokenizer))
-    model.config.pad_token_id = smol_tokenizer.pad_token_id
-    return model, smol_tokenizer
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_one_pass_all_layers_equals_per_layer_collection(tiny):

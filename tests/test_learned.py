@@ -17,19 +17,7 @@ from vector_builder.search import CandidateResult, TargetResult
 LAYER = 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(smol_tokenizer):
-    model = build_tiny_llama(len(smol_tokenizer))
-    model.config.pad_token_id = smol_tokenizer.pad_token_id
-    return model, smol_tokenizer
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _examples(tokenizer, count: int = 6) -> list[learned.Example]:
