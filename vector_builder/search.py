@@ -251,6 +251,10 @@ def fit_rule(result: TargetResult, prompts: Sequence[Prompt], rule_kwarg: str) -
     return points
 
 
+def _per_target(targets: Sequence[Target], candidate_list: Sequence[Candidate] | Mapping[str, Sequence[Candidate]]) -> dict[str, list[Candidate]]:
+    return {target.name: list(candidate_list[target.name] if isinstance(candidate_list, Mapping) else candidate_list) for target in targets}
+
+
 def search(
     model: nn.Module,
     targets: Sequence[Target],
@@ -277,9 +281,7 @@ def search(
     jobs: dict[tuple, tuple[list[int], list[SteeringEntry]]] = {}
     owners: dict[tuple, set[str]] = {}
     grid: dict[str, list[list[tuple]]] = {}  # target -> [candidate][prompt] -> job key
-    per_target = {
-        target.name: list(candidate_list[target.name] if isinstance(candidate_list, Mapping) else candidate_list) for target in targets
-    }
+    per_target = _per_target(targets, candidate_list)
     for target in targets:
         direction = directions[target.direction]
         grid[target.name] = []
