@@ -196,7 +196,7 @@ class _Checker:
             except OverflowError:  # an int of hundreds of digits
                 number = None
         if number is None or not math.isfinite(number) or abs(number) > FLOAT32_MAX:
-            raise self.fail(f"{what} must be a number that is finite in float32 (|x| <= {FLOAT32_MAX:.4g}), got {brief(value)}", entry)
+            raise self.fail(f"{what} must be a finite number in float32 (|x| <= {FLOAT32_MAX:.4g}), got {brief(value)}", entry)
         return number
 
     def keys(self, given: Mapping[str, Any], allowed: frozenset[str], required: frozenset[str], what: str, entry: str | None) -> None:
@@ -243,6 +243,12 @@ def _parse_applies_to(raw: Any, check: _Checker, name: str) -> AppliesTo | None:
     )
 
 
+def _strengths(strength: float, applies_to: AppliesTo | None) -> list[float]:
+    """Every strength an entry can have: its own and its strength rule's."""
+    rule = applies_to.strength_rule if applies_to is not None else None
+    return [strength, *(s for _, s in (rule.points if rule else ()))]
+
+
 def _checked_vector(tensor: torch.Tensor, mode: str, strengths: Iterable[float], check: _Checker, name: str) -> torch.Tensor:
     """The entry's tensor (shape checked on reading) as float32, checked to be applicable: finite, and
     for ``add`` finite after scaling by every strength the entry can have; for ``project``/``ablate``
@@ -258,8 +264,10 @@ def _checked_vector(tensor: torch.Tensor, mode: str, strengths: Iterable[float],
             raise check.fail("strength x vector overflows float32", name)
     else:
         norm = float(vector.norm())  # what the hooks divide by (lm_eval_steer.runtime.interventions.unit)
-        if not math.isfinite(norm) or norm == 0.0:
-            raise check.fail(f"the vector's float32 norm is {norm}: '{mode}' mode needs a direction with a finite, non-zero norm", name)
+        if norm == 0.0:
+            raise check.fail(f"zero vector has no direction (its float32 norm is 0), which '{mode}' mode needs", name)
+        if not math.isfinite(norm):
+            raise check.fail(f"the vector's float32 norm overflows to {norm}: '{mode}' mode needs a finite, non-zero norm", name)
     return vector
 
 
@@ -283,9 +291,7 @@ def _parse_entry(raw: Any, tensor: torch.Tensor | None, hidden_size: int, num_la
         raise check.fail(f"unknown positions {brief(positions)} (expected one of {', '.join(POSITIONS)})", name)
     strength = check.number(raw["strength"], "strength", name)
     applies_to = _parse_applies_to(raw.get("applies_to"), check, name)
-    rule = applies_to.strength_rule if applies_to is not None else None
-    strengths = [strength, *(s for _, s in (rule.points if rule else ()))]
-    vector = _checked_vector(tensor, mode, strengths, check, name)
+    vector = _checked_vector(tensor, mode, _strengths(strength, applies_to), check, name)
     return SteeringEntry(
         name=name,
         vector=vector,
@@ -297,8 +303,8 @@ def _parse_entry(raw: Any, tensor: torch.Tensor | None, hidden_size: int, num_la
     )
 
 
-def _file_shape(metadata: Mapping[str, str], check: _Checker, hidden_size: int | None, num_layers: int | None) -> tuple[int, int]:
-    """The file's ``(hidden_size, num_layers)`` after checking the format and, if given, the model's shape."""
+def _file_shape(metadata: Mapping[str, str], check: _Checker) -> tuple[int, int]:
+    """The file's ``(hidden_size, num_layers)`` after checking the format."""
     if metadata.get("format") != FORMAT_VERSION:
         raise check.fail(f"metadata 'format' is {brief(metadata.get('format'))}, expected {FORMAT_VERSION!r} (is this an lm-eval-steer vector file?)")
     missing = sorted(FILE_KEYS - set(metadata))
@@ -308,11 +314,26 @@ def _file_shape(metadata: Mapping[str, str], check: _Checker, hidden_size: int |
     file_layers = check.integer(metadata["num_layers"], "num_layers")
     if file_hidden <= 0 or file_layers <= 0:
         raise check.fail(f"hidden_size and num_layers must be positive, got {file_hidden} and {file_layers}")
-    if hidden_size is not None and file_hidden != hidden_size:
-        raise check.fail(f"built for hidden_size {file_hidden}, but the model has hidden_size {hidden_size}")
-    if num_layers is not None and file_layers != num_layers:
-        raise check.fail(f"built for {file_layers} layers, but the model has {num_layers} layers")
     return file_hidden, file_layers
+
+
+def check_model_shape(vector_file: VectorFile, hidden_size: int | None, num_layers: int | None) -> None:
+    """Raises VectorFileError unless the file was built for a model of this shape (None: not checked)."""
+    check = _Checker(vector_file.path or "<vector file>")
+    if hidden_size is not None and vector_file.hidden_size != hidden_size:
+        raise check.fail(f"built for hidden_size {vector_file.hidden_size}, but the model has hidden_size {hidden_size}")
+    if num_layers is not None and vector_file.num_layers != num_layers:
+        raise check.fail(f"built for {vector_file.num_layers} layers, but the model has {num_layers} layers")
+
+
+def check_applicable(vector_file: VectorFile, mode: str | None = None, scale: float = 1.0) -> None:
+    """Raises VectorFileError unless every entry can still be applied under run-wide overrides: every
+    strength times ``scale`` finite in float32, and the vector fit for ``mode`` (e.g. an ``add``
+    vector of zeros has no direction for ``mode=project``)."""
+    check = _Checker(vector_file.path or "<vector file>")
+    for entry in vector_file.entries:
+        strengths = [check.number(scale * strength, "strength x scale", entry.name) for strength in _strengths(entry.strength, entry.applies_to)]
+        _checked_vector(entry.vector, mode or entry.mode, strengths, check, entry.name)
 
 
 def _too_deep(value: Any, limit: int) -> bool:
@@ -362,11 +383,12 @@ def _parse_entries(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tens
 def _check_header(path: str, check: _Checker) -> None:
     """A regular file whose safetensors header fits :data:`MAX_HEADER_BYTES` (read before parsing)."""
     try:
-        mode = os.stat(path).st_mode
+        status = os.stat(path)
     except FileNotFoundError:
         raise check.fail("no such file") from None
     except OSError as error:
         raise check.fail(f"cannot be read ({error.strerror or error})") from None
+    mode = status.st_mode
     if not stat.S_ISREG(mode):
         kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
         kind = next((name for test, name in kinds.items() if test(mode)), "something else")
@@ -379,6 +401,8 @@ def _check_header(path: str, check: _Checker) -> None:
     if len(prefix) < 8:
         raise check.fail("not a readable safetensors file (shorter than its 8-byte header length)")
     (header_bytes,) = struct.unpack("<Q", prefix)
+    if header_bytes > status.st_size - 8:
+        raise check.fail(f"not a readable safetensors file (its header length {header_bytes} exceeds the file size)")
     if header_bytes > MAX_HEADER_BYTES:
         raise check.fail(f"safetensors header of {header_bytes} bytes exceeds the {MAX_HEADER_BYTES >> 20} MiB limit for vector files")
 
@@ -405,7 +429,7 @@ def load_vector_file(
     try:
         with safe_open(path_str, framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            file_hidden, file_layers = _file_shape(metadata, check, hidden_size, num_layers)
+            file_hidden, file_layers = _file_shape(metadata, check)
             tensors = {key: _read_tensor(handle, key, file_hidden, check) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         if isinstance(error, VectorFileError):
@@ -414,7 +438,7 @@ def load_vector_file(
 
     entries = _parse_entries(metadata, tensors, file_hidden, file_layers, check)
 
-    return VectorFile(
+    vector_file = VectorFile(
         model=metadata["model"],
         hidden_size=file_hidden,
         num_layers=file_layers,
@@ -423,6 +447,8 @@ def load_vector_file(
         path=path_str,
         sha256=file_sha256(path_str),
     )
+    check_model_shape(vector_file, hidden_size, num_layers)
+    return vector_file
 
 
 # ----------------------------------------------------------------------------------------- writing
