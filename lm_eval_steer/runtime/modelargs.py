@@ -133,9 +133,9 @@ def parse_steering_args(vectors: Any, layer: Any, scale: Any, mode: Any, positio
 
 
 def check_local_model(pretrained: Any, where: str = MODEL) -> None:
-    """A ``pretrained=`` written as a local path (absolute, ``./``, ``../``, ``~``) must exist;
-    hub ids (``org/name``) are left to the loader."""
-    if not isinstance(pretrained, str) or not pretrained.startswith(("/", "./", "../", "~")):
+    """A ``pretrained=`` written as a local path (absolute, ``./``, ``~``, or more than one ``/``)
+    must be a directory; hub ids (``org/name``) are left to the loader."""
+    if not isinstance(pretrained, str) or not (pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1):
         return
     if not os.path.isdir(os.path.expanduser(pretrained)):
         raise ModelArgError(f"{where}: pretrained={brief(pretrained, 200)}: no such model directory")

@@ -492,9 +492,5 @@ def save_vector_file(
         except VectorFileError as error:
             raise VectorFileError(str(error).replace(temp_path, str(path))) from None
 
-    try:
-        atomic_write(path, write)
-    except (SafetensorError, OSError) as error:  # disk full, no permission: name the target, not the temp file
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else brief(str(error), 120)
-        raise VectorFileError(f"{path}: could not be written ({reason})") from None
+    atomic_write(path, write)  # a failed write (disk full, no permission) names the target
     return load_vector_file(path, hidden_size=hidden_size, num_layers=num_layers)
