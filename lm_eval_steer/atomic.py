@@ -40,6 +40,8 @@ def _temp_file(target: Path) -> str:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except (FileExistsError, NotADirectoryError):
+        raise WriteError(f"{target}: cannot be written (a parent path is a file, not a directory)") from None
     except OSError as error:
         raise _write_error(target, error) from None
     os.close(handle)
