@@ -20,11 +20,11 @@ from typing import Any
 
 from lm_eval_steer.errors import UserError, brief
 from lm_eval_steer.runtime.routing import ROUTES, Overrides
-from lm_eval_steer.runtime.vectorfile import FLOAT32_MAX, MODES, POSITIONS
+from lm_eval_steer.runtime.vectorfile import FLOAT32_MAX, MAX_LAYERS, MODES, POSITIONS
 
 MODEL = "steered-hf"
 # Separates several vector files in ``vectors=``: lm-eval splits model_args on commas, and ``+``
-# needs no shell quoting. A path that exists as a whole is never split, so ``a+b.safetensors`` works.
+# needs no shell quoting. Existing files are never split, so ``a+b.safetensors`` works.
 VECTOR_FILE_SEPARATOR = "+"
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 _INTEGER = re.compile(r"^[+-]?\d{1,9}$")
@@ -38,12 +38,23 @@ def _refuse(name: str, value: Any, problem: str) -> ModelArgError:
     return ModelArgError(f"{MODEL}: {name}={brief(value)} {problem}")
 
 
+def _split_paths(text: str) -> list[str]:
+    """``text`` split at ``+``, except inside the longest run of parts that names an existing path."""
+    parts = text.split(VECTOR_FILE_SEPARATOR)
+    paths, start = [], 0
+    while start < len(parts):
+        end = next((end for end in range(len(parts), start, -1) if os.path.exists(VECTOR_FILE_SEPARATOR.join(parts[start:end]))), start + 1)
+        paths.append(VECTOR_FILE_SEPARATOR.join(parts[start:end]))
+        start = end
+    return paths
+
+
 def parse_vector_paths(vectors: Any) -> list[str]:
     """``vectors=``: nothing (None or ""), a path, paths joined with ``+``, or a list of paths."""
     if vectors is None or vectors == "":
         return []
     if isinstance(vectors, str):
-        paths = [vectors] if os.path.exists(vectors) else vectors.split(VECTOR_FILE_SEPARATOR)
+        paths = _split_paths(vectors)
     elif isinstance(vectors, (list, tuple)) and all(isinstance(path, (str, os.PathLike)) for path in vectors):
         paths = [os.fspath(path) for path in vectors]
     else:
@@ -69,14 +80,22 @@ def parse_choice(name: str, value: Any, choices: Sequence[str], none_means: str 
 
 
 def parse_layer(value: Any) -> int | None:
-    """An integer (``1.5`` and ``true`` are refused, not truncated); None keeps each entry's layer."""
+    """An integer (``1.5`` and ``true`` are refused, not truncated; the CLI types ``-1`` as the float
+    ``-1.0``, so a whole float counts); None keeps each entry's layer."""
     if value is None:
         return None
+    number = None
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and _INTEGER.match(value.strip()):
-        return int(value)
-    raise _refuse("layer", value, "is not an integer")
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and _INTEGER.match(value.strip()):
+        number = int(value)
+    if number is None:
+        raise _refuse("layer", value, "is not an integer")
+    if abs(number) > MAX_LAYERS:
+        raise _refuse("layer", value, "is out of range")
+    return number
 
 
 def parse_scale(value: Any) -> float:
@@ -118,7 +137,14 @@ class SteeringArgs:
 
 
 def parse_steering_args(vectors: Any, layer: Any, scale: Any, mode: Any, positions: Any, route: Any, skip_first_token: Any) -> SteeringArgs:
-    """Every steering argument checked (before any weights load); raises :class:`ModelArgError`."""
+    """Every steering argument checked (before any weights load); raises :class:`ModelArgError`.
+
+    ``none`` in any case means None for every argument, as the Python API's parser makes it (the
+    CLI's parser keeps it a string)."""
+    vectors, layer, scale, mode, positions, route, skip_first_token = (
+        None if isinstance(value, str) and value.strip().lower() == "none" else value
+        for value in (vectors, layer, scale, mode, positions, route, skip_first_token)
+    )
     return SteeringArgs(
         vector_paths=tuple(parse_vector_paths(vectors)),
         route=str(parse_choice("route", route, ROUTES, none_means="none")),
