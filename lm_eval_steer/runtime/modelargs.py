@@ -65,7 +65,7 @@ def parse_vector_paths(vectors: Any) -> list[str]:
     for path in paths:
         real = os.path.realpath(path)
         if real in seen:
-            warnings.warn(f"{MODEL}: vectors= names {path} twice (as {seen[real]!r} and {path!r}): its entries are applied twice", stacklevel=3)
+            warnings.warn(f"{MODEL}: vectors= names {brief(path, 200)} twice: its entries are applied twice", stacklevel=3)
         seen[real] = path
     return paths
 
