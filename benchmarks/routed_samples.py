@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lm_eval.tasks import TaskManager
 
-from lm_eval_steer.runtime.model import parse_vector_paths
+from lm_eval_steer.runtime.modelargs import parse_vector_paths
 from lm_eval_steer.runtime.routing import entries_for_document
 from lm_eval_steer.atomic import write_json
 from lm_eval_steer.runtime.vectorfile import load_vector_file

@@ -5,14 +5,21 @@ works if something registers the model before the CLI looks it up. Importing lm-
 Python process would cost ~50 ms to ~1 s, so this module imports nothing heavy: it puts a finder on
 ``sys.meta_path`` that waits for the harness's own modules and runs our registration right after
 each of them has executed. Any failure here is swallowed: a start-up hook must never break Python.
+
+It also installs an excepthook limited to the project's own input errors
+(:class:`lm_eval_steer.errors.UserError`): when one reaches the top of a program (a bad vector file
+or model argument under ``lm_eval --model steered-hf``), it is printed as one line and the process
+exits with status 2. Every other exception, and every exception a caller catches, is untouched.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.abc
 import importlib.machinery
+import os
 import sys
-from types import ModuleType
+from types import ModuleType, TracebackType
 
 # module the harness imports  ->  function in lm_eval_steer.runtime.registration to run after it loads
 _AFTER_IMPORT = {
@@ -58,7 +65,36 @@ class _HarnessWatcher(importlib.abc.MetaPathFinder):
         return None
 
 
+def _user_error_hook(previous):  # type: ignore[no-untyped-def]
+    """An excepthook that prints project input errors as one line (exit 2) and leaves the rest to ``previous``."""
+
+    def hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+        try:
+            from lm_eval_steer.errors import UserError, one_line
+        except Exception:  # noqa: BLE001 - a broken install: fall back to the usual traceback
+            UserError = None  # noqa: N806
+        if UserError is None or not isinstance(error, UserError):
+            previous(kind, error, traceback)
+            return
+        program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+        print(one_line(f"{program}: error: {error}"), file=sys.stderr)
+        # An excepthook cannot choose the exit status (Python exits 1 after it); run the exit
+        # handlers and flush as a normal exit would, then leave with 2, the usage/input error status.
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed stream must not hide the exit status
+                pass
+        os._exit(2)
+
+    hook._lm_eval_steer = True  # type: ignore[attr-defined]
+    return hook
+
+
 def _install() -> None:
+    if not getattr(sys.excepthook, "_lm_eval_steer", False):
+        sys.excepthook = _user_error_hook(sys.excepthook)
     for module_name, function_name in _AFTER_IMPORT.items():
         if module_name in sys.modules:
             _run(function_name)

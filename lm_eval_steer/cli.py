@@ -8,7 +8,8 @@
     lm-eval-steer quality ...   # output quality: unsteered perplexity of steered responses
 
 Each subcommand lives in its own module exposing ``configure_parser(parser)`` and ``run(args) -> int``;
-modules are imported only when their subcommand is used.
+modules are imported only when their subcommand is used. An input error
+(:class:`~lm_eval_steer.errors.UserError`) that reaches here is printed as one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+
+from lm_eval_steer.console import fail
+from lm_eval_steer.errors import UserError
 
 SUBCOMMANDS = {
     "build": ("vector_builder.cli", "build steering vectors and choose their layers on validation data"),
@@ -39,17 +43,22 @@ def run_harness(argv: Sequence[str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in SUBCOMMANDS:
-        if argv[:1] in (["-h"], ["--help"]):
-            print(__doc__)
-        return run_harness(argv)
-    name = argv[0]
+def run_subcommand(name: str, argv: Sequence[str]) -> int:
     module = importlib.import_module(SUBCOMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"lm-eval-steer {name}", description=SUBCOMMANDS[name][1])
     module.configure_parser(parser)
-    return int(module.run(parser.parse_args(argv[1:])) or 0)
+    return int(module.run(parser.parse_args(argv)) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
+    if not name and argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+    try:
+        return run_subcommand(name, argv[1:]) if name else run_harness(argv)
+    except UserError as error:
+        return fail(name, error)
 
 
 if __name__ == "__main__":

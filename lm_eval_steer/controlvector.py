@@ -1,21 +1,33 @@
 """Export to and import from llama.cpp's control-vector GGUF (the format repeng also writes).
 
 A control-vector GGUF has ``general.architecture = "controlvector"``, a ``controlvector.model_hint``
-string, ``controlvector.layer_count``, and one float32 tensor ``direction.<L>`` of length
+string, ``controlvector.layer_count``, and one 1-D float32 tensor ``direction.<L>`` of length
 ``hidden_size`` per steered layer. llama.cpp adds ``direction.<L>`` (times its
-``--control-vector-scaled`` factor) to the output of layer ``L`` at every position, and ignores
-``direction.0``; so only ``add``-mode entries at layers ≥ 1 can be exported, with their strength
-folded into the vector. Entries at the same layer are summed, as llama.cpp does with several files.
+``--control-vector-scaled`` factor) to the output of layer ``L`` at every position of every prompt,
+and refuses a file that holds ``direction.0`` (its layer numbers start at 1).
 
-    lm-eval-steer gguf export fmt.safetensors fmt.gguf [--entries NAME ...]
-    lm-eval-steer gguf import fmt.gguf fmt.safetensors --num-layers 30 [--instruction-id ID]
+Export is exact or refused: a control vector is one fixed vector per layer for every document and
+position, so only ``add``-mode entries at layers >= 1 with ``positions=all`` export, with their
+strength folded in. What would silently change meaning needs an explicit choice: an entry with a
+``strength_rule`` needs ``--strength S``; several entries (summed per layer, as llama.cpp sums
+several files) need ``--sum`` when they share a layer or are routed to different documents.
+(``steered-hf`` leaves each row's first token alone by default; llama.cpp steers it too.)
+
+Import is at least as strict as llama.cpp: ``direction.<L>`` names with ``L >= 1`` only, 1-D float32
+tensors of one length, which must match ``--hidden-size`` (or the ``config.json`` of a ``--model``
+directory) when given; a truncated or malformed GGUF is a one-line :class:`VectorFileError`.
+
+    lm-eval-steer gguf export fmt.safetensors fmt.gguf [--entry NAME ...] [--strength S] [--sum]
+    lm-eval-steer gguf import fmt.gguf fmt.safetensors --num-layers 30 [--hidden-size 576] [--instruction-id ID]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +36,9 @@ import torch
 
 from lm_eval_steer.atomic import atomic_write
 from lm_eval_steer.console import fail
+from lm_eval_steer.errors import brief
 from lm_eval_steer.runtime.vectorfile import (
+    FLOAT32_MAX,
     AppliesTo,
     SteeringEntry,
     VectorFile,
@@ -37,26 +51,58 @@ ARCHITECTURE = "controlvector"
 DIRECTION = re.compile(r"^direction\.(\d+)$")
 
 
-def control_vectors(vector_file: VectorFile, names: Sequence[str] | None = None) -> dict[int, np.ndarray]:
-    """``{layer: Σ s·v}`` over the chosen ``add`` entries (all of them by default)."""
-    chosen = [vector_file.entry(name) for name in names] if names else list(vector_file.entries)
+def _chosen(vector_file: VectorFile, names: Sequence[str] | None) -> list[SteeringEntry]:
     where = vector_file.path or "<vector file>"
+    known = {entry.name: entry for entry in vector_file.entries}
+    unknown = [name for name in names or () if name not in known]
+    if unknown:
+        raise VectorFileError(f"{where}: no entry named {brief(unknown[0])} (it has {len(known)}: {brief(list(known), 120)})")
+    return [known[name] for name in dict.fromkeys(names)] if names else list(vector_file.entries)
+
+
+def control_vectors(vector_file: VectorFile, names: Sequence[str] | None = None, strength: float | None = None, sum_entries: bool = False) -> dict[int, np.ndarray]:
+    """``{layer: Σ s·v}`` over the chosen entries (all by default), refusing what llama.cpp would
+    apply differently (see the module docstring); ``strength`` replaces every chosen entry's."""
+    chosen = _chosen(vector_file, names)
+    where = vector_file.path or "<vector file>"
+    for entry in chosen:
+        problem = (
+            f"'{entry.mode}' mode cannot be exported: llama.cpp control vectors are added (choose add-mode entries with --entry)" if entry.mode != "add"
+            else "layer 0 cannot be exported: llama.cpp refuses direction.0" if entry.layer == 0
+            else f"positions={entry.positions} cannot be exported: llama.cpp steers every position" if entry.positions != "all"
+            else "its strength follows a strength_rule, which llama.cpp cannot: give one --strength S" if strength is None and entry.applies_to and entry.applies_to.strength_rule
+            else None
+        )
+        if problem:
+            raise VectorFileError(f"{where}: entry {brief(entry.name)}: {problem}")
+    layers = [entry.layer for entry in chosen]
+    routes = {json.dumps(entry.applies_to.to_json() if entry.applies_to else None, sort_keys=True) for entry in chosen}
+    if len(chosen) > 1 and not sum_entries and (len(set(layers)) < len(layers) or len(routes) > 1):
+        raise VectorFileError(
+            f"{where}: {len(chosen)} entries {'share a layer' if len(set(layers)) < len(layers) else 'are routed to different documents'}; "
+            "a control vector would apply their sum to every document: pick one with --entry NAME, or pass --sum to export the sum"
+        )
     per_layer: dict[int, torch.Tensor] = {}
     for entry in chosen:
-        if entry.mode != "add":
-            raise VectorFileError(f"{where}: entry {entry.name!r}: llama.cpp control vectors are added to the residual stream, so '{entry.mode}' mode cannot be exported (choose add-mode entries with --entries)")
-        if entry.layer == 0:
-            raise VectorFileError(f"{where}: entry {entry.name!r}: llama.cpp ignores direction.0, so layer 0 cannot be exported")
-        per_layer[entry.layer] = per_layer.get(entry.layer, torch.zeros_like(entry.vector)) + entry.strength * entry.vector
+        scaled = (entry.strength if strength is None else strength) * entry.vector
+        per_layer[entry.layer] = per_layer.get(entry.layer, torch.zeros_like(entry.vector)) + scaled
     return {layer: vector.numpy().astype(np.float32) for layer, vector in sorted(per_layer.items())}
 
 
-def export_gguf(source: str | os.PathLike[str], target: str | os.PathLike[str], names: Sequence[str] | None = None) -> dict[int, np.ndarray]:
+def export_gguf(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    names: Sequence[str] | None = None,
+    strength: float | None = None,
+    sum_entries: bool = False,
+) -> dict[int, np.ndarray]:
     """Writes the chosen add-mode entries of a vector file as a control-vector GGUF (atomically)."""
     import gguf
 
     vector_file = load_vector_file(source)
-    directions = control_vectors(vector_file, names)
+    directions = control_vectors(vector_file, names, strength, sum_entries)
+    if not all(np.isfinite(vector).all() for vector in directions.values()):
+        raise VectorFileError(f"{source}: the exported vectors overflow float32 (strength x vector)")
 
     def write(temp_path: str) -> None:
         writer = gguf.GGUFWriter(temp_path, ARCHITECTURE)
@@ -73,43 +119,87 @@ def export_gguf(source: str | os.PathLike[str], target: str | os.PathLike[str], 
     return directions
 
 
+def model_shape(model: str | None) -> tuple[int | None, int | None]:
+    """``(hidden_size, num_layers)`` from the ``config.json`` of a local model directory, else Nones."""
+    config_path = Path(model) / "config.json" if model else None
+    if config_path is None or not config_path.is_file():
+        return None, None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = config.get("text_config", config)
+        return int(config["hidden_size"]), int(config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise VectorFileError(f"{config_path}: no hidden_size/num_hidden_layers ({brief(str(error), 80)})") from None
+
+
+def _directions(reader: object, where: str) -> dict[int, np.ndarray]:
+    """``{layer: vector}`` of a control-vector GGUF, checked as strictly as llama.cpp reads it."""
+    import gguf
+
+    architecture = reader.get_field("general.architecture")  # type: ignore[attr-defined]
+    found = architecture.contents() if architecture is not None else None
+    if found != ARCHITECTURE:
+        raise VectorFileError(f"{where}: general.architecture is {brief(found)}, expected {ARCHITECTURE!r}")
+    directions: dict[int, np.ndarray] = {}
+    for tensor in reader.tensors:  # type: ignore[attr-defined]
+        match = DIRECTION.match(tensor.name)
+        if match is None or int(match.group(1)) < 1:
+            raise VectorFileError(f"{where}: unexpected tensor {brief(tensor.name)} (expected direction.<layer> with layer >= 1, as llama.cpp requires)")
+        if tensor.tensor_type != gguf.GGMLQuantizationType.F32 or len(tensor.shape) != 1:
+            raise VectorFileError(f"{where}: tensor {tensor.name}: {tensor.tensor_type.name} of shape {tuple(int(n) for n in tensor.shape)}, expected a 1-D F32 vector")
+        layer = int(match.group(1))
+        if layer in directions:
+            raise VectorFileError(f"{where}: tensor {tensor.name} appears twice")
+        directions[layer] = np.array(tensor.data, dtype=np.float32).reshape(-1)
+    if not directions:
+        raise VectorFileError(f"{where}: no direction.<layer> tensors")
+    return directions
+
+
 def import_gguf(
     source: str | os.PathLike[str],
     target: str | os.PathLike[str],
-    num_layers: int,
+    num_layers: int | None = None,
     instruction_id: str | None = None,
     model: str | None = None,
+    hidden_size: int | None = None,
 ) -> VectorFile:
-    """Turns a control-vector GGUF into a vector file: one ``add`` entry (strength 1) per direction."""
+    """Turns a control-vector GGUF into a vector file: one ``add`` entry (strength 1) per direction.
+
+    ``model``: the name to record; a local model directory also gives the expected hidden size and
+    layer count (its ``config.json``). ``hidden_size``/``num_layers``: the model's, checked."""
     import gguf
 
     where = str(source)
+    model_hidden, model_layers = model_shape(model)
+    num_layers = num_layers if num_layers is not None else model_layers
+    if num_layers is None:
+        raise VectorFileError(f"{where}: give --num-layers (or --model with a local model directory)")
+    if model_layers is not None and num_layers != model_layers:
+        raise VectorFileError(f"{where}: --num-layers {num_layers}, but {model} has {model_layers} layers")
     try:
         reader = gguf.GGUFReader(where)
-    except (OSError, ValueError) as error:
-        raise VectorFileError(f"{where}: not a readable GGUF file ({error})") from None
-    architecture = reader.get_field("general.architecture")
-    if architecture is None or architecture.contents() != ARCHITECTURE:
-        raise VectorFileError(f"{where}: general.architecture is {architecture.contents() if architecture else None!r}, expected {ARCHITECTURE!r}")
-    hint = reader.get_field(f"{ARCHITECTURE}.model_hint")
-    entries = []
-    for tensor in reader.tensors:
-        match = DIRECTION.match(tensor.name)
-        if match is None:
-            raise VectorFileError(f"{where}: unexpected tensor {tensor.name!r} (expected direction.<layer>)")
-        vector = torch.from_numpy(np.asarray(tensor.data, dtype=np.float32).reshape(-1).copy())
-        applies_to = AppliesTo(instruction_id) if instruction_id else None
-        entries.append(SteeringEntry(tensor.name, vector, int(match.group(1)), "add", 1.0, "all", applies_to))
-    if not entries:
-        raise VectorFileError(f"{where}: no direction.<layer> tensors")
-    hidden_sizes = {len(entry.vector) for entry in entries}
-    if len(hidden_sizes) != 1:
-        raise VectorFileError(f"{where}: directions have different lengths {sorted(hidden_sizes)}")
+        hint = reader.get_field(f"{ARCHITECTURE}.model_hint")
+        directions = _directions(reader, where)
+        hint_text = hint.contents() if hint is not None else ""
+    except (OSError, ValueError, IndexError, KeyError, TypeError, struct.error) as error:
+        if isinstance(error, VectorFileError):
+            raise
+        raise VectorFileError(f"{where}: not a readable GGUF file (truncated or malformed: {brief(f'{type(error).__name__}: {error}', 100)})") from None
+    lengths = {len(vector) for vector in directions.values()}
+    if len(lengths) != 1:
+        raise VectorFileError(f"{where}: directions have different lengths {sorted(lengths)}")
+    length = lengths.pop()
+    for expected, origin in ((hidden_size, "--hidden-size"), (model_hidden, f"{model} (config.json)")):
+        if expected is not None and length != expected:
+            raise VectorFileError(f"{where}: directions have {length} elements, but {origin} says hidden_size {expected}")
+    applies_to = AppliesTo(instruction_id) if instruction_id else None
+    entries = [SteeringEntry(f"direction.{layer}", torch.from_numpy(vector), layer, "add", 1.0, "all", applies_to) for layer, vector in sorted(directions.items())]
     return save_vector_file(
         target,
-        sorted(entries, key=lambda entry: entry.layer),
-        model=model or (hint.contents() if hint else "") or Path(where).stem,
-        hidden_size=hidden_sizes.pop(),
+        entries,
+        model=(model if model and model_hidden is None else "") or str(hint_text) or Path(where).stem,
+        hidden_size=length,
         num_layers=num_layers,
         extra_metadata={"imported_from": Path(where).name},
     )
@@ -120,23 +210,28 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     export = actions.add_parser("export", help="vector file -> llama.cpp control-vector GGUF")
     export.add_argument("source", help="lm-eval-steer vector file (.safetensors)")
     export.add_argument("target", help="GGUF file to write")
-    export.add_argument("--entries", nargs="+", help="add-mode entries to export (default: all)")
+    export.add_argument("--entry", "--entries", dest="entries", nargs="+", action="extend", metavar="NAME", help="add-mode entries to export (default: all)")
+    export.add_argument("--strength", type=float, help="export every chosen entry at this strength (needed for entries with a strength_rule)")
+    export.add_argument("--sum", dest="sum_entries", action="store_true", help="allow several entries per layer or routed to different documents: exported as their sum")
     imported = actions.add_parser("import", help="llama.cpp / repeng control-vector GGUF -> vector file")
     imported.add_argument("source", help="control-vector GGUF file")
     imported.add_argument("target", help="vector file to write (.safetensors)")
-    imported.add_argument("--num-layers", type=int, required=True, help="decoder layer count of the model it is for")
+    imported.add_argument("--num-layers", type=int, help="decoder layer count of the model it is for (default: from --model's config.json)")
+    imported.add_argument("--hidden-size", type=int, help="the model's hidden size: the directions must have this length")
     imported.add_argument("--instruction-id", help="route it to documents with this IFEval instruction id (default: every document)")
-    imported.add_argument("--model", help="model name to record (default: the GGUF's model_hint)")
+    imported.add_argument("--model", help="model name to record, or a local model directory whose config.json is checked (default: the GGUF's model_hint)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "export":
-            directions = export_gguf(args.source, args.target, args.entries)
+            if args.strength is not None and not abs(args.strength) <= FLOAT32_MAX:
+                raise VectorFileError(f"--strength {args.strength} is not finite in float32")
+            directions = export_gguf(args.source, args.target, args.entries, args.strength, args.sum_entries)
             print(f"wrote {args.target}: layers {', '.join(map(str, directions))}")
         else:
-            vector_file = import_gguf(args.source, args.target, args.num_layers, args.instruction_id, args.model)
+            vector_file = import_gguf(args.source, args.target, args.num_layers, args.instruction_id, args.model, args.hidden_size)
             print(f"wrote {args.target}: {len(vector_file.entries)} add-mode entries")
-    except (VectorFileError, KeyError) as error:
+    except VectorFileError as error:
         return fail("gguf", error)
     return 0

@@ -27,7 +27,7 @@ def vector_file(tmp_path):
 
 def test_export_writes_llama_cpp_layout_with_strength_folded_in(vector_file, tmp_path):
     target = tmp_path / "v.gguf"
-    export_gguf(vector_file, target, ["a", "b", "c"])
+    export_gguf(vector_file, target, ["a", "b", "c"], sum_entries=True)
     reader = gguf.GGUFReader(str(target))
     assert reader.get_field("general.architecture").contents() == "controlvector"
     assert reader.get_field("controlvector.model_hint").contents() == "tiny-llama"

@@ -7,13 +7,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any
 
 from lm_eval_steer.console import fail
 from lm_eval_steer.paths import DATA_ENV, find_data_dir
+from lm_eval_steer.runtime.modelargs import ModelArgError, check_local_model
 from vector_builder import prompts
-from vector_builder.pipeline import BuildResult, build
+from vector_builder.pipeline import BuildResult, build, check_outputs
 from vector_builder.settings import WITH_INSTRUCTION_TOO, WITHOUT_INSTRUCTION, BuildSettings
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": "auto"}
@@ -24,7 +26,10 @@ def _int_list(value: str) -> list[int]:
 
 
 def _float_list(value: str) -> list[float]:
-    return [float(item) for item in value.split(",") if item.strip()]
+    numbers = [float(item) for item in value.split(",") if item.strip()]
+    if not numbers or not all(math.isfinite(number) for number in numbers):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected finite numbers separated by commas")
+    return numbers
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -78,12 +83,15 @@ def load_model(model_args: str) -> tuple[Any, Any, str]:
 
     args = simple_parse_args_string(model_args)
     if "pretrained" not in args:
-        raise SystemExit("--model_args needs pretrained=...")
+        raise ModelArgError("--model_args needs pretrained=...")
+    check_local_model(args["pretrained"], "--model_args")
     pretrained = str(args["pretrained"])
     gguf = {"gguf_file": str(args["gguf_file"])} if args.get("gguf_file") else {}
+    if gguf and os.path.isdir(pretrained) and not os.path.isfile(os.path.join(pretrained, gguf["gguf_file"])):
+        raise ModelArgError(f"--model_args: gguf_file={gguf['gguf_file']!r}: no such file in {pretrained}")
     dtype_name = DTYPES.get(str(args.get("dtype", "float32")))
     if dtype_name is None:
-        raise SystemExit(f"--model_args dtype={args['dtype']!r}: expected one of {', '.join(DTYPES)}")
+        raise ModelArgError(f"--model_args dtype={args['dtype']!r}: expected one of {', '.join(DTYPES)}")
     dtype = dtype_name if dtype_name == "auto" else getattr(torch, dtype_name)
     device = str(args.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(pretrained, **gguf)
@@ -146,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         data = find_data_dir()
         if data is not None:
             os.environ.setdefault(DATA_ENV, str(data))
+        check_outputs(args.out, args.report)
         model, tokenizer, name = load_model(args.model_args)
         search_model, _, search_name = load_model(args.search_model_args) if args.search_model_args else (None, None, "")
         result = build(

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from lm_eval_steer.atomic import check_writable, remove_leftovers
 from lm_eval_steer.runtime.hooks import find_decoder_layers, text_config
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
 from vector_builder import activations, learned_directions, methods, prompts, report, search, targets
@@ -368,6 +369,14 @@ def assemble_report(
     }
 
 
+def check_outputs(out: str | Path, report_dir: str | Path) -> None:
+    """Fails now, not after an hour of building, when the vector file or the report cannot be
+    written (:class:`~lm_eval_steer.atomic.WriteError`); removes the temp files a killed build left."""
+    for path in (out, Path(report_dir) / report.REPORT_NAME):
+        check_writable(path)
+    remove_leftovers(Path(out).parent, Path(out).name)
+
+
 def build(
     model: nn.Module,
     tokenizer: Any,
@@ -392,6 +401,7 @@ def build(
     searched (:mod:`vector_builder.methods`); ``training.png`` shows the learned vectors' loss curves.
     """
     started = time.perf_counter()
+    check_outputs(out, report_dir)
     shape = ModelShape.of(model, settings.model)
     target_model = search_model if search_model is not None else model
     check_compatible(shape, ModelShape.of(target_model, settings.search_model or settings.model))

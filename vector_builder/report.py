@@ -11,6 +11,10 @@ Checkpoint layout under ``<report>/checkpoint/``:
 - ``targets/<name>.json``: one finished target's candidate results and choice;
 - ``learned/<direction>.safetensors``: one learned direction's vectors per layer, with its targets'
   sources and training curves in the metadata.
+
+A checkpoint file that cannot be read under ``--resume`` is a :class:`CheckpointError` naming it;
+the temporary files of writes that a killed build left behind are removed when a build starts.
+``report.json`` is strict JSON: non-finite numbers (a diverged loss, say) are written as ``null``.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lm_eval_steer.atomic import atomic_write, write_json
+from lm_eval_steer.atomic import atomic_write, remove_leftovers, write_json
+from lm_eval_steer.errors import UserError, one_line
 from vector_builder.activations import RunningSum
 from vector_builder.learned import TrainedVector
 from vector_builder.learned_directions import LearnedDirection
@@ -37,8 +42,33 @@ PLOT_NAME = "scores.png"
 TRAINING_PLOT_NAME = "training.png"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from (other settings, or unreadable)."""
+T = TypeVar("T")
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be resumed from (other settings, or unreadable); names the file."""
+
+
+def _read(path: Path, reader: Callable[[Path], T]) -> T:
+    """``reader(path)``, with any sign of a damaged file turned into a CheckpointError naming it."""
+    try:
+        return reader(path)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, SafetensorError) as error:
+        raise CheckpointError(
+            f"{path}: damaged checkpoint file ({one_line(f'{type(error).__name__}: {error}', 120)}); "
+            "delete it to recompute that part, or rerun without --resume"
+        ) from None
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, so that it serialises as strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
@@ -61,8 +91,10 @@ class Checkpoint:
         self.targets_dir = self.root / "targets"
         self.learned_dir = self.root / "learned"
         self.key = fingerprint(settings)
+        for directory in (Path(report_dir), self.root, self.targets_dir, self.learned_dir):
+            remove_leftovers(directory)  # temp files of writes a killed build left behind
         if resume and self.settings_path.is_file():
-            stored = json.loads(self.settings_path.read_text())
+            stored = _read(self.settings_path, lambda path: dict(json.loads(path.read_text())))
             if stored.get("fingerprint") != self.key:
                 raise CheckpointError(
                     f"{self.settings_path}: the checkpoint was made with other settings or data; "
@@ -75,15 +107,7 @@ class Checkpoint:
         write_json(self.settings_path, {"fingerprint": self.key, "settings": dict(settings)})
 
     def load_sums(self) -> dict[str, tuple[RunningSum, RunningSum]] | None:
-        if not self.sums_path.is_file():
-            return None
-        with safe_open(str(self.sums_path), framework="pt") as handle:
-            counts = json.loads(handle.metadata()["counts"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        return {
-            key: (RunningSum(tensors[f"{key}/with"], count[0]), RunningSum(tensors[f"{key}/without"], count[1]))
-            for key, count in counts.items()
-        }
+        return _read(self.sums_path, _read_sums) if self.sums_path.is_file() else None
 
     def save_sums(self, sums: Mapping[str, tuple[RunningSum, RunningSum]]) -> None:
         tensors = {}
@@ -96,7 +120,7 @@ class Checkpoint:
     def load_targets(self) -> dict[str, TargetResult]:
         results = {}
         for path in sorted(self.targets_dir.glob("*.json")):
-            result = TargetResult.from_json(json.loads(path.read_text()))
+            result = _read(path, lambda item: TargetResult.from_json(json.loads(item.read_text())))
             results[result.name] = result
         return results
 
@@ -108,14 +132,8 @@ class Checkpoint:
         ``direction`` is rebuilt by the caller from ``trained``)."""
         found = {}
         for path in sorted(self.learned_dir.glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads(handle.metadata()["learned"])
-                vectors = {int(key): handle.get_tensor(key) for key in handle.keys()}
-            trained = {
-                layer: TrainedVector(layer, vectors[layer], curves["train_loss"], [tuple(p) for p in curves["heldout_loss"]], curves["best_step"], curves["seconds"])
-                for layer, curves in ((int(k), v) for k, v in meta["layers"].items())
-            }
-            found[meta["key"]] = LearnedDirection(None, meta["targets"], trained, meta["targets_seconds"])
+            key, learned = _read(path, _read_learned)
+            found[key] = learned
         return found
 
     def save_learned(self, key: str, learned: LearnedDirection) -> None:
@@ -131,6 +149,28 @@ class Checkpoint:
         }
         path = self.learned_dir / f"{_safe_name(key)}.safetensors"
         atomic_write(path, lambda temp: save_file(tensors, temp, metadata={"learned": json.dumps(meta)}))
+
+
+def _read_sums(path: Path) -> dict[str, tuple[RunningSum, RunningSum]]:
+    with safe_open(str(path), framework="pt") as handle:
+        counts = json.loads(handle.metadata()["counts"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    return {
+        key: (RunningSum(tensors[f"{key}/with"], count[0]), RunningSum(tensors[f"{key}/without"], count[1]))
+        for key, count in counts.items()
+    }
+
+
+def _read_learned(path: Path) -> tuple[str, LearnedDirection]:
+    """One learned direction's checkpoint: its key and the direction (``direction`` rebuilt by the caller)."""
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["learned"])
+        vectors = {int(key): handle.get_tensor(key) for key in handle.keys()}
+    trained = {
+        layer: TrainedVector(layer, vectors[layer], curves["train_loss"], [tuple(p) for p in curves["heldout_loss"]], curves["best_step"], curves["seconds"])
+        for layer, curves in ((int(k), v) for k, v in meta["layers"].items())
+    }
+    return meta["key"], LearnedDirection(None, meta["targets"], trained, meta["targets_seconds"])
 
 
 def _part_scores(follows: Sequence[bool], n_without: int | None) -> dict[str, float]:
@@ -172,7 +212,7 @@ def target_summary(result: TargetResult, note: str | None, n_without: int | None
 
 def write_report(report_dir: str | Path, payload: Mapping[str, Any]) -> Path:
     path = Path(report_dir) / REPORT_NAME
-    write_json(path, payload)
+    write_json(path, finite_json(payload))
     return path
 
 

@@ -86,6 +86,8 @@ class BuildSettings:
             raise ValueError(f"validation_prompts must be one of {VALIDATION_PROMPTS}, got {self.validation_prompts!r}")
         if self.keyword_sample is not None and self.keyword_sample < 1:
             raise ValueError(f"keyword_sample must be positive, got {self.keyword_sample}")
+        if not self.multipliers or not all(math.isfinite(m) for m in self.multipliers):
+            raise ValueError(f"--multipliers must be finite numbers, got {list(self.multipliers)}")
         methods.methods_of(self.method)  # raises for an unknown method
         for name in ("learned_steps", "learned_batch_size", "target_max_tokens"):
             if getattr(self, name) < 1:

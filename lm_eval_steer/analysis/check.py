@@ -4,7 +4,8 @@
 
 Exit status: 0 no metric dropped more than allowed; 1 at least one did (the regressions are listed);
 2 the inputs cannot be compared (unreadable file, a baseline task or metric missing from RESULTS,
-different task versions / ``--limit`` / generation settings / chat template).
+different task versions / ``--limit`` / generation settings / chat template), or the check would
+check nothing: no metric compared, or a gated metric that is not a finite number (a string, NaN).
 
 A metric *drops* by ``baseline - current`` (the other way round for lower-is-better metrics). It is a
 regression when the drop exceeds the allowance: ``--tolerance T`` (absolute, default 0.02), or with
@@ -15,6 +16,7 @@ have no stderr in lm-eval's output; under ``--sigma`` those fall back to ``--tol
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,6 +107,18 @@ def comparability_problems(baseline: Run, current: Run, metrics: Sequence[str]) 
     return problems
 
 
+def unreadable_problems(baseline: Run, current: Run, requested: Sequence[str] | None) -> list[str]:
+    """Gated metrics (``--metrics``, else every metric) of the baseline's tasks whose value is not a
+    finite number in either file: such a metric would silently go unchecked."""
+    return [
+        f"{run.path}: task {task}: {metric} is not a finite number"
+        for run in (baseline, current)
+        for task in baseline.tasks
+        for metric in run.unreadable.get(task, ())
+        if not requested or metric in requested
+    ]
+
+
 def verdicts_for(baseline: Run, current: Run, metrics: Sequence[str], tolerance: float, sigma: float | None) -> list[Verdict]:
     """One verdict per baseline task x selected metric (both runs must have it)."""
     return [
@@ -152,14 +166,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 ok, 1 regression, 2 not comparable (see the module docstring)."""
-    if args.tolerance < 0 or (args.sigma is not None and args.sigma < 0):
-        return fail("check", "--tolerance and --sigma must be >= 0")
+    for flag, value in (("--tolerance", args.tolerance), ("--sigma", args.sigma)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            return fail("check", f"{flag} {value} must be a finite number >= 0")
     try:
         baseline = load_single_run(args.baseline)
         current = load_single_run(args.results)
         metrics = select_metrics([baseline], args.metrics)
     except ResultsError as error:
         return fail("check", error)
+    unreadable = unreadable_problems(baseline, current, args.metrics)
+    if unreadable:
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        return fail("check", f"{unreadable[0]}{more}: it cannot be checked")
     print(f"baseline: {baseline.path} ({baseline.label})")
     print(f"results:  {current.path} ({current.label})")
     problems = comparability_problems(baseline, current, metrics)
@@ -173,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
         print("\nNOT COMPARABLE:", file=sys.stderr)
         print("\n".join(f"- {problem}" for problem in problems), file=sys.stderr)
         return EXIT_NOT_COMPARABLE
+    if not verdicts:
+        return fail("check", f"nothing was checked: no metric of {baseline.path} ({', '.join(metrics) or 'none found'}) could be compared")
     regressions = [v for v in verdicts if v.regressed]
     if regressions:
         print(f"\n{len(regressions)} REGRESSION(S):\n\n{verdict_table(regressions)}")

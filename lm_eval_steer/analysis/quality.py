@@ -29,6 +29,7 @@ from lm_eval_steer.analysis.results import ResultsError, Run, load_runs, pick_ba
 from lm_eval_steer.analysis.tables import markdown_table
 from lm_eval_steer.atomic import write_json, write_text
 from lm_eval_steer.console import fail
+from lm_eval_steer.errors import brief
 
 Scorer = Callable[[Sequence[tuple[str, str]]], list[tuple[float, int]]]
 """``scorer([(prompt, response), ...]) -> [(sum log p(response | prompt), response tokens), ...]``."""
@@ -79,9 +80,12 @@ def responses(sample_file: Path) -> dict[int, Response]:
         try:
             prompt = row["arguments"][0][0] if isinstance(row["arguments"], list) else row["arguments"]["gen_args_0"]["arg_0"]
             text = row["filtered_resps"][0]
+            doc_id = row["doc_id"]
+            if not isinstance(doc_id, int) or isinstance(doc_id, bool):
+                raise TypeError(f"doc_id {brief(doc_id)} is not an integer")
         except (KeyError, IndexError, TypeError) as error:
-            raise ResultsError(f"{sample_file}: not a generation task's samples (no prompt/response: {error})") from error
-        found[int(row["doc_id"])] = Response(int(row["doc_id"]), str(prompt), str(text))
+            raise ResultsError(f"{sample_file}: not a generation task's samples (no prompt/response: {brief(str(error), 120)})") from None
+        found[doc_id] = Response(doc_id, str(prompt), str(text))
     return found
 
 
@@ -177,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         missing = [run.label for run in runs if not run.sample_files]
         if missing:
             raise ResultsError(f"no logged samples for {', '.join(missing)}: rerun lm_eval with --log_samples")
+        for sample_file in {file for run in runs for file in run.sample_files.values()}:
+            responses(sample_file)  # every input readable before the scoring model loads
         score, tokenize = harness_scorer(args.model_args, args.device, args.batch_size)
         rows = [task_quality(task, run, baseline, score, tokenize) for run in runs for task in sorted(run.sample_files)]
     except ResultsError as error:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lm_eval_steer.errors import UserError, brief
+
 #: IFEval's four metrics in the order tables show them; the default selection when present.
 IFEVAL_METRICS = (
     "prompt_level_strict_acc",
@@ -38,7 +40,7 @@ DEFAULT_FILTER = "none"
 _RESULTS_NAME = re.compile(r"^results_(?P<date>.+)\.json$")
 
 
-class ResultsError(Exception):
+class ResultsError(UserError):
     """An input that cannot be read or used; the message names the file at fault."""
 
 
@@ -67,6 +69,7 @@ class Run:
     task_gen_kwargs: dict[str, Any]  # task -> effective generation_kwargs from the task config
     chat_template_sha: str | None
     sample_files: dict[str, Path] = field(default_factory=dict)  # task -> samples_*.jsonl
+    unreadable: dict[str, list[str]] = field(default_factory=dict)  # task -> metric ids whose value is not a finite number
 
     @property
     def path(self) -> Path:
@@ -135,12 +138,26 @@ def _as_float(value: Any) -> float | None:
     """A finite float, or None for lm-eval's "N/A" placeholders, nulls and non-numbers."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
     return number if math.isfinite(number) else None
 
 
+def unreadable_metrics(task_results: Mapping[str, Any]) -> list[str]:
+    """Metric ids whose value is not a finite number (a string, NaN, a list ...); stderrs not included."""
+    return [
+        metric_id(name, filter_name)
+        for key, raw in task_results.items()
+        for name, comma, filter_name in [key.partition(",")]
+        if comma and not name.endswith("_stderr") and _as_float(raw) is None
+    ]
+
+
 def parse_task_metrics(task_results: Mapping[str, Any], higher: Mapping[str, Any]) -> dict[str, MetricValue]:
-    """``{"m,filter": v, "m_stderr,filter": se, "alias": ...}`` -> ``{metric id: MetricValue}``."""
+    """``{"m,filter": v, "m_stderr,filter": se, "alias": ...}`` -> ``{metric id: MetricValue}``
+    (metrics whose value is not a finite number are left out: :func:`unreadable_metrics`)."""
     metrics: dict[str, MetricValue] = {}
     for key, raw in task_results.items():
         name, comma, filter_name = key.partition(",")
@@ -236,14 +253,54 @@ def run_label(model: str, steering: Mapping[str, Any] | None) -> str:
     return f"{model} [{detail}]" if detail else model
 
 
+#: The parts of a results file that must be JSON objects when present, and what each task maps to.
+_OBJECTS = ("config", "higher_is_better", "n-samples", "configs", "versions")
+_PER_TASK_OBJECTS = ("results", "higher_is_better", "configs")
+
+
+def _shape_problem(data: Mapping[str, Any]) -> str | None:
+    """What is structurally wrong with a parsed results file (None when it can be read)."""
+    if not isinstance(data.get("results"), dict):
+        return "not an lm-eval results file (no 'results' object)"
+    if not data["results"]:
+        return "'results' is empty: the run scored no task"
+    for key in _OBJECTS:
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            return f"'{key}' is a {type(data[key]).__name__}, not an object"
+    for key in _PER_TASK_OBJECTS:
+        for task, value in (data.get(key) or {}).items():
+            if not isinstance(value, dict):
+                return f"'{key}' of task {brief(task)} is a {type(value).__name__}, not an object"
+    if not _steering_readable((data.get("config") or {}).get("steering")):
+        return "'config.steering' is not what steered-hf records (route, overrides, vector_files with their entries)"
+    return None
+
+
+def _steering_readable(steering: Any) -> bool:
+    """``config.steering`` absent, or laid out as :meth:`SteeredHFLM.steering_config` writes it."""
+    if steering is None:
+        return True
+    if not isinstance(steering, dict) or not isinstance(steering.get("overrides") or {}, dict):
+        return False
+    files = steering.get("vector_files") or []
+    entries = [entry for file in files if isinstance(file, dict) for entry in (file.get("entries") or [])] if isinstance(files, list) else None
+    return (
+        entries is not None
+        and all(isinstance(file, dict) and isinstance(file.get("entries") or [], list) for file in files)
+        and all(isinstance(entry, dict) and all(_as_float(entry.get(key, 0)) is not None for key in ("layer", "strength")) for entry in entries)
+    )
+
+
 def read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``, or a ResultsError naming the file and the reason."""
+    """The JSON object in ``path``, checked to have the layout this module reads, or a ResultsError
+    naming the file and the reason."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ResultsError(f"{path}: not a readable results JSON ({error})") from error
-    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
-        raise ResultsError(f"{path}: not an lm-eval results file (no 'results' object)")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ResultsError(f"{path}: not a readable results JSON ({brief(str(error), 120)})") from None
+    problem = _shape_problem(data) if isinstance(data, dict) else "not an lm-eval results file (not a JSON object)"
+    if problem is not None:
+        raise ResultsError(f"{path}: {problem}")
     return data
 
 
@@ -252,11 +309,7 @@ def load_run(path: Path) -> Run:
     data = read_json(path)
     config = data.get("config") or {}
     higher = data.get("higher_is_better") or {}
-    metrics = {
-        task: parse_task_metrics(values, higher.get(task) or {})
-        for task, values in data["results"].items()
-        if isinstance(values, Mapping)
-    }
+    metrics = {task: parse_task_metrics(values, higher.get(task) or {}) for task, values in data["results"].items()}
     n_samples = {
         task: (counts.get("effective") if isinstance(counts, Mapping) else None)
         for task, counts in (data.get("n-samples") or {}).items()
@@ -279,6 +332,7 @@ def load_run(path: Path) -> Run:
         },
         chat_template_sha=data.get("chat_template_sha"),
         sample_files=find_sample_files(path, metrics),
+        unreadable={task: bad for task, values in data["results"].items() if (bad := unreadable_metrics(values))},
     )
 
 
@@ -349,6 +403,7 @@ def _merge(first: Run, second: Run) -> Run:
         n_samples={**first.n_samples, **second.n_samples},
         task_gen_kwargs={**first.task_gen_kwargs, **second.task_gen_kwargs},
         sample_files={**first.sample_files, **second.sample_files},
+        unreadable={**first.unreadable, **second.unreadable},
     )
 
 
@@ -398,8 +453,8 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
     try:
         with path.open(encoding="utf-8") as handle:
             return [json.loads(line) for line in handle if line.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ResultsError(f"{path}: not a readable samples file ({error})") from error
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ResultsError(f"{path}: not a readable samples file ({brief(str(error), 120)})") from None
 
 
 # --------------------------------------------------------------------------- selecting metrics

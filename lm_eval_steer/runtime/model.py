@@ -22,61 +22,47 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 from lm_eval_steer.runtime.hooks import steering, text_config
-from lm_eval_steer.runtime.routing import ROUTES, Overrides, entries_for_document, route_key
+from lm_eval_steer.runtime.modelargs import check_layer_override, check_local_model, parse_steering_args
+from lm_eval_steer.runtime.routing import entries_for_document, route_key
 from lm_eval_steer.runtime.rows import Entries, RequestRows
-from lm_eval_steer.runtime.vectorfile import MODES, POSITIONS, load_vector_file
+from lm_eval_steer.runtime.vectorfile import check_applicable, check_model_shape, load_vector_file
 
 logger = logging.getLogger(__name__)
-
-# Separates several vector files in ``vectors=``: lm-eval splits model_args on commas, and ``+``
-# needs no shell quoting.
-VECTOR_FILE_SEPARATOR = "+"
-
-
-def parse_vector_paths(vectors: str | Sequence[str] | None) -> list[str]:
-    if vectors is None or vectors == "":
-        return []
-    if isinstance(vectors, str):
-        return [part for part in vectors.split(VECTOR_FILE_SEPARATOR) if part]
-    return [str(path) for path in vectors]
 
 
 class SteeredHFLM(HFLM):
     """HFLM plus ``vectors``, ``layer``, ``scale``, ``mode``, ``positions``, ``route`` and
-    ``skip_first_token`` model args (see the README)."""
+    ``skip_first_token`` model args (see the README; parsed by :mod:`lm_eval_steer.runtime.modelargs`).
+
+    Every steering argument and vector file is checked before the model weights load."""
 
     def __init__(
         self,
         pretrained: Any,
         vectors: str | Sequence[str] | None = None,
-        layer: int | None = None,
-        scale: float = 1.0,
+        layer: int | str | None = None,
+        scale: float | str = 1.0,
         mode: str | None = None,
         positions: str | None = None,
-        route: str = "auto",
-        skip_first_token: bool = True,
+        route: str | None = "auto",
+        skip_first_token: bool | int | str = True,
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
-        self.route = self._check_choice("route", route, ROUTES)
-        self.overrides = Overrides(
-            layer=None if layer is None else int(layer),
-            scale=float(scale),
-            mode=self._check_choice("mode", mode, MODES) if mode is not None else None,
-            positions=self._check_choice("positions", positions, POSITIONS) if positions is not None else None,
-        )
-        self.skip_first_token = bool(skip_first_token)
+        args = parse_steering_args(vectors, layer, scale, mode, positions, route, skip_first_token)
+        check_local_model(pretrained)
+        self.route, self.overrides, self.skip_first_token = args.route, args.overrides, args.skip_first_token
+        self.vector_files = [load_vector_file(path) for path in args.vector_paths]
+        for vector_file in self.vector_files:
+            check_applicable(vector_file, self.overrides.mode, self.overrides.scale)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(pretrained=pretrained, device=device, **kwargs)
 
         config = text_config(self.model)
-        self.vector_files = [
-            load_vector_file(path, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers)
-            for path in parse_vector_paths(vectors)
-        ]
-        if self.overrides.layer is not None and not 0 <= self.overrides.layer < config.num_hidden_layers:
-            raise ValueError(f"layer={self.overrides.layer} is out of range for a {config.num_hidden_layers}-layer model")
+        for vector_file in self.vector_files:
+            check_model_shape(vector_file, config.hidden_size, config.num_hidden_layers)
+        check_layer_override(self.overrides.layer, config.num_hidden_layers)
         # A GGUF load is named after its folder; its file name carries the model's name.
         model_name = " ".join(
             str(part) for part in (getattr(config, "_name_or_path", "") or (pretrained if isinstance(pretrained, str) else ""), kwargs.get("gguf_file") or "") if part
@@ -91,12 +77,6 @@ class SteeredHFLM(HFLM):
         if self.route != "none" and not self.vector_files:
             logger.warning("steered-hf: no vectors= given, so nothing is steered")
         self._rows = RequestRows()
-
-    @staticmethod
-    def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
-        if value not in choices:
-            raise ValueError(f"steered-hf: {name}={value!r} is not one of {', '.join(choices)}")
-        return value
 
     # ------------------------------------------------------------------------------ configuration
 

@@ -10,7 +10,10 @@ stored under the entry's name; the safetensors ``__metadata__`` (string to strin
 
 Files are untrusted input: safetensors never executes code, and :func:`load_vector_file` checks
 every field, raising :class:`VectorFileError` with a one-line message that names the file, the
-entry and the problem.
+entry and the problem. It accepts only what it can apply: the header is read only up to
+:data:`MAX_HEADER_BYTES` and JSON only :data:`MAX_JSON_DEPTH` levels deep (bounded memory), numbers
+and vectors must be finite in float32 (the dtype steering computes in), and a ``project``/``ablate``
+direction must have a finite, non-zero float32 norm. Bad values are quoted cut short.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import hashlib
 import json
 import math
 import os
+import stat
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lm_eval_steer.atomic import atomic_write
+from lm_eval_steer.errors import UserError, brief, one_line
 
 FORMAT_VERSION = "lm-eval-steer/1"
 MODES = ("add", "project", "ablate")
@@ -38,12 +44,22 @@ ENTRY_KEYS = frozenset({"name", "layer", "mode", "strength", "positions", "appli
 APPLIES_TO_KEYS = frozenset({"instruction_id", "kwargs", "strength_rule"})
 STRENGTH_RULE_KEYS = frozenset({"kwarg", "points"})
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Largest safetensors header (metadata + tensor index) read: the shipped 195-entry keywords file
+#: has 72 KB; the cap bounds the memory a hostile file can make the JSON parser use.
+MAX_HEADER_BYTES = 8 << 20
+#: Deepest JSON nesting accepted in ``entries`` (a real file nests 5 levels: list, entry,
+#: applies_to, kwargs, a keyword list).
+MAX_JSON_DEPTH = 16
+#: Largest finite float32: strengths, rule points and vector elements must stay below it.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: Bounds on the model shape a file may claim (a hostile ``hidden_size`` must not size anything).
+MAX_HIDDEN_SIZE, MAX_LAYERS = 1 << 20, 1 << 16
 
 Mode = Literal["add", "project", "ablate"]
 Positions = Literal["all", "prompt", "generated"]
 
 
-class VectorFileError(ValueError):
+class VectorFileError(UserError, ValueError):
     """A vector file (or one of its entries) is malformed; the message names file, entry and problem."""
 
 
@@ -154,30 +170,40 @@ class _Checker:
         self.path = path
 
     def fail(self, problem: str, entry: str | None = None) -> VectorFileError:
-        where = f"{self.path}: entry {entry!r}: " if entry is not None else f"{self.path}: "
-        return VectorFileError(where + problem)
+        where = f"{self.path}: entry {brief(entry)}: " if entry is not None else f"{self.path}: "
+        return VectorFileError(one_line(where + problem, limit=2 * len(where) + 400))
 
-    def integer(self, value: Any, what: str, entry: str | None = None) -> int:
-        if isinstance(value, bool):
-            raise self.fail(f"{what} must be an integer, got {value!r}", entry)
-        try:
-            number = int(value) if isinstance(value, (int, str)) else None
-        except ValueError:
-            number = None
-        if number is None:
-            raise self.fail(f"{what} must be an integer, got {value!r}", entry)
+    def integer(self, value: Any, what: str, entry: str | None = None, upper: int = MAX_LAYERS) -> int:
+        """An int (or a string of one) in ``[-upper, upper]``; never a bool or a float."""
+        number = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str) and len(value) <= 20:
+            try:
+                number = int(value.strip())
+            except ValueError:
+                number = None
+        if number is None or abs(number) > upper:
+            raise self.fail(f"{what} must be an integer up to {upper}, got {brief(value)}", entry)
         return number
 
     def number(self, value: Any, what: str, entry: str | None = None) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.fail(f"{what} must be a finite number, got {value!r}", entry)
-        return float(value)
+        """A number that is finite in float32 (steering computes in float32)."""
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # an int of hundreds of digits
+                number = None
+        if number is None or not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+            raise self.fail(f"{what} must be a finite number in float32 (|x| <= {FLOAT32_MAX:.4g}), got {brief(value)}", entry)
+        return number
 
     def keys(self, given: Mapping[str, Any], allowed: frozenset[str], required: frozenset[str], what: str, entry: str | None) -> None:
         unknown = sorted(set(given) - allowed)
         missing = sorted(required - set(given))
         if unknown:
-            raise self.fail(f"unknown {what} key(s) {unknown} (allowed: {sorted(allowed)})", entry)
+            raise self.fail(f"unknown {what} key(s) {brief(unknown, 120)} (allowed: {sorted(allowed)})", entry)
         if missing:
             raise self.fail(f"missing {what} key(s) {missing}", entry)
 
@@ -186,7 +212,7 @@ def _parse_strength_rule(raw: Any, check: _Checker, name: str) -> StrengthRule |
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise check.fail(f"applies_to.strength_rule must be an object, got {raw!r}", name)
+        raise check.fail(f"applies_to.strength_rule must be an object, got {brief(raw)}", name)
     check.keys(raw, STRENGTH_RULE_KEYS, STRENGTH_RULE_KEYS, "strength_rule", name)
     if not isinstance(raw["kwarg"], str) or not raw["kwarg"]:
         raise check.fail("strength_rule.kwarg must be a non-empty string", name)
@@ -203,13 +229,13 @@ def _parse_applies_to(raw: Any, check: _Checker, name: str) -> AppliesTo | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise check.fail(f"applies_to must be an object or null, got {raw!r}", name)
+        raise check.fail(f"applies_to must be an object or null, got {brief(raw)}", name)
     check.keys(raw, APPLIES_TO_KEYS, frozenset({"instruction_id"}), "applies_to", name)
     if not isinstance(raw["instruction_id"], str) or not raw["instruction_id"]:
         raise check.fail("applies_to.instruction_id must be a non-empty string", name)
     kwargs = raw.get("kwargs") or {}
     if not isinstance(kwargs, dict):
-        raise check.fail(f"applies_to.kwargs must be an object, got {kwargs!r}", name)
+        raise check.fail(f"applies_to.kwargs must be an object, got {brief(kwargs)}", name)
     return AppliesTo(
         instruction_id=raw["instruction_id"],
         kwargs=kwargs,
@@ -217,12 +243,40 @@ def _parse_applies_to(raw: Any, check: _Checker, name: str) -> AppliesTo | None:
     )
 
 
+def _strengths(strength: float, applies_to: AppliesTo | None) -> list[float]:
+    """Every strength an entry can have: its own and its strength rule's."""
+    rule = applies_to.strength_rule if applies_to is not None else None
+    return [strength, *(s for _, s in (rule.points if rule else ()))]
+
+
+def _checked_vector(tensor: torch.Tensor, mode: str, strengths: Iterable[float], check: _Checker, name: str) -> torch.Tensor:
+    """The entry's tensor (shape checked on reading) as float32, checked to be applicable: finite, and
+    for ``add`` finite after scaling by every strength the entry can have; for ``project``/``ablate``
+    a finite non-zero norm."""
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise check.fail(f"tensor dtype {tensor.dtype} is not a float type", name)
+    vector = tensor.to(torch.float32)  # float64 values beyond float32's range become inf here
+    if not torch.isfinite(vector).all():
+        raise check.fail("tensor contains NaN or infinite values (in float32)", name)
+    if mode == "add":
+        largest = float(vector.abs().max()) * max(abs(s) for s in strengths)
+        if not largest <= FLOAT32_MAX:
+            raise check.fail("strength x vector overflows float32", name)
+    else:
+        norm = float(vector.norm())  # what the hooks divide by (lm_eval_steer.runtime.interventions.unit)
+        if norm == 0.0:
+            raise check.fail(f"zero vector has no direction (its float32 norm is 0), which '{mode}' mode needs", name)
+        if not math.isfinite(norm):
+            raise check.fail(f"the vector's float32 norm overflows to {norm}: '{mode}' mode needs a finite, non-zero norm", name)
+    return vector
+
+
 def _parse_entry(raw: Any, tensor: torch.Tensor | None, hidden_size: int, num_layers: int, check: _Checker) -> SteeringEntry:
     if not isinstance(raw, dict):
-        raise check.fail(f"each item of 'entries' must be an object, got {raw!r}")
+        raise check.fail(f"each item of 'entries' must be an object, got {brief(raw)}")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
-        raise check.fail(f"entry without a valid 'name': {raw!r}")
+        raise check.fail(f"entry without a valid 'name' (a non-empty string): {brief(raw)}")
     check.keys(raw, ENTRY_KEYS, ENTRY_KEYS - {"applies_to"}, "entry", name)
     if tensor is None:
         raise check.fail("listed in metadata but no tensor of that name is stored", name)
@@ -230,21 +284,14 @@ def _parse_entry(raw: Any, tensor: torch.Tensor | None, hidden_size: int, num_la
     if not 0 <= layer < num_layers:
         raise check.fail(f"layer {layer} is out of range for a {num_layers}-layer model (0..{num_layers - 1})", name)
     mode = raw["mode"]
-    if mode not in MODES:
-        raise check.fail(f"unknown mode {mode!r} (expected one of {', '.join(MODES)})", name)
+    if not isinstance(mode, str) or mode not in MODES:
+        raise check.fail(f"unknown mode {brief(mode)} (expected one of {', '.join(MODES)})", name)
     positions = raw["positions"]
-    if positions not in POSITIONS:
-        raise check.fail(f"unknown positions {positions!r} (expected one of {', '.join(POSITIONS)})", name)
+    if not isinstance(positions, str) or positions not in POSITIONS:
+        raise check.fail(f"unknown positions {brief(positions)} (expected one of {', '.join(POSITIONS)})", name)
     strength = check.number(raw["strength"], "strength", name)
-    if tensor.dtype not in FLOAT_DTYPES:
-        raise check.fail(f"tensor dtype {tensor.dtype} is not a float type", name)
-    if tensor.dim() != 1 or tensor.shape[0] != hidden_size:
-        raise check.fail(f"tensor shape {tuple(tensor.shape)} does not match hidden_size {hidden_size} (expected ({hidden_size},))", name)
-    vector = tensor.to(torch.float32)
-    if not torch.isfinite(vector).all():
-        raise check.fail("tensor contains NaN or infinite values", name)
-    if mode in ("project", "ablate") and float(vector.norm()) == 0.0:
-        raise check.fail(f"zero vector has no direction, which '{mode}' mode needs", name)
+    applies_to = _parse_applies_to(raw.get("applies_to"), check, name)
+    vector = _checked_vector(tensor, mode, _strengths(strength, applies_to), check, name)
     return SteeringEntry(
         name=name,
         vector=vector,
@@ -252,49 +299,120 @@ def _parse_entry(raw: Any, tensor: torch.Tensor | None, hidden_size: int, num_la
         mode=mode,
         strength=strength,
         positions=positions,
-        applies_to=_parse_applies_to(raw.get("applies_to"), check, name),
+        applies_to=applies_to,
     )
 
 
-def _file_shape(metadata: Mapping[str, str], check: _Checker, hidden_size: int | None, num_layers: int | None) -> tuple[int, int]:
-    """The file's ``(hidden_size, num_layers)`` after checking the format and, if given, the model's shape."""
+def _file_shape(metadata: Mapping[str, str], check: _Checker) -> tuple[int, int]:
+    """The file's ``(hidden_size, num_layers)`` after checking the format."""
     if metadata.get("format") != FORMAT_VERSION:
-        raise check.fail(f"metadata 'format' is {metadata.get('format')!r}, expected {FORMAT_VERSION!r} (is this an lm-eval-steer vector file?)")
+        raise check.fail(f"metadata 'format' is {brief(metadata.get('format'))}, expected {FORMAT_VERSION!r} (is this an lm-eval-steer vector file?)")
     missing = sorted(FILE_KEYS - set(metadata))
     if missing:
         raise check.fail(f"missing metadata key(s) {missing}")
-    file_hidden = check.integer(metadata["hidden_size"], "hidden_size")
+    file_hidden = check.integer(metadata["hidden_size"], "hidden_size", upper=MAX_HIDDEN_SIZE)
     file_layers = check.integer(metadata["num_layers"], "num_layers")
     if file_hidden <= 0 or file_layers <= 0:
         raise check.fail(f"hidden_size and num_layers must be positive, got {file_hidden} and {file_layers}")
-    if hidden_size is not None and file_hidden != hidden_size:
-        raise check.fail(f"built for hidden_size {file_hidden}, but the model has hidden_size {hidden_size}")
-    if num_layers is not None and file_layers != num_layers:
-        raise check.fail(f"built for {file_layers} layers, but the model has {num_layers} layers")
     return file_hidden, file_layers
+
+
+def check_model_shape(vector_file: VectorFile, hidden_size: int | None, num_layers: int | None) -> None:
+    """Raises VectorFileError unless the file was built for a model of this shape (None: not checked)."""
+    check = _Checker(vector_file.path or "<vector file>")
+    if hidden_size is not None and vector_file.hidden_size != hidden_size:
+        raise check.fail(f"built for hidden_size {vector_file.hidden_size}, but the model has hidden_size {hidden_size}")
+    if num_layers is not None and vector_file.num_layers != num_layers:
+        raise check.fail(f"built for {vector_file.num_layers} layers, but the model has {num_layers} layers")
+
+
+def check_applicable(vector_file: VectorFile, mode: str | None = None, scale: float = 1.0) -> None:
+    """Raises VectorFileError unless every entry can still be applied under run-wide overrides: every
+    strength times ``scale`` finite in float32, and the vector fit for ``mode`` (e.g. an ``add``
+    vector of zeros has no direction for ``mode=project``)."""
+    check = _Checker(vector_file.path or "<vector file>")
+    for entry in vector_file.entries:
+        strengths = [check.number(scale * strength, "strength x scale", entry.name) for strength in _strengths(entry.strength, entry.applies_to)]
+        _checked_vector(entry.vector, mode or entry.mode, strengths, check, entry.name)
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` nests more than ``limit`` levels (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def _entries_json(metadata: Mapping[str, str], check: _Checker) -> list[Any]:
+    """``metadata['entries']`` parsed: a non-empty list, nested at most :data:`MAX_JSON_DEPTH` levels."""
+    try:
+        raw_entries = json.loads(metadata["entries"])
+    except RecursionError:
+        raise check.fail(f"metadata 'entries' is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as error:  # JSONDecodeError, and integers beyond Python's digit limit
+        raise check.fail(f"metadata 'entries' is not valid JSON ({brief(str(error), 120)})") from None
+    if _too_deep(raw_entries, MAX_JSON_DEPTH):
+        raise check.fail(f"metadata 'entries' is nested more than {MAX_JSON_DEPTH} levels deep")
+    if not isinstance(raw_entries, list) or not raw_entries:
+        raise check.fail("metadata 'entries' must be a non-empty JSON list")
+    return raw_entries
 
 
 def _parse_entries(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor], hidden_size: int, num_layers: int, check: _Checker) -> list[SteeringEntry]:
     """Every entry listed in the metadata, each checked against its tensor; every tensor listed once."""
-    try:
-        raw_entries = json.loads(metadata["entries"])
-    except json.JSONDecodeError as error:
-        raise check.fail(f"metadata 'entries' is not valid JSON ({error})") from None
-    if not isinstance(raw_entries, list) or not raw_entries:
-        raise check.fail("metadata 'entries' must be a non-empty JSON list")
     entries: list[SteeringEntry] = []
     seen: set[str] = set()
-    for raw in raw_entries:
+    for raw in _entries_json(metadata, check):
         name = raw.get("name") if isinstance(raw, dict) else None
-        if name in seen:
+        if isinstance(name, str) and name in seen:
             raise check.fail("duplicate entry name", name)
         entry = _parse_entry(raw, tensors.get(name) if isinstance(name, str) else None, hidden_size, num_layers, check)
         seen.add(entry.name)
         entries.append(entry)
     unlisted = sorted(set(tensors) - seen)
     if unlisted:
-        raise check.fail(f"tensor(s) {unlisted} are stored but not listed in metadata 'entries'")
+        raise check.fail(f"tensor(s) {brief(unlisted, 120)} are stored but not listed in metadata 'entries'")
     return entries
+
+
+def _check_header(path: str, check: _Checker) -> None:
+    """A regular file whose safetensors header fits :data:`MAX_HEADER_BYTES` (read before parsing)."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        raise check.fail("no such file") from None
+    except OSError as error:
+        raise check.fail(f"cannot be read ({error.strerror or error})") from None
+    mode = status.st_mode
+    if not stat.S_ISREG(mode):
+        kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+        kind = next((name for test, name in kinds.items() if test(mode)), "something else")
+        raise check.fail(f"is {kind}, not a regular file")
+    try:
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+    except OSError as error:
+        raise check.fail(f"cannot be read ({error.strerror or error})") from None
+    if len(prefix) < 8:
+        raise check.fail("not a readable safetensors file (shorter than its 8-byte header length)")
+    (header_bytes,) = struct.unpack("<Q", prefix)
+    if header_bytes > status.st_size - 8:
+        raise check.fail(f"not a readable safetensors file (its header length {header_bytes} exceeds the file size)")
+    if header_bytes > MAX_HEADER_BYTES:
+        raise check.fail(f"safetensors header of {header_bytes} bytes exceeds the {MAX_HEADER_BYTES >> 20} MiB limit for vector files")
+
+
+def _read_tensor(handle: Any, key: str, hidden_size: int, check: _Checker) -> torch.Tensor:
+    """One stored tensor, its shape checked before it is read (a huge tensor is never loaded)."""
+    shape = tuple(handle.get_slice(key).get_shape())
+    if shape != (hidden_size,):
+        raise check.fail(f"tensor shape {shape} does not match hidden_size {hidden_size} (expected ({hidden_size},))", key)
+    return handle.get_tensor(key)
 
 
 def load_vector_file(
@@ -307,19 +425,20 @@ def load_vector_file(
     the file must match them."""
     path_str = str(path)
     check = _Checker(path_str)
-    if not Path(path_str).is_file():
-        raise check.fail("no such file")
+    _check_header(path_str, check)
     try:
         with safe_open(path_str, framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            file_hidden, file_layers = _file_shape(metadata, check)
+            tensors = {key: _read_tensor(handle, key, file_hidden, check) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise check.fail(f"not a readable safetensors file ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        if isinstance(error, VectorFileError):
+            raise
+        raise check.fail(f"not a readable safetensors file ({brief(str(error), 120) if str(error) else type(error).__name__})") from None
 
-    file_hidden, file_layers = _file_shape(metadata, check, hidden_size, num_layers)
     entries = _parse_entries(metadata, tensors, file_hidden, file_layers, check)
 
-    return VectorFile(
+    vector_file = VectorFile(
         model=metadata["model"],
         hidden_size=file_hidden,
         num_layers=file_layers,
@@ -328,6 +447,8 @@ def load_vector_file(
         path=path_str,
         sha256=file_sha256(path_str),
     )
+    check_model_shape(vector_file, hidden_size, num_layers)
+    return vector_file
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -360,12 +481,16 @@ def save_vector_file(
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise VectorFileError(f"{path}: duplicate entry name(s) {duplicates}")
-    tensors = {entry.name: entry.vector.detach().to("cpu", torch.float32).contiguous() for entry in entries}
+    # clone(): entries may share one tensor, which safetensors refuses to store twice.
+    tensors = {entry.name: entry.vector.detach().to("cpu", torch.float32).clone().contiguous() for entry in entries}
 
     def write(temp_path: str) -> None:
         save_file(tensors, temp_path, metadata=metadata)
-        # Validate what was written before it replaces anything the user has.
-        load_vector_file(temp_path, hidden_size=hidden_size, num_layers=num_layers)
+        # Validate what was written before it replaces anything the user has; name the target.
+        try:
+            load_vector_file(temp_path, hidden_size=hidden_size, num_layers=num_layers)
+        except VectorFileError as error:
+            raise VectorFileError(str(error).replace(temp_path, str(path))) from None
 
-    atomic_write(path, write)
+    atomic_write(path, write)  # a failed write (disk full, no permission) names the target
     return load_vector_file(path, hidden_size=hidden_size, num_layers=num_layers)

@@ -1,0 +1,192 @@
+"""``steered-hf`` model arguments: strict, named in every message, and parsed the same through the
+``lm_eval`` CLI (``handle_cli_value_string``) and the Python API (``handle_arg_string``)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lm_eval._cli.utils import key_val_to_dict
+from lm_eval.utils import simple_parse_args_string
+
+from lm_eval_steer.runtime.model import SteeredHFLM
+from lm_eval_steer.runtime.modelargs import ModelArgError, SteeringArgs, parse_steering_args
+from lm_eval_steer.runtime.routing import Overrides
+from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFileError, save_vector_file
+
+DEFAULTS = {"vectors": None, "layer": None, "scale": 1.0, "mode": None, "positions": None, "route": "auto", "skip_first_token": True}
+
+
+def parsed(path: str, text: str) -> SteeringArgs:
+    """``text`` (``k=v,...``) typed by the CLI's or the API's parser, then parsed by steered-hf."""
+    typed = key_val_to_dict(text) if path == "cli" else simple_parse_args_string(text)
+    return parse_steering_args(**{**DEFAULTS, **typed})
+
+
+GOOD = [
+    ("route=none", lambda a: a.route == "none"),
+    ("route=all", lambda a: a.route == "all"),
+    ("route=auto", lambda a: a.route == "auto"),
+    ("layer=3", lambda a: a.overrides.layer == 3),
+    ("layer=-1", lambda a: a.overrides.layer == -1),
+    ("scale=0", lambda a: a.overrides.scale == 0.0),
+    ("scale=-2.5", lambda a: a.overrides.scale == -2.5),
+    ("scale=1e3", lambda a: a.overrides.scale == 1000.0),
+    ("mode=project", lambda a: a.overrides.mode == "project"),
+    ("mode=ablate", lambda a: a.overrides.mode == "ablate"),
+    ("positions=generated", lambda a: a.overrides.positions == "generated"),
+    *[(f"skip_first_token={word}", lambda a, v=value: a.skip_first_token is v) for word, value in
+      [("true", True), ("True", True), ("1", True), ("yes", True), ("false", False), ("FALSE", False), ("0", False), ("no", False)]],
+    ("vectors=a.safetensors+b.safetensors", lambda a: a.vector_paths == ("a.safetensors", "b.safetensors")),
+]
+
+BAD = [
+    ("scale=abc", "steered-hf: scale='abc' is not a number"),
+    ("scale=nan", "scale=nan is not a finite number"),
+    ("scale=inf", "scale=inf is not a finite number"),
+    ("scale=-inf", "scale=-inf is not a finite number"),
+    ("scale=1e39", "is not a finite number"),
+    ("scale=true", "scale=True is not a number"),
+    ("layer=1.5", "steered-hf: layer=1.5 is not an integer"),
+    ("layer=true", "steered-hf: layer=True is not an integer"),
+    ("layer=abc", "layer='abc' is not an integer"),
+    ("layer=" + "9" * 400, "is out of range"),
+    ("layer=1e300", "is out of range"),
+    ("skip_first_token=maybe", "skip_first_token='maybe' is not a boolean"),
+    ("skip_first_token=2", "skip_first_token=2 is not a boolean"),
+    ("vectors=123", "steered-hf: vectors=123 is not a vector file path"),
+    ("vectors=1.5", "vectors=1.5 is not a vector file path"),
+    ("vectors=true", "vectors=True is not a vector file path"),
+    ("vectors=a.safetensors+", "has an empty path"),
+    ("vectors=a++b", "has an empty path"),
+    ("route=sometimes", "route='sometimes' is not one of auto, all, none"),
+    ("mode=multiply", "mode='multiply' is not one of add, project, ablate"),
+    ("positions=first", "positions='first' is not one of all, prompt, generated"),
+    ("mode=1", "mode=1 is not one of"),
+]
+
+
+@pytest.mark.parametrize("path", ["cli", "api"])
+@pytest.mark.parametrize(("text", "holds"), GOOD, ids=[text for text, _ in GOOD])
+def test_good_values_mean_the_same_through_the_cli_and_the_api(path, text, holds):
+    assert holds(parsed(path, text))
+
+
+@pytest.mark.parametrize("path", ["cli", "api"])
+@pytest.mark.parametrize(("text", "message"), BAD, ids=[text for text, _ in BAD])
+def test_bad_values_are_refused_by_name_through_the_cli_and_the_api(path, text, message):
+    with pytest.raises(ModelArgError, match=None) as error:
+        parsed(path, text)
+    assert message in str(error.value)
+    assert str(error.value).startswith("steered-hf: ") and len(str(error.value)) < 300
+
+
+@pytest.mark.parametrize("text", ["route=none", "route=None", "mode=none", "positions=None", "layer=none", "vectors=none"])
+def test_none_means_the_same_through_both_paths(text):
+    cli, api = parsed("cli", text), parsed("api", text)
+    assert cli == api
+    assert api.route == ("none" if text.startswith("route") else "auto")
+    assert api.vector_paths == () and api.overrides == Overrides()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_characters=",=\x00"), max_size=30))
+def test_any_text_value_gives_the_same_answer_or_error_through_both_paths(value):
+    """Whatever a user types as ``scale``, ``layer`` or ``skip_first_token``: both paths agree, and
+    a refusal is a ModelArgError naming the argument (never another exception)."""
+    for name in ("scale", "layer", "skip_first_token"):
+        outcomes = []
+        for path in ("cli", "api"):
+            try:
+                outcomes.append(getattr(parsed(path, f"{name}={value}"), "overrides" if name != "skip_first_token" else "skip_first_token"))
+            except ModelArgError as error:
+                assert f"steered-hf: {name}=" in str(error)
+                outcomes.append("refused")
+            except ValueError:  # the harness's own parser refused the text before steered-hf saw it
+                outcomes.append("harness")
+        if "harness" not in outcomes and value.strip() == value and not value.startswith(("'", '"', "[", "(", "{")):
+            assert outcomes[0] == outcomes[1], (name, value, outcomes)
+        for outcome in outcomes:
+            if isinstance(outcome, Overrides):
+                assert math.isfinite(outcome.scale)
+                assert outcome.layer is None or isinstance(outcome.layer, int)
+
+
+def test_plus_in_an_existing_file_name_is_one_path(tmp_path):
+    path = tmp_path / "fmt+len.safetensors"
+    path.write_bytes(b"")
+    assert parse_steering_args(**{**DEFAULTS, "vectors": str(path)}).vector_paths == (str(path),)
+    with pytest.warns(UserWarning, match="twice"):
+        assert parse_steering_args(**{**DEFAULTS, "vectors": f"{path}+{path}"}).vector_paths == (str(path), str(path))
+
+
+def test_the_same_file_twice_warns(tmp_path):
+    path = str(tmp_path / "v.safetensors")
+    with pytest.warns(UserWarning, match="twice"):
+        parse_steering_args(**{**DEFAULTS, "vectors": f"{path}+{path}"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_steering_args(**{**DEFAULTS, "vectors": path})
+
+
+@pytest.fixture(scope="module")
+def small_vectors(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("args") / "v.safetensors"
+    save_vector_file(path, [SteeringEntry("v", torch.ones(64), 1, "add", 1.0)], model="tiny-llama", hidden_size=64, num_layers=4)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["route=none", "route=None", "layer=2", "scale=0.5", "mode=project", "positions=prompt", "skip_first_token=no", "skip_first_token=false"],
+)
+def test_every_argument_through_create_from_arg_string_like_simple_evaluate(tiny_model_dir, small_vectors, extra):
+    """``simple_evaluate(model="steered-hf", model_args="...")`` builds the model with this call."""
+    lm = SteeredHFLM.create_from_arg_string(f"pretrained={tiny_model_dir},vectors={small_vectors},{extra}", {"batch_size": 1, "device": "cpu"})
+    name, value = extra.split("=")
+    recorded = lm.steering_config()
+    if name == "route":
+        assert recorded["route"] == "none"
+    elif name == "skip_first_token":
+        assert recorded["skip_first_token"] is False
+    else:
+        assert str(recorded["overrides"][name]) == str(float(value) if name == "scale" else int(value) if name == "layer" else value)
+
+
+def test_layer_override_out_of_range_and_project_on_a_zero_add_vector(tiny_model_dir, tmp_path):
+    zero = tmp_path / "zero.safetensors"
+    save_vector_file(zero, [SteeringEntry("z", torch.zeros(64), 1, "add", 1.0)], model="tiny-llama", hidden_size=64, num_layers=4)
+    with pytest.raises(ModelArgError, match="steered-hf: layer=4 is out of range for a 4-layer model"):
+        SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(zero), layer=4, device="cpu")
+    with pytest.raises(VectorFileError, match="zero vector has no direction.*'project'"):
+        SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(zero), mode="project", device="cpu")
+
+
+def test_vector_files_are_checked_before_the_weights_load(tmp_path):
+    """A bad vector file or argument is reported even when the model could never load."""
+    with pytest.raises(VectorFileError, match="no such file"):
+        SteeredHFLM(pretrained="org/model-that-does-not-exist", vectors=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ModelArgError, match="scale"):
+        SteeredHFLM(pretrained="org/model-that-does-not-exist", scale="abc")
+    with pytest.raises(ModelArgError, match="pretrained='/no/such/dir': no such model directory"):
+        SteeredHFLM(pretrained="/no/such/dir")
+
+
+@pytest.mark.parametrize(
+    ("model_args", "message"),
+    [("scale=abc", "steered-hf: scale='abc' is not a number"), ("vectors=/no/such.safetensors", "/no/such.safetensors: no such file")],
+)
+@pytest.mark.parametrize("program", ["lm_eval", "lm_eval_steer"])
+def test_plain_lm_eval_prints_one_line_and_exits_2(tmp_path, program, model_args, message):
+    """The start-up hook's excepthook (plain ``lm_eval``) and ``python -m lm_eval_steer``: one line, exit 2."""
+    command = [sys.executable, "-m", program, "--model", "steered-hf", "--model_args", f"pretrained=org/none,{model_args}", "--tasks", "ifeval_format", "--limit", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr
