@@ -9,8 +9,8 @@ x.json`` writes ``x_<date>.json`` instead. A results JSON holds, among others::
     versions[task], n-samples[task]["effective"], higher_is_better[task][metric]
     configs[task]["generation_kwargs"], config["limit"], config["gen_kwargs"], config["steering"]
 
-This module knows that layout; nothing else in the package parses results JSON or samples by hand.
-It also decides what one leaderboard row is: a run's label, and split runs merged into one.
+This module knows that layout for analysis (locating and reading the files is
+:mod:`lm_eval_steer.outputs`, shared with the runtime's reuse of a baseline's answers). It also decides what one leaderboard row is: a run's label, and split runs merged into one.
 """
 
 from __future__ import annotations
@@ -18,11 +18,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+# Where lm-eval puts a run's files and how they are read is shared with the runtime (reuse of a
+# baseline's answers); ResultsError is that module's error, under the name analysis code uses.
+from lm_eval_steer.outputs import OutputError as ResultsError
+from lm_eval_steer.outputs import date_id, find_results_files, find_sample_files, read_results_json, read_samples  # noqa: F401 (re-exported)
 
 #: IFEval's four metrics in the order tables show them; the default selection when present.
 IFEVAL_METRICS = (
@@ -34,13 +38,6 @@ IFEVAL_METRICS = (
 
 #: lm-eval's default filter name: metrics under it are shown without the ",none" suffix.
 DEFAULT_FILTER = "none"
-
-_RESULTS_NAME = re.compile(r"^results_(?P<date>.+)\.json$")
-
-
-class ResultsError(Exception):
-    """An input that cannot be read or used; the message names the file at fault."""
-
 
 @dataclass(frozen=True)
 class MetricValue:
@@ -76,51 +73,6 @@ class Run:
     @property
     def tasks(self) -> list[str]:
         return list(self.metrics)
-
-
-# --------------------------------------------------------------------------- locating files
-
-
-def date_id(results_file: Path) -> str | None:
-    """The ``<date>`` part of ``results_<date>.json`` (shared with its samples files)."""
-    match = _RESULTS_NAME.match(results_file.name)
-    return match.group("date") if match else None
-
-
-def find_results_files(path: Path) -> list[Path]:
-    """The results file(s) that ``path`` stands for.
-
-    A file is taken as is. A directory is an ``--output_path``: every directory holding
-    ``results_*.json`` (the directory itself or its model subdirectories) contributes its newest
-    file. Newest by name, because lm-eval's ``<date>`` is an ISO timestamp that sorts in time order,
-    and file mtimes do not survive copies and CI artifact downloads.
-    """
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise ResultsError(f"{path}: no such file or directory")
-    candidates = sorted(path.glob("results_*.json")) + sorted(path.glob("*/results_*.json"))
-    newest: dict[Path, Path] = {}
-    for candidate in candidates:
-        current = newest.get(candidate.parent)
-        if current is None or candidate.name > current.name:
-            newest[candidate.parent] = candidate
-    if not newest:
-        raise ResultsError(f"{path}: no results_*.json in it or in its subdirectories")
-    return sorted(newest.values())
-
-
-def find_sample_files(results_file: Path, tasks: Iterable[str]) -> dict[str, Path]:
-    """``samples_<task>_<date>.jsonl`` written by the same run as ``results_file``, per task."""
-    stamp = date_id(results_file)
-    if stamp is None:
-        return {}
-    found = {}
-    for task in tasks:
-        candidate = results_file.parent / f"samples_{task}_{stamp}.jsonl"
-        if candidate.is_file():
-            found[task] = candidate
-    return found
 
 
 # --------------------------------------------------------------------------- parsing
@@ -236,20 +188,9 @@ def run_label(model: str, steering: Mapping[str, Any] | None) -> str:
     return f"{model} [{detail}]" if detail else model
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``, or a ResultsError naming the file and the reason."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ResultsError(f"{path}: not a readable results JSON ({error})") from error
-    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
-        raise ResultsError(f"{path}: not an lm-eval results file (no 'results' object)")
-    return data
-
-
 def load_run(path: Path) -> Run:
     """Parses one results JSON file."""
-    data = read_json(path)
+    data = read_results_json(path)
     config = data.get("config") or {}
     higher = data.get("higher_is_better") or {}
     metrics = {
@@ -391,15 +332,6 @@ def pick_baseline(runs: list[Run], spec: str | None) -> Run:
     runs.insert(0, baseline)
     make_labels_unique(runs)
     return baseline
-
-
-def read_samples(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of one ``samples_*.jsonl`` file."""
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ResultsError(f"{path}: not a readable samples file ({error})") from error
 
 
 # --------------------------------------------------------------------------- selecting metrics
