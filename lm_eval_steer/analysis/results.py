@@ -26,7 +26,7 @@ from typing import Any
 # Where lm-eval puts a run's files and how they are read is shared with the runtime (reuse of a
 # baseline's answers); ResultsError is that module's error, under the name analysis code uses.
 from lm_eval_steer.outputs import OutputError as ResultsError
-from lm_eval_steer.outputs import date_id, find_results_files, find_sample_files, read_results_json, read_samples  # noqa: F401 (re-exported)
+from lm_eval_steer.outputs import date_id, file_sha256, find_results_files, find_sample_files, read_results_json, read_samples  # noqa: F401 (re-exported)
 
 #: IFEval's four metrics in the order tables show them; the default selection when present.
 IFEVAL_METRICS = (
@@ -64,6 +64,8 @@ class Run:
     task_gen_kwargs: dict[str, Any]  # task -> effective generation_kwargs from the task config
     chat_template_sha: str | None
     sample_files: dict[str, Path] = field(default_factory=dict)  # task -> samples_*.jsonl
+    # config.steering.unsteered_from of each results file that reused a baseline's answers
+    reused_from: tuple[dict[str, Any], ...] = ()
 
     @property
     def path(self) -> Path:
@@ -182,6 +184,28 @@ def steering_description(steering: Mapping[str, Any] | None) -> str:
     return " ".join(part for part in parts if part)
 
 
+def reuse_description(records: Sequence[Mapping[str, Any]]) -> str:
+    """``reused 662 unsteered answers from results_x.json`` for the runs table; ``""`` without reuse."""
+    if not records:
+        return ""
+    reused = sum(sum((record.get("reused_requests") or {}).values()) for record in records)
+    files = ", ".join(dict.fromkeys(Path(str(record.get("results_file", "?"))).name for record in records))
+    return f"reused {reused} unsteered answers from {files}"
+
+
+def reuse_mismatches(run: Run, baseline: Run) -> list[str]:
+    """The baselines ``run`` reused answers from (``unsteered_from=``) that are not ``baseline``'s
+    results file(s): its unsteered documents then come from another run than the one it is compared with."""
+    if run is baseline or not run.reused_from:
+        return []
+    hashes = {file_sha256(path) for path in baseline.paths if path.is_file()}
+    return [
+        f"reused unsteered answers from {record.get('results_file')} (sha256 {str(record.get('sha256'))[:12]}), not from the baseline it is compared with"
+        for record in run.reused_from
+        if record.get("sha256") not in hashes
+    ]
+
+
 def run_label(model: str, steering: Mapping[str, Any] | None) -> str:
     """``model`` for a plain run, ``model [steering]`` for a ``steered-hf`` run."""
     detail = steering_label(steering)
@@ -220,6 +244,7 @@ def load_run(path: Path) -> Run:
         },
         chat_template_sha=data.get("chat_template_sha"),
         sample_files=find_sample_files(path, metrics),
+        reused_from=tuple(record for record in [(steering or {}).get("unsteered_from")] if record),
     )
 
 
@@ -276,7 +301,8 @@ def _configuration(run: Run) -> str:
     steering = None
     if run.steering is not None:
         files = [{k: v for k, v in file.items() if k != "path"} for file in run.steering.get("vector_files") or []]
-        steering = {**run.steering, "vector_files": files}
+        # how many answers a part reused is not configuration: parts reuse different documents
+        steering = {key: value for key, value in run.steering.items() if key != "unsteered_from"} | {"vector_files": files}
     setup = [run.label, run.model, steering, run.gen_kwargs, run.limit, run.chat_template_sha]
     return json.dumps(setup, sort_keys=True, default=str)
 
@@ -290,6 +316,7 @@ def _merge(first: Run, second: Run) -> Run:
         n_samples={**first.n_samples, **second.n_samples},
         task_gen_kwargs={**first.task_gen_kwargs, **second.task_gen_kwargs},
         sample_files={**first.sample_files, **second.sample_files},
+        reused_from=first.reused_from + second.reused_from,
     )
 
 

@@ -13,7 +13,6 @@ labels logged ``doc_id`` by position in an unsorted ``--samples`` list, not by t
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -29,7 +28,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import simple_parse_args_string
 
-from lm_eval_steer.outputs import OutputError, find_results_files, find_sample_files, read_results_json, read_samples
+from lm_eval_steer.outputs import OutputError, file_sha256, find_results_files, find_sample_files, read_results_json, read_samples
 from lm_eval_steer.runtime.harness import (
     Evaluation,
     logged_arguments,
@@ -86,7 +85,7 @@ def load_baseline(spec: str) -> Baseline:
                     requests.setdefault(arguments, responses)
     except (OutputError, KeyError, TypeError, ValueError) as error:
         raise ReuseError(f"unsteered_from={spec}: {error}") from error
-    return Baseline(files[0], hashlib.sha256(files[0].read_bytes()).hexdigest(), results, answers)
+    return Baseline(files[0], file_sha256(files[0]), results, answers)
 
 
 def _normal(name: str, value: Any) -> str | None:
