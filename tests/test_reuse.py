@@ -17,38 +17,17 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import REPO_ROOT, SMOL_GGUF, smollm2_dir
+from test_registration import TASK_YAML
+
 from lm_eval_steer.cli import run_harness
 from lm_eval_steer.runtime.model import SteeredHFLM
 from lm_eval_steer.runtime.reuse import ReuseError
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, save_vector_file
 
 LOWER = "change_case:english_lowercase"
-GEN_YAML = """\
-task: reuse_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{target}}}}"
-generation_kwargs:
-  until: ["\\n\\n"]
-  max_gen_toks: 6
-  do_sample: false
-metric_list:
-  - metric: exact_match
-metadata:
-  version: 1.0
-"""
-CHOICE_YAML = """\
-task: reuse_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
+GEN_YAML = TASK_YAML.replace("task: tiny_instructions", "task: reuse_gen")  # greedy, 6 tokens
+CHOICE_YAML = GEN_YAML.split("output_type:")[0].replace("reuse_gen", "reuse_choice") + """\
 output_type: multiple_choice
 doc_to_text: "{{{{prompt}}}}"
 doc_to_choice: choices
@@ -63,7 +42,7 @@ PROMPTS = ["Write a haiku about rain.", "Name three rivers.", "Describe a cat.",
 
 def _doc(index: int, prompt: str) -> dict[str, Any]:
     routed = index % 2 == 0  # documents 0, 2, 4 carry the vector's instruction
-    return {"prompt": prompt, "target": "x", "choices": [" yes", " no", " maybe"], "instruction_id_list": [LOWER if routed else "punctuation:no_comma"], "kwargs": [{}]}
+    return {"prompt": prompt, "choices": [" yes", " no", " maybe"], "instruction_id_list": [LOWER if routed else "punctuation:no_comma"], "kwargs": [{}]}
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +63,10 @@ def vectors(tmp_path_factory) -> Path:
     return path
 
 
-def evaluate(output: Path, tasks: Path, model: str, model_args: str, *extra: str, task_names: str = "reuse_gen,reuse_choice") -> Path:
+def evaluate(output: Path, tasks: Path | None, model: str, model_args: str, *extra: str, task_names: str = "reuse_gen,reuse_choice") -> Path:
     """Runs ``lm_eval`` in-process (as ``lm-eval-steer``) and returns the results file."""
-    argv = ["--model", model, "--model_args", model_args, "--tasks", task_names, "--include_path", str(tasks), "--batch_size", "4", "--device", "cpu", "--output_path", str(output), "--log_samples", *extra]
+    argv = ["--model", model, "--model_args", model_args, "--tasks", task_names, "--batch_size", "4", "--device", "cpu", "--output_path", str(output), "--log_samples", *extra]
+    argv += ["--include_path", str(tasks)] if tasks else []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", sys.argv[:])  # run_harness replaces it
         run_harness(argv)
@@ -242,3 +222,28 @@ def test_a_differing_prompt_is_refused(tmp_path, tiny_model_dir, tasks, vectors,
     samples.write_text(samples.read_text().replace("Why is the sky blue?", "Why is the sea blue?"))
     with pytest.raises(ReuseError, match=r"reuse_gen doc_id 3: the prompt differs .*character 12: 'ky blue\?'"):
         evaluate(tmp_path / "run", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={vectors},unsteered_from={results}", task_names="reuse_gen")
+
+
+@pytest.mark.slow
+def test_reuse_on_smollm2_gives_the_full_steered_run_exactly(tmp_path, shared_data, monkeypatch):
+    # Sorted --samples (lm-eval 0.4.13 mislabels logged doc_ids otherwise); in each task two documents
+    # are routed to a shipped vector and one is not (the documents of tests/test_ci_gate.py).
+    monkeypatch.setenv("LM_EVAL_STEER_DATA", str(shared_data))
+    documents = json.dumps({"ifeval_format_noinst": [0, 1, 12], "ifeval_length_noinst": [0, 8, 10]})
+    vectors = "+".join(str(REPO_ROOT / "vectors" / name) for name in ("smollm2-format.safetensors", "smollm2-length.safetensors"))
+    model = f"pretrained={smollm2_dir()},gguf_file={SMOL_GGUF}"
+    extra = ("--samples", documents, "--apply_chat_template", "--gen_kwargs", "max_gen_toks=32")
+    names = "ifeval_format_noinst,ifeval_length_noinst"
+    baseline = evaluate(tmp_path / "baseline", None, "hf", model, *extra, task_names=names)
+    full = evaluate(tmp_path / "full", None, "steered-hf", f"{model},vectors={vectors}", *extra, task_names=names)
+    reused = evaluate(tmp_path / "reused", None, "steered-hf", f"{model},vectors={vectors},unsteered_from={baseline}", *extra, task_names=names)
+
+    def answers(results: Path) -> list[tuple[str, int, Any, Any]]:
+        rows = [json.loads(line) for path in sorted(results.parent.glob("samples_*.jsonl")) for line in path.read_text().splitlines()]
+        return sorted((row["doc"]["key"], row["filter"], row["resps"], row["prompt_level_loose_acc"]) for row in rows)
+
+    assert answers(reused) == answers(full)
+    assert json.loads(reused.read_text())["results"] == json.loads(full.read_text())["results"]
+    assert answers(baseline) != answers(full), "the shipped vectors must change some answer"
+    record = json.loads(reused.read_text())["config"]["steering"]["unsteered_from"]
+    assert record["reused_requests"] == {"ifeval_format_noinst": 1, "ifeval_length_noinst": 1}

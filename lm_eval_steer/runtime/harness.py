@@ -24,8 +24,9 @@ two assumptions about the evaluator:
    name -> task) and the run's ``apply_chat_template`` and ``system_instruction`` arguments in scope:
    the model is never told which tasks it serves, so :func:`running_evaluation` reads them there.
 
-``tests/test_harness_coupling.py`` checks each of them against the installed harness: if a harness
-release changes one, that test fails before steering silently goes to the wrong rows.
+``tests/test_harness_coupling.py`` checks 1-3 against the installed harness: if a harness release
+changes one, that test fails before steering silently goes to the wrong rows. ``tests/test_reuse.py``
+checks 4 and 5 end to end (reused answers equal a full run's; the run-setting refusals need 5).
 """
 
 from __future__ import annotations

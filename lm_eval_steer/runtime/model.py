@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -133,7 +133,7 @@ class SteeredHFLM(HFLM):
         reuse = {"unsteered_from": self._reuse.record()} if self._reuse else {}
         return {**super().get_model_info(), "steering": {**self.steering_config(), **reuse}}
 
-    def _reusing(self, requests: list[Instance], run: Any) -> list[Any]:
+    def _reusing(self, requests: list[Instance], run: Callable[[list[Instance]], list[Any]]) -> list[Any]:
         """``run(requests)``, except for the unsteered requests ``unsteered_from=`` answers."""
         if self._reuse is None:
             return run(requests)

@@ -93,6 +93,7 @@ def _normal(name: str, value: Any) -> str | None:
     model), ``torch.float32`` and ``float32`` alike."""
     if value is None:
         return None
+    value = getattr(value, "name_or_path", value)  # pretrained= may be a loaded model
     if name in _PATH_ARGS and isinstance(value, str) and Path(value).exists():
         return str(Path(value).resolve())
     return str(value).removeprefix("torch.")
@@ -116,10 +117,12 @@ def model_mismatches(baseline: Mapping[str, Any], model_args: Mapping[str, Any],
         here, there = (_normal(name, args.get(name, defaults.get(name))) for args in (model_args, given))
         if here != there:
             problems.append(f"{name}={here} here, {there} in the baseline")
-    if _normal("dtype", dtype) != _normal("dtype", config.get("model_dtype")):
-        problems.append(f"dtype {_normal('dtype', dtype)} here, {_normal('dtype', config.get('model_dtype'))} in the baseline")
-    if baseline.get("lm_eval_version") != version("lm_eval"):
-        problems.append(f"lm-eval {version('lm_eval')} here, {baseline.get('lm_eval_version')} in the baseline")
+    here, there = _normal("dtype", dtype), _normal("dtype", config.get("model_dtype"))  # as loaded, not as asked
+    if here != there:
+        problems.append(f"dtype {here} here, {there} in the baseline")
+    here, there = version("lm_eval"), baseline.get("lm_eval_version")
+    if here != there:
+        problems.append(f"lm-eval {here} here, {there} in the baseline")
     return problems
 
 
@@ -138,7 +141,7 @@ def evaluation_mismatches(baseline: Mapping[str, Any], evaluation: Evaluation) -
     return problems
 
 
-def samples(request: Instance) -> bool:
+def is_sampled(request: Instance) -> bool:
     """Whether a generation request samples (as the harness reads its kwargs: ``do_sample``, or a
     temperature above 0 without it)."""
     return request.request_type == "generate_until" and bool(normalize_gen_kwargs(dict(request.args[1]))["do_sample"])
@@ -157,7 +160,6 @@ class Reuse:
     baseline: Baseline
     reused: Counter[str] = field(default_factory=Counter)  # task -> requests answered from the baseline
     missing: Counter[str] = field(default_factory=Counter)  # task -> unsteered requests the baseline lacks
-    _evaluation_checked: bool = False
 
     @classmethod
     def load(cls, spec: str, model_args: Mapping[str, Any], dtype: Any) -> Reuse:
@@ -174,16 +176,15 @@ class Reuse:
     def answer(self, requests: list[Instance], steered: Callable[[Instance], bool], run: Callable[[list[Instance]], list[Answer]]) -> list[Answer]:
         """The answers to ``requests``: logged ones for unsteered requests the baseline has, ``run``'s
         for the rest (in one call, so the harness still batches them together)."""
-        if not self._evaluation_checked:
-            evaluation = running_evaluation()
-            if evaluation is not None:
-                self._refuse_if(self.spec, self.baseline, evaluation_mismatches(self.baseline.results, evaluation))
-            self._evaluation_checked = True
+        # Checked on every call: one model object may serve several evaluations.
+        evaluation = running_evaluation()
+        if evaluation is not None:
+            self._refuse_if(self.spec, self.baseline, evaluation_mismatches(self.baseline.results, evaluation))
         answers: list[Any] = [None] * len(requests)
         to_run: list[int] = []
         repeat: Counter[int] = Counter()  # the harness passes a request once per repeat
         for index, request in enumerate(requests):
-            if samples(request):
+            if is_sampled(request):
                 raise ReuseError(f"unsteered_from={self.spec}: task {request.task_name} samples (do_sample/temperature), and sampled answers cannot be reused")
             logged = None if steered(request) else self._logged(request, repeat[id(request)])
             repeat[id(request)] += 1
