@@ -292,3 +292,23 @@ def test_runs_that_share_a_task_or_differ_in_steering_stay_apart(tmp_path: Path)
     ]
     # explicit labels decide too: parts given different labels stay apart
     assert [run.label for run in load_runs([part_a, other], ["first", "second"])] == ["first", "second"]
+
+
+def test_reuse_is_shown_and_a_run_that_reused_another_baseline_is_flagged(tmp_path: Path) -> None:
+    from lm_eval_steer.outputs import file_sha256
+
+    scores = {"ifeval_format": ifeval_scores(0.5, 0.5, 0.5, 0.5)}
+    base = write_run(tmp_path / "base", scores)
+    other = write_run(tmp_path / "other", {"ifeval_format": ifeval_scores(0.4, 0.5, 0.5, 0.5)})
+
+    def reused(name: str, source: Path) -> Path:
+        record = {"results_file": str(source), "sha256": file_sha256(source), "reused_requests": {"ifeval_format": 147}, "missing_requests": {}}
+        return write_run(tmp_path / name, scores, model_type="steered-hf", steering={**steering_config(), "unsteered_from": record})
+
+    out = tmp_path / "board"
+    assert run_compare(out, str(base), str(reused("fair", base)), str(reused("unfair", other)), "--label", "base", "--label", "fair", "--label", "unfair") == 0
+    markdown = (out / "leaderboard.md").read_text(encoding="utf-8")
+    assert f"reused 147 unsteered answers from {base.name}" in section(markdown, "Runs")
+    warnings = section(markdown, "Warnings")
+    assert f"unfair vs baseline: reused unsteered answers from {other}" in warnings
+    assert "fair vs baseline" not in warnings.replace("unfair vs baseline", "")

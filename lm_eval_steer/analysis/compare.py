@@ -5,8 +5,9 @@
 One row per run (model + steering configuration; ``--label`` names them, and runs of one
 configuration over different tasks, e.g. split ``--samples`` runs, share a row), one column per
 task x metric, each cell the score with its stderr and the delta against the baseline row. Runs that differ in task version,
-``--limit``, generation settings or chat template are listed under "Warnings" instead of being
-compared silently. When samples were logged (``--log_samples``), a per-instruction breakdown follows.
+``--limit``, generation settings or chat template, and runs that reused unsteered answers
+(``unsteered_from=``) from another baseline than the one they are compared with, are listed under
+"Warnings" instead of being compared silently. When samples were logged (``--log_samples``), a per-instruction breakdown follows.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from lm_eval_steer.analysis.results import (
     load_runs,
     pick_baseline,
     read_samples,
+    reuse_description,
+    reuse_mismatches,
     select_metrics,
     steering_description,
 )
@@ -93,7 +96,8 @@ def comparison_warnings(runs: Sequence[Run], baseline: Run, columns: Sequence[Co
     warnings = []
     for run in runs:
         if run is not baseline:
-            warnings.extend(f"{run.label} vs baseline: {problem}" for problem in incompatibilities(baseline, run))
+            problems = incompatibilities(baseline, run) + reuse_mismatches(run, baseline)
+            warnings.extend(f"{run.label} vs baseline: {problem}" for problem in problems)
     for task, metric in columns:
         missing = [run.label for run in runs if lookup(run, (task, metric)) is None]
         if missing:
@@ -213,7 +217,10 @@ def render_markdown(
         "",
         "## Runs",
         "",
-        markdown_table(["run", "results file", "steering"], [[run.label, results_files(run), steering_description(run.steering)] for run in runs]),
+        markdown_table(
+            ["run", "results file", "steering", "reuse"],
+            [[run.label, results_files(run), steering_description(run.steering), reuse_description(run.reused_from) or "—"] for run in runs],
+        ),
     ]
     if warnings:
         lines += ["", "## Warnings", "", "Not like-for-like; deltas involving these runs are unreliable:", ""]

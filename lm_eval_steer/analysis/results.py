@@ -9,8 +9,8 @@ x.json`` writes ``x_<date>.json`` instead. A results JSON holds, among others::
     versions[task], n-samples[task]["effective"], higher_is_better[task][metric]
     configs[task]["generation_kwargs"], config["limit"], config["gen_kwargs"], config["steering"]
 
-This module knows that layout; nothing else in the package parses results JSON or samples by hand.
-It also decides what one leaderboard row is: a run's label, and split runs merged into one.
+This module knows that layout for analysis (locating and reading the files is
+:mod:`lm_eval_steer.outputs`, shared with the runtime's reuse of a baseline's answers). It also decides what one leaderboard row is: a run's label, and split runs merged into one.
 """
 
 from __future__ import annotations
@@ -18,13 +18,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lm_eval_steer.errors import UserError, brief
+from lm_eval_steer.errors import brief
+
+# Where lm-eval puts a run's files and how they are read is shared with the runtime (reuse of a
+# baseline's answers); ResultsError is that module's error, under the name analysis code uses.
+from lm_eval_steer.outputs import OutputError as ResultsError
+from lm_eval_steer.outputs import date_id, file_sha256, find_results_files, find_sample_files, read_results_json, read_samples  # noqa: F401 (re-exported)
 
 #: IFEval's four metrics in the order tables show them; the default selection when present.
 IFEVAL_METRICS = (
@@ -36,13 +40,6 @@ IFEVAL_METRICS = (
 
 #: lm-eval's default filter name: metrics under it are shown without the ",none" suffix.
 DEFAULT_FILTER = "none"
-
-_RESULTS_NAME = re.compile(r"^results_(?P<date>.+)\.json$")
-
-
-class ResultsError(UserError):
-    """An input that cannot be read or used; the message names the file at fault."""
-
 
 @dataclass(frozen=True)
 class MetricValue:
@@ -70,6 +67,8 @@ class Run:
     chat_template_sha: str | None
     sample_files: dict[str, Path] = field(default_factory=dict)  # task -> samples_*.jsonl
     unreadable: dict[str, list[str]] = field(default_factory=dict)  # task -> metric ids whose value is not a finite number
+    # config.steering.unsteered_from of each results file that reused a baseline's answers
+    reused_from: tuple[dict[str, Any], ...] = ()
 
     @property
     def path(self) -> Path:
@@ -79,51 +78,6 @@ class Run:
     @property
     def tasks(self) -> list[str]:
         return list(self.metrics)
-
-
-# --------------------------------------------------------------------------- locating files
-
-
-def date_id(results_file: Path) -> str | None:
-    """The ``<date>`` part of ``results_<date>.json`` (shared with its samples files)."""
-    match = _RESULTS_NAME.match(results_file.name)
-    return match.group("date") if match else None
-
-
-def find_results_files(path: Path) -> list[Path]:
-    """The results file(s) that ``path`` stands for.
-
-    A file is taken as is. A directory is an ``--output_path``: every directory holding
-    ``results_*.json`` (the directory itself or its model subdirectories) contributes its newest
-    file. Newest by name, because lm-eval's ``<date>`` is an ISO timestamp that sorts in time order,
-    and file mtimes do not survive copies and CI artifact downloads.
-    """
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise ResultsError(f"{path}: no such file or directory")
-    candidates = sorted(path.glob("results_*.json")) + sorted(path.glob("*/results_*.json"))
-    newest: dict[Path, Path] = {}
-    for candidate in candidates:
-        current = newest.get(candidate.parent)
-        if current is None or candidate.name > current.name:
-            newest[candidate.parent] = candidate
-    if not newest:
-        raise ResultsError(f"{path}: no results_*.json in it or in its subdirectories")
-    return sorted(newest.values())
-
-
-def find_sample_files(results_file: Path, tasks: Iterable[str]) -> dict[str, Path]:
-    """``samples_<task>_<date>.jsonl`` written by the same run as ``results_file``, per task."""
-    stamp = date_id(results_file)
-    if stamp is None:
-        return {}
-    found = {}
-    for task in tasks:
-        candidate = results_file.parent / f"samples_{task}_{stamp}.jsonl"
-        if candidate.is_file():
-            found[task] = candidate
-    return found
 
 
 # --------------------------------------------------------------------------- parsing
@@ -247,6 +201,28 @@ def steering_description(steering: Mapping[str, Any] | None) -> str:
     return " ".join(part for part in parts if part)
 
 
+def reuse_description(records: Sequence[Mapping[str, Any]]) -> str:
+    """``reused 662 unsteered answers from results_x.json`` for the runs table; ``""`` without reuse."""
+    if not records:
+        return ""
+    reused = sum(sum((record.get("reused_requests") or {}).values()) for record in records)
+    files = ", ".join(dict.fromkeys(Path(str(record.get("results_file", "?"))).name for record in records))
+    return f"reused {reused} unsteered answers from {files}"
+
+
+def reuse_mismatches(run: Run, baseline: Run) -> list[str]:
+    """The baselines ``run`` reused answers from (``unsteered_from=``) that are not ``baseline``'s
+    results file(s): its unsteered documents then come from another run than the one it is compared with."""
+    if run is baseline or not run.reused_from:
+        return []
+    hashes = {file_sha256(path) for path in baseline.paths if path.is_file()}
+    return [
+        f"reused unsteered answers from {record.get('results_file')} (sha256 {str(record.get('sha256'))[:12]}), not from the baseline it is compared with"
+        for record in run.reused_from
+        if record.get("sha256") not in hashes
+    ]
+
+
 def run_label(model: str, steering: Mapping[str, Any] | None) -> str:
     """``model`` for a plain run, ``model [steering]`` for a ``steered-hf`` run."""
     detail = steering_label(steering)
@@ -294,11 +270,8 @@ def _steering_readable(steering: Any) -> bool:
 def read_json(path: Path) -> dict[str, Any]:
     """The JSON object in ``path``, checked to have the layout this module reads, or a ResultsError
     naming the file and the reason."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise ResultsError(f"{path}: not a readable results JSON ({brief(str(error), 120)})") from None
-    problem = _shape_problem(data) if isinstance(data, dict) else "not an lm-eval results file (not a JSON object)"
+    data = read_results_json(path)
+    problem = _shape_problem(data)
     if problem is not None:
         raise ResultsError(f"{path}: {problem}")
     return data
@@ -333,6 +306,7 @@ def load_run(path: Path) -> Run:
         chat_template_sha=data.get("chat_template_sha"),
         sample_files=find_sample_files(path, metrics),
         unreadable={task: bad for task, values in data["results"].items() if (bad := unreadable_metrics(values))},
+        reused_from=tuple(record for record in [(steering or {}).get("unsteered_from")] if record),
     )
 
 
@@ -389,7 +363,8 @@ def _configuration(run: Run) -> str:
     steering = None
     if run.steering is not None:
         files = [{k: v for k, v in file.items() if k != "path"} for file in run.steering.get("vector_files") or []]
-        steering = {**run.steering, "vector_files": files}
+        # how many answers a part reused is not configuration: parts reuse different documents
+        steering = {key: value for key, value in run.steering.items() if key != "unsteered_from"} | {"vector_files": files}
     setup = [run.label, run.model, steering, run.gen_kwargs, run.limit, run.chat_template_sha]
     return json.dumps(setup, sort_keys=True, default=str)
 
@@ -404,6 +379,7 @@ def _merge(first: Run, second: Run) -> Run:
         task_gen_kwargs={**first.task_gen_kwargs, **second.task_gen_kwargs},
         sample_files={**first.sample_files, **second.sample_files},
         unreadable={**first.unreadable, **second.unreadable},
+        reused_from=first.reused_from + second.reused_from,
     )
 
 
@@ -446,15 +422,6 @@ def pick_baseline(runs: list[Run], spec: str | None) -> Run:
     runs.insert(0, baseline)
     make_labels_unique(runs)
     return baseline
-
-
-def read_samples(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of one ``samples_*.jsonl`` file."""
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise ResultsError(f"{path}: not a readable samples file ({brief(str(error), 120)})") from None
 
 
 # --------------------------------------------------------------------------- selecting metrics

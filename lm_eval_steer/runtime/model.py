@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from lm_eval.models.huggingface import HFLM
 
 from lm_eval_steer.runtime.hooks import steering, text_config
 from lm_eval_steer.runtime.modelargs import check_layer_override, check_local_model, parse_steering_args
+from lm_eval_steer.runtime.reuse import Reuse
 from lm_eval_steer.runtime.routing import entries_for_document, route_key
 from lm_eval_steer.runtime.rows import Entries, RequestRows
 from lm_eval_steer.runtime.vectorfile import check_applicable, check_model_shape, load_vector_file
@@ -31,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 
 class SteeredHFLM(HFLM):
-    """HFLM plus ``vectors``, ``layer``, ``scale``, ``mode``, ``positions``, ``route`` and
-    ``skip_first_token`` model args (see the README; parsed by :mod:`lm_eval_steer.runtime.modelargs`).
+    """HFLM plus ``vectors``, ``layer``, ``scale``, ``mode``, ``positions``, ``route``,
+    ``skip_first_token`` and ``unsteered_from`` model args (see the README; the steering arguments
+    are parsed by :mod:`lm_eval_steer.runtime.modelargs`).
 
     Every steering argument and vector file is checked before the model weights load."""
 
@@ -46,6 +48,7 @@ class SteeredHFLM(HFLM):
         positions: str | None = None,
         route: str | None = "auto",
         skip_first_token: bool | int | str = True,
+        unsteered_from: str | None = None,
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -77,6 +80,8 @@ class SteeredHFLM(HFLM):
         if self.route != "none" and not self.vector_files:
             logger.warning("steered-hf: no vectors= given, so nothing is steered")
         self._rows = RequestRows()
+        # unsteered_from=: unsteered requests are answered from that run's logged samples.
+        self._reuse = Reuse.load(str(unsteered_from), {"pretrained": pretrained, **kwargs}, self.model.dtype) if unsteered_from else None
 
     # ------------------------------------------------------------------------------ configuration
 
@@ -104,7 +109,16 @@ class SteeredHFLM(HFLM):
         return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
     def get_model_info(self) -> dict[str, Any]:
-        return {**super().get_model_info(), "steering": self.steering_config()}
+        # The reuse record is not part of steering_config: the --use_cache key space must not change
+        # with how many answers a run reused.
+        reuse = {"unsteered_from": self._reuse.record()} if self._reuse else {}
+        return {**super().get_model_info(), "steering": {**self.steering_config(), **reuse}}
+
+    def _reusing(self, requests: list[Instance], run: Callable[[list[Instance]], list[Any]]) -> list[Any]:
+        """``run(requests)``, except for the unsteered requests ``unsteered_from=`` answers."""
+        if self._reuse is None:
+            return run(requests)
+        return self._reuse.answer(requests, lambda request: bool(self.rows_for(request)), run)
 
     def set_cache_hook(self, cache_hook: Any) -> None:
         # lm-eval's --use_cache keys answers by request only; give steered runs their own key space
@@ -121,6 +135,9 @@ class SteeredHFLM(HFLM):
     # ------------------------------------------------------------------------------- generation
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        return self._reusing(requests, lambda remaining: self._generate_routed(remaining, disable_tqdm))
+
+    def _generate_routed(self, requests: list[Instance], disable_tqdm: bool) -> list[str]:
         # The harness hands us only prompt strings, so within one harness call a prompt must mean one
         # route. A prompt routed several ways (one task run with and without a vector, or IFEval's
         # keyword documents that share a question but not the word) gets one pass per route; every
@@ -158,10 +175,16 @@ class SteeredHFLM(HFLM):
     # ---------------------------------------------------------------------------- loglikelihood
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return self._reusing(requests, lambda remaining: self._loglikelihood_routed(remaining, disable_tqdm))
+
+    def _loglikelihood_routed(self, requests: list[Instance], disable_tqdm: bool) -> list[tuple[float, bool]]:
         with self._rows.requests({tuple(request.args): self.rows_for(request) for request in requests}):
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        return self._reusing(requests, lambda remaining: self._rolling_routed(remaining, disable_tqdm))
+
+    def _rolling_routed(self, requests: list[Instance], disable_tqdm: bool) -> list[float]:
         # Rolling windows reach the model without their request, so each route gets its own pass.
         rows = [self.rows_for(request) for request in requests]
         groups: dict[Any, list[int]] = {}

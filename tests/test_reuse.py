@@ -1,0 +1,249 @@
+"""``unsteered_from=``: a steered run answers unsteered documents from an earlier unsteered run.
+
+Runs lm-eval's own CLI in-process on the tiny model with two local tasks (generation and multiple
+choice, some documents routed to a vector and some not): reuse must equal a full steered run, only
+steered (or unlogged) documents may reach the model, and every setting that could make the logged
+answers wrong must be refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, SMOL_GGUF, smollm2_dir
+from test_registration import TASK_YAML
+
+from lm_eval_steer.cli import run_harness
+from lm_eval_steer.runtime.model import SteeredHFLM
+from lm_eval_steer.runtime.reuse import ReuseError
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, save_vector_file
+
+LOWER = "change_case:english_lowercase"
+GEN_YAML = TASK_YAML.replace("task: tiny_instructions", "task: reuse_gen")  # greedy, 6 tokens
+CHOICE_YAML = GEN_YAML.split("output_type:")[0].replace("reuse_gen", "reuse_choice") + """\
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: choices
+doc_to_target: 0
+metric_list:
+  - metric: acc
+metadata:
+  version: 1.0
+"""
+PROMPTS = ["Write a haiku about rain.", "Name three rivers.", "Describe a cat.", "Why is the sky blue?", "Say hi.", "List two colours."]
+
+
+def _doc(index: int, prompt: str) -> dict[str, Any]:
+    routed = index % 2 == 0  # documents 0, 2, 4 carry the vector's instruction
+    return {"prompt": prompt, "choices": [" yes", " no", " maybe"], "instruction_id_list": [LOWER if routed else "punctuation:no_comma"], "kwargs": [{}]}
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("reuse-tasks")
+    data = directory / "data.jsonl"
+    data.write_text("".join(json.dumps(_doc(i, prompt)) + "\n" for i, prompt in enumerate(PROMPTS)))
+    (directory / "reuse_gen.yaml").write_text(GEN_YAML.format(data=data))
+    (directory / "reuse_choice.yaml").write_text(CHOICE_YAML.format(data=data))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def vectors(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("reuse-vectors") / "lower.safetensors"
+    entry = SteeringEntry(LOWER, torch.randn(64, generator=torch.Generator().manual_seed(5)), 2, "project", 6.0, "all", AppliesTo(LOWER))
+    save_vector_file(path, [entry], model="tiny-llama", hidden_size=64, num_layers=4)
+    return path
+
+
+def evaluate(output: Path, tasks: Path | None, model: str, model_args: str, *extra: str, task_names: str = "reuse_gen,reuse_choice") -> Path:
+    """Runs ``lm_eval`` in-process (as ``lm-eval-steer``) and returns the results file."""
+    argv = ["--model", model, "--model_args", model_args, "--tasks", task_names, "--batch_size", "4", "--device", "cpu", "--output_path", str(output), "--log_samples", *extra]
+    argv += ["--include_path", str(tasks)] if tasks else []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", sys.argv[:])  # run_harness replaces it
+        run_harness(argv)
+    (results,) = output.rglob("results_*.json")
+    return results
+
+
+def logged(results: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Per task: (document, responses, metrics) of every logged sample, in document order."""
+    by_task = {}
+    for path in sorted(results.parent.glob("samples_*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        task = path.name.removeprefix("samples_").rsplit("_", 1)[0]
+        by_task[task] = sorted((row["doc"]["prompt"], row["resps"], row.get("exact_match", row.get("acc"))) for row in rows)
+    return by_task
+
+
+def assert_same_answers(run: Path, reference: Path) -> None:
+    """Same generations and metrics on the run's tasks; log-likelihoods equal up to float noise (they
+    depend on which requests share a padded batch, in the last bits even in float32 on CPU)."""
+    answers, expected = logged(run), logged(reference)
+    assert answers.get("reuse_gen") == expected["reuse_gen"]
+    for (prompt, responses, metric), (prompt_expected, responses_expected, metric_expected) in zip(answers.get("reuse_choice", []), expected["reuse_choice"] if "reuse_choice" in answers else [], strict=True):
+        assert (prompt, metric) == (prompt_expected, metric_expected)
+        assert [float(r[0][0]) for r in responses] == pytest.approx([float(r[0][0]) for r in responses_expected], rel=1e-5)
+    scores, expected_scores = (json.loads(path.read_text())["results"] for path in (run, reference))
+    assert scores == {task: expected_scores[task] for task in scores}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, tiny_model_dir, tasks) -> Path:
+    return evaluate(tmp_path_factory.mktemp("baseline"), tasks, "hf", f"pretrained={tiny_model_dir}")
+
+
+@pytest.fixture(scope="module")
+def full_steered(tmp_path_factory, tiny_model_dir, tasks, vectors) -> Path:
+    return evaluate(tmp_path_factory.mktemp("full"), tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={vectors}")
+
+
+def count_model_requests(monkeypatch) -> list[tuple[str, str]]:
+    """Records (kind, prompt) of every request that reaches the steered model."""
+    seen: list[tuple[str, str]] = []
+    for method in ("_generate_routed", "_loglikelihood_routed"):
+        original = getattr(SteeredHFLM, method)
+
+        def watched(self, requests, *args, _original=original, _kind=method):
+            seen.extend((_kind, request.args[0]) for request in requests)
+            return _original(self, requests, *args)
+
+        monkeypatch.setattr(SteeredHFLM, method, watched)
+    return seen
+
+
+def test_reuse_equals_the_full_run_and_only_steered_documents_reach_the_model(tmp_path, tiny_model_dir, tasks, vectors, baseline, full_steered, monkeypatch):
+    seen = count_model_requests(monkeypatch)
+    reused = evaluate(tmp_path / "reused", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={vectors},unsteered_from={baseline.parent.parent}")
+    assert_same_answers(reused, full_steered)
+    # the documents steering changes are the routed ones, and only those were computed
+    assert {prompt for _, prompt in seen} == {PROMPTS[i] for i in (0, 2, 4)}
+    assert len(seen) == 3 + 3 * 3  # three generations, three choices per multiple-choice document
+    record = json.loads(reused.read_text())["config"]["steering"]["unsteered_from"]
+    assert record["results_file"] == str(baseline)
+    assert record["reused_requests"] == {"reuse_choice": 9, "reuse_gen": 3} and record["missing_requests"] == {}
+    assert len(record["sha256"]) == 64
+    assert logged(baseline)["reuse_gen"] != logged(full_steered)["reuse_gen"], "the vector must change something"
+
+
+def test_documents_missing_from_the_baseline_are_generated(tmp_path, tiny_model_dir, tasks, vectors, full_steered, monkeypatch):
+    # Unsorted --samples: lm-eval 0.4.13 logs these documents under the wrong doc_ids, so matching
+    # by doc_id would hand document 1's answer to document 3.
+    partial = evaluate(tmp_path / "partial", tasks, "hf", f"pretrained={tiny_model_dir}", "--samples", json.dumps({"reuse_gen": [3, 1]}), task_names="reuse_gen")
+    seen = count_model_requests(monkeypatch)
+    reused = evaluate(tmp_path / "reused", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={vectors},unsteered_from={partial}", task_names="reuse_gen")
+    assert_same_answers(reused, full_steered)
+    assert {prompt for _, prompt in seen} == {PROMPTS[i] for i in (0, 2, 4, 5)}
+    record = json.loads(reused.read_text())["config"]["steering"]["unsteered_from"]
+    assert record["reused_requests"] == {"reuse_gen": 2} and record["missing_requests"] == {"reuse_gen": 1}
+
+
+def test_route_none_with_reuse_reaches_the_model_for_nothing(tmp_path, tiny_model_dir, tasks, baseline, monkeypatch):
+    seen = count_model_requests(monkeypatch)
+    reused = evaluate(tmp_path / "none", tasks, "steered-hf", f"pretrained={tiny_model_dir},route=none,unsteered_from={baseline}")
+    assert seen == [] and logged(reused) == logged(baseline)
+
+
+def edited(baseline: Path, tmp_path: Path, **changes: Any) -> Path:
+    """A copy of the baseline's output folder with top-level or ``config`` keys of its results changed."""
+    copy = tmp_path / "edited"
+    shutil.copytree(baseline.parent, copy)
+    target = copy / baseline.name
+    data = json.loads(target.read_text())
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            data[section][name] = value
+        else:
+            data[key] = value
+    target.write_text(json.dumps(data))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"config__model_args": {"pretrained": "HuggingFaceTB/SmolLM2-135M-Instruct"}}, "pretrained="),
+        ({"config__model_args": "gguf_file=other.gguf"}, "gguf_file=None here, other.gguf in the baseline"),
+        ({"config__model_args": "revision=v2"}, "revision=main here, v2 in the baseline"),
+        ({"config__model_dtype": "torch.bfloat16"}, "dtype float32 here, bfloat16 in the baseline"),
+        ({"lm_eval_version": "0.4.9"}, "0.4.9 in the baseline"),
+        ({"config__model": "vllm"}, "made by model 'vllm'"),
+        ({"config__model": "steered-hf", "config__steering": {"route": "auto", "vector_files": [{"path": "v.safetensors"}]}}, "a steered run"),
+    ],
+)
+def test_a_baseline_of_another_model_or_harness_is_refused(tmp_path, tiny_model_dir, vectors, baseline, changes, message):
+    if isinstance(changes.get("config__model_args"), str):  # an extra argument on top of the real ones
+        changes["config__model_args"] = f"pretrained={tiny_model_dir},{changes['config__model_args']}"
+    results = edited(baseline, tmp_path, **changes)
+    with pytest.raises(ReuseError, match=f"unsteered_from={results}: .*{message}"):
+        SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(vectors), unsteered_from=str(results))
+
+
+def test_a_baseline_without_logged_samples_is_refused(tmp_path, tiny_model_dir, baseline):
+    folder = tmp_path / "no-samples"
+    folder.mkdir()
+    shutil.copy(baseline, folder)
+    with pytest.raises(ReuseError, match="run the baseline with --log_samples"):
+        SteeredHFLM(pretrained=str(tiny_model_dir), unsteered_from=str(folder))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--apply_chat_template"], "--apply_chat_template on here, off in the baseline"),
+        (["--gen_kwargs", "max_gen_toks=5"], "generation kwargs differ"),
+        (["--gen_kwargs", "do_sample=True,temperature=0.7"], "samples"),
+        (["--system_instruction", "Be brief."], "--system_instruction differs"),
+    ],
+)
+def test_run_settings_that_change_the_answers_are_refused(tmp_path, tiny_model_dir, tasks, vectors, baseline, extra, message):
+    with pytest.raises(ReuseError, match=message):
+        evaluate(tmp_path / "run", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={vectors},unsteered_from={baseline}", *extra, task_names="reuse_gen")
+
+
+def test_another_task_version_is_refused(tmp_path, tiny_model_dir, tasks, vectors, baseline):
+    results = edited(baseline, tmp_path, versions={"reuse_gen": 2.0})
+    with pytest.raises(ReuseError, match="task reuse_gen version 1.0 here, 2.0 in the baseline"):
+        evaluate(tmp_path / "run", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={vectors},unsteered_from={results}", task_names="reuse_gen")
+
+
+def test_a_differing_prompt_is_refused(tmp_path, tiny_model_dir, tasks, vectors, baseline):
+    results = edited(baseline, tmp_path)
+    (samples,) = results.parent.glob("samples_reuse_gen_*.jsonl")
+    samples.write_text(samples.read_text().replace("Why is the sky blue?", "Why is the sea blue?"))
+    with pytest.raises(ReuseError, match=r"reuse_gen doc_id 3: the prompt differs .*character 12: 'ky blue\?'"):
+        evaluate(tmp_path / "run", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={vectors},unsteered_from={results}", task_names="reuse_gen")
+
+
+@pytest.mark.slow
+def test_reuse_on_smollm2_gives_the_full_steered_run_exactly(tmp_path, shared_data, monkeypatch):
+    # Sorted --samples (lm-eval 0.4.13 mislabels logged doc_ids otherwise); in each task two documents
+    # are routed to a shipped vector and one is not (the documents of tests/test_ci_gate.py).
+    monkeypatch.setenv("LM_EVAL_STEER_DATA", str(shared_data))
+    documents = json.dumps({"ifeval_format_noinst": [0, 1, 12], "ifeval_length_noinst": [0, 8, 10]})
+    vectors = "+".join(str(REPO_ROOT / "vectors" / name) for name in ("smollm2-format.safetensors", "smollm2-length.safetensors"))
+    model = f"pretrained={smollm2_dir()},gguf_file={SMOL_GGUF}"
+    extra = ("--samples", documents, "--apply_chat_template", "--gen_kwargs", "max_gen_toks=32")
+    names = "ifeval_format_noinst,ifeval_length_noinst"
+    baseline = evaluate(tmp_path / "baseline", None, "hf", model, *extra, task_names=names)
+    full = evaluate(tmp_path / "full", None, "steered-hf", f"{model},vectors={vectors}", *extra, task_names=names)
+    reused = evaluate(tmp_path / "reused", None, "steered-hf", f"{model},vectors={vectors},unsteered_from={baseline}", *extra, task_names=names)
+
+    def answers(results: Path) -> list[tuple[str, int, Any, Any]]:
+        rows = [json.loads(line) for path in sorted(results.parent.glob("samples_*.jsonl")) for line in path.read_text().splitlines()]
+        return sorted((row["doc"]["key"], row["filter"], row["resps"], row["prompt_level_loose_acc"]) for row in rows)
+
+    assert answers(reused) == answers(full)
+    assert json.loads(reused.read_text())["results"] == json.loads(full.read_text())["results"]
+    assert answers(baseline) != answers(full), "the shipped vectors must change some answer"
+    record = json.loads(reused.read_text())["config"]["steering"]["unsteered_from"]
+    assert record["reused_requests"] == {"ifeval_format_noinst": 1, "ifeval_length_noinst": 1}
