@@ -2,9 +2,11 @@
 the shipped vectors, checked by ``lm-eval-steer check`` against the committed baseline
 ``tests/baselines/smollm2-gate.json`` (any drop fails: greedy CPU decoding is deterministic).
 
-Six documents, chosen so that steering is exercised: two routed to the ``punctuation:no_comma``
-vector and one unrouted format document, two routed to the ``number_sentences`` length vector and
-one unrouted length document. After an intended change of behaviour, refresh the baseline with
+Six documents, chosen so that steering is exercised: two routed to learned format vectors
+(``punctuation:no_comma``, ``change_case:english_lowercase``) and one unrouted format document
+(``number_bullet_lists``), two routed to the ``number_sentences`` length vector and one unrouted
+length document. The indices are sorted: lm-eval 0.4.13 labels logged samples by their position in
+the ``--samples`` list, so unsorted indices would mislabel them. After an intended change of behaviour, refresh the baseline with
 
     LM_EVAL_STEER_UPDATE_BASELINE=1 pytest tests/test_ci_gate.py
 
@@ -26,8 +28,8 @@ from conftest import REPO_ROOT, SMOL_GGUF, smollm2_dir
 pytestmark = pytest.mark.slow
 
 BASELINE = REPO_ROOT / "tests" / "baselines" / "smollm2-gate.json"
-VECTORS = [REPO_ROOT / "vectors" / "smollm2-format.safetensors", REPO_ROOT / "vectors" / "smollm2-length.safetensors"]
-SAMPLES = {"ifeval_format_noinst": [0, 12, 1], "ifeval_length_noinst": [8, 10, 0]}
+VECTORS = [REPO_ROOT / "vectors" / "smollm2-format-learned.safetensors", REPO_ROOT / "vectors" / "smollm2-length.safetensors"]
+SAMPLES = {"ifeval_format_noinst": [0, 1, 2], "ifeval_length_noinst": [0, 8, 10]}
 
 
 def _run(command: list[str], cwd: Path, data: Path) -> subprocess.CompletedProcess:
