@@ -12,7 +12,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,17 +28,11 @@ MIN_TARGETS = 4  # fewer passing targets than this and no vector is trained (too
 
 @dataclass(frozen=True)
 class LearnedSettings:
-    """Everything the learned stage depends on besides the model, the queries and the seed."""
+    """How the learned stage trains, beside how its targets are generated (:class:`targets.TargetSettings`)."""
 
     layers: tuple[int, ...]
     training: learned.TrainingSettings
-    samples: int = 4  # sampled answers per training query whose greedy answer fails
-    temperature: float = 0.8
     heldout_fraction: float = 0.25  # of the targets, for early stopping
-    max_target_tokens: int = 128  # answers generated for targets are at most this long
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -117,8 +111,14 @@ def learn_direction(
         outcome.trained[layer] = learned.train_vector(
             model, train, heldout, layer, settings.training, pad_id=target_settings.pad_id, skip_first_token=skip_first_token, desc=f"train {spec.key} L{layer}"
         )
-    shape = (len(find_decoder_layers(model)), int(text_config(model).hidden_size))
-    outcome.direction = as_direction(learned_key(spec.key), outcome.trained, *shape, count=len(responses))
+    return _with_direction(model, spec.key, outcome)
+
+
+def _with_direction(model: nn.Module, key: str, outcome: LearnedDirection) -> LearnedDirection:
+    """``outcome`` with the search's view of its trained vectors (a fresh training or a checkpoint's)."""
+    if outcome.trained:
+        shape = (len(find_decoder_layers(model)), int(text_config(model).hidden_size))
+        outcome.direction = as_direction(learned_key(key), outcome.trained, *shape, count=sum(outcome.sources.values()))
     return outcome
 
 
@@ -134,8 +134,9 @@ def learn_all(
     done: Mapping[str, LearnedDirection] | None = None,
     on_done: Callable[[str, LearnedDirection], None] | None = None,
 ) -> dict[str, LearnedDirection]:
-    """:func:`learn_direction` for every spec not already in ``done`` (a checkpoint), in spec order."""
-    results = dict(done or {})
+    """:func:`learn_direction` for every spec not already in ``done`` (a checkpoint, whose directions
+    are rebuilt from its vectors), in spec order."""
+    results = {key: _with_direction(model, key, item) for key, item in (done or {}).items()}
     for spec in specs:
         if spec.key in results:
             continue

@@ -188,14 +188,9 @@ def learn_directions(model: nn.Module, tokenizer: Any, plan: Plan, checkpoint: r
         samples=settings.target_samples,
         seed=settings.seed,
     )
-    shape = (len(find_decoder_layers(model)), int(text_config(model).hidden_size))
-    done = checkpoint.load_learned() if resume else {}
-    for key, item in done.items():  # the checkpoint holds the vectors; the direction is rebuilt from them
-        if item.trained:
-            item.direction = learned_directions.as_direction(learned_directions.learned_key(key), item.trained, *shape, count=sum(item.sources.values()))
     return learned_directions.learn_all(
         model, tokenizer, plan.specs, plan.train, settings.learned(), target_settings,
-        skip_first_token=settings.skip_first_token, done=done, on_done=checkpoint.save_learned,
+        skip_first_token=settings.skip_first_token, done=checkpoint.load_learned() if resume else {}, on_done=checkpoint.save_learned,
     )
 
 

@@ -216,18 +216,35 @@ def write_report(report_dir: str | Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
-def write_plot(report_dir: str | Path, results: Sequence[TargetResult]) -> Path:
-    """One panel per target: validation score vs layer, a line per multiplier, dashed = no steering,
-    star = chosen, x = disqualified by the degeneracy guard."""
+def _panels(count: int) -> tuple[Any, list[Any]]:
+    """A figure with ``count`` panels, 4 to a row (unused cells blank), and its axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = min(4, max(1, len(results)))
-    rows = math.ceil(len(results) / columns)
+    columns = min(4, max(1, count))
+    rows = math.ceil(count / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
-    for axis, result in zip(axes.flat, results):
+    for axis in list(axes.flat)[count:]:
+        axis.axis("off")
+    return figure, list(axes.flat)
+
+
+def _save(figure: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=80))
+    plt.close(figure)
+    return path
+
+
+def write_plot(report_dir: str | Path, results: Sequence[TargetResult]) -> Path:
+    """One panel per target: validation score vs layer, a line per multiplier, dashed = no steering,
+    star = chosen, x = disqualified by the degeneracy guard."""
+    figure, axes = _panels(len(results))
+    for axis, result in zip(axes, results):
         baseline = result.candidates[0]
         axis.axhline(baseline.score, color="grey", linestyle="--", label="no steering")
         for multiplier in sorted({item.multiplier for item in result.candidates[1:]}):
@@ -242,15 +259,9 @@ def write_plot(report_dir: str | Path, results: Sequence[TargetResult]) -> Path:
         axis.set_xlabel("layer")
         axis.set_ylabel("loose accuracy (val)")
         axis.set_ylim(-0.05, 1.05)
-    for axis in list(axes.flat)[len(results) :]:
-        axis.axis("off")
     if results:
-        axes.flat[0].legend(fontsize=7)
-    figure.tight_layout()
-    path = Path(report_dir) / PLOT_NAME
-    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=80))
-    plt.close(figure)
-    return path
+        axes[0].legend(fontsize=7)
+    return _save(figure, Path(report_dir) / PLOT_NAME)
 
 
 def write_training_plot(report_dir: str | Path, learned: Mapping[str, LearnedDirection]) -> Path | None:
@@ -259,15 +270,8 @@ def write_training_plot(report_dir: str | Path, learned: Mapping[str, LearnedDir
     trained = {key: item for key, item in learned.items() if item.trained}
     if not trained:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = min(4, len(trained))
-    rows = math.ceil(len(trained) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
-    for axis, (key, item) in zip(axes.flat, trained.items()):
+    figure, axes = _panels(len(trained))
+    for axis, (key, item) in zip(axes, trained.items()):
         for layer, curves in sorted(item.trained.items()):
             line = axis.plot(range(1, len(curves.train_loss) + 1), curves.train_loss, linewidth=0.8, alpha=0.6, label=f"L{layer} train")[0]
             steps, losses = zip(*curves.heldout_loss)
@@ -278,10 +282,4 @@ def write_training_plot(report_dir: str | Path, learned: Mapping[str, LearnedDir
         axis.set_xlabel("step")
         axis.set_ylabel("response cross-entropy")
         axis.legend(fontsize=6)
-    for axis in list(axes.flat)[len(trained) :]:
-        axis.axis("off")
-    figure.tight_layout()
-    path = Path(report_dir) / TRAINING_PLOT_NAME
-    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=80))
-    plt.close(figure)
-    return path
+    return _save(figure, Path(report_dir) / TRAINING_PLOT_NAME)

@@ -181,11 +181,13 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], rows: Sequence[
             pad_token_id=settings.pad_id,
             eos_token_id=list(settings.stop_ids),
         )
-    continuations = []
-    for row in output[:, ids.shape[1] :].tolist():
-        stop = next((i for i, token in enumerate(row) if token in settings.stop_ids), len(row))
-        continuations.append(row[:stop])
-    return continuations
+    return [cut_at_stop(row, settings.stop_ids) for row in output[:, ids.shape[1] :].tolist()]
+
+
+def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    """``ids`` up to (not including) the first stop token."""
+    stop = next((i for i, token in enumerate(ids) if token in stop_ids), len(ids))
+    return list(ids[:stop])
 
 
 def _choose(result: TargetResult, settings: SearchSettings) -> str | None:

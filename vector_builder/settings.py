@@ -104,11 +104,12 @@ class BuildSettings:
         return methods.methods_of(self.method)
 
     def learned(self) -> LearnedSettings:
-        """The learned method's settings (after :meth:`resolved`, whose layers are filled in)."""
+        """The learned method's training settings (after :meth:`resolved`, whose layers are filled in);
+        ``target_*`` go to the targets' generation settings instead."""
         training = TrainingSettings(
             max_steps=self.learned_steps, learning_rate=self.learned_lr, batch_size=self.learned_batch_size, l2=self.learned_l2, seed=self.seed
         )
-        return LearnedSettings(layers=self.learned_layers, training=training, samples=self.target_samples, max_target_tokens=self.target_max_tokens)
+        return LearnedSettings(layers=self.learned_layers, training=training)
 
     @property
     def with_instruction_too(self) -> bool:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from vector_builder import prompts
 from vector_builder.activations import left_pad, model_device
-from vector_builder.search import strict_follows
+from vector_builder.search import cut_at_stop, strict_follows
 
 Source = Literal["greedy", "sampled", "repaired"]
 PROBE = 4  # failing queries sampled first; sampling goes on only if one of them found a passing answer
@@ -157,12 +157,6 @@ def generate_texts(
             answers += [texts[i : i + per_prompt] for i in range(0, len(texts), per_prompt)]
             bar.update(len(batch))
     return answers
-
-
-def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
-    """``ids`` up to (not including) the first stop token."""
-    stop = next((i for i, token in enumerate(ids) if token in stop_ids), len(ids))
-    return list(ids[:stop])
 
 
 def _sampled_passing(
