@@ -9,7 +9,6 @@ their contents mean is up to the caller (``analysis/results.py`` for comparing r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -65,11 +64,6 @@ def find_sample_files(results_file: Path, tasks: Iterable[str]) -> dict[str, Pat
         if candidate.is_file():
             found[task] = candidate
     return found
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes (how a run records which results file it reused)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_results_json(path: Path) -> dict[str, Any]:

@@ -295,7 +295,7 @@ def test_runs_that_share_a_task_or_differ_in_steering_stay_apart(tmp_path: Path)
 
 
 def test_reuse_is_shown_and_a_run_that_reused_another_baseline_is_flagged(tmp_path: Path) -> None:
-    from lm_eval_steer.outputs import file_sha256
+    from lm_eval_steer.digest import file_sha256
 
     scores = {"ifeval_format": ifeval_scores(0.5, 0.5, 0.5, 0.5)}
     base = write_run(tmp_path / "base", scores)

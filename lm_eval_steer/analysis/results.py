@@ -23,12 +23,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lm_eval_steer.digest import file_sha256
 from lm_eval_steer.errors import brief
 
 # Where lm-eval puts a run's files and how they are read is shared with the runtime (reuse of a
 # baseline's answers); ResultsError is that module's error, under the name analysis code uses.
 from lm_eval_steer.outputs import OutputError as ResultsError
-from lm_eval_steer.outputs import date_id, file_sha256, find_results_files, find_sample_files, read_results_json, read_samples  # noqa: F401 (re-exported)
+from lm_eval_steer.outputs import date_id, find_results_files, find_sample_files, read_results_json, read_samples  # noqa: F401 (re-exported)
 
 #: IFEval's four metrics in the order tables show them; the default selection when present.
 IFEVAL_METRICS = (

@@ -18,7 +18,6 @@ direction must have a finite, non-zero float32 norm. Bad values are quoted cut s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lm_eval_steer.atomic import atomic_write
+from lm_eval_steer.digest import file_sha256
 from lm_eval_steer.errors import UserError, brief, one_line
 
 FORMAT_VERSION = "lm-eval-steer/1"
@@ -149,14 +149,6 @@ class VectorFile:
             if entry.name == name:
                 return entry
         raise KeyError(f"{self.path or '<vector file>'}: no entry named {name!r}")
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- reading
