@@ -1,0 +1,90 @@
+"""Merge vector files into one: keep the best entries of several builds.
+
+Files are read in order; an entry of a later file replaces the earlier file's entry of the same
+name (a rebuild of some instructions overrides the old vectors for exactly those). All files must
+be for the same model, hidden size and layer count. Entries with different names that are routed to
+the same documents (the same ``applies_to``) would both steer those documents, which is almost
+never what a merge means, so that is refused unless ``--stack`` allows it.
+
+The merged file records where each entry came from, as ``merged_from`` metadata: per source file
+its path, sha256, the entries taken from it and its own metadata (a builder's settings and training
+curves stay with the vectors they describe).
+
+    lm-eval-steer merge old.safetensors rebuilt.safetensors --out best.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, VectorFileError, load_vector_file, save_vector_file
+
+
+def _check_same_model(files: Sequence[VectorFile]) -> None:
+    first = files[0]
+    for other in files[1:]:
+        for field in ("model", "hidden_size", "num_layers"):
+            if getattr(other, field) != getattr(first, field):
+                raise VectorFileError(f"{other.path}: {field} {getattr(other, field)!r} differs from {first.path}'s {getattr(first, field)!r}")
+
+
+def _check_not_stacked(chosen: dict[str, tuple[SteeringEntry, VectorFile]]) -> None:
+    routed: dict[str, str] = {}
+    for name, (entry, _) in chosen.items():
+        key = json.dumps(None if entry.applies_to is None else entry.applies_to.to_json(), sort_keys=True)
+        if key in routed:
+            raise VectorFileError(
+                f"entries {routed[key]!r} and {name!r} are routed to the same documents ({key}) and would both steer them; "
+                "give them the same name to replace one with the other, or pass --stack"
+            )
+        routed[key] = name
+
+
+def merge(paths: Sequence[str], out: str, stack: bool = False) -> tuple[VectorFile, dict[str, str]]:
+    """Writes the merged file; returns it and, per entry name, the source path it was taken from."""
+    files = [load_vector_file(path) for path in paths]
+    _check_same_model(files)
+    chosen: dict[str, tuple[SteeringEntry, VectorFile]] = {}
+    for vector_file in files:
+        for entry in vector_file.entries:
+            chosen.pop(entry.name, None)  # a replaced entry moves to its new file's place in the order
+            chosen[entry.name] = (entry, vector_file)
+    if not stack:
+        _check_not_stacked(chosen)
+    sources = [
+        {
+            "path": vector_file.path,
+            "sha256": vector_file.sha256,
+            "entries": [name for name, (_, source) in chosen.items() if source is vector_file],
+            "metadata": dict(vector_file.extra_metadata),
+        }
+        for vector_file in files
+    ]
+    merged = save_vector_file(
+        out,
+        [entry for entry, _ in chosen.values()],
+        model=files[0].model,
+        hidden_size=files[0].hidden_size,
+        num_layers=files[0].num_layers,
+        extra_metadata={"merged_from": json.dumps(sources)},
+    )
+    return merged, {name: str(source.path) for name, (_, source) in chosen.items()}
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", help="vector files (.safetensors); a later file's entry replaces an earlier one of the same name")
+    parser.add_argument("--out", required=True, help="merged vector file to write (atomically)")
+    parser.add_argument("--stack", action="store_true", help="allow differently named entries routed to the same documents (they add up)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if Path(args.out).resolve() in {Path(path).resolve() for path in args.files}:
+        raise VectorFileError(f"--out {args.out}: is one of the input files; write the merge to a new file")
+    merged, taken_from = merge(args.files, args.out, args.stack)
+    for name, source in taken_from.items():
+        print(f"{name}\t<- {source}")
+    print(f"wrote {args.out}: {len(merged.entries)} entries from {len(set(taken_from.values()))} of {len(args.files)} files")
+    return 0

@@ -1,0 +1,78 @@
+"""``lm-eval-steer merge``: later files replace entries by name, provenance recorded, bad merges refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lm_eval_steer.cli import main
+from lm_eval_steer.merge import merge
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, VectorFileError, load_vector_file, save_vector_file
+
+
+def write(path, entries, model="tiny-llama", num_layers=4, **metadata):
+    save_vector_file(path, entries, model=model, hidden_size=8, num_layers=num_layers, extra_metadata=metadata)
+    return str(path)
+
+
+def entry(name, fill, layer=1, instruction=None):
+    return SteeringEntry(name, torch.full((8,), float(fill)), layer, "add", 1.0, "all", AppliesTo(instruction or name))
+
+
+@pytest.fixture
+def old_and_new(tmp_path):
+    old = write(tmp_path / "old.safetensors", [entry("title", 1), entry("lowercase", 2)], builder="old build")
+    new = write(tmp_path / "new.safetensors", [entry("lowercase", 3, layer=2), entry("quotation", 4)], builder="new build")
+    return old, new
+
+
+def test_later_file_replaces_same_name_and_keeps_the_rest(old_and_new, tmp_path):
+    old, new = old_and_new
+    merged, taken_from = merge([old, new], str(tmp_path / "merged.safetensors"))
+    vectors = {e.name: (e.layer, e.vector[0].item()) for e in merged.entries}
+    assert vectors == {"title": (1, 1.0), "lowercase": (2, 3.0), "quotation": (1, 4.0)}
+    assert taken_from == {"title": old, "lowercase": new, "quotation": new}
+    sources = json.loads(load_vector_file(tmp_path / "merged.safetensors").extra_metadata["merged_from"])
+    assert [(s["path"], s["entries"], s["metadata"]["builder"]) for s in sources] == [(old, ["title"], "old build"), (new, ["lowercase", "quotation"], "new build")]
+    assert sources[0]["sha256"] == load_vector_file(old).sha256
+
+
+def test_order_decides_which_entry_wins(old_and_new, tmp_path):
+    old, new = old_and_new
+    merged, _ = merge([new, old], str(tmp_path / "merged.safetensors"))
+    assert merged.entry("lowercase").vector[0].item() == 2.0
+
+
+def test_different_model_shape_is_refused(old_and_new, tmp_path):
+    old, _ = old_and_new
+    other = write(tmp_path / "other.safetensors", [entry("x", 1)], num_layers=6)
+    with pytest.raises(VectorFileError, match="num_layers 6 differs"):
+        merge([old, other], str(tmp_path / "merged.safetensors"))
+    assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_two_names_for_the_same_documents_are_refused_unless_stacked(old_and_new, tmp_path):
+    old, _ = old_and_new
+    twin = write(tmp_path / "twin.safetensors", [entry("title-v2", 5, instruction="title")])
+    with pytest.raises(VectorFileError, match="'title' and 'title-v2' are routed to the same documents"):
+        merge([old, twin], str(tmp_path / "merged.safetensors"))
+    merged, _ = merge([old, twin], str(tmp_path / "merged.safetensors"), stack=True)
+    assert {e.name for e in merged.entries} == {"title", "lowercase", "title-v2"}
+
+
+def test_cli_merges_and_refuses_bad_input_in_one_line(old_and_new, tmp_path, capsys):
+    old, new = old_and_new
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", old, new, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"lowercase\t<- {new}" in printed and "3 entries from 2 of 2 files" in printed
+    before = (tmp_path / "old.safetensors").read_bytes()
+    assert main(["merge", old, new, "--out", old]) == 2
+    assert "is one of the input files" in capsys.readouterr().err
+    assert (tmp_path / "old.safetensors").read_bytes() == before
+    (tmp_path / "broken.safetensors").write_bytes(b"not a vector file")
+    assert main(["merge", old, str(tmp_path / "broken.safetensors"), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "broken.safetensors" in error
