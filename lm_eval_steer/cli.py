@@ -6,6 +6,7 @@
     lm-eval-steer compare ...   # leaderboard from results files
     lm-eval-steer check   ...   # CI regression gate (exit 0 ok, 1 regression, 2 not comparable)
     lm-eval-steer quality ...   # output quality: unsteered perplexity of steered responses
+    lm-eval-steer models  ...   # list the known models; fetch one (prints its --model_args)
 
 Each subcommand lives in its own module exposing ``configure_parser(parser)`` and ``run(args) -> int``;
 modules are imported only when their subcommand is used. An input error
@@ -28,6 +29,7 @@ SUBCOMMANDS = {
     "check": ("lm_eval_steer.analysis.check", "fail when instruction following regressed against a baseline"),
     "quality": ("lm_eval_steer.analysis.quality", "what steering costs: the unsteered model's perplexity of logged responses"),
     "gguf": ("lm_eval_steer.controlvector", "export to / import from llama.cpp control-vector GGUF"),
+    "models": ("lm_eval_steer.models", "list the known models; fetch one and print its --model_args"),
 }
 
 
