@@ -21,6 +21,8 @@ from vector_builder.activations import collect, last_token_states, left_pad
 from vector_builder import learned_directions
 from vector_builder.methods import pick
 from vector_builder.pipeline import ModelShape
+from vector_builder.prompts import chat_ids, split_queries
+from vector_builder.token_directions import TokenDirectionError, first_token
 
 DATA = offline_data()
 if DATA is not None:  # the instruction registry needs NLTK's punkt_tab
@@ -190,6 +192,51 @@ def test_keyword_sample_pools_one_choice_for_every_word(tiny, tmp_path):
         assert sums[f"keywords:existence:{word}"].strength == pytest.approx(chosen.multiplier * norms[word], rel=1e-5)
 
 
+def changed_from_first_scorer():
+    """Follows = the response differs from the first response seen for that prompt: the search scores
+    the unsteered candidate first, so every steered candidate that changes the output wins."""
+    first: dict[str, str] = {}
+    return lambda iid, kwargs, prompt, response: first.setdefault(prompt, response) != response
+
+
+def test_token_method_steers_each_word_along_its_own_output_embedding(tiny, tmp_path):
+    model, tokenizer = tiny
+    words = ["apple", "pear", "plum"]
+    settings = {**SMALL, "method": "token", "token_multipliers": [0.5, 1.0]}
+    result = run_build(model, tokenizer, instructions=["keywords:existence"], keywords=words, keyword_sample=2, out=tmp_path / "k.safetensors",
+                       report_dir=tmp_path / "rep", model="tiny", scorer=changed_from_first_scorer(), **settings)
+    pooled = result.results["keywords:existence (pooled over 2 words, token)"]
+    assert pooled.chosen is not None and set(result.methods.values()) == {"token"}
+    chosen = pooled.candidate(pooled.chosen)
+    vector_file = load_vector_file(tmp_path / "k.safetensors")
+    assert json.loads(vector_file.extra_metadata["methods"]) == {f"keywords:existence:{w}": "token" for w in words}
+    with torch.no_grad():  # r[L]: mean norm of layer L's output over the training prompts' real tokens, first excluded
+        ids = [chat_ids(tokenizer, query) for query in split_queries(QUERIES, SMALL["n_train"], SMALL["n_val"], 0)[0]]
+        hidden = [model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states for seq in ids]
+        norms = torch.stack([torch.cat([h[layer + 1][0, 1:].norm(dim=-1) for h in hidden]).mean() for layer in range(3)])
+    output = model.get_output_embeddings().weight
+    for entry in vector_file.entries:
+        word = entry.name.rsplit(":", 1)[1]
+        row = output[first_token(tokenizer, word)]
+        torch.testing.assert_close(entry.vector, row / row.norm())
+        assert (entry.layer, entry.mode) == (chosen.layer, "add")
+        assert entry.strength == pytest.approx(chosen.multiplier * float(norms[chosen.layer]), rel=1e-4)
+
+
+def test_token_method_refuses_non_keyword_instructions(tiny, tmp_path):
+    model, tokenizer = tiny
+    with pytest.raises(TokenDirectionError, match="keyword instructions only"):
+        run_build(model, tokenizer, instructions=["punctuation:no_comma"], out=tmp_path / "x.safetensors", report_dir=tmp_path / "rep",
+                  model="tiny", scorer=hash_scorer, **{**SMALL, "method": "token"})
+
+
+def test_first_token_is_the_mid_sentence_spelling(tiny):
+    _, tokenizer = tiny
+    for word in ("apple", "ocean", "Argentinian"):
+        assert first_token(tokenizer, word) == tokenizer.encode(f"Say {word}", add_special_tokens=False)[len(tokenizer.encode("Say", add_special_tokens=False))]
+    assert tokenizer.decode([first_token(tokenizer, "ocean")]).strip() == "ocean"
+
+
 def test_build_settings_are_the_recorded_settings():
     settings = BuildSettings(model="tiny", instructions=["length"], multipliers=[1, 2], validation_prompts="without and with instruction")
     assert list(asdict(settings)) == [
@@ -197,6 +244,7 @@ def test_build_settings_are_the_recorded_settings():
         "batch_size", "seed", "max_new_tokens", "max_repetition", "allowed_degenerate", "skip_first_token", "strength_base",
         "keyword_sample", "validation_prompts", "degeneracy_guard", "data_sha256", "method", "learned_layers",
         "learned_multipliers", "learned_steps", "learned_lr", "learned_batch_size", "learned_l2", "target_samples", "target_max_tokens",
+        "token_multipliers",
     ]  # fmt: skip
     assert settings.multipliers == (1.0, 2.0) and settings.with_instruction_too
     resolved = settings.resolved(num_layers=10, queries=QUERIES)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from conftest import build_tiny_llama
 from vector_builder import learned, prompts, targets
 from vector_builder.learned_directions import as_direction, examples_from
-from vector_builder.methods import learned_target, methods_of, pick
+from vector_builder.methods import base_name, methods_of, pick, targets_for
 from vector_builder.search import CandidateResult, TargetResult
 
 LAYER = 1
@@ -240,5 +240,9 @@ def test_methods_and_learned_targets():
     with pytest.raises(ValueError, match="--method"):
         methods_of("magic")
     target = prompts.Target("keywords:forbidden_words:cat", "keywords:existence:cat", "keywords:forbidden_words", "add", -1.0, {"forbidden_words": ["cat"]})
-    twin = learned_target(target)
+    twin = targets_for(target, "learned")
     assert (twin.name, twin.direction, twin.mode, twin.sign) == ("keywords:forbidden_words:cat@learned", "keywords:existence:cat@learned", "add", -1.0)
+    token = targets_for(target, "token")
+    assert (token.name, token.direction, token.mode, token.sign) == ("keywords:forbidden_words:cat@token", "keywords:existence:cat@token", "add", -1.0)
+    assert targets_for(target, "diffmean") is target
+    assert {base_name(twin.name), base_name(token.name), base_name(target.name)} == {target.name}

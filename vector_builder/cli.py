@@ -15,6 +15,7 @@ from lm_eval_steer.console import fail
 from lm_eval_steer.paths import DATA_ENV, find_data_dir
 from lm_eval_steer.runtime.modelargs import ModelArgError, check_local_model
 from vector_builder import prompts
+from vector_builder.methods import METHODS
 from vector_builder.pipeline import BuildResult, build, check_outputs
 from vector_builder.settings import WITH_INSTRUCTION_TOO, WITHOUT_INSTRUCTION, BuildSettings
 
@@ -62,9 +63,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     method = parser.add_argument_group(
         "build method",
         "diffmean: the paper's difference of means; learned: a vector trained on responses that follow the instruction, with the "
-        "model frozen; both (default): search both on the same validation prompts and keep the better per instruction",
+        "model frozen; token (keyword instructions only): the word's output-embedding row, no training; both (default): search "
+        "diffmean and learned on the same validation prompts and keep the better per instruction",
     )
-    method.add_argument("--method", choices=["diffmean", "learned", "both"], default="both")
+    method.add_argument("--method", choices=list(METHODS), default="both")
     method.add_argument("--learned-layers", type=_int_list, default=None, help="layers to train learned vectors at (default: about n_layers/5)")
     method.add_argument("--learned-multipliers", type=_float_list, default=[1.0], help="strength multipliers of learned vectors (default 1: the trained vector)")
     method.add_argument("--learned-steps", type=int, default=40, help="maximum Adam steps per vector (early stopping on held-out loss; default 40)")
@@ -73,6 +75,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--learned-l2", type=float, default=0.0, help="L2 penalty on the vector (default 0)")
     method.add_argument("--target-samples", type=int, default=4, help="sampled answers per training query whose greedy answer fails the checker (default 4)")
     method.add_argument("--target-max-tokens", type=int, default=128, help="length limit of the generated training targets (default 128)")
+    method.add_argument("--token-multipliers", type=_float_list, default=[0.1, 0.2, 0.3],
+                        help="token method: strengths as fractions of the residual stream's norm at the layer (default 0.1,0.2,0.3)")
 
 
 def load_model(model_args: str) -> tuple[Any, Any, str]:
@@ -128,6 +132,7 @@ def settings_from(args: argparse.Namespace, model_name: str, search_model_name: 
         learned_l2=args.learned_l2,
         target_samples=args.target_samples,
         target_max_tokens=args.target_max_tokens,
+        token_multipliers=tuple(args.token_multipliers),
     )
 
 

@@ -3,8 +3,10 @@
 - ``diffmean``: the paper's difference-of-means direction (:mod:`vector_builder.directions`), in the
   instruction's mode (``project`` for format, ``add`` for length and keywords);
 - ``learned``: a vector trained on target responses (:mod:`vector_builder.learned`), always ``add``;
-- ``both``: every instruction is searched with each method on the same validation prompts, and the
-  vector file keeps, per instruction, the method whose chosen candidate validated best.
+- ``token`` (keyword instructions only): the word's output-embedding row
+  (:mod:`vector_builder.token_directions`), ``add``; no training, so affordable for many words;
+- ``both``: every instruction is searched with ``diffmean`` and ``learned`` on the same validation
+  prompts, and the vector file keeps, per instruction, the method whose chosen candidate validated best.
 
 The choice between methods uses the search's own rule: the higher validation score, then fewer
 degenerate outputs; an exact tie keeps ``diffmean`` (the paper's recipe). A method that chose "no
@@ -16,11 +18,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
-from vector_builder.learned_directions import LEARNED_SUFFIX, learned_key
+from vector_builder.learned_directions import LEARNED_SUFFIX
 from vector_builder.prompts import Target
 from vector_builder.search import TargetResult
+from vector_builder.token_directions import TOKEN_SUFFIX
 
-METHODS = ("diffmean", "learned", "both")
+METHODS = ("diffmean", "learned", "token", "both")
+#: The suffix of a method's twin targets and directions (difference of means keeps the plain names).
+SUFFIXES = {"learned": LEARNED_SUFFIX, "token": TOKEN_SUFFIX}
 
 
 def methods_of(method: str) -> tuple[str, ...]:
@@ -29,13 +34,21 @@ def methods_of(method: str) -> tuple[str, ...]:
     return ("diffmean", "learned") if method == "both" else (method,)
 
 
-def learned_target(target: Target) -> Target:
-    """The learned-method twin of ``target``: its own name and direction, ``add`` mode, same checker and sign."""
-    return replace(target, name=target.name + LEARNED_SUFFIX, direction=learned_key(target.direction), mode="add")
-
-
 def targets_for(target: Target, method: str) -> Target:
-    return learned_target(target) if method == "learned" else target
+    """The ``method`` twin of ``target``: its own name and direction (suffixed), ``add`` mode, same
+    checker and sign; ``target`` itself for difference of means."""
+    suffix = SUFFIXES.get(method)
+    if suffix is None:
+        return target
+    return replace(target, name=target.name + suffix, direction=target.direction + suffix, mode="add")
+
+
+def base_name(name: str) -> str:
+    """The searched target a twin's name belongs to (its validation prompts are that target's)."""
+    for suffix in SUFFIXES.values():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix)
+    return name
 
 
 def pick(results: Mapping[str, TargetResult]) -> str | None:

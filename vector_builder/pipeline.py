@@ -19,7 +19,7 @@ from torch import nn
 from lm_eval_steer.atomic import check_writable, remove_leftovers
 from lm_eval_steer.runtime.hooks import find_decoder_layers, text_config
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
-from vector_builder import activations, learned_directions, methods, prompts, report, search, targets
+from vector_builder import activations, learned_directions, methods, prompts, report, search, targets, token_directions
 from vector_builder.directions import Direction, build_direction
 from vector_builder.learned_directions import LearnedDirection
 from vector_builder.settings import BuildSettings
@@ -174,6 +174,14 @@ def collect_directions(model: nn.Module, tokenizer: Any, plan: Plan, checkpoint:
     return {key: build_direction(key, with_sum, without_sum) for key, (with_sum, without_sum) in sums.items()}
 
 
+def token_method_directions(model: nn.Module, tokenizer: Any, plan: Plan) -> dict[str, Direction]:
+    """Stage 2c (token method): one output-embedding direction per keyword spec, scaled per layer by
+    the residual stream's norm on the training questions (nothing when the build does not use it)."""
+    if "token" not in plan.settings.method_names:
+        return {}
+    return token_directions.token_directions(model, tokenizer, plan.specs, plan.train, plan.settings.batch_size, _pad_id(tokenizer))
+
+
 def learn_directions(model: nn.Module, tokenizer: Any, plan: Plan, checkpoint: report.Checkpoint, resume: bool) -> dict[str, LearnedDirection]:
     """Stage 2b (learned method): per spec, training targets and one trained vector per learned layer,
     checkpointed per spec (nothing when the build does not use the learned method)."""
@@ -201,6 +209,7 @@ def method_targets(plan: Plan, learned: Mapping[str, LearnedDirection]) -> tuple
     candidate_lists = {
         "diffmean": search.candidates(settings.layers, settings.multipliers),
         "learned": search.candidates(settings.learned_layers, settings.learned_multipliers),
+        "token": search.candidates(settings.layers, settings.token_multipliers),
     }
     searched, per_target = [], {}
     for method in settings.method_names:
@@ -242,7 +251,7 @@ def search_layers(
     settings = plan.settings
     searched, per_target = method_targets(plan, learned)
     val_prompts = {target.name: prompts.validation_prompts(target, plan.val, settings.seed, settings.with_instruction_too) for target in plan.searched}
-    val_prompts.update({twin.name: val_prompts[twin.name.removesuffix(learned_directions.LEARNED_SUFFIX)] for twin in searched})
+    val_prompts.update({twin.name: val_prompts[methods.base_name(twin.name)] for twin in searched})
     val_ids = {name: [prompts.chat_ids(tokenizer, p.text) for p in items] for name, items in val_prompts.items()}
     generation = search_settings(settings, tokenizer)
     decode: Callable[[list[int]], str] = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
@@ -404,7 +413,7 @@ def build(
     checkpoint = report.Checkpoint(report_dir, asdict(plan.settings), resume)
 
     stage = time.perf_counter()
-    directions = collect_directions(model, tokenizer, plan, checkpoint, resume)
+    directions = {**collect_directions(model, tokenizer, plan, checkpoint, resume), **token_method_directions(model, tokenizer, plan)}
     activation_seconds = time.perf_counter() - stage
     stage = time.perf_counter()
     learned = learn_directions(model, tokenizer, plan, checkpoint, resume)

@@ -42,6 +42,8 @@ class BuildSettings:
     ``method`` is ``diffmean``, ``learned`` or ``both`` (:mod:`vector_builder.methods`); the
     ``learned_*`` and ``target_*`` fields configure the learned method (:meth:`learned`):
     ``learned_layers`` (empty = about ``n_layers / 5``) × ``learned_multipliers`` are its candidates.
+    ``token`` (keyword instructions) searches ``layers`` × ``token_multipliers``, fractions of the
+    residual stream's norm at each layer (:mod:`vector_builder.token_directions`).
     """
 
     builder_version: int = field(default=BUILDER_VERSION, init=False)
@@ -73,10 +75,11 @@ class BuildSettings:
     learned_l2: float = 0.0
     target_samples: int = 4
     target_max_tokens: int = 128
+    token_multipliers: tuple[float, ...] = (0.1, 0.2, 0.3)
 
     def __post_init__(self) -> None:
         # Tuples keep the record immutable; JSON writes them as the lists it always held.
-        tuples = (("instructions", str), ("keywords", str), ("layers", int), ("multipliers", float), ("learned_layers", int), ("learned_multipliers", float))
+        tuples = (("instructions", str), ("keywords", str), ("layers", int), ("multipliers", float), ("learned_layers", int), ("learned_multipliers", float), ("token_multipliers", float))
         for name, kind in tuples:
             object.__setattr__(self, name, tuple(kind(item) for item in getattr(self, name)))
         object.__setattr__(self, "degeneracy_guard", _degeneracy_guard(self.max_repetition, self.allowed_degenerate))
@@ -94,6 +97,8 @@ class BuildSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.target_samples < 0:
             raise ValueError(f"--target-samples must not be negative, got {self.target_samples}")
+        if not self.token_multipliers or not all(math.isfinite(m) and m > 0 for m in self.token_multipliers):
+            raise ValueError(f"--token-multipliers must be positive finite numbers, got {list(self.token_multipliers)}")
         for name, value in (("learned-lr", self.learned_lr), ("learned-l2", self.learned_l2), *(("learned-multipliers", m) for m in self.learned_multipliers)):
             if not math.isfinite(value) or value < 0 or (name == "learned-lr" and value == 0):
                 raise ValueError(f"--{name} must be a finite {'positive' if name == 'learned-lr' else 'non-negative'} number, got {value}")

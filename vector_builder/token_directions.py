@@ -1,0 +1,102 @@
+"""The token method for keyword instructions: the word's own output-embedding row as its direction.
+
+Per-word learned vectors cost minutes per word; the token direction costs nothing to obtain. For a
+word ``w`` whose first token is ``t`` (as it is spelled after a space, inside a sentence), every
+layer gets the same unit direction
+
+    unit[L] = W_U[t] / ‖W_U[t]‖          (W_U: the model's output embedding, one row per token)
+
+and ``shift[L] = strength[L] = r[L]``, the mean norm of the residual stream at the output of layer
+``L`` on the training questions (first token excluded, as steering excludes it). The ``add``
+strength ``m × r[L]`` then reads as a fraction ``m`` of the stream's own size, which is what makes
+one pooled choice of layer and multiplier carry across words and layers (the raw norms grow
+tenfold over SmolLM2's depth). Adding ``W_U[t]`` raises the logit of ``t`` wherever the stream is
+read out, so the model says the word; subtracting it (``keywords:forbidden_words``, sign −1) makes
+the word less likely. Only the first token of a multi-token word is pushed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lm_eval_steer.runtime.hooks import find_decoder_layers
+from vector_builder import prompts
+from vector_builder.activations import left_pad, positions_from_mask
+from vector_builder.directions import Direction
+
+TOKEN_SUFFIX = "@token"
+_PREFIX = "Say"  # a word's first token is taken as it follows this prefix (mid-sentence spelling)
+
+
+class TokenDirectionError(ValueError):
+    """The token method was asked for something it cannot steer (a non-keyword instruction)."""
+
+
+def token_key(direction_key: str) -> str:
+    return direction_key + TOKEN_SUFFIX
+
+
+def first_token(tokenizer: Any, word: str) -> int:
+    """The id of the first token of ``word`` as it is spelled after a space inside a sentence."""
+    prefix = tokenizer.encode(_PREFIX, add_special_tokens=False)
+    full = tokenizer.encode(f"{_PREFIX} {word}", add_special_tokens=False)
+    if full[: len(prefix)] != prefix or len(full) == len(prefix):
+        raise TokenDirectionError(f"keyword {word!r}: cannot find its first token after {_PREFIX!r} in this tokenizer")
+    return full[len(prefix)]
+
+
+@torch.no_grad()
+def residual_norms(model: nn.Module, sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> torch.Tensor:
+    """``r[L]``: mean over real tokens (the first excluded) of ``‖h_L‖``, the norm of layer ``L``'s output."""
+    layers = find_decoder_layers(model)
+    totals, count = torch.zeros(len(layers), dtype=torch.float64), 0
+    mask_now: list[torch.Tensor] = []
+
+    def hook(index: int):
+        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            totals[index] += (hidden.float().norm(dim=-1) * mask_now[0]).sum().item()
+
+        return record
+
+    handles = [layer.register_forward_hook(hook(index)) for index, layer in enumerate(layers)]
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, len(sequences), batch_size):
+            ids, mask = left_pad(sequences[start : start + batch_size], pad_id)
+            real = mask.clone()
+            real[torch.arange(len(real)), mask.argmax(dim=1)] = 0  # each row's first real token: the attention sink
+            mask_now[:] = [real.to(device, torch.float32)]
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions_from_mask(mask).to(device), logits_to_keep=1)
+            count += int(real.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (totals / max(count, 1)).to(torch.float32)
+
+
+def token_direction(key: str, unembedding_row: torch.Tensor, norms: torch.Tensor) -> Direction:
+    """``unit[L] = e / ‖e‖`` at every layer, ``shift[L] = strength[L] = r[L]`` (see the module docstring)."""
+    unit = (unembedding_row.float() / unembedding_row.float().norm()).expand(len(norms), -1).clone()
+    return Direction(key=key, unit=unit, strength=norms.clone(), baseline=torch.zeros_like(norms), shift=norms.clone(), count=0)
+
+
+def token_directions(
+    model: nn.Module, tokenizer: Any, specs: Sequence[prompts.DirectionSpec], train: Sequence[str], batch_size: int, pad_id: int
+) -> dict[str, Direction]:
+    """One token direction per keyword spec, keyed :func:`token_key` of the spec's key."""
+    words: Mapping[str, str] = {spec.key: _keyword(spec) for spec in specs}
+    norms = residual_norms(model, [prompts.chat_ids(tokenizer, query) for query in train], batch_size, pad_id)
+    output = model.get_output_embeddings().weight.detach().cpu()
+    return {token_key(key): token_direction(token_key(key), output[first_token(tokenizer, word)], norms) for key, word in words.items()}
+
+
+def _keyword(spec: prompts.DirectionSpec) -> str:
+    words = spec.fixed_kwargs.get("keywords")
+    if spec.instruction_id != "keywords:existence" or not isinstance(words, (list, tuple)) or len(words) != 1:
+        raise TokenDirectionError(f"--method token steers keyword instructions only; {spec.instruction_id} ({spec.key}) has no single keyword")
+    return str(words[0])
