@@ -3,7 +3,7 @@
     python benchmarks/collect.py
 
 Reads ``benchmarks/results/steering.json`` (bench_steering.py), ``benchmarks/results/build-*.json``
-(bench_build.py), ``benchmarks/results/learned-*.json`` (bench_learned.py), the build reports ``vectors/*-report/report.json`` and the wall times that lm-eval
+(bench_build.py), ``benchmarks/results/learned-*.json`` (bench_learned.py), ``benchmarks/results/reuse-*.json`` (bench_reuse.py), the build reports ``vectors/*-report/report.json`` and the wall times that lm-eval
 records in ``results/*/*.json``; missing inputs are
 skipped with a note, so the table shows exactly what has been measured.
 """
@@ -54,6 +54,21 @@ def learned_rows() -> list[str]:
     return rows
 
 
+def reuse_rows() -> list[str]:
+    rows = []
+    for path in sorted(RESULTS.glob("reuse-*.json")):
+        data = json.loads(path.read_text())
+        seconds, requests = data["seconds"], data["requests"]
+        setting = (
+            f"{data['tasks']}, {sum(requests['documents'].values())} documents ({sum(requests['reused'].values())} requests reused), "
+            f"{data['threads_per_process']} thread per run, run side by side"
+        )
+        measured = f"full {seconds['full']:,.0f} s, reuse {seconds['reuse']:,.0f} s"
+        ratio = f"{data['ratio']:.2f}× the full run; identical metrics and logged responses" if data["identical"] else "NOT identical: no ratio"
+        rows.append(f"| answer reuse (`unsteered_from=`) | {setting} | {measured} | {ratio} |")
+    return rows
+
+
 def study_rows() -> list[str]:
     rows = []
     for path in sorted((REPO / "results").glob("*/*.json")):
@@ -101,6 +116,7 @@ def main() -> None:
         *build_rows(),
         *learned_rows(),
         *vector_build_rows(),
+        *reuse_rows(),
         *study_rows(),
         "",
     ]
