@@ -97,3 +97,13 @@ def test_cli_refuses_runs_without_samples(tmp_path, capsys):
     bare = write_run(tmp_path / "bare", SCORES)
     assert main(["quality", str(bare), "--model_args", "pretrained=unused", "--out", str(tmp_path / "q")]) == 2
     assert "--log_samples" in capsys.readouterr().err
+
+
+def test_baseline_is_scored_only_on_the_tasks_the_other_runs_logged(tmp_path):
+    other = "ifeval_length_noinst"
+    scores = {**SCORES, other: ifeval_scores(0.1, 0.1, 0.1, 0.1)}
+    base = load_single_run(write_run(tmp_path / "base", scores, samples={TASK: [sample(0, " a")], other: [sample(0, " b")]}))
+    steered = load_single_run(write_run(tmp_path / "steer", SCORES, samples={TASK: [sample(0, " c")]}, model_type="steered-hf"))
+    assert quality.tasks_to_score(base, [base, steered], base) == [TASK]
+    assert quality.tasks_to_score(steered, [base, steered], base) == [TASK]
+    assert quality.tasks_to_score(base, [base], base) == [TASK, other]  # the baseline alone: every task

@@ -115,6 +115,14 @@ def task_quality(
     )
 
 
+def tasks_to_score(run: Run, runs: Sequence[Run], baseline: Run) -> list[str]:
+    """A run's logged tasks; for the baseline, only those another run also logged (a full unsteered
+    run reused for one subset need not be scored on every other subset: scoring is the slow part)."""
+    tasks = sorted(run.sample_files)
+    others = {task for other in runs if other is not baseline for task in other.sample_files}
+    return [task for task in tasks if task in others] if run is baseline and others else tasks
+
+
 def harness_scorer(model_args: str, device: str | None, batch_size: int) -> tuple[Scorer, Callable[[str], list[int]]]:
     """The unsteered model through lm-eval's own ``hf`` model: its ``loglikelihood`` scores each
     response after its prompt, tokenised exactly as the harness does (``_encode_pair``)."""
@@ -184,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         for sample_file in {file for run in runs for file in run.sample_files.values()}:
             responses(sample_file)  # every input readable before the scoring model loads
         score, tokenize = harness_scorer(args.model_args, args.device, args.batch_size)
-        rows = [task_quality(task, run, baseline, score, tokenize) for run in runs for task in sorted(run.sample_files)]
+        rows = [task_quality(task, run, baseline, score, tokenize) for run in runs for task in tasks_to_score(run, runs, baseline)]
     except ResultsError as error:
         return fail("quality", error)
     out = Path(args.out)
