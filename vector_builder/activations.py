@@ -63,6 +63,20 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def forward_for_hooks(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """One forward pass of a left-padded batch whose activations hooks read: positions as ``generate``
+    computes them, no cache, and logits only at the last position (the LM head over every position
+    would cost more than the activations wanted)."""
+    device = model_device(model)
+    model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        position_ids=positions_from_mask(attention_mask).to(device),
+        use_cache=False,
+        logits_to_keep=1,
+    )
+
+
 @torch.no_grad()
 def last_token_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
     """``[batch, len(layers), hidden]``: output of each decoder layer at the last column (the last
@@ -80,15 +94,7 @@ def last_token_states(model: nn.Module, input_ids: torch.Tensor, attention_mask:
 
     handles = [decoder_layers[index].register_forward_hook(make_hook(index)) for index in wanted]
     try:
-        device = model_device(model)
-        # logits_to_keep=1: the LM head over every position would cost more than the activations we want.
-        model(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            position_ids=positions_from_mask(attention_mask).to(device),
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        forward_for_hooks(model, input_ids, attention_mask)
     finally:
         for handle in handles:
             handle.remove()

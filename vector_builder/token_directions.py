@@ -25,7 +25,7 @@ from torch import nn
 
 from lm_eval_steer.runtime.hooks import find_decoder_layers
 from vector_builder import prompts
-from vector_builder.activations import left_pad, positions_from_mask
+from vector_builder.activations import forward_for_hooks, left_pad
 from vector_builder.directions import Direction
 
 TOKEN_SUFFIX = "@token"
@@ -53,25 +53,25 @@ def first_token(tokenizer: Any, word: str) -> int:
 def residual_norms(model: nn.Module, sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> torch.Tensor:
     """``r[L]``: mean over real tokens (the first excluded) of ``‖h_L‖``, the norm of layer ``L``'s output."""
     layers = find_decoder_layers(model)
-    totals, count = torch.zeros(len(layers), dtype=torch.float64), 0
-    mask_now: list[torch.Tensor] = []
+    batch_norms: dict[int, torch.Tensor] = {}  # layer -> [batch, seq] norms of the current batch
 
-    def hook(index: int):
-        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+    def make_hook(index: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            totals[index] += (hidden.float().norm(dim=-1) * mask_now[0]).sum().item()
+            batch_norms[index] = hidden.float().norm(dim=-1).cpu()
 
-        return record
+        return hook
 
-    handles = [layer.register_forward_hook(hook(index)) for index, layer in enumerate(layers)]
+    handles = [layer.register_forward_hook(make_hook(index)) for index, layer in enumerate(layers)]
+    totals, count = torch.zeros(len(layers), dtype=torch.float64), 0
     try:
-        device = next(model.parameters()).device
         for start in range(0, len(sequences), batch_size):
             ids, mask = left_pad(sequences[start : start + batch_size], pad_id)
-            real = mask.clone()
+            real = mask.to(torch.float32)
             real[torch.arange(len(real)), mask.argmax(dim=1)] = 0  # each row's first real token: the attention sink
-            mask_now[:] = [real.to(device, torch.float32)]
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions_from_mask(mask).to(device), logits_to_keep=1)
+            forward_for_hooks(model, ids, mask)
+            for index, norms in batch_norms.items():
+                totals[index] += float((norms * real).sum())
             count += int(real.sum())
     finally:
         for handle in handles:
