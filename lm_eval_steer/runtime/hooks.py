@@ -120,7 +120,7 @@ def compile_rows(rows: Sequence[Sequence[SteeringEntry]], hidden_size: int) -> d
                     strengths=torch.ones(len(rows)) if entry.mode == "add" else torch.zeros(len(rows)),
                 )
             op = slots[key]
-            vector = entry.vector.to(torch.float32)
+            vector = entry.vector.to("cpu", torch.float32)  # ops are compiled on the CPU, placed per layer later
             if entry.mode == "add":
                 op.vectors[row] += entry.strength * vector
             else:
