@@ -8,8 +8,11 @@ and 4 GB); the ``hf`` baseline wraps the same loaded weights, so any difference 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from real_models import chat, generations_with_and_without_kv_cache, lowercase_vectors, routed_requests
 
@@ -18,6 +21,7 @@ from lm_eval_steer.runtime.model import SteeredHFLM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qwen]
 QWEN = models.MODELS[models.QWEN_CODER]
+SHIPPED_FORMAT = Path(__file__).resolve().parents[1] / "vectors" / "qwen2.5-coder-0.5b-format-diffmean.safetensors"
 QWEN_SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
 
 
@@ -59,3 +63,18 @@ def test_unrouted_document_is_byte_identical_to_hf_and_routed_one_is_steered(qwe
 def test_steered_greedy_generation_is_the_same_with_and_without_kv_cache(qwen):
     with_cache, without_cache = generations_with_and_without_kv_cache(qwen)
     assert torch.equal(with_cache, without_cache)
+
+
+def test_the_shipped_format_file_steers_only_the_instructions_it_has_vectors_for(qwen, plain):
+    # The shipped file has an english_lowercase entry and none for detectable_format:title.
+    shipped = SteeredHFLM(pretrained=qwen.model, tokenizer=qwen.tokenizer, vectors=str(SHIPPED_FORMAT), batch_size=4)
+    prompt = chat(shipped, "Write a short note to a friend.")
+    generation = {"until": [], "max_gen_toks": 12, "do_sample": False}
+    docs = [{"instruction_id_list": [ids], "kwargs": [{}]} for ids in ("change_case:english_lowercase", "detectable_format:title")]
+
+    def requests() -> list[Instance]:
+        return [Instance("generate_until", doc, (prompt, dict(generation)), i) for i, doc in enumerate(docs)]
+
+    steered, unsteered = shipped.generate_until(requests()), plain.generate_until(requests())
+    assert steered[0] != unsteered[0]
+    assert steered[1] == unsteered[1]

@@ -129,3 +129,24 @@ def test_not_a_safetensors_file_and_missing_file(tmp_path):
         load_vector_file(junk)
     with pytest.raises(VectorFileError, match="nothere.safetensors: no such file"):
         load_vector_file(tmp_path / "nothere.safetensors")
+
+
+#: The models the shipped files in vectors/ are for: file-name prefix -> (model, hidden size, layers).
+SHIPPED_MODELS = {
+    "smollm2-": ("HuggingFaceTB/SmolLM2-135M-Instruct", 576, 30),
+    "qwen2.5-coder-0.5b-": ("Qwen/Qwen2.5-Coder-0.5B-Instruct", 896, 24),
+}
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "vectors").glob("*.safetensors"))
+
+
+def test_every_model_has_shipped_files():
+    for prefix in SHIPPED_MODELS:
+        assert any(path.name.startswith(prefix) for path in SHIPPED), prefix
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.name)
+def test_shipped_vector_files_load_and_match_their_model(path: Path):
+    (model, hidden_size, num_layers), = [spec for prefix, spec in SHIPPED_MODELS.items() if path.name.startswith(prefix)]
+    vector_file = load_vector_file(path)  # every validation the runtime applies to an untrusted file
+    assert (vector_file.model, vector_file.hidden_size, vector_file.num_layers) == (model, hidden_size, num_layers)
+    assert vector_file.entries and all(0 <= entry.layer < num_layers for entry in vector_file.entries)
