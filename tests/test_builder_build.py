@@ -241,7 +241,7 @@ def test_build_settings_are_the_recorded_settings():
     settings = BuildSettings(model="tiny", instructions=["length"], multipliers=[1, 2], validation_prompts="without and with instruction")
     assert list(asdict(settings)) == [
         "builder_version", "model", "search_model", "instructions", "keywords", "n_train", "n_val", "layers", "multipliers",
-        "batch_size", "seed", "max_new_tokens", "max_repetition", "allowed_degenerate", "skip_first_token", "strength_base",
+        "batch_size", "seed", "max_new_tokens", "max_repetition", "allowed_degenerate", "min_length_ratio", "skip_first_token", "strength_base",
         "keyword_sample", "validation_prompts", "degeneracy_guard", "data_sha256", "method", "learned_layers",
         "learned_multipliers", "learned_steps", "learned_lr", "learned_batch_size", "learned_l2", "target_samples", "target_max_tokens",
         "token_multipliers",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import random
 
 import pytest
@@ -73,44 +75,76 @@ def _result(scores: dict[str, list[bool]], degenerate: dict[str, int] | None = N
 
 
 SETTINGS = search.SearchSettings(max_new_tokens=4, batch_size=2, pad_id=0, stop_ids=(2,))
+FMT = "detectable_format:title"
+
+
+def _with_lengths(result: search.TargetResult, lengths: dict[str, list[int]]) -> search.TargetResult:
+    for item in result.candidates:
+        item.lengths = lengths[item.label]
+    return result
 
 
 def test_ties_go_to_no_steering():
-    assert search._choose(_result({"none": [True, False], "L1x1": [True, False], "L3x1": [False, True]}), SETTINGS) is None
-    assert search._choose(_result({"none": [True, False], "L1x1": [False, False]}), SETTINGS) is None
+    assert search._choose(_result({"none": [True, False], "L1x1": [True, False], "L3x1": [False, True]}), SETTINGS, FMT) is None
+    assert search._choose(_result({"none": [True, False], "L1x1": [False, False]}), SETTINGS, FMT) is None
 
 
 def test_best_candidate_wins_and_degenerate_ones_are_disqualified():
     result = _result({"none": [False, False], "L1x1": [True, True], "L3x1": [True, False]}, degenerate={"L1x1": 1})
-    assert search._choose(result, SETTINGS) == "L3x1"
+    assert search._choose(result, SETTINGS, FMT) == "L3x1"
     assert result.candidate("L1x1").disqualified
     # as many degenerate outputs as the unsteered model has is tolerated
     result = _result({"none": [False, False], "L1x1": [True, True]}, degenerate={"none": 1, "L1x1": 1})
-    assert search._choose(result, SETTINGS) == "L1x1"
+    assert search._choose(result, SETTINGS, FMT) == "L1x1"
+
+
+def test_candidates_that_pass_by_answering_short_are_disqualified_except_for_length_instructions():
+    def result() -> search.TargetResult:
+        scores = {"none": [False, False], "L1x1": [True, True], "L3x1": [True, False]}
+        return _with_lengths(_result(scores), {"none": [100, 60], "L1x1": [30, 10], "L3x1": [40, 40]})
+
+    # L1 says everything in 20 tokens on average against the unsteered 80: below 0.5 x, so out.
+    guarded = result()
+    assert search._choose(guarded, SETTINGS, "keywords:forbidden_words") == "L3x1"
+    assert guarded.candidate("L1x1").disqualified and not guarded.candidate("L3x1").disqualified
+    # A length vector shortens answers on purpose; 0 turns the guard off.
+    assert search._choose(result(), SETTINGS, "length_constraints:number_words") == "L1x1"
+    assert search._choose(result(), replace(SETTINGS, min_length_ratio=0.0), "keywords:forbidden_words") == "L1x1"
+    # Results read from an old checkpoint have no lengths: the guard cannot judge them and lets them pass.
+    assert search._choose(_result({"none": [False, False], "L1x1": [True, True]}), SETTINGS, FMT) == "L1x1"
+
+
+def test_pooled_length_guard_compares_the_pooled_means():
+    short = _with_lengths(_result({"none": [False], "L1x1": [True]}), {"none": [100], "L1x1": [10]})
+    long = _with_lengths(_result({"none": [False], "L1x1": [False]}), {"none": [100], "L1x1": [100]})
+    pooled = search.pool("keywords:forbidden_words (pooled)", [short, long], SETTINGS, "keywords:forbidden_words")
+    assert pooled.candidate("L1x1").lengths == [10, 100]
+    assert not pooled.candidate("L1x1").disqualified  # mean 55 >= 0.5 x 100
+    assert pooled.chosen == "L1x1"
 
 
 def test_pooled_choice_sums_outcomes_over_targets():
     # Alone, the first word would pick L3 and the second tie; pooled, L3 wins 3/4 against 1/4 unsteered.
     first = _result({"none": [False, False], "L1x1": [True, False], "L3x1": [True, True]})
     second = _result({"none": [True, False], "L1x1": [False, False], "L3x1": [True, False]})
-    pooled = search.pool("keywords:existence (pooled)", [first, second], SETTINGS)
+    pooled = search.pool("keywords:existence (pooled)", [first, second], SETTINGS, "keywords:existence")
     assert pooled.chosen == "L3x1"
     assert pooled.candidate("L3x1").follows == [True, True, True, False]
     assert pooled.candidate("L3x1").strength is None  # each word's strength comes from its own direction
     # the degeneracy guard counts the pooled outputs: one degenerate output anywhere disqualifies L3
     looping = _result({"none": [False, False], "L1x1": [True, True], "L3x1": [True, True]}, degenerate={"L3x1": 1})
-    guarded = search.pool("p", [first, looping], SETTINGS)
+    guarded = search.pool("p", [first, looping], SETTINGS, "keywords:existence")
     assert guarded.candidate("L3x1").disqualified and guarded.chosen == "L1x1"
     with pytest.raises(ValueError, match="different candidates"):
-        search.pool("p", [first, _result({"none": [False], "L2x1": [True]})], SETTINGS)
+        search.pool("p", [first, _result({"none": [False], "L2x1": [True]})], SETTINGS, "keywords:existence")
     with pytest.raises(ValueError, match="nothing to pool"):
-        search.pool("p", [], SETTINGS)
+        search.pool("p", [], SETTINGS, "keywords:existence")
 
 
 def test_strength_rule_is_fitted_per_requested_value():
     result = _result({"none": [False, False, False], "L1x1": [True, False, True], "L1x2": [False, True, False]})
     result.candidates[2].strength = 2.0
-    result.chosen = search._choose(result, SETTINGS)
+    result.chosen = search._choose(result, SETTINGS, FMT)
     assert result.chosen == "L1x1"
     val = [prompts.Prompt("q", {"num_sentences": n}, "q") for n in (3, 5, 3)]
     assert search.fit_rule(result, val, "num_sentences") == [[3.0, 1.0], [5.0, 2.0]]

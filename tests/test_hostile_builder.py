@@ -55,6 +55,13 @@ def test_non_finite_multipliers_are_refused(tmp_path, capsys, value):
     assert "--multipliers" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--min-length-ratio", "1.5"), ("--min-length-ratio", "nan"), ("--learned-steps", "0")])
+def test_bad_build_options_fail_before_the_model_loads(tmp_path, capsys, flag, value):
+    with mock.patch("vector_builder.cli.load_model", side_effect=AssertionError("model loaded before the options were checked")):
+        assert main(["build", "--model_args", "pretrained=/x", "--instructions", "format", "--out", str(tmp_path / "v.safetensors"), f"{flag}={value}"]) == 2
+    assert flag in one_error_line(capsys)
+
+
 def test_disk_full_names_the_target_and_leaves_no_temp_file(tmp_path):
     target = tmp_path / "v.safetensors"
     entries = [SteeringEntry("v", torch.ones(8), 1, "add", 1.0)]

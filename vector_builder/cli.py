@@ -56,6 +56,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-repetition", type=float, default=0.5, help="degeneracy guard: 1 - distinct 4-gram ratio above which an output is degenerate")
     parser.add_argument("--allowed-degenerate", type=int, default=0, help="degenerate outputs a candidate may have beyond the unsteered model's (default 0)")
+    parser.add_argument(
+        "--min-length-ratio",
+        type=float,
+        default=0.5,
+        help="length guard: disqualify a candidate whose mean answer length is below this fraction of the unsteered mean "
+        "(default 0.5; 0 turns it off; never applied to length instructions)",
+    )
     parser.add_argument("--val-with-instruction", action="store_true",
                         help="also validate on the prompts with the instruction shown (doubles validation; guards the instructed setting)")
     parser.add_argument("--steer-first-token", action="store_true", help="also steer each row's first token (the attention sink); off by default")
@@ -119,6 +126,7 @@ def settings_from(args: argparse.Namespace, model_name: str, search_model_name: 
         max_new_tokens=args.max_new_tokens,
         max_repetition=args.max_repetition,
         allowed_degenerate=args.allowed_degenerate,
+        min_length_ratio=args.min_length_ratio,
         skip_first_token=not args.steer_first_token,
         strength_base=args.strength_base,
         keyword_sample=args.keyword_sample,
@@ -160,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         if data is not None:
             os.environ.setdefault(DATA_ENV, str(data))
         check_outputs(args.out, args.report)
+        settings_from(args, "", "")  # bad options fail here, not after minutes of model loading
         model, tokenizer, name = load_model(args.model_args)
         search_model, _, search_name = load_model(args.search_model_args) if args.search_model_args else (None, None, "")
         result = build(

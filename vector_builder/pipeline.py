@@ -117,7 +117,7 @@ def _note(result: search.TargetResult) -> str | None:
     if result.chosen is not None:
         return None
     if all(item.disqualified for item in result.candidates[1:]):
-        return "no steering: every steered candidate was disqualified as degenerate; entry left out"
+        return "no steering: every steered candidate was disqualified (degenerate or too short); entry left out"
     return "no steering: no candidate beat the unsteered model on validation (ties go to no steering); entry left out"
 
 
@@ -233,6 +233,7 @@ def search_settings(settings: BuildSettings, tokenizer: Any) -> search.SearchSet
         max_repetition=settings.max_repetition,
         allowed_extra_degenerate=settings.allowed_degenerate,
         strength_base=settings.strength_base,
+        min_length_ratio=settings.min_length_ratio,
     )
 
 
@@ -280,7 +281,7 @@ def _pool(plan: Plan, results: dict[str, search.TargetResult], generation: searc
             if not twins:
                 continue
             label = f"{instruction_id} (pooled over {len(twins)} words{'' if method == 'diffmean' else ', ' + method})"
-            pooled[(instruction_id, method)] = search.pool(label, [results[name] for name in twins], generation)
+            pooled[(instruction_id, method)] = search.pool(label, [results[name] for name in twins], generation, instruction_id)
             for name in twins:  # what was applied to every word, so the report and plot show it per word too
                 results[name] = replace(results[name], chosen=pooled[(instruction_id, method)].chosen)
     return pooled

@@ -202,6 +202,7 @@ def target_summary(result: TargetResult, note: str | None, n_without: int | None
                 **_part_scores(item.follows, n_without),
                 "n": len(item.follows),
                 "degenerate": item.n_degenerate,
+                "mean_tokens": item.mean_length,
                 "disqualified": item.disqualified,
                 "chosen": item.label == (result.chosen or "none"),
             }
@@ -242,7 +243,7 @@ def _save(figure: Any, path: Path) -> Path:
 
 def write_plot(report_dir: str | Path, results: Sequence[TargetResult]) -> Path:
     """One panel per target: validation score vs layer, a line per multiplier, dashed = no steering,
-    star = chosen, x = disqualified by the degeneracy guard."""
+    star = chosen, x = disqualified by the degeneracy or length guard."""
     figure, axes = _panels(len(results))
     for axis, result in zip(axes, results):
         baseline = result.candidates[0]

@@ -90,10 +90,15 @@ class CandidateResult:
     degenerate: list[bool]
     responses: list[str]
     disqualified: bool = False
+    lengths: list[int] = field(default_factory=list)  # answer lengths in tokens (absent in old checkpoints)
 
     @property
     def score(self) -> float:
         return sum(self.follows) / len(self.follows) if self.follows else 0.0
+
+    @property
+    def mean_length(self) -> float | None:
+        return sum(self.lengths) / len(self.lengths) if self.lengths else None
 
     @property
     def n_degenerate(self) -> int:
@@ -135,6 +140,7 @@ class SearchSettings:
     max_repetition: float = 0.5
     allowed_extra_degenerate: int = 0
     strength_base: str = "shift"
+    min_length_ratio: float = 0.5
 
 
 STRENGTH_BASES = ("shift", "paper")
@@ -190,13 +196,28 @@ def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     return list(ids[:stop])
 
 
-def _choose(result: TargetResult, settings: SearchSettings) -> str | None:
+def guards_length(instruction_id: str) -> bool:
+    """Whether the length guard applies: not to length instructions, whose vectors shorten on purpose."""
+    return not instruction_id.startswith("length_constraints:")
+
+
+def too_short(item: CandidateResult, baseline: CandidateResult, ratio: float) -> bool:
+    """The length guard: mean answer length below ``ratio`` × the unsteered mean (unknown lengths pass).
+
+    A vector can pass a checker by saying little (a word cannot be used in an answer that is not
+    written), which the repetition measure does not see."""
+    steered, unsteered = item.mean_length, baseline.mean_length
+    return steered is not None and unsteered is not None and steered < ratio * unsteered
+
+
+def _choose(result: TargetResult, settings: SearchSettings, instruction_id: str) -> str | None:
     baseline = result.candidates[0]
     limit = baseline.n_degenerate + settings.allowed_extra_degenerate
+    ratio = settings.min_length_ratio if guards_length(instruction_id) else 0.0
     best: tuple[float, int, int] | None = None
     best_label = None
     for index, item in enumerate(result.candidates[1:], 1):
-        item.disqualified = item.n_degenerate > limit
+        item.disqualified = item.n_degenerate > limit or too_short(item, baseline, ratio)
         if item.disqualified:
             continue
         key = (item.score, -item.n_degenerate, -index)
@@ -207,7 +228,7 @@ def _choose(result: TargetResult, settings: SearchSettings) -> str | None:
     return best_label
 
 
-def pool(name: str, results: Sequence[TargetResult], settings: SearchSettings) -> TargetResult:
+def pool(name: str, results: Sequence[TargetResult], settings: SearchSettings, instruction_id: str) -> TargetResult:
     """One choice for many targets of one instruction (e.g. every keyword of ``keywords:existence``):
     candidate ``i``'s validation outcomes are concatenated over ``results`` (its score is the pooled
     loose accuracy, its degenerate count the pooled count) and chosen like a single target. The
@@ -226,11 +247,12 @@ def pool(name: str, results: Sequence[TargetResult], settings: SearchSettings) -
             follows=[ok for result in results for ok in result.candidates[index].follows],
             degenerate=[bad for result in results for bad in result.candidates[index].degenerate],
             responses=[],
+            lengths=[length for result in results for length in result.candidates[index].lengths],
         )
         for index, first in enumerate(results[0].candidates)
     ]
     pooled = TargetResult(name=name, candidates=items)
-    pooled.chosen = _choose(pooled, settings)
+    pooled.chosen = _choose(pooled, settings, instruction_id)
     return pooled
 
 
@@ -346,10 +368,11 @@ def _score_target(
                 ],
                 degenerate=[is_degenerate(ids, settings.max_repetition) for ids in row],
                 responses=responses,
+                lengths=[len(ids) for ids in row],
             )
         )
     result = TargetResult(name=target.name, candidates=items)
-    result.chosen = _choose(result, settings)
+    result.chosen = _choose(result, settings, target.instruction_id)
     if target.rule_kwarg is not None:
         result.rule_points = fit_rule(result, prompts, target.rule_kwarg)
     return result

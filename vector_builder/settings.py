@@ -21,10 +21,11 @@ WITH_INSTRUCTION_TOO = "without and with instruction"
 VALIDATION_PROMPTS = (WITHOUT_INSTRUCTION, WITH_INSTRUCTION_TOO)
 
 
-def _degeneracy_guard(max_repetition: float, allowed_degenerate: int) -> str:
+def _degeneracy_guard(max_repetition: float, allowed_degenerate: int, min_length_ratio: float) -> str:
     return (
         f"degenerate = repetition (1 - distinct {search.NGRAM}-grams / {search.NGRAM}-grams) > {max_repetition}; a candidate with "
-        f"more than (unsteered count + {allowed_degenerate}) degenerate outputs is disqualified"
+        f"more than (unsteered count + {allowed_degenerate}) degenerate outputs is disqualified, and so is one whose mean answer "
+        f"length is below {min_length_ratio} x the unsteered mean (length instructions excepted)"
     )
 
 
@@ -60,6 +61,7 @@ class BuildSettings:
     max_new_tokens: int = 128
     max_repetition: float = 0.5
     allowed_degenerate: int = 0
+    min_length_ratio: float = 0.5
     skip_first_token: bool = True
     strength_base: str = "shift"
     keyword_sample: int | None = None
@@ -82,11 +84,13 @@ class BuildSettings:
         tuples = (("instructions", str), ("keywords", str), ("layers", int), ("multipliers", float), ("learned_layers", int), ("learned_multipliers", float), ("token_multipliers", float))
         for name, kind in tuples:
             object.__setattr__(self, name, tuple(kind(item) for item in getattr(self, name)))
-        object.__setattr__(self, "degeneracy_guard", _degeneracy_guard(self.max_repetition, self.allowed_degenerate))
+        object.__setattr__(self, "degeneracy_guard", _degeneracy_guard(self.max_repetition, self.allowed_degenerate, self.min_length_ratio))
         if self.strength_base not in search.STRENGTH_BASES:
             raise ValueError(f"strength_base must be one of {', '.join(search.STRENGTH_BASES)}, got {self.strength_base!r}")
         if self.validation_prompts not in VALIDATION_PROMPTS:
             raise ValueError(f"validation_prompts must be one of {VALIDATION_PROMPTS}, got {self.validation_prompts!r}")
+        if not (math.isfinite(self.min_length_ratio) and 0 <= self.min_length_ratio < 1):
+            raise ValueError(f"--min-length-ratio must be a number from 0 (off) up to but not including 1, got {self.min_length_ratio}")
         if self.keyword_sample is not None and self.keyword_sample < 1:
             raise ValueError(f"keyword_sample must be positive, got {self.keyword_sample}")
         if not self.multipliers or not all(math.isfinite(m) for m in self.multipliers):
