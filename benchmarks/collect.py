@@ -78,8 +78,14 @@ def study_rows() -> list[str]:
             continue
         documents = sum(count["effective"] for count in data.get("n-samples", {}).values())
         generation = data.get("config", {}).get("gen_kwargs") or {}
-        rows.append(f"| study wall time: {path.parent.name}/{path.stem} | {documents} documents, {generation} | {float(seconds):,.0f} s | |")
+        device = data.get("config", {}).get("device") or "cpu"
+        rows.append(f"| study wall time: {path.parent.name}/{path.stem} | {documents} documents, {generation}{_on(device)} | {float(seconds):,.0f} s | |")
     return rows
+
+
+def _on(device: str) -> str:
+    """Where a row was measured, when not on the CPU (reports from before devices were recorded ran there)."""
+    return "" if device == "cpu" else f", on {device} (one NVIDIA H200)"
 
 
 def _learning(timing: dict) -> str:
@@ -94,7 +100,7 @@ def vector_build_rows() -> list[str]:
         setting = (
             f"{len(settings['instructions'])} instruction ids, {len(settings.get('keywords') or [])} keywords"
             f"{' (layer chosen on ' + str(settings['keyword_sample']) + ' sampled)' if settings.get('keyword_sample') else ''}, "
-            f"{settings['n_train']} train / {settings['n_val']} val prompts, layers {settings['layers']}"
+            f"{settings['n_train']} train / {settings['n_val']} val prompts, layers {settings['layers']}{_on(data.get('device', 'cpu'))}"
         )
         rows.append(
             f"| study build wall time: {path.parent.name.removesuffix('-report')} | {setting} | {timing['total']:,.0f} s "
@@ -108,7 +114,7 @@ def main() -> None:
         "# Benchmarks",
         "",
         "Regenerate with `python benchmarks/collect.py` (it reads the JSON files the benchmark scripts write).",
-        "All on the project's 2-core CPU machines: compare ratios measured side by side, not absolute times.",
+        "On the project's 2-core CPU machines unless a row names a GPU: compare ratios measured side by side, not absolute times.",
         "",
         "| what | setting | measured | ratio / note |",
         "|---|---|---|---|",

@@ -350,10 +350,12 @@ def assemble_report(
     out: str | Path,
     vector_file: VectorFile | None,
     timing: Mapping[str, float],
+    device: str,
 ) -> dict[str, Any]:
     """Stage 6: ``report.json``: settings, per-layer direction statistics, every target's candidates
     and choice (per method), which method won per entry, the learned directions' targets and loss
-    curves, what pooled choices were pooled over, timings and peak memory."""
+    curves, what pooled choices were pooled over, timings, peak memory and the device they were
+    measured on."""
     return {
         "vector_file": str(out) if vector_file is not None else None,
         "vector_file_sha256": None if vector_file is None else vector_file.sha256,
@@ -371,6 +373,7 @@ def assemble_report(
         "learned": {key: item.summary() for key, item in learned.items()},
         "timing_seconds": {key: round(seconds, 3) for key, seconds in timing.items()},
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "device": device,
     }
 
 
@@ -427,7 +430,7 @@ def build(
     entries, winners = chosen_entries(plan, directions, searched)
     vector_file = write_vectors(out, entries, plan.settings, shape, report_dir, method_metadata(entries, winners, learned))
     timing = {"activations": activation_seconds, "learning": learning_seconds, "search": search_seconds, "total": time.perf_counter() - started}
-    report_path = report.write_report(report_dir, assemble_report(plan, directions, searched, learned, winners, out, vector_file, timing))
+    report_path = report.write_report(report_dir, assemble_report(plan, directions, searched, learned, winners, out, vector_file, timing, str(activations.model_device(model))))
     return BuildResult(
         vector_file=vector_file,
         report_path=report_path,
