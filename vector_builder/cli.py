@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 from lm_eval_steer.console import fail
@@ -110,11 +111,11 @@ def load_model(model_args: str) -> tuple[Any, Any, str]:
     return model, tokenizer, str(args.get("name", pretrained))
 
 
-def settings_from(args: argparse.Namespace, model_name: str, search_model_name: str) -> BuildSettings:
-    """The one place command-line options become build settings."""
+def settings_from(args: argparse.Namespace) -> BuildSettings:
+    """The one place command-line options become build settings; the model names are filled in once
+    the models have loaded."""
     return BuildSettings(
-        model=model_name,
-        search_model=search_model_name,
+        model="",
         instructions=tuple(item.strip() for item in args.instructions.split(",") if item.strip()),
         keywords=tuple(prompts.parse_keywords(args.keywords)),
         n_train=args.n_train,
@@ -168,13 +169,13 @@ def run(args: argparse.Namespace) -> int:
         if data is not None:
             os.environ.setdefault(DATA_ENV, str(data))
         check_outputs(args.out, args.report)
-        settings_from(args, "", "")  # bad options fail here, not after minutes of model loading
+        settings = settings_from(args)  # bad options fail here, not after minutes of model loading
         model, tokenizer, name = load_model(args.model_args)
         search_model, _, search_name = load_model(args.search_model_args) if args.search_model_args else (None, None, "")
         result = build(
             model,
             tokenizer,
-            settings_from(args, name, search_name),
+            replace(settings, model=name, search_model=search_name),
             out=args.out,
             report_dir=args.report,
             queries=prompts.load_queries(args.queries) if args.queries else None,
