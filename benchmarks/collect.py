@@ -85,7 +85,7 @@ def study_rows() -> list[str]:
 
 def _on(device: str) -> str:
     """Where a row was measured, when not on the CPU (reports from before devices were recorded ran there)."""
-    return "" if device == "cpu" else f", on {device} (one NVIDIA H200)"
+    return "" if device == "cpu" else f", on {device}"
 
 
 def _learning(timing: dict) -> str:
