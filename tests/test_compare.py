@@ -312,3 +312,76 @@ def test_reuse_is_shown_and_a_run_that_reused_another_baseline_is_flagged(tmp_pa
     warnings = section(markdown, "Warnings")
     assert f"unfair vs baseline: reused unsteered answers from {other}" in warnings
     assert "fair vs baseline" not in warnings.replace("unfair vs baseline", "")
+
+
+# --------------------------------------------------------------------------- several models
+
+
+@pytest.fixture
+def two_models(tmp_path: Path) -> dict[str, Path]:
+    """An unsteered and a steered run of each of two models, with different baseline scores."""
+    other = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    return {
+        "small base": write_run(tmp_path / "small-base", {"ifeval_format": ifeval_scores(0.25, 0.5, 0.25, 0.5)}),
+        "small steered": write_run(
+            tmp_path / "small-steered", {"ifeval_format": ifeval_scores(0.5, 0.5, 0.5, 0.5)}, model_type="steered-hf", steering=steering_config()
+        ),
+        "other base": write_run(tmp_path / "other-base", {"ifeval_format": ifeval_scores(0.75, 0.5, 0.75, 0.5)}, model=other),
+        "other steered": write_run(
+            tmp_path / "other-steered",
+            {"ifeval_format": ifeval_scores(0.875, 0.5, 0.875, 0.5)},
+            model=other,
+            model_type="steered-hf",
+            steering=steering_config(),
+        ),
+    }
+
+
+def test_one_baseline_per_model_gives_each_run_its_own_models_delta(tmp_path: Path, two_models) -> None:
+    out = tmp_path / "board"
+    runs = [str(path) for path in two_models.values()]
+    labels = [arg for name in two_models for arg in ("--label", name)]
+    assert run_compare(out, *runs, *labels, "--baseline", "small base", "--baseline", "other base", "--metrics", "prompt_level_strict_acc") == 0
+    markdown = (out / "leaderboard.md").read_text(encoding="utf-8")
+    assert "Baselines, one per model" in markdown and "**small base**, **other base**" in markdown
+    rows = {row[0]: row[1] for row in table_rows(markdown.split("## Runs")[0])[1:]}
+    assert rows["small base (baseline)"] == "0.250 ± 0.050"
+    assert rows["other base (baseline)"] == "0.750 ± 0.050"
+    assert "(Δ +0.250 ± 0.071)" in rows["small steered"]  # 0.5 - 0.25, against its own model
+    assert "(Δ +0.125 ± 0.071)" in rows["other steered"]  # 0.875 - 0.75, not 0.875 - 0.25
+    assert "## Warnings" not in markdown  # different chat templates or models are not compared across
+    with (out / "leaderboard.csv").open(encoding="utf-8") as handle:
+        flagged = {row["run"]: row["is_baseline"] for row in csv.DictReader(handle)}
+    assert flagged == {"small base": "True", "small steered": "False", "other base": "True", "other steered": "False"}
+
+
+def test_a_run_whose_model_has_no_baseline_gets_no_delta_and_a_warning(tmp_path: Path, two_models) -> None:
+    out = tmp_path / "board"
+    third = write_run(tmp_path / "third", {"ifeval_format": ifeval_scores(0.5, 0.5, 0.5, 0.5)}, model="org/third-model")
+    runs = [*map(str, two_models.values()), str(third)]
+    assert run_compare(out, *runs, "--baseline", str(two_models["small base"]), "--baseline", str(two_models["other base"])) == 0
+    markdown = (out / "leaderboard.md").read_text(encoding="utf-8")
+    third_row = next(row for row in table_rows(markdown.split("## Runs")[0]) if row[0] == "third-model")
+    assert not any("Δ" in cell for cell in third_row)
+    assert "third-model: no baseline of model third-model among the --baseline runs" in section(markdown, "Warnings")
+
+
+def test_two_baselines_of_one_model_exit_2(tmp_path: Path, two_models, capsys) -> None:
+    runs = [str(path) for path in two_models.values()]
+    code = run_compare(tmp_path / "board", *runs, "--baseline", str(two_models["small base"]), "--baseline", str(two_models["small steered"]))
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "give one baseline per model" in err and "Traceback" not in err
+    assert not (tmp_path / "board").exists()
+
+
+def test_tasks_option_picks_and_orders_columns_and_rejects_unknown_tasks(tmp_path: Path, capsys) -> None:
+    scores = ifeval_scores(0.5, 0.5, 0.5, 0.5)
+    run = write_run(tmp_path / "run", {"ifeval_format": scores, "ifeval_length": scores, "ifeval_keywords": scores})
+    out = tmp_path / "board"
+    assert run_compare(out, str(run), "--tasks", "ifeval_length", "ifeval_format", "--metrics", "prompt_level_loose_acc") == 0
+    header = table_rows((out / "leaderboard.md").read_text(encoding="utf-8"))[0]
+    assert header == ["run", "ifeval_length · prompt loose", "ifeval_format · prompt loose"]
+    assert run_compare(out, str(run), "--tasks", "ifeval_lenght") == 2
+    err = capsys.readouterr().err
+    assert "--tasks: ifeval_lenght not in any input; available: ifeval_format, ifeval_length, ifeval_keywords" in err

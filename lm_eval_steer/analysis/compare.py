@@ -4,7 +4,9 @@
 
 One row per run (model + steering configuration; ``--label`` names them, and runs of one
 configuration over different tasks, e.g. split ``--samples`` runs, share a row), one column per
-task x metric, each cell the score with its stderr and the delta against the baseline row. Runs that differ in task version,
+task x metric, each cell the score with its stderr and the delta against the baseline row. Runs of
+several models go on one leaderboard with one ``--baseline`` per model: each run's delta is then
+against the baseline of its own model. Runs that differ in task version,
 ``--limit``, generation settings or chat template, and runs that reused unsteered answers
 (``unsteered_from=``) from another baseline than the one they are compared with, are listed under
 "Warnings" instead of being compared silently. When samples were logged (``--log_samples``), a per-instruction breakdown follows.
@@ -70,9 +72,15 @@ def make_cell(current: MetricValue | None, baseline: MetricValue | None) -> Cell
     )
 
 
-def columns_for(runs: Sequence[Run], metrics: Sequence[str]) -> list[Column]:
-    """Task x metric columns present in at least one run: tasks in order of appearance, then metrics."""
+def columns_for(runs: Sequence[Run], metrics: Sequence[str], requested_tasks: Sequence[str] | None = None) -> list[Column]:
+    """Task x metric columns present in at least one run: the ``requested_tasks`` (checked to exist) or
+    every task in order of appearance, then metrics."""
     tasks = list(dict.fromkeys(task for run in runs for task in run.tasks))
+    if requested_tasks:
+        unknown = [task for task in requested_tasks if task not in tasks]
+        if unknown:
+            raise ResultsError(f"--tasks: {', '.join(unknown)} not in any input; available: {', '.join(tasks)}")
+        tasks = list(dict.fromkeys(requested_tasks))
     return [
         (task, metric)
         for task in tasks
@@ -86,16 +94,48 @@ def lookup(run: Run, column: Column) -> MetricValue | None:
     return run.metrics.get(task, {}).get(metric)
 
 
-def leaderboard_cells(runs: Sequence[Run], baseline: Run, columns: Sequence[Column]) -> list[list[Cell]]:
-    """``cells[i][j]``: run i, column j, with deltas against ``baseline`` (zero for itself)."""
-    return [[make_cell(lookup(run, column), lookup(baseline, column)) for column in columns] for run in runs]
+def pick_baselines(runs: list[Run], specs: Sequence[str] | None) -> list[Run]:
+    """The runs named by ``--baseline`` (the first run when none is named), at most one per model."""
+    baselines = [pick_baseline(runs, spec) for spec in specs] if specs else [runs[0]]
+    by_model: dict[str, Run] = {}
+    for baseline in baselines:
+        other = by_model.setdefault(baseline.model, baseline)
+        if other is not baseline:
+            raise ResultsError(
+                f"--baseline: {other.label!r} and {baseline.label!r} are both runs of {baseline.model}; give one baseline per model"
+            )
+    return list(by_model.values())
 
 
-def comparison_warnings(runs: Sequence[Run], baseline: Run, columns: Sequence[Column]) -> list[str]:
-    """Setup differences against the baseline and scores missing from some runs."""
+def baseline_of(run: Run, baselines: Sequence[Run]) -> Run | None:
+    """The baseline ``run`` is compared with: the only one, else the one of its own model (None when
+    its model has none)."""
+    if len(baselines) == 1:
+        return baselines[0]
+    return next((baseline for baseline in baselines if baseline.model == run.model), None)
+
+
+def is_baseline(run: Run, baselines: Sequence[Run]) -> bool:
+    return any(run is baseline for baseline in baselines)
+
+
+def leaderboard_cells(runs: Sequence[Run], baselines: Sequence[Run], columns: Sequence[Column]) -> list[list[Cell]]:
+    """``cells[i][j]``: run i, column j, with deltas against run i's baseline (zero for a baseline itself)."""
+    cells = []
+    for run in runs:
+        baseline = baseline_of(run, baselines)
+        cells.append([make_cell(lookup(run, column), lookup(baseline, column) if baseline else None) for column in columns])
+    return cells
+
+
+def comparison_warnings(runs: Sequence[Run], baselines: Sequence[Run], columns: Sequence[Column]) -> list[str]:
+    """Setup differences against each run's baseline, runs without one, and scores missing from some runs."""
     warnings = []
     for run in runs:
-        if run is not baseline:
+        baseline = baseline_of(run, baselines)
+        if baseline is None:
+            warnings.append(f"{run.label}: no baseline of model {run.model} among the --baseline runs; no deltas shown")
+        elif run is not baseline:
             problems = incompatibilities(baseline, run) + reuse_mismatches(run, baseline)
             warnings.extend(f"{run.label} vs baseline: {problem}" for problem in problems)
     for task, metric in columns:
@@ -156,40 +196,49 @@ def render_cell(cell: Cell, is_baseline: bool) -> str:
     return f"{text} (Δ {format_value(cell.delta, cell.delta_stderr, signed=True)})"
 
 
-def scores_table(runs: Sequence[Run], baseline: Run, columns: Sequence[Column], cells: list[list[Cell]]) -> str:
+def scores_table(runs: Sequence[Run], baselines: Sequence[Run], columns: Sequence[Column], cells: list[list[Cell]]) -> str:
     headers = ["run", *(f"{task} · {short_metric(metric)}" for task, metric in columns)]
     rows = [
-        [f"{run.label} (baseline)" if run is baseline else run.label]
-        + [render_cell(cell, run is baseline) for cell in row]
+        [f"{run.label} (baseline)" if is_baseline(run, baselines) else run.label]
+        + [render_cell(cell, is_baseline(run, baselines)) for cell in row]
         for run, row in zip(runs, cells)
     ]
     return markdown_table(headers, rows)
 
 
-def breakdown_section(runs: Sequence[Run], baseline: Run, metrics: Sequence[str]) -> list[str]:
-    """Markdown lines: per task and instruction-level metric, accuracy per instruction and run."""
+def breakdown_section(runs: Sequence[Run], baselines: Sequence[Run], metrics: Sequence[str], tasks: Sequence[str]) -> list[str]:
+    """Markdown lines: per task (of ``tasks``) and instruction-level metric, accuracy per instruction and run."""
     lines: list[str] = []
-    for task in dict.fromkeys(task for run in runs for task in run.sample_files):
+    for task in dict.fromkeys(task for run in runs for task in run.sample_files if task in tasks):
         logged = [run for run in runs if task in run.sample_files]
         samples = {run.label: read_samples(run.sample_files[task]) for run in logged}
         for metric in breakdown_metrics(metrics):
             per_run = {run.label: instruction_accuracy(samples[run.label], metric) for run in logged}
             if any(per_run.values()):
-                table = breakdown_table(logged, baseline, per_run)
+                table = breakdown_table(logged, baselines, per_run)
                 lines += ["", f"### {task} · {short_metric(metric)}", "", table]
     return lines
 
 
-def breakdown_table(logged: Sequence[Run], baseline: Run, per_run: dict[str, dict[str, tuple[int, int]]]) -> str:
-    """One row per instruction id, one column per run that logged samples; deltas vs the baseline."""
-    reference = per_run.get(baseline.label, {})
+def breakdown_table(logged: Sequence[Run], baselines: Sequence[Run], per_run: dict[str, dict[str, tuple[int, int]]]) -> str:
+    """One row per instruction id, one column per run that logged samples; deltas vs each run's baseline."""
+    references = {run.label: _reference_counts(run, baselines, per_run) for run in logged}
     instructions = sorted({instruction for counts in per_run.values() for instruction in counts})
     rows = [
         [instruction]
-        + [_breakdown_cell(per_run[run.label].get(instruction), reference.get(instruction), run is baseline) for run in logged]
+        + [
+            _breakdown_cell(per_run[run.label].get(instruction), references[run.label].get(instruction), is_baseline(run, baselines))
+            for run in logged
+        ]
         for instruction in instructions
     ]
     return markdown_table(["instruction", *(f"{run.label} (n)" for run in logged)], rows)
+
+
+def _reference_counts(run: Run, baselines: Sequence[Run], per_run: dict[str, dict[str, tuple[int, int]]]) -> dict[str, tuple[int, int]]:
+    """The per-instruction counts of ``run``'s baseline (empty when it has none or it logged no samples)."""
+    baseline = baseline_of(run, baselines)
+    return per_run.get(baseline.label, {}) if baseline else {}
 
 
 def _breakdown_cell(counts: tuple[int, int] | None, reference: tuple[int, int] | None, is_baseline: bool) -> str:
@@ -203,17 +252,20 @@ def _breakdown_cell(counts: tuple[int, int] | None, reference: tuple[int, int] |
 
 
 def render_markdown(
-    runs: Sequence[Run], baseline: Run, metrics: Sequence[str], columns: Sequence[Column], warnings: Sequence[str]
+    runs: Sequence[Run], baselines: Sequence[Run], metrics: Sequence[str], columns: Sequence[Column], warnings: Sequence[str]
 ) -> str:
     """The whole ``leaderboard.md``."""
-    cells = leaderboard_cells(runs, baseline, columns)
+    cells = leaderboard_cells(runs, baselines, columns)
+    if len(baselines) == 1:
+        heading = f"Baseline: **{baselines[0].label}**."
+    else:
+        heading = f"Baselines, one per model (each run is compared with its own model's): {', '.join(f'**{b.label}**' for b in baselines)}."
     lines = [
         "# Leaderboard",
         "",
-        f"Baseline: **{baseline.label}**. Cells: score ± stderr; Δ = run − baseline "
-        "± sqrt(stderr² + stderr_baseline²).",
+        f"{heading} Cells: score ± stderr; Δ = run − baseline ± sqrt(stderr² + stderr_baseline²).",
         "",
-        scores_table(runs, baseline, columns, cells),
+        scores_table(runs, baselines, columns, cells),
         "",
         "## Runs",
         "",
@@ -225,7 +277,7 @@ def render_markdown(
     if warnings:
         lines += ["", "## Warnings", "", "Not like-for-like; deltas involving these runs are unreliable:", ""]
         lines += [f"- {warning}" for warning in warnings]
-    breakdown = breakdown_section(runs, baseline, metrics)
+    breakdown = breakdown_section(runs, baselines, metrics, [task for task, _ in columns])
     if breakdown:
         lines += ["", "## Per-instruction accuracy (from logged samples)", *breakdown]
     return "\n".join(lines) + "\n"
@@ -236,13 +288,13 @@ def results_files(run: Run) -> str:
     return "; ".join(str(path) for path in run.paths)
 
 
-def csv_rows(runs: Sequence[Run], baseline: Run, columns: Sequence[Column]) -> list[dict[str, Any]]:
+def csv_rows(runs: Sequence[Run], baselines: Sequence[Run], columns: Sequence[Column]) -> list[dict[str, Any]]:
     """Long-format rows (one per run x task x metric), ready for pandas or a spreadsheet pivot."""
-    cells = leaderboard_cells(runs, baseline, columns)
+    cells = leaderboard_cells(runs, baselines, columns)
     return [
         {
             "run": run.label,
-            "is_baseline": run is baseline,
+            "is_baseline": is_baseline(run, baselines),
             "task": task,
             "metric": metric,
             "value": cell.value,
@@ -303,7 +355,13 @@ def write_chart(path: Path, runs: Sequence[Run], columns: Sequence[Column]) -> N
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="results_*.json file or lm_eval --output_path directory")
-    parser.add_argument("--baseline", metavar="RUN", help="baseline run: a label, a RUN path, or another results path (default: the first RUN)")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        metavar="RUN",
+        help="baseline run: a label, a RUN path, or another results path (default: the first RUN); "
+        "repeat it, once per model, to compare runs of several models each against its own model's baseline",
+    )
     parser.add_argument(
         "--label",
         action="append",
@@ -311,6 +369,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="row label of each RUN, repeated once per RUN in order (default: model [vector file stems, route])",
     )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="writes DIR/leaderboard.{md,csv,png}")
+    parser.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to show, in this order (default: every task of the runs)")
     parser.add_argument(
         "--metrics",
         nargs="+",
@@ -324,18 +383,18 @@ def run(args: argparse.Namespace) -> int:
     """Exit 0 when the leaderboard was written, 2 when inputs are unreadable or unusable."""
     try:
         runs = load_runs(args.runs, args.label)
-        baseline = pick_baseline(runs, args.baseline)
+        baselines = pick_baselines(runs, args.baseline)
         metrics = select_metrics(runs, args.metrics)
-        columns = columns_for(runs, metrics)
-        warnings = comparison_warnings(runs, baseline, columns)
-        markdown = render_markdown(runs, baseline, metrics, columns, warnings)
+        columns = columns_for(runs, metrics, args.tasks)
+        warnings = comparison_warnings(runs, baselines, columns)
+        markdown = render_markdown(runs, baselines, metrics, columns, warnings)
     except ResultsError as error:
         return fail("compare", error)
     for item in runs:
         print(f"using {results_files(item)}  ->  {item.label}")
     out: Path = args.out
     write_text(out / "leaderboard.md", markdown)
-    write_csv(out / "leaderboard.csv", csv_rows(runs, baseline, columns))
+    write_csv(out / "leaderboard.csv", csv_rows(runs, baselines, columns))
     write_chart(out / "leaderboard.png", runs, columns)
     print(f"wrote {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'leaderboard.png'}")
     if warnings:
