@@ -21,8 +21,8 @@ from torch import nn
 from lm_eval_steer.runtime.hooks import find_decoder_layers, text_config
 from vector_builder import learned, prompts, targets
 from vector_builder.directions import Direction
+from vector_builder.methods import twin_key
 
-LEARNED_SUFFIX = "@learned"
 MIN_TARGETS = 4  # fewer passing targets than this and no vector is trained (too little to learn from)
 
 
@@ -62,10 +62,6 @@ class LearnedDirection:
                 for layer, item in sorted(self.trained.items())
             },
         }
-
-
-def learned_key(direction_key: str) -> str:
-    return direction_key + LEARNED_SUFFIX
 
 
 def examples_from(tokenizer: Any, responses: Sequence[targets.TargetResponse]) -> list[learned.Example]:
@@ -118,7 +114,7 @@ def _with_direction(model: nn.Module, key: str, outcome: LearnedDirection) -> Le
     """``outcome`` with the search's view of its trained vectors (a fresh training or a checkpoint's)."""
     if outcome.trained:
         shape = (len(find_decoder_layers(model)), int(text_config(model).hidden_size))
-        outcome.direction = as_direction(learned_key(key), outcome.trained, *shape, count=sum(outcome.sources.values()))
+        outcome.direction = as_direction(twin_key(key, "learned"), outcome.trained, *shape, count=sum(outcome.sources.values()))
     return outcome
 
 

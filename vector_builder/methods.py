@@ -18,14 +18,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
-from vector_builder.learned_directions import LEARNED_SUFFIX
 from vector_builder.prompts import Target
 from vector_builder.search import TargetResult
-from vector_builder.token_directions import TOKEN_SUFFIX
 
 METHODS = ("diffmean", "learned", "token", "both")
 #: The suffix of a method's twin targets and directions (difference of means keeps the plain names).
-SUFFIXES = {"learned": LEARNED_SUFFIX, "token": TOKEN_SUFFIX}
+SUFFIXES = {"learned": "@learned", "token": "@token"}
 
 
 def methods_of(method: str) -> tuple[str, ...]:
@@ -34,13 +32,17 @@ def methods_of(method: str) -> tuple[str, ...]:
     return ("diffmean", "learned") if method == "both" else (method,)
 
 
+def twin_key(key: str, method: str) -> str:
+    """The name of ``method``'s twin of a target or direction ``key`` (``key`` itself for diffmean)."""
+    return key + SUFFIXES.get(method, "")
+
+
 def targets_for(target: Target, method: str) -> Target:
     """The ``method`` twin of ``target``: its own name and direction (suffixed), ``add`` mode, same
     checker and sign; ``target`` itself for difference of means."""
-    suffix = SUFFIXES.get(method)
-    if suffix is None:
+    if method not in SUFFIXES:
         return target
-    return replace(target, name=target.name + suffix, direction=target.direction + suffix, mode="add")
+    return replace(target, name=twin_key(target.name, method), direction=twin_key(target.direction, method), mode="add")
 
 
 def base_name(name: str) -> str:

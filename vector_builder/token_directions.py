@@ -27,17 +27,13 @@ from lm_eval_steer.runtime.hooks import find_decoder_layers
 from vector_builder import prompts
 from vector_builder.activations import forward_for_hooks, left_pad
 from vector_builder.directions import Direction
+from vector_builder.methods import twin_key
 
-TOKEN_SUFFIX = "@token"
 _PREFIX = "Say"  # a word's first token is taken as it follows this prefix (mid-sentence spelling)
 
 
 class TokenDirectionError(ValueError):
     """The token method was asked for something it cannot steer (a non-keyword instruction)."""
-
-
-def token_key(direction_key: str) -> str:
-    return direction_key + TOKEN_SUFFIX
 
 
 def first_token(tokenizer: Any, word: str) -> int:
@@ -88,11 +84,12 @@ def token_direction(key: str, unembedding_row: torch.Tensor, norms: torch.Tensor
 def token_directions(
     model: nn.Module, tokenizer: Any, specs: Sequence[prompts.DirectionSpec], train: Sequence[str], batch_size: int, pad_id: int
 ) -> dict[str, Direction]:
-    """One token direction per keyword spec, keyed :func:`token_key` of the spec's key."""
+    """One token direction per keyword spec, keyed by the token twin of the spec's key."""
     words: Mapping[str, str] = {spec.key: _keyword(spec) for spec in specs}
     norms = residual_norms(model, [prompts.chat_ids(tokenizer, query) for query in train], batch_size, pad_id)
     output = model.get_output_embeddings().weight.detach().cpu()
-    return {token_key(key): token_direction(token_key(key), output[first_token(tokenizer, word)], norms) for key, word in words.items()}
+    keys = {key: twin_key(key, "token") for key in words}
+    return {keys[key]: token_direction(keys[key], output[first_token(tokenizer, word)], norms) for key, word in words.items()}
 
 
 def _keyword(spec: prompts.DirectionSpec) -> str:
