@@ -18,7 +18,7 @@ from lm_eval_steer.runtime.routing import entries_for_document
 from lm_eval_steer.runtime.vectorfile import load_vector_file
 from vector_builder import BuildSettings, ModelMismatchError, build, check_compatible, report
 from vector_builder.activations import collect, last_token_states, left_pad
-from vector_builder import learned_directions
+from vector_builder import learned_directions, search
 from vector_builder.methods import pick
 from vector_builder.pipeline import ModelShape
 from vector_builder.prompts import chat_ids, split_queries
@@ -362,3 +362,38 @@ def test_learned_build_resumes_to_the_same_file(tiny, tmp_path, monkeypatch):
     if full.vector_file is not None:
         assert _file_content(tmp_path / "full.safetensors") == _file_content(tmp_path / "r.safetensors")
 
+
+
+def test_resumed_results_are_chosen_again_under_the_current_guards():
+    unsteered = search.CandidateResult("none", None, 0.0, None, follows=[False, False], degenerate=[False, False], responses=[], lengths=[40, 40])
+    steered = search.CandidateResult("L1x1", 1, 1.0, 2.0, follows=[True, True], degenerate=[True, False], responses=[], lengths=[40, 40])
+    result = search.TargetResult(name="t", candidates=[unsteered, steered], chosen="L1x1")
+    settings = search.SearchSettings(max_new_tokens=8, batch_size=2, pad_id=0, stop_ids=(1,), allowed_extra_degenerate=0)
+    assert search.rechosen(result, settings, "punctuation:no_comma").chosen is None  # one degenerate answer too many
+    assert steered.disqualified
+    relaxed = replace(settings, allowed_extra_degenerate=1)
+    assert search.rechosen(result, relaxed, "punctuation:no_comma").chosen == "L1x1"
+    assert not steered.disqualified
+
+
+def test_resume_with_other_guards_reuses_the_checkpoint_and_equals_a_fresh_build(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    kwargs = dict(instructions=["punctuation:no_comma", "startend:quotation"], model="tiny", scorer=hash_scorer, **SMALL)
+    guards = dict(allowed_degenerate=2, min_length_ratio=0.9)
+    run_build(model, tokenizer, out=tmp_path / "first.safetensors", report_dir=tmp_path / "resumed", **kwargs)
+    fresh = run_build(model, tokenizer, out=tmp_path / "fresh.safetensors", report_dir=tmp_path / "fresh", **guards, **kwargs)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a resumed build must not validate again")
+
+    monkeypatch.setattr(search, "generate", no_generation)
+    resumed = run_build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", resume=True, **guards, **kwargs)
+    strip = lambda r: {k: v for k, v in json.loads(r.report_path.read_text()).items() if k not in ("timing_seconds", "peak_rss_mib", "vector_file", "vector_file_sha256")}  # noqa: E731
+    assert strip(resumed) == strip(fresh)
+    assert strip(resumed)["settings"]["allowed_degenerate"] == 2
+    assert (fresh.vector_file is None) == (resumed.vector_file is None)
+    if fresh.vector_file is not None:
+        assert _file_content(tmp_path / "fresh.safetensors") == _file_content(tmp_path / "resumed.safetensors")
+    # the repetition threshold decides which answers count as degenerate: a checkpoint is not valid for another one
+    with pytest.raises(report.CheckpointError, match="other settings"):
+        run_build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True, max_repetition=0.3, **kwargs)

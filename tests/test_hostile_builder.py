@@ -84,7 +84,7 @@ def test_os_errors_inside_a_write_name_the_target(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "content"),
-    [("settings.json", "{not json"), ("settings.json", "[1, 2]"), ("sums.safetensors", "garbage"), ("targets/t.json", "{\"name\": 1}"), ("learned/d.safetensors", "")],
+    [("settings.json", "{not json"), ("settings.json", "[1, 2]"), ("settings.json", "{\"settings\": [1]}"), ("sums.safetensors", "garbage"), ("targets/t.json", "{\"name\": 1}"), ("learned/d.safetensors", "")],
 )
 def test_damaged_checkpoint_file_names_the_file(tmp_path, name, content):
     Checkpoint(tmp_path, SETTINGS, resume=False)

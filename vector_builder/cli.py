@@ -67,7 +67,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-with-instruction", action="store_true",
                         help="also validate on the prompts with the instruction shown (doubles validation; guards the instructed setting)")
     parser.add_argument("--steer-first-token", action="store_true", help="also steer each row's first token (the attention sink); off by default")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted build from the checkpoint in --report")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted build from the checkpoint in --report; also re-chooses a finished "
+        "build under other --allowed-degenerate / --min-length-ratio values without generating again")
     method = parser.add_argument_group(
         "build method",
         "diffmean: the paper's difference of means; learned: a vector trained on responses that follow the instruction, with the "

@@ -71,8 +71,15 @@ def finite_json(value: Any) -> Any:
     return value
 
 
+#: Settings that only decide which validated candidate wins, never what is computed or generated: a
+#: checkpoint stays valid when they change, and the resumed search chooses again under the new values.
+CHOICE_ONLY_SETTINGS = ("allowed_degenerate", "min_length_ratio", "degeneracy_guard")
+
+
 def fingerprint(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    """The hash a checkpoint is valid for: every setting except :data:`CHOICE_ONLY_SETTINGS`."""
+    kept = {key: value for key, value in settings.items() if key not in CHOICE_ONLY_SETTINGS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
 def _safe_name(name: str) -> str:
@@ -94,8 +101,10 @@ class Checkpoint:
         for directory in (Path(report_dir), self.root, self.targets_dir, self.learned_dir):
             remove_leftovers(directory)  # temp files of writes a killed build left behind
         if resume and self.settings_path.is_file():
-            stored = _read(self.settings_path, lambda path: dict(json.loads(path.read_text())))
-            if stored.get("fingerprint") != self.key:
+            # Recomputed from the stored settings, so that checkpoints written before a choice-only
+            # setting existed (or with other values of one) stay valid.
+            stored_key = _read(self.settings_path, lambda path: fingerprint(dict(json.loads(path.read_text())["settings"])))
+            if stored_key != self.key:
                 raise CheckpointError(
                     f"{self.settings_path}: the checkpoint was made with other settings or data; "
                     "rerun without --resume (or with a fresh --report directory)"

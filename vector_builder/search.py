@@ -297,11 +297,13 @@ def search(
 
     ``prompts[name]`` / ``prompt_ids[name]`` are a target's validation prompts and their chat token
     ids; ``candidate_list`` is one list for every target or a list per target name (a learned
-    direction exists only at the layers it was trained at). Targets in ``done`` (from a checkpoint) are not recomputed. Batches are cut from the full,
+    direction exists only at the layers it was trained at). Targets in ``done`` (from a checkpoint) are not recomputed, only chosen
+    again under ``settings``' guards (they may differ from the interrupted build's). Batches are cut from the full,
     deterministic job list, and a batch is re-run whole if any of its rows is still needed, so a
     resumed search generates every row in exactly the batch it would have had without interruption.
     """
-    results = dict(done or {})
+    by_name = {target.name: target for target in targets}
+    results = {name: rechosen(result, settings, by_name[name].instruction_id) for name, result in (done or {}).items() if name in by_name}
     jobs: dict[tuple, tuple[list[int], list[SteeringEntry]]] = {}
     owners: dict[tuple, set[str]] = {}
     grid: dict[str, list[list[tuple]]] = {}  # target -> [candidate][prompt] -> job key
@@ -340,6 +342,12 @@ def search(
                 if on_target_done is not None:
                     on_target_done(results[target.name])
     return {target.name: results[target.name] for target in targets}
+
+
+def rechosen(result: TargetResult, settings: SearchSettings, instruction_id: str) -> TargetResult:
+    """``result`` (from a checkpoint) with its choice made again under ``settings``' guards."""
+    result.chosen = _choose(result, settings, instruction_id)
+    return result
 
 
 def _score_target(
