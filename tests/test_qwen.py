@@ -21,7 +21,7 @@ from lm_eval_steer.runtime.model import SteeredHFLM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qwen]
 QWEN = models.MODELS[models.QWEN_CODER]
-SHIPPED_FORMAT = Path(__file__).resolve().parents[1] / "vectors" / "qwen2.5-coder-0.5b-format-diffmean.safetensors"
+SHIPPED_FORMAT = Path(__file__).resolve().parents[1] / "vectors" / "qwen2.5-coder-0.5b-format-both.safetensors"
 QWEN_SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
 
 
@@ -66,15 +66,15 @@ def test_steered_greedy_generation_is_the_same_with_and_without_kv_cache(qwen):
 
 
 def test_the_shipped_format_file_steers_only_the_instructions_it_has_vectors_for(qwen, plain):
-    # The shipped file has an english_lowercase entry and none for detectable_format:title.
+    # The shipped file has learned (add-mode) entries for english_lowercase and title, difference-of-means
+    # (project-mode) ones for end_checker, and none for constrained_response.
     shipped = SteeredHFLM(pretrained=qwen.model, tokenizer=qwen.tokenizer, vectors=str(SHIPPED_FORMAT), batch_size=4)
     prompt = chat(shipped, "Write a short note to a friend.")
     generation = {"until": [], "max_gen_toks": 12, "do_sample": False}
-    docs = [{"instruction_id_list": [ids], "kwargs": [{}]} for ids in ("change_case:english_lowercase", "detectable_format:title")]
+    docs = [{"instruction_id_list": [ids], "kwargs": [{}]} for ids in ("change_case:english_lowercase", "detectable_format:title", "startend:end_checker", "detectable_format:constrained_response")]
 
     def requests() -> list[Instance]:
         return [Instance("generate_until", doc, (prompt, dict(generation)), i) for i, doc in enumerate(docs)]
 
     steered, unsteered = shipped.generate_until(requests()), plain.generate_until(requests())
-    assert steered[0] != unsteered[0]
-    assert steered[1] == unsteered[1]
+    assert [s != u for s, u in zip(steered, unsteered)] == [True, True, True, False]
