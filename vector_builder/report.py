@@ -5,10 +5,10 @@ file or the new one, never half of one.
 
 Checkpoint layout under ``<report>/checkpoint/``:
 
-- ``settings.json``: fingerprint of everything that determines the result; ``--resume`` refuses a
-  checkpoint made with other settings;
+- ``settings.json``: the settings the checkpoint was made with; ``--resume`` refuses it when they
+  differ in anything but the choice-only guard thresholds (:data:`CHOICE_ONLY_SETTINGS`);
 - ``sums.safetensors``: the activation running sums of every direction (float64, counts in its metadata);
-- ``targets/<name>.json``: one finished target's candidate results and choice;
+- ``targets/<name>.json``: one finished target's candidate results and choice (made again on resume);
 - ``learned/<direction>.safetensors``: one learned direction's vectors per layer, with its targets'
   sources and training curves in the metadata.
 
@@ -113,7 +113,7 @@ class Checkpoint:
             # A fresh build must not pick up stale results.
             for stale in [self.sums_path, *self.targets_dir.glob("*.json"), *self.learned_dir.glob("*.safetensors")]:
                 stale.unlink(missing_ok=True)
-        write_json(self.settings_path, {"fingerprint": self.key, "settings": dict(settings)})
+        write_json(self.settings_path, {"settings": dict(settings)})
 
     def load_sums(self) -> dict[str, tuple[RunningSum, RunningSum]] | None:
         return _read(self.sums_path, _read_sums) if self.sums_path.is_file() else None
