@@ -88,8 +88,11 @@ def token_directions(
     words: Mapping[str, str] = {spec.key: _keyword(spec) for spec in specs}
     norms = residual_norms(model, [prompts.chat_ids(tokenizer, query) for query in train], batch_size, pad_id)
     output = model.get_output_embeddings().weight.detach().cpu()
-    keys = {key: twin_key(key, "token") for key in words}
-    return {keys[key]: token_direction(keys[key], output[first_token(tokenizer, word)], norms) for key, word in words.items()}
+    directions = {}
+    for key, word in words.items():
+        name = twin_key(key, "token")
+        directions[name] = token_direction(name, output[first_token(tokenizer, word)], norms)
+    return directions
 
 
 def _keyword(spec: prompts.DirectionSpec) -> str:
