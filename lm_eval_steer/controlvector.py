@@ -7,8 +7,8 @@ string, ``controlvector.layer_count``, and one 1-D float32 tensor ``direction.<L
 and refuses a file that holds ``direction.0`` (its layer numbers start at 1).
 
 Export is exact or refused: a control vector is one fixed vector per layer for every document and
-position, so only ``add``-mode entries at layers >= 1 with ``positions=all`` export, with their
-strength folded in. What would silently change meaning needs an explicit choice: an entry with a
+position, so only ``add``-mode entries at layers >= 1 with ``positions=all`` and no ``stop_after``
+export, with their strength folded in. What would silently change meaning needs an explicit choice: an entry with a
 ``strength_rule`` needs ``--strength S``; several entries (summed per layer, as llama.cpp sums
 several files) need ``--sum`` when they share a layer or are routed to different documents.
 (``steered-hf`` leaves each row's first token alone by default; llama.cpp steers it too.)
@@ -70,6 +70,7 @@ def control_vectors(vector_file: VectorFile, names: Sequence[str] | None = None,
             f"'{entry.mode}' mode cannot be exported: llama.cpp control vectors are added (choose add-mode entries with --entry)" if entry.mode != "add"
             else "layer 0 cannot be exported: llama.cpp refuses direction.0" if entry.layer == 0
             else f"positions={entry.positions} cannot be exported: llama.cpp steers every position" if entry.positions != "all"
+            else "stop_after cannot be exported: llama.cpp steers to the end of the answer" if entry.stop_after
             else "its strength follows a strength_rule, which llama.cpp cannot: give one --strength S" if strength is None and entry.applies_to and entry.applies_to.strength_rule
             else None
         )

@@ -21,7 +21,8 @@ from vector_builder.activations import collect, last_token_states, left_pad
 from vector_builder import learned_directions, search
 from vector_builder.methods import pick
 from vector_builder.pipeline import ModelShape
-from vector_builder.prompts import chat_ids, split_queries
+from vector_builder.prompts import chat_ids, plan, split_queries
+from vector_builder.search import stop_strings
 from vector_builder.token_directions import TokenDirectionError, first_token
 
 DATA = offline_data()
@@ -221,6 +222,14 @@ def test_token_method_steers_each_word_along_its_own_output_embedding(tiny, tmp_
         torch.testing.assert_close(entry.vector, row / row.norm())
         assert (entry.layer, entry.mode) == (chosen.layer, "add")
         assert entry.strength == pytest.approx(chosen.multiplier * float(norms[chosen.layer]), rel=1e-4)
+        assert entry.stop_after == (word,), "an inclusion entry stops steering once the word is written"
+
+
+def test_only_keyword_inclusion_entries_stop_after_their_word():
+    _, targets = plan(["keywords:existence", "keywords:forbidden_words", "punctuation:no_comma"], ["apple"])
+    stops = {target.instruction_id: stop_strings(target, stop_after_keyword=True) for target in targets}
+    assert stops == {"keywords:existence": ("apple",), "keywords:forbidden_words": (), "punctuation:no_comma": ()}
+    assert all(stop_strings(target, stop_after_keyword=False) == () for target in targets)
 
 
 def test_token_method_refuses_non_keyword_instructions(tiny, tmp_path):
@@ -244,7 +253,7 @@ def test_build_settings_are_the_recorded_settings():
         "batch_size", "seed", "max_new_tokens", "max_repetition", "allowed_degenerate", "min_length_ratio", "skip_first_token", "strength_base",
         "keyword_sample", "validation_prompts", "degeneracy_guard", "data_sha256", "method", "learned_layers",
         "learned_multipliers", "learned_steps", "learned_lr", "learned_batch_size", "learned_l2", "target_samples", "target_max_tokens",
-        "token_multipliers",
+        "token_multipliers", "stop_after_keyword",
     ]  # fmt: skip
     assert settings.multipliers == (1.0, 2.0) and settings.with_instruction_too
     resolved = settings.resolved(num_layers=10, queries=QUERIES)

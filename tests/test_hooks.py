@@ -111,6 +111,17 @@ def test_greedy_with_cache_equals_without_cache_under_steering(model):
     assert not torch.equal(with_cache, greedy(model, ids, mask, [[], [], []])), "steering should change something"
 
 
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
+def test_unpadded_greedy_with_cache_equals_without_cache(model, positions):
+    # generate() passes no attention mask when nothing is padded; a call without the KV cache then
+    # re-reads the whole sequence, which the hooks must tell from a one-column cached step
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    rows = [[entry(1, "add", 5.0, positions)]]
+    with_cache = greedy(model, ids, torch.ones_like(ids), rows, use_cache=True)
+    assert torch.equal(with_cache, greedy(model, ids, torch.ones_like(ids), rows, use_cache=False))
+    assert not torch.equal(with_cache, greedy(model, ids, torch.ones_like(ids), [[]]))
+
+
 def test_padded_batch_equals_each_row_alone(model):
     torch.manual_seed(5)
     prompts = [torch.randint(1, VOCAB, (n,)) for n in (4, 9, 6)]

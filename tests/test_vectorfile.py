@@ -45,7 +45,7 @@ def test_round_trip_keeps_every_field_and_extra_metadata(tmp_path):
     entries = [
         SteeringEntry("fmt", torch.arange(HIDDEN, dtype=torch.float32), 2, "project", 3.5, "generated", AppliesTo("change_case:english_lowercase")),
         SteeringEntry("len", torch.ones(HIDDEN), 1, "add", -2.0, "all", AppliesTo("length_constraints:number_sentences", {}, rule)),
-        SteeringEntry("kw", torch.ones(HIDDEN), 3, "add", 4.0, "prompt", AppliesTo("keywords:existence", {"keywords": ["barbarians"]})),
+        SteeringEntry("kw", torch.ones(HIDDEN), 3, "add", 4.0, "prompt", AppliesTo("keywords:existence", {"keywords": ["barbarians"]}), ("barbarians",)),
         SteeringEntry("everyone", torch.ones(HIDDEN), 0, "ablate", 0.0, "all", None),
     ]
     path = tmp_path / "v.safetensors"
@@ -56,6 +56,7 @@ def test_round_trip_keeps_every_field_and_extra_metadata(tmp_path):
     assert loaded.extra_metadata == {"builder": "{\"seed\": 1}"}
     assert loaded.sha256 is not None and len(loaded.sha256) == 64
     assert loaded.entry("len").applies_to.strength_rule.strength_for(3.0) == pytest.approx(5.0)
+    assert loaded.entry("kw").stop_after == ("barbarians",) and "stop_after" not in loaded.entry("fmt").to_json()
     assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
     umask = os.umask(0)
     os.umask(umask)
@@ -97,6 +98,10 @@ BAD_FILES = {
     "wrong format": ([good_entry()], None, {"format": "repeng/1"}, "metadata 'format' is 'repeng/1'"),
     "missing num_layers": ([good_entry()], None, {"num_layers": None}, "missing metadata key(s) ['num_layers']"),
     "entries not json": ([good_entry()], {"fmt": torch.ones(HIDDEN)}, {"entries": "[{"}, "not valid JSON"),
+    "stop_after not a list": ([good_entry(stop_after="mom")], None, {}, "stop_after must be a list of at most 16 strings"),
+    "stop_after too long a list": ([good_entry(stop_after=["w"] * 17)], None, {}, "stop_after must be a list of at most 16 strings"),
+    "stop_after blank string": ([good_entry(stop_after=["mom", " "])], None, {}, "stop_after items must be non-blank strings"),
+    "stop_after number": ([good_entry(stop_after=[3])], None, {}, "stop_after items must be non-blank strings"),
     "bad applies_to": ([good_entry(applies_to={"instruction": "x"})], None, {}, "unknown applies_to key(s) ['instruction']"),
     "bad strength rule": ([good_entry(applies_to={"instruction_id": "x", "strength_rule": {"kwarg": "n", "points": [[3, 1], [1, 2]]}})], None, {}, "strictly increasing"),
 }

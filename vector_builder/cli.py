@@ -67,6 +67,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-with-instruction", action="store_true",
                         help="also validate on the prompts with the instruction shown (doubles validation; guards the instructed setting)")
     parser.add_argument("--steer-first-token", action="store_true", help="also steer each row's first token (the attention sink); off by default")
+    parser.add_argument("--stop-after-keyword", action=argparse.BooleanOptionalAction, default=True,
+                        help="keyword-inclusion entries stop steering an answer once it contains the word (their stop_after; default on)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted build from the checkpoint in --report; also re-chooses a finished "
         "build under other --allowed-degenerate / --min-length-ratio values without generating again")
     method = parser.add_argument_group(
@@ -143,6 +145,7 @@ def settings_from(args: argparse.Namespace) -> BuildSettings:
         target_samples=args.target_samples,
         target_max_tokens=args.target_max_tokens,
         token_multipliers=tuple(args.token_multipliers),
+        stop_after_keyword=args.stop_after_keyword,
     )
 
 

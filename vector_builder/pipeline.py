@@ -75,28 +75,29 @@ def _collect_sums(
     return {spec.key: (sums[f"with:{spec.key}"], sums[f"without:{spec.key}"]) for spec in specs}
 
 
-def _entry(target: prompts.Target, direction: Direction, layer: int, strength: float, rule_points: Sequence[Sequence[float]] = ()) -> SteeringEntry:
+def _entry(target: prompts.Target, direction: Direction, layer: int, strength: float, settings: BuildSettings, rule_points: Sequence[Sequence[float]] = ()) -> SteeringEntry:
     rule = StrengthRule(target.rule_kwarg, tuple((x, s) for x, s in rule_points)) if target.rule_kwarg and rule_points else None
     applies_to = AppliesTo(target.instruction_id, dict(target.fixed_kwargs), rule)
-    return replace(search.make_entry(target, direction, layer, strength), applies_to=applies_to)
+    stop = search.stop_strings(target, settings.stop_after_keyword)
+    return replace(search.make_entry(target, direction, layer, strength, stop), applies_to=applies_to)
 
 
-def _chosen_entry(target: prompts.Target, direction: Direction, result: search.TargetResult) -> SteeringEntry | None:
+def _chosen_entry(target: prompts.Target, direction: Direction, result: search.TargetResult, settings: BuildSettings) -> SteeringEntry | None:
     if result.chosen is None:
         return None
     chosen = result.candidate(result.chosen)
     assert chosen.layer is not None and chosen.strength is not None
-    return _entry(target, direction, chosen.layer, chosen.strength, result.rule_points)
+    return _entry(target, direction, chosen.layer, chosen.strength, settings, result.rule_points)
 
 
-def _pooled_entry(target: prompts.Target, direction: Direction, pooled: search.TargetResult, strength_base: str) -> SteeringEntry | None:
+def _pooled_entry(target: prompts.Target, direction: Direction, pooled: search.TargetResult, settings: BuildSettings) -> SteeringEntry | None:
     """The pooled choice's layer and multiplier, at the strength of this target's own direction."""
     if pooled.chosen is None:
         return None
     chosen = pooled.candidate(pooled.chosen)
     assert chosen.layer is not None
     candidate = search.Candidate(chosen.layer, chosen.multiplier)
-    return _entry(target, direction, chosen.layer, search.strength_of(target, direction, candidate, strength_base))
+    return _entry(target, direction, chosen.layer, search.strength_of(target, direction, candidate, settings.strength_base), settings)
 
 
 def _pooling_plan(targets: Sequence[prompts.Target], per_instruction: int | None, seed: int) -> dict[str, list[prompts.Target]]:
@@ -234,6 +235,7 @@ def search_settings(settings: BuildSettings, tokenizer: Any) -> search.SearchSet
         allowed_extra_degenerate=settings.allowed_degenerate,
         strength_base=settings.strength_base,
         min_length_ratio=settings.min_length_ratio,
+        stop_after_keyword=settings.stop_after_keyword,
     )
 
 
@@ -302,7 +304,7 @@ def chosen_entries(plan: Plan, directions: Mapping[str, Direction], searched: Se
         if winner is None:
             continue
         twin, direction = twins[winner], directions[twins[winner].direction]
-        entry = _pooled_entry(twin, direction, outcomes[winner], plan.settings.strength_base) if pooled else _chosen_entry(twin, direction, outcomes[winner])
+        entry = _pooled_entry(twin, direction, outcomes[winner], plan.settings) if pooled else _chosen_entry(twin, direction, outcomes[winner], plan.settings)
         if entry is not None:
             entries.append(replace(entry, name=target.name))
     return entries, winners

@@ -141,6 +141,7 @@ class SearchSettings:
     allowed_extra_degenerate: int = 0
     strength_base: str = "shift"
     min_length_ratio: float = 0.5
+    stop_after_keyword: bool = True
 
 
 STRENGTH_BASES = ("shift", "paper")
@@ -168,17 +169,34 @@ def strength_of(target: Target, direction: Direction, candidate: Candidate, base
     return float(target.sign * m * float(direction.shift[layer]))
 
 
-def make_entry(target: Target, direction: Direction, layer: int, strength: float) -> SteeringEntry:
-    return SteeringEntry(name=target.name, vector=direction.unit[layer].clone(), layer=layer, mode=target.mode, strength=strength, positions="all")
+def stop_strings(target: Target, stop_after_keyword: bool) -> tuple[str, ...]:
+    """An entry's ``stop_after``: a keyword-inclusion target's word (once written, the vector has done
+    its job, and pushing on makes the model repeat it), when ``stop_after_keyword``; else nothing."""
+    if not stop_after_keyword or target.instruction_id != "keywords:existence" or target.sign < 0:
+        return ()
+    return tuple(str(word) for word in target.fixed_kwargs.get("keywords", ()))
+
+
+def make_entry(target: Target, direction: Direction, layer: int, strength: float, stop_after: tuple[str, ...] = ()) -> SteeringEntry:
+    return SteeringEntry(
+        name=target.name, vector=direction.unit[layer].clone(), layer=layer, mode=target.mode, strength=strength, positions="all", stop_after=stop_after
+    )
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompts: Sequence[Sequence[int]], rows: Sequence[Sequence[SteeringEntry]], settings: SearchSettings) -> list[list[int]]:
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    rows: Sequence[Sequence[SteeringEntry]],
+    settings: SearchSettings,
+    decode: Callable[[list[int]], str] | None = None,
+) -> list[list[int]]:
     """Greedy continuations (ids, cut at the first stop token) of left-padded ``prompts``, row ``i``
-    steered with ``rows[i]``: one ``generate`` call for the whole batch."""
+    steered with ``rows[i]``: one ``generate`` call for the whole batch (``decode`` serves entries
+    with ``stop_after``)."""
     ids, mask = left_pad(prompts, settings.pad_id)
     device = model_device(model)
-    with steering(model, rows, skip_first_token=settings.skip_first_token):
+    with steering(model, rows, skip_first_token=settings.skip_first_token, decode=decode):
         output = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -310,12 +328,13 @@ def search(
     per_target = _per_target(targets, candidate_list)
     for target in targets:
         direction = directions[target.direction]
+        stop = stop_strings(target, settings.stop_after_keyword)
         grid[target.name] = []
         for candidate in per_target[target.name]:
             strength = None if candidate.layer is None else strength_of(target, direction, candidate, settings.strength_base)
-            entries = [] if candidate.layer is None else [make_entry(target, direction, candidate.layer, strength)]
-            # Two rows are the same generation when prompt, direction, layer, mode and strength agree.
-            config = None if candidate.layer is None else (target.direction, candidate.layer, target.mode, strength)
+            entries = [] if candidate.layer is None else [make_entry(target, direction, candidate.layer, strength, stop)]
+            # Two rows are the same generation when prompt, direction, layer, mode, strength and stop agree.
+            config = None if candidate.layer is None else (target.direction, candidate.layer, target.mode, strength, stop)
             row = []
             for ids in prompt_ids[target.name]:
                 key = (tuple(ids), config)
@@ -331,7 +350,7 @@ def search(
     pending = [target for target in targets if target.name not in results]
     with tqdm(total=sum(len(batch) for batch in needed), desc="validation", unit="generation") as bar:
         for batch in needed:
-            outputs.update(zip(batch, generate(model, [jobs[key][0] for key in batch], [jobs[key][1] for key in batch], settings)))
+            outputs.update(zip(batch, generate(model, [jobs[key][0] for key in batch], [jobs[key][1] for key in batch], settings, decode)))
             bar.update(len(batch))
             for target in [t for t in pending if all(key in outputs for row in grid[t.name] for key in row)]:
                 pending.remove(target)

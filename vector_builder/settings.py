@@ -45,6 +45,8 @@ class BuildSettings:
     ``learned_layers`` (empty = about ``n_layers / 5``) × ``learned_multipliers`` are its candidates.
     ``token`` (keyword instructions) searches ``layers`` × ``token_multipliers``, fractions of the
     residual stream's norm at each layer (:mod:`vector_builder.token_directions`).
+    ``stop_after_keyword``: keyword-inclusion entries stop steering an answer once it contains the
+    word (their ``stop_after``), in validation as in evaluation.
     """
 
     builder_version: int = field(default=BUILDER_VERSION, init=False)
@@ -78,6 +80,7 @@ class BuildSettings:
     target_samples: int = 4
     target_max_tokens: int = 128
     token_multipliers: tuple[float, ...] = (0.1, 0.2, 0.3)
+    stop_after_keyword: bool = True
 
     def __post_init__(self) -> None:
         # Tuples keep the record immutable; JSON writes them as the lists it always held.

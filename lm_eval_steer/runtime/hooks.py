@@ -8,7 +8,9 @@ Usage (one ``generate`` or forward call per ``with``)::
 Row ``i`` of the batch is steered with ``rows[i]`` (an empty list leaves it alone), so one batch can
 mix documents that need different vectors at different layers. Positions are classified from the
 ``attention_mask`` the model receives on every forward call, which makes steering correct under
-left padding and with the KV cache (each decoding step sees one new column).
+left padding and with the KV cache (each decoding step sees one new column). An entry with
+``stop_after`` strings stops steering its row once the generated text contains one
+(:mod:`lm_eval_steer.runtime.stopping`; needs ``decode``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from lm_eval_steer.runtime import interventions
+from lm_eval_steer.runtime.stopping import Decode, StopTracker
 from lm_eval_steer.runtime.vectorfile import SteeringEntry
 
 # Attribute paths of the decoder-layer list in common architectures, tried before the generic search.
@@ -94,22 +97,24 @@ class _Op:
     positions: str
     vectors: torch.Tensor  # [rows, hidden]: s·v for add (strength folded in), unit û otherwise
     strengths: torch.Tensor  # [rows]: ones for add, s for project, zeros for ablate
+    stops: list[tuple[str, ...]]  # per row: the entry's stop_after strings (empty: never stops)
 
 
 def compile_rows(rows: Sequence[Sequence[SteeringEntry]], hidden_size: int) -> dict[int, list[_Op]]:
     """Turns per-row entry lists into per-layer batched ops.
 
     Add-mode entries of one row at the same layer and positions are summed (addition commutes);
-    each project/ablate entry gets its own op slot, applied in the order the entries are given.
+    each project/ablate entry, and each entry that can stop (``stop_after``), gets its own op slot,
+    applied in the order the entries are given.
     """
-    slots: dict[tuple[int, str, str, int], _Op] = {}
+    slots: dict[tuple[int, str, str, bool, int], _Op] = {}
     for row, entries in enumerate(rows):
-        used: dict[tuple[int, str, str], int] = {}
+        used: dict[tuple[int, str, str, bool], int] = {}
         for entry in entries:
             if entry.vector.shape != (hidden_size,):
                 raise SteeringError(f"entry {entry.name!r} has shape {tuple(entry.vector.shape)}, the model's hidden size is {hidden_size}")
-            group = (entry.layer, entry.mode, entry.positions)
-            slot = 0 if entry.mode == "add" else used.get(group, 0)
+            group = (entry.layer, entry.mode, entry.positions, bool(entry.stop_after))
+            slot = 0 if entry.mode == "add" and not entry.stop_after else used.get(group, 0)
             used[group] = slot + 1
             key = (*group, slot)
             if key not in slots:
@@ -118,8 +123,10 @@ def compile_rows(rows: Sequence[Sequence[SteeringEntry]], hidden_size: int) -> d
                     positions=entry.positions,
                     vectors=torch.zeros(len(rows), hidden_size),
                     strengths=torch.ones(len(rows)) if entry.mode == "add" else torch.zeros(len(rows)),
+                    stops=[()] * len(rows),
                 )
             op = slots[key]
+            op.stops[row] = entry.stop_after
             vector = entry.vector.to("cpu", torch.float32)  # ops are compiled on the CPU, placed per layer later
             if entry.mode == "add":
                 op.vectors[row] += entry.strength * vector
@@ -135,30 +142,43 @@ def compile_rows(rows: Sequence[Sequence[SteeringEntry]], hidden_size: int) -> d
 class _BatchState:
     """What every layer hook needs to know about the current forward call."""
 
-    def __init__(self, num_rows: int, prompt_lengths: Sequence[int] | None, skip_first_token: bool) -> None:
+    def __init__(self, num_rows: int, prompt_lengths: Sequence[int] | None, skip_first_token: bool, stops: StopTracker | None) -> None:
         self.num_rows = num_rows
+        self.stops = stops  # None when no entry can stop
         self.prompt_lengths = None if prompt_lengths is None else torch.tensor(list(prompt_lengths))
         self.skip_first_token = skip_first_token
-        self.seen = 0  # columns processed so far (used when the model gets no attention mask)
         self.attention_mask: torch.Tensor | None = None
         self.chunk_length = 0
         self.repeat = 1
         self._masks: dict[tuple[str, torch.device], torch.Tensor] = {}
 
-    def begin_forward(self, batch: int, chunk_length: int, attention_mask: torch.Tensor | None, device: torch.device) -> None:
+    def begin_forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int) -> None:
+        """A forward call of ``tokens`` (ids or embeddings) that follows ``past_length`` cached columns
+        (used only without an attention mask, which ``generate`` leaves out when nothing is padded)."""
+        batch, chunk_length, device = tokens.shape[0], tokens.shape[1], tokens.device
         if batch % self.num_rows:
             raise SteeringError(f"steering was set up for {self.num_rows} rows but the model got a batch of {batch}")
         self.repeat = batch // self.num_rows  # generate() repeats rows for beams / num_return_sequences
         if attention_mask is None or attention_mask.dim() != 2:
-            attention_mask = torch.ones(batch, self.seen + chunk_length, dtype=torch.long, device=device)
+            attention_mask = torch.ones(batch, past_length + chunk_length, dtype=torch.long, device=device)
         if self.prompt_lengths is None:
             self.prompt_lengths = torch.full((self.num_rows,), attention_mask.shape[1])
         self.attention_mask = attention_mask
         self.chunk_length = chunk_length
-        self.seen = attention_mask.shape[1]
         self._masks = {}
+        if self.stops is not None:
+            if tokens.dim() != 2 or tokens.is_floating_point():
+                raise SteeringError("an entry with stop_after needs the model's input_ids (it was given inputs_embeds)")
+            self.stops.observe(tokens.cpu(), attention_mask.cpu(), self.prompt_lengths.repeat_interleave(self.repeat))
 
-    def mask(self, positions: str, device: torch.device) -> torch.Tensor:
+    def mask(self, op: _Op, device: torch.device) -> torch.Tensor:
+        """Where ``op`` steers in this chunk: its positions, less the rows' stopped columns."""
+        positions = self._position_mask(op.positions, device)
+        if self.stops is None or not any(op.stops):
+            return positions
+        return positions & self.stops.steered(op.stops, self.chunk_length).to(device)
+
+    def _position_mask(self, positions: str, device: torch.device) -> torch.Tensor:
         key = (positions, device)
         if key not in self._masks:
             assert self.attention_mask is not None and self.prompt_lengths is not None
@@ -173,9 +193,21 @@ class _BatchState:
         return self._masks[key]
 
 
+def past_length(forward_kwargs: dict[str, Any]) -> int:
+    """How many columns precede a forward call's chunk, for calls without an attention mask: the first
+    position id (no mask means no padding), else the cache position, else the KV cache's length; a
+    call with none of them reads a whole sequence."""
+    for name in ("position_ids", "cache_position"):
+        value = forward_kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.numel():
+            return int(value.reshape(-1)[0])
+    cache = forward_kwargs.get("past_key_values")
+    return int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+
+
 def _apply_ops(hidden: torch.Tensor, ops: list[_Op], state: _BatchState) -> torch.Tensor:
     for op in ops:
-        mask = state.mask(op.positions, hidden.device)
+        mask = state.mask(op, hidden.device)
         if op.mode == "add":
             hidden = interventions.add(hidden, op.vectors, op.strengths, mask)
         elif op.mode == "project":
@@ -193,6 +225,7 @@ def _placed_ops(ops: list[_Op], device: torch.device, dtype: torch.dtype, repeat
             positions=op.positions,
             vectors=op.vectors.repeat_interleave(repeat, 0).to(device, dtype if op.mode == "add" else torch.float32),
             strengths=op.strengths.repeat_interleave(repeat, 0).to(device, torch.float32),
+            stops=[stop for stop in op.stops for _ in range(repeat)],
         )
         for op in ops
     ]
@@ -205,12 +238,14 @@ def steering(
     *,
     skip_first_token: bool = True,
     prompt_lengths: Sequence[int] | None = None,
+    decode: Decode | None = None,
 ) -> Iterator[None]:
     """Steers row ``i`` of the next forward/generate call with ``rows[i]`` (see the module docstring).
 
     ``prompt_lengths`` (per row, in padded columns) tells where generated positions start; by default
     everything in the first forward call is prompt. With ``skip_first_token`` the first real token of
-    every row is left unsteered.
+    every row is left unsteered. ``decode`` (token ids to text, e.g. the tokenizer's) is needed when
+    an entry has ``stop_after``.
     """
     layers = find_decoder_layers(model)
     hidden_size = int(getattr(text_config(model), "hidden_size", 0) or 0)
@@ -224,14 +259,17 @@ def steering(
         yield
         return
 
-    state = _BatchState(len(rows), prompt_lengths, skip_first_token)
+    stopping = [entry.name for entries in rows for entry in entries if entry.stop_after]
+    if stopping and decode is None:
+        raise SteeringError(f"entry {stopping[0]!r} has stop_after, which needs the tokenizer's decode (none was given)")
+    state = _BatchState(len(rows), prompt_lengths, skip_first_token, StopTracker(decode) if stopping and decode else None)
     placed: dict[tuple[int, int], list[_Op]] = {}
 
     def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs["inputs_embeds"]
-        state.begin_forward(tokens.shape[0], tokens.shape[1], kwargs.get("attention_mask"), tokens.device)
+        state.begin_forward(tokens, kwargs.get("attention_mask"), past_length(kwargs))
 
     def make_layer_hook(layer: int):
         device, dtype = _layer_placement(layers[layer])

@@ -169,7 +169,7 @@ class SteeredHFLM(HFLM):
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
         rows = self._rows.take_batch(context.shape[0])
-        with steering(self.model, rows, skip_first_token=self.skip_first_token):
+        with steering(self.model, rows, skip_first_token=self.skip_first_token, decode=self.tok_decode):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     # ---------------------------------------------------------------------------- loglikelihood
@@ -207,5 +207,5 @@ class SteeredHFLM(HFLM):
         if found is None:
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         rows, prompt_lengths = found
-        with steering(self.model, rows, skip_first_token=self.skip_first_token, prompt_lengths=prompt_lengths):
+        with steering(self.model, rows, skip_first_token=self.skip_first_token, prompt_lengths=prompt_lengths, decode=self.tok_decode):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)

@@ -5,7 +5,8 @@ stored under the entry's name; the safetensors ``__metadata__`` (string to strin
 
 - ``format``: ``lm-eval-steer/1``
 - ``model``, ``hidden_size``, ``num_layers``: the model the vectors were built on
-- ``entries``: a JSON list, one object per tensor, with exactly the keys of :data:`ENTRY_KEYS`
+- ``entries``: a JSON list, one object per tensor, with the keys of :data:`ENTRY_KEYS` (all but
+  :data:`OPTIONAL_ENTRY_KEYS` required)
 - anything else (builder settings, scores, data hash ...): kept as is and written back unchanged
 
 Files are untrusted input: safetensors never executes code, and :func:`load_vector_file` checks
@@ -39,7 +40,8 @@ FORMAT_VERSION = "lm-eval-steer/1"
 MODES = ("add", "project", "ablate")
 POSITIONS = ("all", "prompt", "generated")
 FILE_KEYS = frozenset({"format", "model", "hidden_size", "num_layers", "entries"})
-ENTRY_KEYS = frozenset({"name", "layer", "mode", "strength", "positions", "applies_to"})
+ENTRY_KEYS = frozenset({"name", "layer", "mode", "strength", "positions", "applies_to", "stop_after"})
+OPTIONAL_ENTRY_KEYS = frozenset({"applies_to", "stop_after"})
 APPLIES_TO_KEYS = frozenset({"instruction_id", "kwargs", "strength_rule"})
 STRENGTH_RULE_KEYS = frozenset({"kwarg", "points"})
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -51,6 +53,8 @@ MAX_HEADER_BYTES = 8 << 20
 MAX_JSON_DEPTH = 16
 #: Largest finite float32: strengths, rule points and vector elements must stay below it.
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: Bounds on an entry's ``stop_after`` list: how many strings, and how long each may be.
+MAX_STOP_STRINGS, MAX_STOP_LENGTH = 16, 200
 #: Bounds on the model shape a file may claim (a hostile ``hidden_size`` must not size anything).
 MAX_HIDDEN_SIZE, MAX_LAYERS = 1 << 20, 1 << 16
 
@@ -120,9 +124,10 @@ class SteeringEntry:
     strength: float = 1.0
     positions: Positions = "all"
     applies_to: AppliesTo | None = None
+    stop_after: tuple[str, ...] = ()  # a row stops being steered once its generated text contains one of these
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "layer": self.layer,
             "mode": self.mode,
@@ -130,6 +135,9 @@ class SteeringEntry:
             "positions": self.positions,
             "applies_to": None if self.applies_to is None else self.applies_to.to_json(),
         }
+        if self.stop_after:  # optional key: files without it read (and write) as before
+            out["stop_after"] = list(self.stop_after)
+        return out
 
 
 @dataclass(frozen=True)
@@ -234,6 +242,16 @@ def _parse_applies_to(raw: Any, check: _Checker, name: str) -> AppliesTo | None:
     )
 
 
+def _parse_stop_after(raw: Any, check: _Checker, name: str) -> tuple[str, ...]:
+    """``stop_after``: a list of up to :data:`MAX_STOP_STRINGS` non-blank strings (case is ignored)."""
+    if not isinstance(raw, list) or len(raw) > MAX_STOP_STRINGS:
+        raise check.fail(f"stop_after must be a list of at most {MAX_STOP_STRINGS} strings, got {brief(raw)}", name)
+    for item in raw:
+        if not isinstance(item, str) or not item.strip() or len(item) > MAX_STOP_LENGTH:
+            raise check.fail(f"stop_after items must be non-blank strings of at most {MAX_STOP_LENGTH} characters, got {brief(item)}", name)
+    return tuple(raw)
+
+
 def _strengths(strength: float, applies_to: AppliesTo | None) -> list[float]:
     """Every strength an entry can have: its own and its strength rule's."""
     rule = applies_to.strength_rule if applies_to is not None else None
@@ -268,7 +286,7 @@ def _parse_entry(raw: Any, tensor: torch.Tensor | None, hidden_size: int, num_la
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise check.fail(f"entry without a valid 'name' (a non-empty string): {brief(raw)}")
-    check.keys(raw, ENTRY_KEYS, ENTRY_KEYS - {"applies_to"}, "entry", name)
+    check.keys(raw, ENTRY_KEYS, ENTRY_KEYS - OPTIONAL_ENTRY_KEYS, "entry", name)
     if tensor is None:
         raise check.fail("listed in metadata but no tensor of that name is stored", name)
     layer = check.integer(raw["layer"], "layer", name)
@@ -282,6 +300,7 @@ def _parse_entry(raw: Any, tensor: torch.Tensor | None, hidden_size: int, num_la
         raise check.fail(f"unknown positions {brief(positions)} (expected one of {', '.join(POSITIONS)})", name)
     strength = check.number(raw["strength"], "strength", name)
     applies_to = _parse_applies_to(raw.get("applies_to"), check, name)
+    stop_after = _parse_stop_after(raw.get("stop_after", []), check, name)
     vector = _checked_vector(tensor, mode, _strengths(strength, applies_to), check, name)
     return SteeringEntry(
         name=name,
@@ -291,6 +310,7 @@ def _parse_entry(raw: Any, tensor: torch.Tensor | None, hidden_size: int, num_la
         strength=strength,
         positions=positions,
         applies_to=applies_to,
+        stop_after=stop_after,
     )
 
 
