@@ -167,7 +167,7 @@ class _BatchState:
         self.chunk_length = chunk_length
         self._masks = {}
         if self.stops is not None:
-            if tokens.dim() != 2 or tokens.is_floating_point():
+            if tokens.dim() != 2:  # embeddings are [batch, seq, hidden]
                 raise SteeringError("an entry with stop_after needs the model's input_ids (it was given inputs_embeds)")
             self.stops.observe(tokens.cpu(), attention_mask.cpu(), self.prompt_lengths.repeat_interleave(self.repeat))
 
