@@ -6,6 +6,8 @@ the reported number is each configuration's throughput divided by the unsteered 
 - ``unsteered``: ``route=none`` (the same class, no hooks attached)
 - ``one vector``: one ``project`` entry applied to every row
 - ``routed mix``: a batch mixing 4 instructions, each row steered with its own vector (two layers)
+- ``stop_after``: one ``add`` entry on every row with a ``stop_after`` string that is never written,
+  so every decoding step decodes every row's answer so far to look for it (the worst case)
 
 Every request generates exactly ``--new-tokens`` tokens (``min_new_tokens``), so steering cannot
 win or lose time by changing when answers stop.
@@ -50,17 +52,20 @@ def smollm2_model_args() -> dict[str, str]:
     return {"pretrained": str(directory), "gguf_file": SMOLLM2_GGUF}
 
 
-def write_vectors(directory: Path, hidden_size: int, num_layers: int) -> tuple[Path, Path]:
+def write_vectors(directory: Path, hidden_size: int, num_layers: int) -> dict[str, Path]:
     generator = torch.Generator().manual_seed(0)
     single = SteeringEntry("fmt", torch.randn(hidden_size, generator=generator), num_layers // 2, "project", 5.0)
+    # a small push (the residual stream's norm is in the tens) so the answers stay ordinary text
+    stopping = SteeringEntry("kw", torch.randn(hidden_size, generator=generator), num_layers // 2, "add", 1.0, stop_after=("zqxjv never written",))
     mixed = [
         SteeringEntry(name, torch.randn(hidden_size, generator=generator), num_layers // 2 + 2 * (i % 2), "project" if i % 2 else "add", 4.0, "all", AppliesTo(name))
         for i, name in enumerate(INSTRUCTIONS)
     ]
-    one, mix = directory / "one.safetensors", directory / "mix.safetensors"
-    save_vector_file(one, [single], model="bench", hidden_size=hidden_size, num_layers=num_layers)
-    save_vector_file(mix, mixed, model="bench", hidden_size=hidden_size, num_layers=num_layers)
-    return one, mix
+    files = {"one vector": [single], "routed mix": mixed, "stop_after": [stopping]}
+    paths = {label: directory / f"{index}.safetensors" for index, label in enumerate(files)}
+    for label, entries in files.items():
+        save_vector_file(paths[label], entries, model="bench", hidden_size=hidden_size, num_layers=num_layers)
+    return paths
 
 
 def requests(batch_size: int, new_tokens: int, tokenizer) -> list[Instance]:
@@ -85,10 +90,9 @@ def main() -> None:
     base = SteeredHFLM(**model_args, route="none", batch_size=args.batch_size)
     config = base.model.config
     with tempfile.TemporaryDirectory() as scratch:
-        one, mix = write_vectors(Path(scratch), config.hidden_size, config.num_hidden_layers)
         configurations = {"unsteered": base}
         # Share the loaded weights: each configuration is a SteeredHFLM around the same model object.
-        for label, path in (("one vector", one), ("routed mix", mix)):
+        for label, path in write_vectors(Path(scratch), config.hidden_size, config.num_hidden_layers).items():
             configurations[label] = SteeredHFLM(pretrained=base.model, tokenizer=base.tokenizer, vectors=str(path), batch_size=args.batch_size)
         batch = requests(args.batch_size, args.new_tokens, base.tokenizer)
         timings: dict[str, list[float]] = {label: [] for label in configurations}
