@@ -100,7 +100,7 @@ JSON_VALUES = st.recursive(
 )
 FIELDS = {"name": st.just("v") | JSON_VALUES, "layer": st.integers(-2, 6) | JSON_VALUES, "mode": st.sampled_from(["add", "project", "ablate"]) | JSON_VALUES,
           "strength": st.floats(allow_nan=True, allow_infinity=True) | JSON_VALUES, "positions": st.sampled_from(["all", "prompt", "generated"]) | JSON_VALUES,
-          "applies_to": st.none() | JSON_VALUES}
+          "applies_to": st.none() | JSON_VALUES, "stop_after": st.lists(st.text(max_size=8), max_size=3) | JSON_VALUES}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -121,6 +121,7 @@ def test_any_entry_is_loaded_applicable_or_refused_cleanly(tmp_path, raw, vector
     assert isinstance(item.name, str) and isinstance(item.layer, int) and not isinstance(item.layer, bool) and 0 <= item.layer < LAYERS
     assert math.isfinite(item.strength) and abs(item.strength) <= FLOAT32_MAX
     assert item.vector.dtype == torch.float32 and torch.isfinite(item.vector).all()
+    assert isinstance(item.stop_after, tuple) and all(isinstance(text, str) and text.strip() for text in item.stop_after)
     if item.mode == "add":
         assert torch.isfinite(item.strength * item.vector).all()
     else:
