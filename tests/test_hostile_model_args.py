@@ -20,7 +20,7 @@ from lm_eval_steer.runtime.modelargs import ModelArgError, SteeringArgs, parse_s
 from lm_eval_steer.runtime.routing import Overrides
 from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFileError, save_vector_file
 
-DEFAULTS = {"vectors": None, "layer": None, "scale": 1.0, "mode": None, "positions": None, "route": "auto", "skip_first_token": True}
+DEFAULTS = {"vectors": None, "layer": None, "scale": 1.0, "mode": None, "positions": None, "route": "auto", "skip_first_token": True, "stop_after": True}
 
 
 def parsed(path: str, text: str) -> SteeringArgs:
@@ -41,6 +41,8 @@ GOOD = [
     ("mode=project", lambda a: a.overrides.mode == "project"),
     ("mode=ablate", lambda a: a.overrides.mode == "ablate"),
     ("positions=generated", lambda a: a.overrides.positions == "generated"),
+    ("stop_after=false", lambda a: a.overrides.stop_after is False and a.overrides.given() == {"stop_after": False}),
+    ("stop_after=true", lambda a: a.overrides.stop_after is True and a.overrides.given() == {}),
     *[(f"skip_first_token={word}", lambda a, v=value: a.skip_first_token is v) for word, value in
       [("true", True), ("True", True), ("1", True), ("yes", True), ("false", False), ("FALSE", False), ("0", False), ("no", False)]],
     ("vectors=a.safetensors+b.safetensors", lambda a: a.vector_paths == ("a.safetensors", "b.safetensors")),
@@ -60,6 +62,7 @@ BAD = [
     ("layer=1e300", "is out of range"),
     ("skip_first_token=maybe", "skip_first_token='maybe' is not a boolean"),
     ("skip_first_token=2", "skip_first_token=2 is not a boolean"),
+    ("stop_after=sometimes", "stop_after='sometimes' is not a boolean"),
     ("vectors=123", "steered-hf: vectors=123 is not a vector file path"),
     ("vectors=1.5", "vectors=1.5 is not a vector file path"),
     ("vectors=true", "vectors=True is not a vector file path"),

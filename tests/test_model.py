@@ -224,13 +224,17 @@ def test_shared_prompts_routed_several_ways_take_one_pass_per_route_not_per_grou
 def test_stop_after_entry_stops_steering_once_its_string_is_generated(tiny_model_dir, tmp_path):
     vector = torch.randn(64, generator=torch.Generator().manual_seed(9))
 
-    def answers(name: str, **changes) -> list[str]:
+    def answers(name: str, model_args: dict | None = None, **changes) -> list[str]:
         entry = SteeringEntry("kw", vector, 1, "add", 8.0, changes.pop("positions", "all"), AppliesTo(COMMA), **changes)
         save_vector_file(tmp_path / name, [entry], model="tiny-llama", hidden_size=64, num_layers=4)
-        return SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(tmp_path / name), batch_size=8).generate_until(gen_requests())
+        model = SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(tmp_path / name), batch_size=8, **(model_args or {}))
+        return model.generate_until(gen_requests())
 
     always, prompt_only = answers("always.safetensors"), answers("prompt.safetensors", positions="prompt")
     assert always[1] != prompt_only[1], "the vector must change the answer for this test to mean anything"
     assert answers("never.safetensors", stop_after=("never written",)) == always
     # the answer's first character is written by its first token: no generated position is steered
-    assert answers("first.safetensors", stop_after=(always[1].strip()[0],))[1] == prompt_only[1]
+    first = (always[1].strip()[0],)
+    assert answers("first.safetensors", stop_after=first)[1] == prompt_only[1]
+    # stop_after=false (model argument) steers to the end regardless
+    assert answers("first.safetensors", {"stop_after": "false"}, stop_after=first) == always

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 class SteeredHFLM(HFLM):
-    """HFLM plus ``vectors``, ``layer``, ``scale``, ``mode``, ``positions``, ``route``,
+    """HFLM plus ``vectors``, ``layer``, ``scale``, ``mode``, ``positions``, ``stop_after``, ``route``,
     ``skip_first_token`` and ``unsteered_from`` model args (see the README; the steering arguments
     are parsed by :mod:`lm_eval_steer.runtime.modelargs`).
 
@@ -46,13 +46,14 @@ class SteeredHFLM(HFLM):
         scale: float | str = 1.0,
         mode: str | None = None,
         positions: str | None = None,
+        stop_after: bool | int | str = True,
         route: str | None = "auto",
         skip_first_token: bool | int | str = True,
         unsteered_from: str | None = None,
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
-        args = parse_steering_args(vectors, layer, scale, mode, positions, route, skip_first_token)
+        args = parse_steering_args(vectors, layer, scale, mode, positions, route, skip_first_token, stop_after)
         check_local_model(pretrained)
         self.route, self.overrides, self.skip_first_token = args.route, args.overrides, args.skip_first_token
         self.vector_files = [load_vector_file(path) for path in args.vector_paths]

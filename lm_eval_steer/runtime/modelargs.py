@@ -136,14 +136,16 @@ class SteeringArgs:
     skip_first_token: bool
 
 
-def parse_steering_args(vectors: Any, layer: Any, scale: Any, mode: Any, positions: Any, route: Any, skip_first_token: Any) -> SteeringArgs:
+def parse_steering_args(
+    vectors: Any, layer: Any, scale: Any, mode: Any, positions: Any, route: Any, skip_first_token: Any, stop_after: Any = True
+) -> SteeringArgs:
     """Every steering argument checked (before any weights load); raises :class:`ModelArgError`.
 
     ``none`` in any case means None for every argument, as the Python API's parser makes it (the
     CLI's parser keeps it a string)."""
-    vectors, layer, scale, mode, positions, route, skip_first_token = (
+    vectors, layer, scale, mode, positions, route, skip_first_token, stop_after = (
         None if isinstance(value, str) and value.strip().lower() == "none" else value
-        for value in (vectors, layer, scale, mode, positions, route, skip_first_token)
+        for value in (vectors, layer, scale, mode, positions, route, skip_first_token, stop_after)
     )
     return SteeringArgs(
         vector_paths=tuple(parse_vector_paths(vectors)),
@@ -153,6 +155,7 @@ def parse_steering_args(vectors: Any, layer: Any, scale: Any, mode: Any, positio
             scale=parse_scale(scale),
             mode=parse_choice("mode", mode, MODES, none_means=None),
             positions=parse_choice("positions", positions, POSITIONS, none_means=None),
+            stop_after=parse_flag("stop_after", stop_after),
         ),
         skip_first_token=parse_flag("skip_first_token", skip_first_token),
     )
