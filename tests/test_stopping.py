@@ -54,6 +54,16 @@ def test_stop_strings_match_case_insensitively_and_across_tokens():
     assert tracker.steered([("mother",)], 5).tolist() == [[True, True, True, False, False]]
 
 
+def test_a_string_written_late_in_a_long_answer_is_found_where_it_ends():
+    pieces = {1: "la ", 2: "Mo", 3: "ther", 4: "."}
+    answer = [1] * 300 + [2, 3] + [4] * 5
+    tracker = StopTracker(lambda ids: "".join(pieces[i] for i in ids))
+    tokens = torch.tensor([[9] + answer])
+    tracker.observe(tokens, torch.ones_like(tokens), torch.tensor([1]))
+    keep = tracker.steered([("mother",)], tokens.shape[1])[0]
+    assert keep.tolist() == [True] * 302 + [False] * 6  # column 302 reads "ther", completing the word
+
+
 def test_cache_and_one_token_chunks_give_the_same_masks_as_one_full_pass():
     tokens = torch.tensor([[1, 2, 3, 11, 12, 13, 14], [0, 4, 5, 12, 16, 17, 18]])
     mask = torch.tensor([[1] * 7, [0] + [1] * 6])

@@ -67,9 +67,13 @@ class StopTracker:
             return self._stopped[key]
         needles = [text.lower() for text in strings]
         tokens = self._tokens[row]
-        # Decoding the whole prefix (not token by token) keeps multi-token words and byte pieces whole.
+        # The prefixes are searched in order, so a match in tokens[:count] ends in its last token and
+        # spans at most 4 tokens per character (byte-level pieces): decoding that window, not the
+        # whole prefix, keeps each step's cost flat. Decoding several tokens together (not one by
+        # one) keeps multi-token words and split characters whole.
+        window = 4 * max(len(needle) for needle in needles) + 8
         for count in range(self._checked.get(key, 0) + 1, len(tokens) + 1):
-            text = self._decode(tokens[:count]).lower()
+            text = self._decode(tokens[max(0, count - window) : count]).lower()
             if any(needle in text for needle in needles):
                 self._stopped[key] = self._columns[row][count - 1]
                 return self._stopped[key]
