@@ -7,7 +7,7 @@ the reported number is each configuration's throughput divided by the unsteered 
 - ``one vector``: one ``project`` entry applied to every row
 - ``routed mix``: a batch mixing 4 instructions, each row steered with its own vector (two layers)
 - ``stop_after``: one ``add`` entry on every row with a ``stop_after`` string that is never written,
-  so every decoding step decodes every row's answer so far to look for it (the worst case)
+  so every decoding step decodes the end of every row's answer to look for it (the worst case)
 
 Every request generates exactly ``--new-tokens`` tokens (``min_new_tokens``), so steering cannot
 win or lose time by changing when answers stop.
