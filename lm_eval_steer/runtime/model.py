@@ -23,7 +23,7 @@ from lm_eval.models.huggingface import HFLM
 
 from lm_eval_steer.runtime.hooks import steering, text_config
 from lm_eval_steer.runtime.modelargs import check_layer_override, check_local_model, parse_steering_args
-from lm_eval_steer.runtime.reuse import Reuse
+from lm_eval_steer.runtime.reuse import Reuse, weights_identity
 from lm_eval_steer.runtime.routing import entries_for_document, route_key
 from lm_eval_steer.runtime.rows import Entries, RequestRows
 from lm_eval_steer.runtime.vectorfile import check_applicable, check_model_shape, load_vector_file
@@ -81,8 +81,9 @@ class SteeredHFLM(HFLM):
         if self.route != "none" and not self.vector_files:
             logger.warning("steered-hf: no vectors= given, so nothing is steered")
         self._rows = RequestRows()
+        self.weights = weights_identity(pretrained, kwargs.get("gguf_file"))
         # unsteered_from=: unsteered requests are answered from that run's logged samples.
-        self._reuse = Reuse.load(str(unsteered_from), {"pretrained": pretrained, **kwargs}, self.model.dtype) if unsteered_from else None
+        self._reuse = Reuse.load(str(unsteered_from), {"pretrained": pretrained, **kwargs}, self.model.dtype, self.weights) if unsteered_from else None
 
     # ------------------------------------------------------------------------------ configuration
 
@@ -113,7 +114,8 @@ class SteeredHFLM(HFLM):
         # The reuse record is not part of steering_config: the --use_cache key space must not change
         # with how many answers a run reused.
         reuse = {"unsteered_from": self._reuse.record()} if self._reuse else {}
-        return {**super().get_model_info(), "steering": {**self.steering_config(), **reuse}}
+        weights = {"weights": self.weights} if self.weights else {}
+        return {**super().get_model_info(), "steering": {**self.steering_config(), **weights, **reuse}}
 
     def _reusing(self, requests: list[Instance], run: Callable[[list[Instance]], list[Any]]) -> list[Any]:
         """``run(requests)``, except for the unsteered requests ``unsteered_from=`` answers."""

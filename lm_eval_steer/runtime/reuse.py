@@ -29,6 +29,7 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import simple_parse_args_string
 
 from lm_eval_steer.digest import file_sha256
+from lm_eval_steer.errors import brief
 from lm_eval_steer.outputs import OutputError, find_results_files, find_sample_files, read_results_json, read_samples
 from lm_eval_steer.runtime.harness import (
     Evaluation,
@@ -48,6 +49,20 @@ UNSTEERED_MODELS = ("hf", "hf-auto", "huggingface", "steered-hf")
 #: ``hf`` model args that change the answers a model gives to the same request.
 ANSWER_ARGS = ("pretrained", "tokenizer", "gguf_file", "revision", "peft", "delta", "max_length", "max_gen_toks", "add_bos_token", "truncation", "think_end_token")
 _PATH_ARGS = ("pretrained", "tokenizer", "peft", "delta")
+#: Args that only say where the weights are: a recorded weights sha256 answers for them instead.
+_LOCATION_ARGS = ("pretrained", "tokenizer", "gguf_file")
+
+
+def weights_identity(pretrained: Any, gguf_file: str | None) -> dict[str, str] | None:
+    """``{"gguf_file", "sha256"}`` of a local GGUF model (None for any other model).
+
+    ``steered-hf`` records it in the results JSON, so that a baseline made on another machine, where
+    the same file sits in another folder, is recognised as the same model (a path cannot tell).
+    """
+    if not gguf_file or not isinstance(pretrained, str):
+        return None
+    path = Path(pretrained).expanduser() / gguf_file
+    return {"gguf_file": Path(gguf_file).name, "sha256": file_sha256(path)} if path.is_file() else None
 
 
 class ReuseError(ValueError):
@@ -100,9 +115,12 @@ def _normal(name: str, value: Any) -> str | None:
     return str(value).removeprefix("torch.")
 
 
-def model_mismatches(baseline: Mapping[str, Any], model_args: Mapping[str, Any], dtype: Any) -> list[str]:
+def model_mismatches(baseline: Mapping[str, Any], model_args: Mapping[str, Any], dtype: Any, weights: Mapping[str, str] | None = None) -> list[str]:
     """Why the run in ``baseline`` (its results JSON) could have answered differently from a model made
-    with ``model_args`` whose weights are ``dtype`` (empty when it could not)."""
+    with ``model_args`` whose weights are ``dtype`` (empty when it could not).
+
+    ``weights`` is this model's :func:`weights_identity`: when the baseline recorded one too, the two
+    sha256 decide whether the weights are the same, and the folders they were loaded from do not."""
     config = baseline.get("config") or {}
     model = config.get("model")
     if model not in UNSTEERED_MODELS:
@@ -114,7 +132,13 @@ def model_mismatches(baseline: Mapping[str, Any], model_args: Mapping[str, Any],
     given = simple_parse_args_string(given) if isinstance(given, str) else given
     defaults = {name: parameter.default for name, parameter in inspect.signature(HFLM.__init__).parameters.items()}
     problems = []
+    recorded = steering.get("weights")
+    same_file = isinstance(recorded, dict) and weights is not None
+    if same_file and recorded.get("sha256") != weights["sha256"]:
+        problems.append(f"weights {weights['gguf_file']} sha256 {weights['sha256'][:12]}… here, {brief(recorded.get('gguf_file'))} {brief(recorded.get('sha256'))[:14]}… in the baseline")
     for name in ANSWER_ARGS:
+        if same_file and name in _LOCATION_ARGS:
+            continue
         here, there = (_normal(name, args.get(name, defaults.get(name))) for args in (model_args, given))
         if here != there:
             problems.append(f"{name}={here} here, {there} in the baseline")
@@ -163,10 +187,10 @@ class Reuse:
     missing: Counter[str] = field(default_factory=Counter)  # task -> unsteered requests the baseline lacks
 
     @classmethod
-    def load(cls, spec: str, model_args: Mapping[str, Any], dtype: Any) -> Reuse:
+    def load(cls, spec: str, model_args: Mapping[str, Any], dtype: Any, weights: Mapping[str, str] | None = None) -> Reuse:
         """The baseline ``spec`` names, checked against the model made with ``model_args``."""
         baseline = load_baseline(spec)
-        cls._refuse_if(spec, baseline, model_mismatches(baseline.results, model_args, dtype))
+        cls._refuse_if(spec, baseline, model_mismatches(baseline.results, model_args, dtype, weights))
         return cls(spec, baseline)
 
     @staticmethod
