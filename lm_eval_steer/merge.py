@@ -11,11 +11,15 @@ its path, sha256, the entries taken from it and its own metadata (a builder's se
 curves stay with the vectors they describe).
 
     lm-eval-steer merge old.safetensors rebuilt.safetensors --out best.safetensors
+
+A source may be narrowed to the entries whose names match a glob, written after ``#``: 
+``keywords.safetensors#keywords:forbidden_words:*`` takes only that file's exclusion entries.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,13 +47,25 @@ def _check_not_stacked(chosen: dict[str, tuple[SteeringEntry, VectorFile]]) -> N
         routed[key] = name
 
 
-def merge(paths: Sequence[str], out: str, stack: bool = False) -> tuple[VectorFile, dict[str, str]]:
+def split_source(source: str) -> tuple[str, str]:
+    """``FILE#GLOB`` -> (FILE, GLOB); a plain ``FILE`` takes every entry (``*``)."""
+    path, _, pattern = source.partition("#")
+    if not path or (source.count("#") and not pattern):
+        raise VectorFileError(f"{source}: write a source as FILE or FILE#GLOB (entry names matching GLOB)")
+    return path, pattern or "*"
+
+
+def merge(sources: Sequence[str], out: str, stack: bool = False) -> tuple[VectorFile, dict[str, str]]:
     """Writes the merged file; returns it and, per entry name, the source path it was taken from."""
-    files = [load_vector_file(path) for path in paths]
+    selected = [split_source(source) for source in sources]
+    files = [load_vector_file(path) for path, _ in selected]
     _check_same_model(files)
     chosen: dict[str, tuple[SteeringEntry, VectorFile]] = {}
-    for vector_file in files:
-        for entry in vector_file.entries:
+    for vector_file, (_, pattern) in zip(files, selected):
+        taken = [entry for entry in vector_file.entries if fnmatch.fnmatchcase(entry.name, pattern)]
+        if not taken:
+            raise VectorFileError(f"{vector_file.path}: no entry name matches {pattern!r}")
+        for entry in taken:
             chosen.pop(entry.name, None)  # a replaced entry moves to its new file's place in the order
             chosen[entry.name] = (entry, vector_file)
     if not stack:
@@ -75,13 +91,13 @@ def merge(paths: Sequence[str], out: str, stack: bool = False) -> tuple[VectorFi
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="+", help="vector files (.safetensors); a later file's entry replaces an earlier one of the same name")
+    parser.add_argument("files", nargs="+", help="vector files (.safetensors), each optionally FILE#GLOB to take only the entries whose names match; a later file's entry replaces an earlier one of the same name")
     parser.add_argument("--out", required=True, help="merged vector file to write (atomically)")
     parser.add_argument("--stack", action="store_true", help="allow differently named entries routed to the same documents (they add up)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if Path(args.out).resolve() in {Path(path).resolve() for path in args.files}:
+    if Path(args.out).resolve() in {Path(split_source(source)[0]).resolve() for source in args.files}:
         raise VectorFileError(f"--out {args.out}: is one of the input files; write the merge to a new file")
     merged, taken_from = merge(args.files, args.out, args.stack)
     for name, source in taken_from.items():

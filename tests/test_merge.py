@@ -76,3 +76,18 @@ def test_cli_merges_and_refuses_bad_input_in_one_line(old_and_new, tmp_path, cap
     assert main(["merge", old, str(tmp_path / "broken.safetensors"), "--out", str(out)]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "broken.safetensors" in error
+
+
+def test_a_glob_after_hash_takes_only_the_matching_entries_of_that_file(old_and_new, tmp_path):
+    old, new = old_and_new
+    merged, taken_from = merge([old, f"{new}#quot*"], str(tmp_path / "merged.safetensors"))
+    assert {e.name: e.layer for e in merged.entries} == {"title": 1, "lowercase": 1, "quotation": 1}
+    assert taken_from["lowercase"] == old and taken_from["quotation"] == new
+
+
+@pytest.mark.parametrize("suffix", ["#nothing-matches", "#"])
+def test_a_glob_that_takes_nothing_is_refused_in_one_line(old_and_new, tmp_path, capsys, suffix):
+    old, new = old_and_new
+    assert main(["merge", old, new + suffix, "--out", str(tmp_path / "m.safetensors")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "new.safetensors" in line and not (tmp_path / "m.safetensors").exists()
