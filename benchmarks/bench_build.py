@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lm_eval_steer.paths import DATA_ENV, SMOLLM2_GGUF, find_data_dir, smollm2_dir
+from lm_eval_steer.paths import SMOLLM2_GGUF, smollm2_dir
 from vector_builder import prompts
 from vector_builder.activations import collect, left_pad
 
@@ -81,9 +80,6 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    data = find_data_dir(REPO)  # offline NLTK data for the instruction registry
-    if data is not None:
-        os.environ.setdefault(DATA_ENV, str(data))
     torch.set_num_threads(args.threads)
     model, tokenizer, name = load(args.model)
     pad = tokenizer.pad_token_id

@@ -14,7 +14,6 @@ Prints a table and writes ``benchmarks/results/learned-<model>.json``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,6 @@ from pathlib import Path
 import torch
 
 from lm_eval_steer.atomic import write_json
-from lm_eval_steer.paths import DATA_ENV, find_data_dir
 from vector_builder import learned, prompts, targets
 from vector_builder.learned_directions import LearnedSettings, learn_direction
 
@@ -40,9 +38,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16, help="target generation batch")
     args = parser.parse_args()
-    data = find_data_dir(REPO)
-    if data is not None:
-        os.environ.setdefault(DATA_ENV, str(data))
 
     model, tokenizer, label = load(args.model)
     num_layers = model.config.num_hidden_layers

@@ -7,10 +7,8 @@ fields ``key``, ``prompt``, ``instruction_id_list`` and ``kwargs`` (a list of di
 ``prompt_without_instruction``, the text the model is shown. Scoring always uses the original
 instruction ids and kwargs through the harness's own IFEval scorer.
 
-Data: ``google/IFEval`` from the hub by default. ``LM_EVAL_STEER_DATA`` names a local directory laid
-out like ``shared/data`` (``ifeval/input_data.jsonl``, ``seed/*.jsonl``, ``nltk/``); when it is set,
-nothing is read from the network. The instruction-stripped prompts and the keyword subsets exist
-only in the paper's files, so those tasks need ``LM_EVAL_STEER_DATA``.
+Data: the IFEval prompts, the paper's files and NLTK's ``punkt_tab`` packaged with lm-eval-steer
+(or ``$LM_EVAL_STEER_DATA``, see :mod:`lm_eval_steer.paths`); nothing is read from the network.
 
 Nothing from ``lm_eval.tasks.ifeval`` is imported at module level: importing it makes the harness
 try to download NLTK data, so it happens only after :func:`prepare_scorer` has checked for it.
@@ -25,9 +23,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from lm_eval_steer.paths import DATA_ENV, DataMissingError, local_data_dir
+from lm_eval_steer.errors import UserError
+from lm_eval_steer.paths import DataMissingError, data_dir, data_file
 
-HUB_DATASET = "google/IFEval"
 IFEVAL_FILE = "ifeval/input_data.jsonl"
 PAPER_REPOSITORY = "https://github.com/microsoft/llm-steer-instruct"
 PUNKT_RESOURCE = "tokenizers/punkt_tab"
@@ -121,7 +119,7 @@ SUBSETS: dict[str, Subset] = {
 }
 
 
-class PunktMissingError(LookupError):
+class PunktMissingError(UserError, LookupError):
     """NLTK's ``punkt_tab`` (used by the IFEval scorer) cannot be found."""
 
 
@@ -135,34 +133,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def paper_file(name: str) -> Path:
-    """Path of one of the paper's files under ``$LM_EVAL_STEER_DATA/seed``; error if unavailable."""
-    data = local_data_dir()
-    origin = f"it comes from the paper's repository {PAPER_REPOSITORY} (MIT licence)"
-    if data is None:
-        raise DataMissingError(
-            f"seed/{name} is needed for this task and is not on the hub: {origin}. "
-            f"Set {DATA_ENV} to a directory holding seed/{name} (e.g. ../shared/data)."
-        )
-    path = data / "seed" / name
-    if not path.is_file():
-        raise DataMissingError(f"{path} not found ({DATA_ENV}={data}): {origin}.")
-    return path
+    """Path of one of the paper's files (``seed/<name>``, from its repository, MIT licence)."""
+    return data_file(f"seed/{name}")
 
 
 def ifeval_rows() -> list[dict[str, Any]]:
-    """The 541 IFEval prompts: local ``ifeval/input_data.jsonl`` if configured, else the hub."""
-    data = local_data_dir()
-    if data is None:
-        import datasets
-
-        return list(datasets.load_dataset(HUB_DATASET, split="train"))
-    path = data / IFEVAL_FILE
-    if not path.is_file():
-        raise DataMissingError(
-            f"{path} not found ({DATA_ENV}={data}): it is IFEval's input_data.jsonl "
-            f"(google-research/instruction_following_eval/data, or the {HUB_DATASET} dataset)."
-        )
-    return read_jsonl(path)
+    """The 541 IFEval prompts (``ifeval/input_data.jsonl``)."""
+    return read_jsonl(data_file(IFEVAL_FILE))
 
 
 # ----------------------------------------------------------------------------- documents
@@ -227,17 +204,15 @@ def prepare_scorer() -> None:
     from langdetect import DetectorFactory
 
     DetectorFactory.seed = 0  # langdetect samples randomly; unseeded, scores vary run to run
-    data = local_data_dir()
-    if data is not None and (data / "nltk").is_dir() and str(data / "nltk") not in nltk.data.path:
-        nltk.data.path.append(str(data / "nltk"))
+    ours = str(data_dir() / "nltk")
+    if ours not in nltk.data.path:
+        nltk.data.path.insert(0, ours)  # first: the packaged copy is the one the scores were made with
     try:
         nltk.data.find(PUNKT_RESOURCE)
     except LookupError:
         raise PunktMissingError(
-            f"NLTK's {PUNKT_RESOURCE!r}, needed by the IFEval scorer, was not found (searched "
-            f"{nltk.data.path}). Fix: set {DATA_ENV} to a directory with nltk/{PUNKT_RESOURCE} "
-            f"(e.g. ../shared/data), or set NLTK_DATA to such an nltk folder, or run "
-            f"`python -m nltk.downloader punkt_tab` with network access."
+            f"{ours}/{PUNKT_RESOURCE}: NLTK's sentence tables, needed by the IFEval scorer, are missing "
+            f"(also searched {len(nltk.data.path) - 1} NLTK folders); reinstall lm-eval-steer, or point LM_EVAL_STEER_DATA at a copy"
         ) from None
 
 

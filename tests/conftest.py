@@ -24,26 +24,6 @@ def smollm2_dir() -> Path:
     return directory
 
 
-def offline_data() -> Path | None:
-    """The offline data directory (see :mod:`lm_eval_steer.paths`), absolute, or None.
-
-    Absolute because subprocess tests run outside the checkout: a relative value such as the
-    README's ``../shared/data`` would point elsewhere there."""
-    try:
-        return paths.find_data_dir(REPO_ROOT)
-    except paths.DataMissingError:
-        return None
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The offline data directory; the test is skipped without it."""
-    path = offline_data()
-    if path is None or not (path / "ifeval" / "input_data.jsonl").is_file():
-        pytest.skip(f"offline data not found at {path} (set {paths.DATA_ENV})")
-    return path
-
-
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     from transformers import AutoTokenizer

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import build_tiny_llama, offline_data
+from conftest import build_tiny_llama
 from lm_eval_steer.runtime.routing import entries_for_document
 from lm_eval_steer.runtime.vectorfile import load_vector_file
 from vector_builder import BuildSettings, ModelMismatchError, build, check_compatible, report
@@ -24,10 +23,6 @@ from vector_builder.pipeline import ModelShape
 from vector_builder.prompts import chat_ids, plan, split_queries
 from vector_builder.search import stop_strings
 from vector_builder.token_directions import TokenDirectionError, first_token
-
-DATA = offline_data()
-if DATA is not None:  # the instruction registry needs NLTK's punkt_tab
-    os.environ.setdefault("NLTK_DATA", str(DATA / "nltk"))
 
 QUERIES = [f"Question number {i}: what is {i} plus {i + 1}?" for i in range(12)]
 SMALL = dict(n_train=4, n_val=2, layers=[1, 2], multipliers=[1.0, 4.0], batch_size=4, max_new_tokens=6, seed=0, method="diffmean")

@@ -193,12 +193,11 @@ TEXT = st.lists(st.sampled_from(SENTENCES), min_size=1, max_size=5).flatmap(lamb
 
 
 @pytest.fixture(scope="module")
-def offline_scorer(shared_data):
-    """The IFEval checkers need NLTK's punkt_tab, which the offline data directory holds."""
-    import nltk
+def offline_scorer():
+    """The IFEval checkers need NLTK's punkt_tab, which the package ships."""
+    from lm_eval_steer.ifeval import prepare_scorer
 
-    if str(shared_data / "nltk") not in nltk.data.path:
-        nltk.data.path.append(str(shared_data / "nltk"))
+    prepare_scorer()
 
 
 @settings(max_examples=30, deadline=None)

@@ -225,12 +225,12 @@ def test_a_differing_prompt_is_refused(tmp_path, tiny_model_dir, tasks, vectors,
 
 
 @pytest.mark.slow
-def test_reuse_on_smollm2_gives_the_full_steered_run_exactly(tmp_path, shared_data, monkeypatch):
+def test_reuse_on_smollm2_gives_the_full_steered_run_exactly(tmp_path):
     # Sorted --samples (lm-eval 0.4.13 mislabels logged doc_ids otherwise); in each task two documents
     # are routed to a shipped vector and one is not (the documents of tests/test_ci_gate.py).
-    monkeypatch.setenv("LM_EVAL_STEER_DATA", str(shared_data))
     documents = json.dumps({"ifeval_format_noinst": [0, 1, 12], "ifeval_length_noinst": [0, 8, 10]})
-    vectors = "+".join(str(REPO_ROOT / "vectors" / name) for name in ("smollm2-format.safetensors", "smollm2-length.safetensors"))
+    study = REPO_ROOT / "results" / "smollm2-135m-instruct" / "vectors"
+    vectors = "+".join(str(study / name) for name in ("smollm2-format.safetensors", "smollm2-length.safetensors"))
     model = f"pretrained={smollm2_dir()},gguf_file={SMOL_GGUF}"
     extra = ("--samples", documents, "--apply_chat_template", "--gen_kwargs", "max_gen_toks=32")
     names = "ifeval_format_noinst,ifeval_length_noinst"

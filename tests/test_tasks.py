@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import nltk
 import pytest
 
 from lm_eval_steer import ifeval as steer
+from lm_eval_steer import paths
 
 EXPECTED_COUNTS = {
     "format": 163,
@@ -30,16 +32,16 @@ GROUPS = {
 
 
 @pytest.fixture
-def local_data(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """``LM_EVAL_STEER_DATA`` set to the offline data; any hub access fails the test."""
+def local_data(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The packaged data, with no environment variable; any hub access fails the test."""
     import datasets
 
     def no_hub(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError(f"hub accessed with LM_EVAL_STEER_DATA set: {args}")
+        raise AssertionError(f"hub accessed: {args}")
 
-    monkeypatch.setenv(steer.DATA_ENV, str(shared_data))
+    monkeypatch.delenv(paths.DATA_ENV, raising=False)
     monkeypatch.setattr(datasets, "load_dataset", no_hub)
-    return shared_data
+    return paths.PACKAGED_DATA
 
 
 @pytest.fixture(scope="module")
@@ -204,53 +206,39 @@ def test_language_detection_is_seeded(local_data: Path) -> None:
 # ----------------------------------------------------------------------------- data location
 
 
-def test_without_local_data_the_hub_dataset_is_used(monkeypatch: pytest.MonkeyPatch, shared_data: Path) -> None:
-    import datasets
-
-    calls: list[tuple[Any, ...]] = []
-    rows = steer.read_jsonl(shared_data / steer.IFEVAL_FILE)
-
-    def fake_hub(path: str, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-        calls.append((path, kwargs.get("split")))
-        # The hub's kwargs carry every key, absent ones as None.
-        keys = {key for row in rows for kwargs_ in row["kwargs"] for key in kwargs_}
-        return [row | {"kwargs": [{key: kw.get(key) for key in keys} for kw in row["kwargs"]]} for row in rows]
-
-    monkeypatch.delenv(steer.DATA_ENV, raising=False)
-    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
-    docs = steer.subset_docs("length")
-    assert calls == [("google/IFEval", "train")]
-    assert len(docs) == EXPECTED_COUNTS["length"]
-    assert docs[0]["kwargs"] == [{"relation": "at least", "num_words": 400}]  # None-valued keys dropped
+def test_every_subset_is_read_from_the_packaged_data_from_any_directory(local_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for subset, count in EXPECTED_COUNTS.items():
+        assert len(steer.subset_docs(subset)) == len(steer.subset_docs(subset, noinst=True)) == count
+    assert steer.subset_docs("length")[0]["kwargs"] == [{"relation": "at least", "num_words": 400}]
 
 
 @pytest.mark.parametrize("subset", ["format", "keywords_include"])
-def test_paper_files_without_local_data_name_the_file_and_origin(monkeypatch: pytest.MonkeyPatch, subset: str) -> None:
-    import datasets
-
-    monkeypatch.delenv(steer.DATA_ENV, raising=False)
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [])
+def test_a_broken_install_names_the_missing_paper_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, subset: str) -> None:
+    (tmp_path / "ifeval").mkdir()
+    (tmp_path / "ifeval" / "input_data.jsonl").write_bytes((paths.PACKAGED_DATA / steer.IFEVAL_FILE).read_bytes())
+    monkeypatch.delenv(paths.DATA_ENV, raising=False)
+    monkeypatch.setattr(paths, "PACKAGED_DATA", tmp_path)
     with pytest.raises(steer.DataMissingError) as error:
         steer.subset_docs(subset, noinst=True)
     message = str(error.value)
-    assert steer.SUBSETS[subset].paper_file in message
-    assert steer.PAPER_REPOSITORY in message and steer.DATA_ENV in message
+    assert f"seed/{steer.SUBSETS[subset].paper_file}: packaged data file missing" in message and "reinstall" in message
 
 
-def test_missing_seed_file_is_named(tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_seed_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "ifeval").mkdir()
-    (tmp_path / "ifeval" / "input_data.jsonl").write_text((shared_data / steer.IFEVAL_FILE).read_text())
-    monkeypatch.setenv(steer.DATA_ENV, str(tmp_path))
+    (tmp_path / "ifeval" / "input_data.jsonl").write_bytes((paths.PACKAGED_DATA / steer.IFEVAL_FILE).read_bytes())
+    monkeypatch.setenv(paths.DATA_ENV, str(tmp_path))
     assert len(steer.subset_docs("composition")) == EXPECTED_COUNTS["composition"]  # needs no paper file
-    with pytest.raises(steer.DataMissingError, match=r"seed/ifeval_wo_instructions\.jsonl not found"):
+    with pytest.raises(steer.DataMissingError, match=r"seed/ifeval_wo_instructions\.jsonl: not found \(LM_EVAL_STEER_DATA="):
         steer.subset_docs("composition", noinst=True)
 
 
 def test_missing_ifeval_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(steer.DATA_ENV, str(tmp_path))
-    with pytest.raises(steer.DataMissingError, match=r"ifeval/input_data\.jsonl not found"):
+    monkeypatch.setenv(paths.DATA_ENV, str(tmp_path))
+    with pytest.raises(steer.DataMissingError, match=r"ifeval/input_data\.jsonl: not found"):
         steer.subset_docs("format")
-    monkeypatch.setenv(steer.DATA_ENV, str(tmp_path / "absent"))
+    monkeypatch.setenv(paths.DATA_ENV, str(tmp_path / "absent"))
     with pytest.raises(steer.DataMissingError, match="is not a directory"):
         steer.subset_docs("format")
 
@@ -291,11 +279,11 @@ def test_built_tasks_show_the_right_prompt_and_report_per_instruction_metrics(lo
 def test_missing_punkt_fails_when_the_task_is_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, our_task_manager) -> None:
     """Before any generation: building the task is the first thing the harness does."""
     (tmp_path / "ifeval").mkdir()  # local data without nltk/
-    monkeypatch.setenv(steer.DATA_ENV, str(tmp_path))
+    monkeypatch.setenv(paths.DATA_ENV, str(tmp_path))
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no-nltk-here")])
     with pytest.raises(steer.PunktMissingError) as error:
         our_task_manager.load(["ifeval_format"])
-    assert "punkt_tab" in str(error.value) and steer.DATA_ENV in str(error.value)
+    assert "punkt_tab" in str(error.value) and paths.DATA_ENV in str(error.value)
 
 
 def test_local_nltk_folder_is_used(local_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -304,9 +292,8 @@ def test_local_nltk_folder_is_used(local_data: Path, monkeypatch: pytest.MonkeyP
     assert nltk.data.path == [str(local_data / "nltk")]
 
 
-def test_lm_eval_cli_end_to_end_on_tiny_model(tiny_model_dir: Path, shared_data: Path, tmp_path: Path) -> None:
-    env = os.environ | {
-        steer.DATA_ENV: str(shared_data),
+def test_lm_eval_cli_end_to_end_on_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    env = {name: value for name, value in os.environ.items() if name != paths.DATA_ENV} | {
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -341,3 +328,21 @@ def test_lm_eval_cli_end_to_end_on_tiny_model(tiny_model_dir: Path, shared_data:
         assert {"key", "instruction_id_list", "kwargs"} <= set(doc)
         shown = sample["arguments"]["gen_args_0"]["arg_0"]
         assert doc["prompt_without_instruction"] in shown and doc["prompt"] not in shown
+
+
+@pytest.mark.parametrize("layout", ["no-ifeval", "no-nltk"])
+def test_missing_data_through_the_lm_eval_cli_is_one_line_and_exit_2(tiny_model_dir: Path, tmp_path: Path, layout: str) -> None:
+    data = tmp_path / "data"
+    (data / "ifeval").mkdir(parents=True)
+    if layout == "no-nltk":  # every task file there, but no punkt_tab anywhere NLTK looks
+        (data / "ifeval" / "input_data.jsonl").write_bytes((paths.PACKAGED_DATA / steer.IFEVAL_FILE).read_bytes())
+    else:
+        shutil.copytree(paths.PACKAGED_DATA / "nltk", data / "nltk")
+    env = os.environ | {paths.DATA_ENV: str(data), "NLTK_DATA": str(tmp_path / "none"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HOME": str(tmp_path)}
+    command = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={tiny_model_dir}", "--device", "cpu", "--tasks", "ifeval_format", "--limit", "1"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert ": error: " in last
+    assert ("punkt_tab" in last) if layout == "no-nltk" else ("input_data.jsonl" in last)

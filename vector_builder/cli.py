@@ -13,7 +13,6 @@ from dataclasses import replace
 from typing import Any
 
 from lm_eval_steer.console import fail
-from lm_eval_steer.paths import DATA_ENV, find_data_dir
 from lm_eval_steer.runtime.modelargs import ModelArgError, check_local_model
 from vector_builder import prompts
 from vector_builder.methods import METHODS
@@ -168,10 +167,6 @@ def print_summary(result: BuildResult) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        # The instruction registry needs NLTK's punkt_tab: use the offline data wherever it is found.
-        data = find_data_dir()
-        if data is not None:
-            os.environ.setdefault(DATA_ENV, str(data))
         check_outputs(args.out, args.report)
         settings = settings_from(args)  # bad options fail here, not after minutes of model loading
         model, tokenizer, name = load_model(args.model_args)
