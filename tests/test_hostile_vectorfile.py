@@ -64,6 +64,10 @@ HOSTILE = {
     "huge tensor": ([entry()], {"v": torch.ones(100_000)}, "does not match hidden_size"),
     "5 MB mode string": ([entry(mode="x" * 5_000_000)], None, "unknown mode"),
     "hidden_size with 3000 digits": ([entry()], None, "hidden_size must be an integer"),
+    **{
+        f"applies_to.kwargs {value!r}": ([entry(applies_to={"instruction_id": "x", "kwargs": value})], None, f"entry 'v': applies_to.kwargs must be a JSON object or null, got {value!r}")
+        for value in ("", 0, False, [], "a", ["k"], 1.5)
+    },
 }
 
 
@@ -98,9 +102,13 @@ JSON_VALUES = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=30,
 )
+APPLIES_TO = st.fixed_dictionaries(
+    {"instruction_id": st.just("change_case:english_lowercase") | JSON_VALUES},
+    optional={"kwargs": JSON_VALUES, "strength_rule": st.none() | JSON_VALUES},
+)
 FIELDS = {"name": st.just("v") | JSON_VALUES, "layer": st.integers(-2, 6) | JSON_VALUES, "mode": st.sampled_from(["add", "project", "ablate"]) | JSON_VALUES,
           "strength": st.floats(allow_nan=True, allow_infinity=True) | JSON_VALUES, "positions": st.sampled_from(["all", "prompt", "generated"]) | JSON_VALUES,
-          "applies_to": st.none() | JSON_VALUES, "stop_after": st.lists(st.text(max_size=8), max_size=3) | JSON_VALUES}
+          "applies_to": st.none() | APPLIES_TO | JSON_VALUES, "stop_after": st.lists(st.text(max_size=8), max_size=3) | JSON_VALUES}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -122,11 +130,37 @@ def test_any_entry_is_loaded_applicable_or_refused_cleanly(tmp_path, raw, vector
     assert math.isfinite(item.strength) and abs(item.strength) <= FLOAT32_MAX
     assert item.vector.dtype == torch.float32 and torch.isfinite(item.vector).all()
     assert isinstance(item.stop_after, tuple) and all(isinstance(text, str) and text.strip() for text in item.stop_after)
+    assert_applies_to_kept(raw.get("applies_to"), item)
     if item.mode == "add":
         assert torch.isfinite(item.strength * item.vector).all()
     else:
         norm = float(item.vector.norm())
         assert math.isfinite(norm) and norm > 0
+
+
+def assert_applies_to_kept(given, item) -> None:
+    """An accepted ``applies_to`` is what the file says; its ``kwargs`` was a JSON object, or absent/null."""
+    if given is None:
+        assert item.applies_to is None
+        return
+    assert isinstance(given, dict) and item.applies_to.instruction_id == given["instruction_id"]
+    kwargs = given.get("kwargs")
+    assert kwargs is None or isinstance(kwargs, dict), f"kwargs {kwargs!r} was accepted"
+    assert json.dumps(dict(item.applies_to.kwargs), sort_keys=True) == json.dumps(kwargs or {}, sort_keys=True)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(applies_to=st.none() | APPLIES_TO | JSON_VALUES)
+def test_any_applies_to_is_kept_as_written_or_refused_cleanly(tmp_path, applies_to):
+    """Property: on an otherwise valid entry, any ``applies_to`` (in particular any ``kwargs``: "",
+    0, false, [] are not "no filter") is loaded exactly as written or refused in one short line."""
+    path = write(tmp_path / "a.safetensors", [entry(applies_to=applies_to)])
+    try:
+        loaded = load_vector_file(path)
+    except VectorFileError as error:
+        assert len(str(error)) < 1000 and "\n" not in str(error) and f"{path}: " in str(error)
+        return
+    assert_applies_to_kept(applies_to, loaded.entries[0])
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -232,9 +232,12 @@ def _parse_applies_to(raw: Any, check: _Checker, name: str) -> AppliesTo | None:
     check.keys(raw, APPLIES_TO_KEYS, frozenset({"instruction_id"}), "applies_to", name)
     if not isinstance(raw["instruction_id"], str) or not raw["instruction_id"]:
         raise check.fail("applies_to.instruction_id must be a non-empty string", name)
-    kwargs = raw.get("kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise check.fail(f"applies_to.kwargs must be an object, got {brief(kwargs)}", name)
+    # Only null (or no key) means "no kwargs filter": "", 0, false or [] is a mistake, not an empty filter.
+    kwargs = raw.get("kwargs")
+    if kwargs is None:
+        kwargs = {}
+    elif not isinstance(kwargs, dict):
+        raise check.fail(f"applies_to.kwargs must be a JSON object or null, got {brief(kwargs)}", name)
     return AppliesTo(
         instruction_id=raw["instruction_id"],
         kwargs=kwargs,
