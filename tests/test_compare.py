@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import math
 from pathlib import Path
 
@@ -127,6 +128,20 @@ def test_per_instruction_breakdown_from_samples(tmp_path: Path, two_runs) -> Non
         ["change_case:english_lowercase", "0.000 (2)", "0.500 (2, Δ +0.500)"],
         ["punctuation:no_comma", "1.000 (1)", "1.000 (1, Δ +0.000)"],
     ]
+
+
+def test_compressed_samples_give_the_same_breakdown(tmp_path: Path, two_runs) -> None:
+    """Baselines are committed with gzip-compressed samples (``samples_<task>_<date>.jsonl.gz``)."""
+    plain, compressed = tmp_path / "plain", tmp_path / "compressed"
+    assert run_compare(plain, *map(str, two_runs), "--metrics", "inst_level_loose_acc") == 0
+    for results in two_runs:
+        for path in results.parent.glob("samples_*.jsonl"):
+            path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+            path.unlink()
+    assert run_compare(compressed, *map(str, two_runs), "--metrics", "inst_level_loose_acc") == 0
+    board = (compressed / "leaderboard.md").read_text(encoding="utf-8")
+    assert "### ifeval_format · inst loose" in board
+    assert board == (plain / "leaderboard.md").read_text(encoding="utf-8")
 
 
 def test_csv_content(tmp_path: Path, two_runs) -> None:

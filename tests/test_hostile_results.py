@@ -3,8 +3,10 @@ line naming the file, never a traceback, and ``check`` never passes while checki
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 
 from lm_eval_steer.analysis import quality
 from lm_eval_steer.cli import main
+from lm_eval_steer.outputs import find_sample_files, read_samples
 from results_fixtures import ifeval_sample, ifeval_scores, results_json, write_run
 
 TASK = "ifeval_format"
@@ -156,3 +159,65 @@ def test_quality_checks_every_samples_file_before_loading_the_scoring_model(tmp_
     bad = write_run(tmp_path / "bad", SCORES, samples={TASK: [{**sample, "doc_id": "zero"}]})
     assert main(["quality", str(good), str(bad), "--model_args", "pretrained=/nonexistent", "--out", str(tmp_path / "out")]) == 2
     assert "samples_" in one_error_line(capsys, "quality")
+
+
+def test_a_fifo_is_named_for_what_it_is_and_never_opened(tmp_path, capsys):
+    """Opening a FIFO for reading waits for a writer: it is refused before anything opens it."""
+    good = write_results(tmp_path / "good")
+    fifo = tmp_path / "results_fifo.json"
+    os.mkfifo(fifo)
+    assert main(["check", str(fifo), "--baseline", str(good)]) == 2
+    assert one_error_line(capsys, "check").endswith(f"{fifo}: is not a regular file")
+    # inside an --output_path too: the newest results_*.json of the folder is the FIFO
+    folder = tmp_path / "out"
+    folder.mkdir()
+    write_results(folder)
+    os.mkfifo(folder / "results_2099-01-01T00-00-00.000000.json")
+    assert main(["check", str(folder), "--baseline", str(good)]) == 2
+    assert "results_2099-01-01T00-00-00.000000.json: is not a regular file" in one_error_line(capsys, "check")
+    assert main(["check", str(tmp_path / "missing.json"), "--baseline", str(good)]) == 2
+    assert "missing.json: no such file or directory" in one_error_line(capsys, "check")
+
+
+def gzip_samples(results: Path) -> list[Path]:
+    """Replaces every samples file next to ``results`` with its gzip-compressed copy."""
+    compressed = []
+    for path in sorted(results.parent.glob("samples_*.jsonl")):
+        target = path.with_name(path.name + ".gz")
+        target.write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+        compressed.append(target)
+    return compressed
+
+
+def test_compressed_samples_are_found_and_a_plain_file_wins(tmp_path):
+    sample = ifeval_sample(0, {"change_case:english_lowercase": True})
+    results = write_run(tmp_path / "run", SCORES, samples={TASK: [sample]})
+    (compressed,) = gzip_samples(results)
+    assert find_sample_files(results, [TASK]) == {TASK: compressed}
+    assert read_samples(compressed) == [sample]
+    plain = compressed.with_suffix("")  # samples_<task>_<date>.jsonl beside its .gz
+    plain.write_text(json.dumps({**sample, "doc_id": 7}) + "\n", encoding="utf-8")
+    assert find_sample_files(results, [TASK]) == {TASK: plain}
+    assert read_samples(plain)[0]["doc_id"] == 7
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (lambda good: good[: len(good) // 2], "not a readable samples file"),  # truncated stream
+        (lambda good: b"not gzip at all", "not a readable samples file"),
+        (lambda good: gzip.compress(b'{"doc_id": 0}\n[1, 2]\n'), "line 2: not a readable samples file ('a JSON list, not an object')"),
+        (lambda good: gzip.compress(b"\xff\xfe\n"), "not a readable samples file ("),
+    ],
+    ids=["truncated", "not gzip", "a list line", "not UTF-8"],
+)
+def test_a_damaged_compressed_samples_file_exits_2_naming_it(tmp_path, capsys, monkeypatch, content, problem):
+    monkeypatch.setattr(quality, "harness_scorer", lambda *a, **k: pytest.fail("the scoring model loaded before the inputs were checked"))
+    sample = {**ifeval_sample(0, {"change_case:english_lowercase": True}), "arguments": [["prompt"]], "filtered_resps": ["answer"]}
+    results = write_run(tmp_path / "run", SCORES, samples={TASK: [sample]})
+    (compressed,) = gzip_samples(results)
+    compressed.write_bytes(content(compressed.read_bytes()))
+    assert main(["quality", str(results), "--model_args", "pretrained=/nonexistent", "--out", str(tmp_path / "out")]) == 2
+    line = one_error_line(capsys, "quality")
+    assert f"{compressed}" in line and problem in line
