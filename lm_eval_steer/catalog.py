@@ -1,0 +1,162 @@
+"""The vector files packaged with lm-eval-steer, and what any vector file holds.
+
+    lm-eval-steer vectors list                          # the packaged files: name, model, entries
+    lm-eval-steer vectors show smollm2-135m-instruct    # one row per entry (a name or a path)
+    lm-eval-steer vectors catalog --out vectors/README.md
+
+The recommended file of each model is packaged as ``lm_eval_steer.vectors`` (the repository's
+``vectors/`` folder), so ``vectors=<name>`` in ``--model_args`` finds it without a path
+(:func:`lm_eval_steer.paths.resolve_vectors`). ``show`` reads everything from the file itself: its entries and the provenance
+its metadata records (``merged_from`` for a merge, ``builder``/``methods`` for a build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lm_eval_steer.analysis.tables import markdown_table
+from lm_eval_steer.atomic import write_text
+from lm_eval_steer.paths import packaged_vector_files, resolve_vectors
+from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, load_vector_file
+
+ENTRY_HEADERS = ("entry", "instruction", "layer", "mode", "strength", "positions", "stop after", "method", "from", "sha256")
+
+
+# ----------------------------------------------------------------------------- what a file holds
+
+
+def _json(metadata: Mapping[str, str], key: str) -> Any:
+    """A JSON-valued metadata field, or None when absent or not JSON (show must not fail on it)."""
+    try:
+        return json.loads(metadata[key]) if key in metadata else None
+    except ValueError:
+        return None
+
+
+def entry_methods(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Entry name -> build method, from a build's ``methods``/``builder`` metadata and, for a merge,
+    from the metadata of the file each entry was taken from."""
+    methods: dict[str, str] = {}
+    for source in _json(metadata, "merged_from") or []:
+        if isinstance(source, dict):
+            inner = {key: value for key, value in (source.get("metadata") or {}).items() if isinstance(value, str)}
+            found = entry_methods(inner)
+            methods.update({name: found.get(name, found.get("*", "")) for name in source.get("entries") or []})
+    builder = _json(metadata, "builder")
+    if isinstance(builder, dict) and isinstance(builder.get("method"), str):
+        methods.setdefault("*", builder["method"])
+    recorded = _json(metadata, "methods")
+    if isinstance(recorded, dict):
+        methods.update({str(name): str(method) for name, method in recorded.items()})
+    return methods
+
+
+def entry_sources(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Entry name -> file name it was merged from (empty for a file that is not a merge)."""
+    sources: dict[str, str] = {}
+    for source in _json(metadata, "merged_from") or []:
+        if isinstance(source, dict):
+            sources.update({name: Path(str(source.get("path", "?"))).name for name in source.get("entries") or []})
+    return sources
+
+
+def instruction(entry: SteeringEntry) -> str:
+    """``keywords:existence {keywords: ['pie']}`` — the instruction id and kwargs filter an entry serves."""
+    if entry.applies_to is None:
+        return "(every document)"
+    kwargs = " ".join(f"{key}={value}" for key, value in entry.applies_to.kwargs.items())
+    return f"{entry.applies_to.instruction_id} {kwargs}".strip()
+
+
+def strength(entry: SteeringEntry) -> str:
+    rule = entry.applies_to.strength_rule if entry.applies_to else None
+    if rule is None:
+        return f"{entry.strength:.4g}"
+    return f"by {rule.kwarg}: " + ", ".join(f"{x:g}→{s:.3g}" for x, s in rule.points)
+
+
+def entry_rows(vector_file: VectorFile) -> list[list[str]]:
+    """One row per entry, in :data:`ENTRY_HEADERS` order."""
+    methods, sources = entry_methods(vector_file.extra_metadata), entry_sources(vector_file.extra_metadata)
+    return [
+        [
+            entry.name,
+            instruction(entry),
+            str(entry.layer),
+            entry.mode,
+            strength(entry),
+            entry.positions,
+            ", ".join(entry.stop_after) or "—",
+            methods.get(entry.name, methods.get("*", "")) or "—",
+            sources.get(entry.name, "this file"),
+            hashlib.sha256(entry.vector.float().numpy().tobytes()).hexdigest()[:12],
+        ]
+        for entry in vector_file.entries
+    ]
+
+
+def describe(vector_file: VectorFile) -> str:
+    """Header lines (file, sha256, model, shape, provenance) and the entry table, as Markdown."""
+    sources = sorted(set(entry_sources(vector_file.extra_metadata).values()))
+    builder = _json(vector_file.extra_metadata, "builder")
+    provenance = (
+        f"merged from {', '.join(sources)}" if sources else
+        f"built by lm-eval-steer build (builder version {builder.get('builder_version', '?')})" if isinstance(builder, dict) else
+        "not recorded"
+    )  # fmt: skip
+    header = [
+        f"- file: `{Path(str(vector_file.path)).name}`, sha256 `{vector_file.sha256}`",
+        f"- model: {vector_file.model} (hidden size {vector_file.hidden_size}, {vector_file.num_layers} layers)",
+        f"- entries: {len(vector_file.entries)}; provenance: {provenance}",
+    ]
+    return "\n".join(header) + "\n\n" + markdown_table(ENTRY_HEADERS, entry_rows(vector_file))
+
+
+def catalog() -> str:
+    """The Markdown page ``vectors/README.md``: every packaged file, listed then shown."""
+    files = {name: load_vector_file(path) for name, path in packaged_vector_files().items()}
+    lines = [
+        "# Packaged vector files",
+        "",
+        "Generated by `lm-eval-steer vectors catalog --out vectors/README.md`; do not edit by hand.",
+        "One recommended file per model: pass its name as `vectors=<name>` (no path needed) with the",
+        "default `route=auto`, and each document gets the entries of its own instructions.",
+        "",
+        markdown_table(("name", "model", "entries", "layers used"), list_rows(files)),
+    ]
+    for name, vector_file in files.items():
+        lines += ["", f"## {name}", "", describe(vector_file)]
+    return "\n".join(lines) + "\n"
+
+
+def list_rows(files: Mapping[str, VectorFile]) -> list[list[str]]:
+    return [[name, f.model, str(len(f.entries)), ", ".join(map(str, sorted({e.layer for e in f.entries})))] for name, f in files.items()]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="the packaged vector files")
+    show = actions.add_parser("show", help="one table row per entry of a vector file")
+    show.add_argument("file", help="a .safetensors path, or the name of a packaged file (see list)")
+    write = actions.add_parser("catalog", help="write the Markdown catalog of the packaged files")
+    write.add_argument("--out", required=True, help="where to write it (atomically), e.g. vectors/README.md")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        files = {name: load_vector_file(path) for name, path in packaged_vector_files().items()}
+        print(markdown_table(("name", "model", "entries", "layers used"), list_rows(files)))
+    elif args.action == "show":
+        print(describe(load_vector_file(resolve_vectors(args.file))))
+    else:
+        write_text(args.out, catalog())
+        print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,69 @@
+"""``lm-eval-steer vectors``: the packaged files, what a file holds, and ``vectors=<name>``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from lm_eval_steer import paths
+from lm_eval_steer.catalog import catalog, entry_rows
+from lm_eval_steer.cli import main
+from lm_eval_steer.merge import merge
+from lm_eval_steer.runtime.modelargs import parse_vector_paths
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, load_vector_file, save_vector_file
+
+RECOMMENDED = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b-instruct": "Qwen/Qwen2.5-Coder-0.5B-Instruct"}
+
+
+def test_each_model_has_one_packaged_file_and_vectors_holds_nothing_else() -> None:
+    files = paths.packaged_vector_files()
+    assert {name: load_vector_file(path).model for name, path in files.items()} == RECOMMENDED
+    assert sorted(p.name for p in (REPO_ROOT / "vectors").iterdir() if p.name != "__pycache__") == sorted([*(f"{n}.safetensors" for n in RECOMMENDED), "README.md", "__init__.py"])
+
+
+def test_the_committed_catalog_is_what_the_command_generates() -> None:
+    assert (REPO_ROOT / "vectors" / "README.md").read_text() == catalog(), "regenerate: lm-eval-steer vectors catalog --out vectors/README.md"
+
+
+def test_a_packaged_name_stands_for_its_file_and_paths_stay_paths(tmp_path: Path) -> None:
+    files = paths.packaged_vector_files()
+    assert parse_vector_paths("smollm2-135m-instruct") == [str(files["smollm2-135m-instruct"])]
+    both = parse_vector_paths("smollm2-135m-instruct+qwen2.5-coder-0.5b-instruct")
+    assert both == [str(files["smollm2-135m-instruct"]), str(files["qwen2.5-coder-0.5b-instruct"])]
+    assert parse_vector_paths("missing/fmt.safetensors") == ["missing/fmt.safetensors"]  # the loader names it
+    (tmp_path / "smollm2-135m-instruct").write_bytes(b"")  # an existing file wins over the name
+    assert paths.resolve_vectors(str(tmp_path / "smollm2-135m-instruct")) == str(tmp_path / "smollm2-135m-instruct")
+
+
+def test_an_unknown_name_is_refused_in_one_line_listing_the_packaged_names(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(paths.UnknownVectorName, match=r"vectors='smollm2': no such file, .*\(packaged: qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct\)"):
+        parse_vector_paths("smollm2")
+    assert main(["vectors", "show", "smollm2"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("lm-eval-steer vectors: error: vectors='smollm2'")
+
+
+def test_show_lists_every_entry_with_its_rule_method_and_source(tmp_path: Path) -> None:
+    lower = SteeringEntry("lower", torch.ones(8), 1, "project", 2.5, "generated", AppliesTo("change_case:english_lowercase"))
+    pie = SteeringEntry("keywords:existence:pie", torch.ones(8), 3, "add", 0.2, "all", AppliesTo("keywords:existence", {"keywords": ["pie"]}), stop_after=("pie",))
+    built = tmp_path / "built.safetensors"
+    save_vector_file(built, [lower, pie], model="tiny", hidden_size=8, num_layers=4, extra_metadata={"builder": json.dumps({"builder_version": 1, "method": "diffmean"}), "methods": json.dumps({"keywords:existence:pie": "token"})})
+    rows = entry_rows(load_vector_file(built))
+    assert rows[0][:9] == ["lower", "change_case:english_lowercase", "1", "project", "2.5", "generated", "—", "diffmean", "this file"]
+    assert rows[1][:9] == ["keywords:existence:pie", "keywords:existence keywords=['pie']", "3", "add", "0.2", "all", "pie", "token", "this file"]
+    merged, _ = merge([str(built)], str(tmp_path / "merged.safetensors"))
+    assert [row[7:9] for row in entry_rows(load_vector_file(tmp_path / "merged.safetensors"))] == [["diffmean", "built.safetensors"], ["token", "built.safetensors"]]
+    assert len({row[9] for row in rows}) == 1  # same tensor, same sha256
+
+
+def test_show_and_list_print_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["vectors", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "smollm2-135m-instruct" in listing and "| 95 " in listing
+    assert main(["vectors", "show", "smollm2-135m-instruct"]) == 0
+    shown = capsys.readouterr().out
+    assert "keywords:existence:Argentinian" in shown and "smollm2-keywords-token-stop.safetensors" in shown and "sha256" in shown
