@@ -29,3 +29,12 @@ def test_each_source_carries_its_licence() -> None:
     for folder in ("ifeval", "nltk"):
         assert "Apache License" in (PACKAGED_DATA / folder / "LICENSE.txt").read_text()
     assert {"ifeval/input_data.jsonl", "seed/ifeval_wo_instructions.jsonl", "nltk/tokenizers/punkt_tab/english/ortho_context.tab"} <= set(listed())
+
+
+def test_nothing_in_the_product_or_its_tests_reads_a_data_folder_beside_the_checkout() -> None:
+    from conftest import REPO_ROOT
+
+    sources = [path for folder in ("lm_eval_steer", "vector_builder", "tasks", "tests", "benchmarks") for path in (REPO_ROOT / folder).rglob("*.py")]
+    assert sources
+    offenders = [str(path.relative_to(REPO_ROOT)) for path in sources if path.name != "test_data.py" and "shared/data" in path.read_text(encoding="utf-8")]
+    assert offenders == []
