@@ -10,6 +10,7 @@ IFEval's instruction-level accuracies), ``versions``, ``n-samples``, ``configs``
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -156,3 +157,15 @@ def table_rows(text: str) -> list[list[str]]:
         if line.startswith("|") and not set(line) <= set("|-: "):
             rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
     return rows
+
+
+def gzip_samples(results: Path) -> list[Path]:
+    """Replaces every samples file next to ``results`` with its gzip-compressed copy
+    (``samples_<task>_<date>.jsonl.gz``, as baselines are committed); returns the new files."""
+    compressed = []
+    for path in sorted(results.parent.glob("samples_*.jsonl")):
+        target = path.with_name(path.name + ".gz")
+        target.write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+        compressed.append(target)
+    return compressed

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import math
 from pathlib import Path
 
 import pytest
-from results_fixtures import ifeval_sample, ifeval_scores, steering_config, table_rows, write_run
+from results_fixtures import gzip_samples, ifeval_sample, ifeval_scores, steering_config, table_rows, write_run
 
 from lm_eval_steer.analysis import compare
 from lm_eval_steer.cli import main
@@ -135,9 +134,7 @@ def test_compressed_samples_give_the_same_breakdown(tmp_path: Path, two_runs) ->
     plain, compressed = tmp_path / "plain", tmp_path / "compressed"
     assert run_compare(plain, *map(str, two_runs), "--metrics", "inst_level_loose_acc") == 0
     for results in two_runs:
-        for path in results.parent.glob("samples_*.jsonl"):
-            path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
-            path.unlink()
+        gzip_samples(results)
     assert run_compare(compressed, *map(str, two_runs), "--metrics", "inst_level_loose_acc") == 0
     board = (compressed / "leaderboard.md").read_text(encoding="utf-8")
     assert "### ifeval_format · inst loose" in board

@@ -16,7 +16,7 @@ import pytest
 from lm_eval_steer.analysis import quality
 from lm_eval_steer.cli import main
 from lm_eval_steer.outputs import find_sample_files, read_samples
-from results_fixtures import ifeval_sample, ifeval_scores, results_json, write_run
+from results_fixtures import gzip_samples, ifeval_sample, ifeval_scores, results_json, write_run
 
 TASK = "ifeval_format"
 SCORES = {TASK: ifeval_scores(0.5, 0.6, 0.55, 0.65)}
@@ -177,17 +177,6 @@ def test_a_fifo_is_named_for_what_it_is_and_never_opened(tmp_path, capsys):
     assert "results_2099-01-01T00-00-00.000000.json: is not a regular file" in one_error_line(capsys, "check")
     assert main(["check", str(tmp_path / "missing.json"), "--baseline", str(good)]) == 2
     assert "missing.json: no such file or directory" in one_error_line(capsys, "check")
-
-
-def gzip_samples(results: Path) -> list[Path]:
-    """Replaces every samples file next to ``results`` with its gzip-compressed copy."""
-    compressed = []
-    for path in sorted(results.parent.glob("samples_*.jsonl")):
-        target = path.with_name(path.name + ".gz")
-        target.write_bytes(gzip.compress(path.read_bytes()))
-        path.unlink()
-        compressed.append(target)
-    return compressed
 
 
 def test_compressed_samples_are_found_and_a_plain_file_wins(tmp_path):
