@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from lm_eval._cli.utils import key_val_to_dict
 from lm_eval.utils import simple_parse_args_string
 
-from lm_eval_steer.runtime.model import SteeredHFLM
-from lm_eval_steer.runtime.modelargs import ModelArgError, SteeringArgs, parse_steering_args
+from lm_eval_steer.runtime import model as model_module
+from lm_eval_steer.runtime.model import HFLM_ARGS, SteeredHFLM
+from lm_eval_steer.runtime.modelargs import STEERING_ARGS, ModelArgError, SteeringArgs, check_near_misses, edit_distance, near_miss, parse_steering_args
+from lm_eval_steer.runtime.reuse import ReuseError
 from lm_eval_steer.runtime.routing import Overrides
 from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFileError, save_vector_file
 
@@ -183,7 +185,12 @@ def test_vector_files_are_checked_before_the_weights_load(tmp_path):
 
 @pytest.mark.parametrize(
     ("model_args", "message"),
-    [("scale=abc", "steered-hf: scale='abc' is not a number"), ("vectors=/no/such.safetensors", "/no/such.safetensors: no such file")],
+    [
+        ("scale=abc", "steered-hf: scale='abc' is not a number"),
+        ("vectors=/no/such.safetensors", "/no/such.safetensors: no such file"),
+        ("vector=/no/such.safetensors", "steered-hf: unknown argument 'vector': did you mean vectors=?"),
+        ("unsteered_from=/no/such/run", "unsteered_from=/no/such/run: /no/such/run: no such file or directory"),
+    ],
 )
 @pytest.mark.parametrize("program", ["lm_eval", "lm_eval_steer"])
 def test_plain_lm_eval_prints_one_line_and_exits_2(tmp_path, program, model_args, message):
@@ -193,3 +200,127 @@ def test_plain_lm_eval_prints_one_line_and_exits_2(tmp_path, program, model_args
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr
+
+
+# --------------------------------------------------------------------------- near misses
+
+
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [("vector", "vectors"), ("Vectors", "vectors"), ("layers", "layer"), ("lyaer", "layer"), ("stop-after", "stop_after"), ("skip_first_tokens", "skip_first_token"),
+     ("unsteered-from", "unsteered_from"), ("position", "positions"), ("scales", "scale"), ("routes", "route"), ("model", "mode")],
+)
+def test_a_near_miss_of_a_steering_argument_is_refused_naming_the_right_spelling(tiny_model_dir, monkeypatch, name, meant):
+    monkeypatch.setattr(model_module.HFLM, "__init__", lambda *a, **k: pytest.fail("the weights loaded before the arguments were checked"))
+    with pytest.raises(ModelArgError) as error:
+        SteeredHFLM(pretrained=str(tiny_model_dir), **{name: "x"})
+    assert str(error.value) == f"steered-hf: unknown argument {name!r}: did you mean {meant}=?"
+
+
+def passed_on(pretrained: str, monkeypatch, **given) -> dict:
+    """The model args that reach ``HFLM.__init__`` (stubbed: nothing loads)."""
+    passed: dict = {}
+    monkeypatch.setattr(model_module.HFLM, "__init__", lambda self, **kwargs: passed.update(kwargs))
+    with pytest.raises(AttributeError):  # after HFLM.__init__: the stub loaded no model
+        SteeredHFLM(pretrained=pretrained, **given)
+    return {name: passed[name] for name in given}
+
+
+def test_arguments_for_hflm_and_from_pretrained_go_on(tiny_model_dir, monkeypatch):
+    given = {"dtype": "float32", "revision": "main", "trust_remote_code": False, "max_length": 64, "device_map": "cpu", "attn_implementation": "eager", "n_layer": 2, "use_cache": True}
+    assert passed_on(str(tiny_model_dir), monkeypatch, **given) == given
+
+
+def test_a_config_attribute_near_a_steering_name_goes_on_for_that_model_only(tiny_model_dir, monkeypatch):
+    """GPT-2's ``n_positions`` (two edits from ``positions``) overrides its config; Llama has none."""
+    from transformers import GPT2Config
+
+    with pytest.raises(ModelArgError, match="did you mean positions="):
+        SteeredHFLM(pretrained=str(tiny_model_dir), n_positions=128)
+    monkeypatch.setattr(model_module, "config_before_loading", lambda *args: GPT2Config(n_embd=64, n_layer=4))
+    assert passed_on(str(tiny_model_dir), monkeypatch, n_positions=128) == {"n_positions": 128}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(sorted(HFLM_ARGS)))
+def test_hflm_parameter_names_are_never_refused(name):
+    check_near_misses([name], HFLM_ARGS)
+
+
+def _one_edit(name: str, position: int, letter: str, kind: int) -> str:
+    """``name`` with one insertion, deletion, replacement or swap of neighbours at ``position``."""
+    position %= len(name)
+    if kind == 0:
+        return name[:position] + letter + name[position:]
+    if kind == 1:
+        return name[:position] + name[position + 1 :]
+    if kind == 2:
+        return name[:position] + letter + name[position + 1 :]
+    position = min(position, len(name) - 2)
+    return name[:position] + name[position + 1] + name[position] + name[position + 2 :]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(STEERING_ARGS), st.integers(0, 20), st.sampled_from("abcdefghijklmnopqrstuvwxyz_-"), st.integers(0, 3))
+def test_one_edit_of_a_steering_argument_is_refused_with_a_close_suggestion(name, position, letter, kind):
+    typo = _one_edit(name, position, letter, kind)
+    if typo in STEERING_ARGS or typo in HFLM_ARGS:
+        return
+    with pytest.raises(ModelArgError, match=r"^steered-hf: unknown argument .*: did you mean (\w+)=\?$") as error:
+        check_near_misses([typo], HFLM_ARGS)
+    meant = str(error.value).rsplit("did you mean ", 1)[1].removesuffix("=?")
+    assert edit_distance(typo.lower().replace("-", "_"), meant) <= 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz_-0123456789", min_size=1, max_size=24))
+def test_names_far_from_every_steering_argument_are_passed_on(name):
+    normal = name.lower().replace("-", "_")
+    if min(edit_distance(normal, known) for known in STEERING_ARGS) > 2:
+        check_near_misses([name], HFLM_ARGS)
+        assert near_miss(name) is None
+
+
+# --------------------------------------------------------------------------- checked before the weights load
+
+
+@pytest.fixture
+def no_weights(monkeypatch) -> None:
+    """Fails the test if HFLM starts loading the model."""
+    monkeypatch.setattr(model_module.HFLM, "__init__", lambda *a, **k: pytest.fail("the weights loaded before the check"))
+
+
+def test_layer_and_vector_shape_are_checked_against_the_config_before_the_weights_load(tiny_model_dir, small_vectors, tmp_path, no_weights):
+    with pytest.raises(ModelArgError, match="steered-hf: layer=4 is out of range for a 4-layer model"):
+        SteeredHFLM(pretrained=str(tiny_model_dir), vectors=small_vectors, layer=4)
+    narrow = tmp_path / "narrow.safetensors"
+    save_vector_file(narrow, [SteeringEntry("v", torch.ones(32), 1, "add", 1.0)], model="other", hidden_size=32, num_layers=4)
+    with pytest.raises(VectorFileError, match="built for hidden_size 32, but the model has hidden_size 64"):
+        SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(narrow))
+    deep = tmp_path / "deep.safetensors"
+    save_vector_file(deep, [SteeringEntry("v", torch.ones(64), 1, "add", 1.0)], model="other", hidden_size=64, num_layers=8)
+    with pytest.raises(VectorFileError, match="built for 8 layers, but the model has 4 layers"):
+        SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(deep))
+    with pytest.raises(ReuseError, match=r"unsteered_from=.*missing: .*missing: no such file or directory"):
+        SteeredHFLM(pretrained=str(tiny_model_dir), unsteered_from=str(tmp_path / "missing"))
+
+
+def test_a_config_unreadable_before_loading_leaves_the_checks_to_the_loaded_model(tiny_model_dir, monkeypatch):
+    from transformers import AutoConfig
+
+    original = AutoConfig.from_pretrained
+    calls = []
+
+    def unreadable_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError("config not reachable")
+        return original(*args, **kwargs)
+
+    loads = []
+    load = model_module.HFLM.__init__
+    monkeypatch.setattr(AutoConfig, "from_pretrained", unreadable_once)
+    monkeypatch.setattr(model_module.HFLM, "__init__", lambda self, *a, **k: loads.append(1) or load(self, *a, **k))
+    with pytest.raises(ModelArgError, match="steered-hf: layer=4 is out of range for a 4-layer model"):
+        SteeredHFLM(pretrained=str(tiny_model_dir), layer=4, device="cpu")
+    assert loads == [1], "the early read failed, so the model loaded and the check ran on it"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,12 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, SMOL_GGUF, smollm2_dir
+from results_fixtures import gzip_samples
 from test_registration import TASK_YAML
 
-from lm_eval_steer.cli import run_harness
+from lm_eval_steer.cli import main, run_harness
+from lm_eval_steer.digest import file_sha256
+from lm_eval_steer.runtime import model as model_module
 from lm_eval_steer.runtime.model import SteeredHFLM
 from lm_eval_steer.runtime.reuse import ReuseError
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, save_vector_file
@@ -180,10 +184,12 @@ def edited(baseline: Path, tmp_path: Path, **changes: Any) -> Path:
         ({"config__model": "steered-hf", "config__steering": {"route": "auto", "vector_files": [{"path": "v.safetensors"}]}}, "a steered run"),
     ],
 )
-def test_a_baseline_of_another_model_or_harness_is_refused(tmp_path, tiny_model_dir, vectors, baseline, changes, message):
+def test_a_baseline_of_another_model_or_harness_is_refused(tmp_path, tiny_model_dir, vectors, baseline, changes, message, monkeypatch):
     if isinstance(changes.get("config__model_args"), str):  # an extra argument on top of the real ones
         changes["config__model_args"] = f"pretrained={tiny_model_dir},{changes['config__model_args']}"
     results = edited(baseline, tmp_path, **changes)
+    if "config__model_dtype" not in changes:  # only the dtype as loaded needs the weights
+        monkeypatch.setattr(model_module.HFLM, "__init__", lambda *a, **k: pytest.fail("the weights loaded before the baseline was checked"))
     with pytest.raises(ReuseError, match=f"unsteered_from={results}: .*{message}"):
         SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(vectors), unsteered_from=str(results))
 
@@ -272,3 +278,103 @@ def test_a_recorded_weights_sha256_stands_for_the_folder_the_weights_were_loaded
     assert problem.startswith("weights m.gguf sha256") and "in the baseline" in problem
     # Without a recorded sha256 on this side the folders still decide.
     assert any(p.startswith("pretrained=") for p in model_mismatches(_gguf_baseline(weights["sha256"]), args, torch.float32, None))
+
+
+# --------------------------------------------------------------------------- what reuse verifies
+
+
+def test_a_compressed_baseline_is_reused_and_each_samples_file_recorded_with_its_sha256(tmp_path, tiny_model_dir, tasks, vectors, baseline, full_steered, monkeypatch):
+    results = edited(baseline, tmp_path)
+    compressed = gzip_samples(results)
+    seen = count_model_requests(monkeypatch)
+    reused = evaluate(tmp_path / "reused", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={vectors},unsteered_from={results}")
+    assert_same_answers(reused, full_steered)
+    assert {prompt for _, prompt in seen} == {PROMPTS[i] for i in (0, 2, 4)}
+    record = json.loads(reused.read_text())["config"]["steering"]["unsteered_from"]
+    assert len(compressed) == 2
+    assert record["samples"] == {path.name.removeprefix("samples_").rsplit("_", 1)[0]: {"file": str(path), "sha256": file_sha256(path)} for path in compressed}
+
+
+def edit_logged_answer(results: Path, task: str, doc_id: int, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Applies ``edit`` to the logged sample of one document in the baseline's samples file."""
+    (samples,) = results.parent.glob(f"samples_{task}_*.jsonl")
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    for row in rows:
+        if row["doc_id"] == doc_id:
+            edit(row)
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def change_the_generation(row: dict[str, Any]) -> None:
+    # The target is "": an empty answer is an exact match, any other is not.
+    row["resps"][0][0] = "" if row["exact_match"] == 0 else "an edited answer"
+
+
+def move_the_best_choice(row: dict[str, Any]) -> None:
+    # acc is 1 when the first choice is the most likely: make it the most, or the least, likely.
+    row["resps"][0][0][0] = "-1000000.0" if row["acc"] else "0.0"
+
+
+@pytest.mark.parametrize(("task", "edit", "metric"), [("reuse_gen", change_the_generation, "exact_match"), ("reuse_choice", move_the_best_choice, "acc")])
+def test_an_edited_logged_answer_is_refused_naming_task_document_and_metric(tmp_path, tiny_model_dir, tasks, vectors, baseline, task, edit, metric):
+    results = edited(baseline, tmp_path)
+    edit_logged_answer(results, task, 1, edit)  # document 1 is not steered: its answer would be reused
+    message = rf"unsteered_from={results}: task {task} doc_id 1: the logged answer scores {metric}=\S+ \(filter none\), but the baseline logged {metric}=\S+: its samples file was edited"
+    with pytest.raises(ReuseError, match=message):
+        evaluate(tmp_path / "run", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={vectors},unsteered_from={results}", task_names=task)
+
+
+def test_an_edit_that_keeps_every_metric_is_reused(tmp_path, tiny_model_dir, tasks, vectors, baseline):
+    """What re-scoring cannot see (see the reuse module): another answer that scores the same."""
+    results = edited(baseline, tmp_path)
+    edit_logged_answer(results, "reuse_gen", 1, lambda row: row["resps"][0].__setitem__(0, row["resps"][0][0] + " (edited)"))
+    reused = evaluate(tmp_path / "run", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={vectors},unsteered_from={results}", task_names="reuse_gen")
+    assert any(responses[0][0].endswith(" (edited)") for _, responses, _ in logged(reused)["reuse_gen"])
+
+
+def corrupt_first_line(line: str) -> Callable[[Path, Path, Path], Path]:
+    """A maker of a baseline copy whose first reuse_gen samples line is ``line``."""
+
+    def make(baseline: Path, steered: Path, folder: Path) -> Path:
+        results = edited(baseline, folder)
+        (samples,) = results.parent.glob("samples_reuse_gen_*.jsonl")
+        samples.write_text(line + "\n" + "".join(samples.read_text().splitlines(keepends=True)[1:]))
+        return results
+
+    return make
+
+
+def with_edited_answer(baseline: Path, steered: Path, folder: Path) -> Path:
+    results = edited(baseline, folder)
+    edit_logged_answer(results, "reuse_gen", 1, change_the_generation)
+    return results
+
+
+def steered_copy(baseline: Path, steered: Path, folder: Path) -> Path:
+    shutil.copytree(steered.parent, folder / "steered")
+    return folder / "steered" / steered.name
+
+
+# case -> (makes the unsteered_from= path in a folder, from the baseline and the steered run; what the refusal says)
+REFUSALS: dict[str, tuple[Callable[[Path, Path, Path], Path], str]] = {
+    "missing directory": (lambda baseline, steered, folder: folder / "missing", "unsteered_from=missing: missing: no such file or directory"),
+    "another model's baseline": (lambda baseline, steered, folder: edited(baseline, folder, config__model="vllm"), "cannot stand in for this run: made by model 'vllm'"),
+    "a steered run": (steered_copy, "cannot stand in for this run: a steered run (route=auto)"),
+    "an unreadable samples line": (corrupt_first_line("{not json"), ".jsonl line 1: not a readable samples file"),
+    "a line that is no logged sample": (corrupt_first_line('{"doc_id": 0}'), ".jsonl: sample 1 is not a logged sample (no 'doc_hash' key)"),
+    "an edited answer": (with_edited_answer, "task reuse_gen doc_id 1: the logged answer scores exact_match="),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_each_refusal_is_one_line_and_exit_status_2_through_the_cli(tmp_path, tiny_model_dir, tasks, vectors, baseline, full_steered, capsys, monkeypatch, case):
+    make, problem = REFUSALS[case]
+    spec = make(baseline, full_steered, tmp_path).relative_to(tmp_path)
+    monkeypatch.chdir(tmp_path)  # relative paths: the whole line fits its 300 characters
+    monkeypatch.setattr(sys, "argv", sys.argv[:])  # the CLI replaces it
+    model_args = f"pretrained={tiny_model_dir},vectors={vectors},unsteered_from={spec}"
+    assert main(["--model", "steered-hf", "--model_args", model_args, "--tasks", "reuse_gen", "--include_path", str(tasks), "--batch_size", "4", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert errors[0].startswith(f"lm-eval-steer: error: unsteered_from={spec}: ") and problem in errors[0], errors[0]

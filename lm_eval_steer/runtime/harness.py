@@ -23,6 +23,11 @@ two assumptions about the evaluator:
 5. ``lm_eval.evaluator.evaluate`` calls the model with the tasks in its local ``eval_tasks`` (task
    name -> task) and the run's ``apply_chat_template`` and ``system_instruction`` arguments in scope:
    the model is never told which tasks it serves, so :func:`running_evaluation` reads them there.
+   It then scores each document as :func:`rescore` does: the document's requests are the task's
+   ``instances`` of its ``doc_id`` in ``idx`` order, each filter pipeline of ``task._filters`` (a
+   ``FilterEnsemble`` that reads ``resps`` and ``doc`` and writes ``filtered_resps``) filters their
+   responses, and ``task.process_results(doc, filtered responses)`` gives the metrics it logs next
+   to them (:func:`logged_value` renders a metric as it is logged).
 
 ``tests/test_harness_coupling.py`` checks 1-3 against the installed harness: if a harness release
 changes one, that test fails before steering silently goes to the wrong rows. ``tests/test_reuse.py``
@@ -35,8 +40,9 @@ import hashlib
 import inspect
 import json
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from lm_eval.utils import handle_non_serializable
@@ -106,6 +112,7 @@ class Evaluation:
     task_versions: dict[str, Any]
     apply_chat_template: bool
     system_instruction: str | None
+    tasks: Mapping[str, Any] = field(default_factory=dict)  # task name -> the harness's Task
 
 
 def running_evaluation() -> Evaluation | None:
@@ -120,8 +127,43 @@ def running_evaluation() -> Evaluation | None:
     if frame is None:
         return None
     scope = frame.f_locals
+    tasks = dict(scope.get("eval_tasks") or {})
     return Evaluation(
-        task_versions={name: getattr(task, "VERSION", None) for name, task in (scope.get("eval_tasks") or {}).items()},
+        task_versions={name: getattr(task, "VERSION", None) for name, task in tasks.items()},
         apply_chat_template=bool(scope.get("apply_chat_template")),
         system_instruction=scope.get("system_instruction"),
+        tasks=tasks,
     )
+
+
+def document_requests(task: Any) -> dict[Any, list[Any]]:
+    """The task's requests grouped by ``doc_id``, each group in ``idx`` order, as the evaluator groups
+    them to score a document."""
+    by_document: dict[Any, list[Any]] = {}
+    for instance in task.instances:
+        by_document.setdefault(instance.doc_id, []).append(instance)
+    for group in by_document.values():
+        group.sort(key=lambda instance: instance.idx)
+    return by_document
+
+
+def rescore(task: Any, requests: Sequence[Any], responses: Sequence[Sequence[Any]], filters: Collection[str]) -> dict[str, dict[str, Any]]:
+    """Filter name -> the metrics the evaluator computes for one document whose ``requests`` (from
+    :func:`document_requests`) got ``responses`` (one list per request, one response per repeat);
+    only the filters named in ``filters`` are run."""
+    scores: dict[str, dict[str, Any]] = {}
+    for ensemble in getattr(task, "_filters", None) or ():
+        if ensemble.name not in filters:
+            continue
+        # Stand-ins for the requests: the live ones must stay untouched (the evaluator filters them
+        # itself later), and a filter pipeline reads and writes only these three attributes.
+        copies = [SimpleNamespace(resps=list(answers), doc=request.doc, filtered_resps={}) for request, answers in zip(requests, responses, strict=True)]
+        ensemble.apply(copies)
+        scores[ensemble.name] = task.process_results(requests[0].doc, [copy.filtered_resps[ensemble.name] for copy in copies])
+    return scores
+
+
+def logged_value(value: Any) -> str:
+    """A metric value as ``--log_samples`` writes it, canonical (keys sorted): a metric computed now
+    and its logged copy are equal exactly when these strings are (NaN included)."""
+    return _logged_json(value, sort_keys=True)

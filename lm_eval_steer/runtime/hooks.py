@@ -41,10 +41,24 @@ class SteeringError(ValueError):
     """The steering configuration does not fit the model or the batch."""
 
 
-def text_config(model: nn.Module) -> Any:
-    """The config that describes the decoder stack (multimodal wrappers keep it in ``text_config``)."""
-    config = getattr(model, "config", None)
+def decoder_config(config: Any) -> Any:
+    """The part of a model config that describes the decoder stack (multimodal configs keep it in
+    ``text_config``)."""
     return getattr(config, "text_config", None) or config
+
+
+def text_config(model: nn.Module) -> Any:
+    """The config that describes a model's decoder stack (:func:`decoder_config` of its config)."""
+    return decoder_config(getattr(model, "config", None))
+
+
+def decoder_shape(config: Any) -> tuple[int, int] | None:
+    """``(hidden_size, num_hidden_layers)`` of a model config; None when it does not say both."""
+    config = decoder_config(config)
+    hidden_size, num_layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
+    if isinstance(hidden_size, int) and isinstance(num_layers, int) and not isinstance(hidden_size, bool) and not isinstance(num_layers, bool):
+        return hidden_size, num_layers
+    return None
 
 
 def _num_layers(model: nn.Module) -> int | None:

@@ -11,6 +11,7 @@ in :mod:`lm_eval_steer.runtime.harness`.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import warnings
@@ -21,8 +22,8 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from lm_eval_steer.runtime.hooks import steering, text_config
-from lm_eval_steer.runtime.modelargs import check_layer_override, check_local_model, parse_steering_args
+from lm_eval_steer.runtime.hooks import decoder_shape, steering, text_config
+from lm_eval_steer.runtime.modelargs import check_layer_override, check_local_model, check_near_misses, parse_steering_args
 from lm_eval_steer.runtime.reuse import Reuse, weights_identity
 from lm_eval_steer.runtime.routing import entries_for_document, route_key
 from lm_eval_steer.runtime.rows import Entries, RequestRows
@@ -30,13 +31,40 @@ from lm_eval_steer.runtime.vectorfile import check_applicable, check_model_shape
 
 logger = logging.getLogger(__name__)
 
+#: Model arguments ``HFLM`` takes itself: never refused as near misses of a steering argument.
+HFLM_ARGS = frozenset(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+
+
+def config_before_loading(pretrained: Any, kwargs: dict[str, Any]) -> Any | None:
+    """The model config, read as ``HFLM`` reads it but before any weights load (for a GGUF file, only
+    its metadata); None when it cannot be read here: ``HFLM``'s own load then reports why, and the
+    checks that need the config run on the loaded model instead."""
+    if not isinstance(pretrained, str):
+        return getattr(pretrained, "config", None)  # an already loaded model
+    from transformers import AutoConfig
+
+    try:
+        # The very arguments HFLM._get_config passes, so this reads nothing HFLM would not.
+        return AutoConfig.from_pretrained(
+            pretrained,
+            revision=str(kwargs.get("revision", "main")),
+            trust_remote_code=kwargs.get("trust_remote_code", False),
+            gguf_file=kwargs.get("gguf_file"),
+            subfolder=kwargs.get("subfolder", ""),
+        )
+    except Exception as error:  # noqa: BLE001 - an early read that fails must change nothing about the load
+        logger.debug("steered-hf: model config not readable before loading (%s); checking after", error)
+        return None
+
 
 class SteeredHFLM(HFLM):
     """HFLM plus ``vectors``, ``layer``, ``scale``, ``mode``, ``positions``, ``stop_after``, ``route``,
     ``skip_first_token`` and ``unsteered_from`` model args (see the README; the steering arguments
     are parsed by :mod:`lm_eval_steer.runtime.modelargs`).
 
-    Every steering argument and vector file is checked before the model weights load."""
+    Every steering argument, vector file and ``unsteered_from=`` baseline is checked before the
+    model weights load: against the model config, read first (only the loaded dtype is compared
+    after loading)."""
 
     def __init__(
         self,
@@ -56,17 +84,27 @@ class SteeredHFLM(HFLM):
         args = parse_steering_args(vectors, layer, scale, mode, positions, route, skip_first_token, stop_after)
         check_local_model(pretrained)
         self.route, self.overrides, self.skip_first_token = args.route, args.overrides, args.skip_first_token
+        early = config_before_loading(pretrained, kwargs)
+        # Config attributes are legitimate overrides (from_pretrained passes them on to the config).
+        check_near_misses(kwargs, HFLM_ARGS | {name for name in kwargs if early is not None and hasattr(early, name)})
         self.vector_files = [load_vector_file(path) for path in args.vector_paths]
         for vector_file in self.vector_files:
             check_applicable(vector_file, self.overrides.mode, self.overrides.scale)
+        shape = decoder_shape(early)
+        if shape is not None:
+            self._check_shape(*shape)
+        self.weights = weights_identity(pretrained, kwargs.get("gguf_file"))
+        # unsteered_from=: unsteered requests are answered from that run's logged samples.
+        self._reuse = Reuse.load(str(unsteered_from), {"pretrained": pretrained, **kwargs}, self.weights) if unsteered_from else None
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(pretrained=pretrained, device=device, **kwargs)
 
         config = text_config(self.model)
-        for vector_file in self.vector_files:
-            check_model_shape(vector_file, config.hidden_size, config.num_hidden_layers)
-        check_layer_override(self.overrides.layer, config.num_hidden_layers)
+        if shape is None:  # the config was not readable before loading: check the loaded model's
+            self._check_shape(config.hidden_size, config.num_hidden_layers)
+        if self._reuse is not None:
+            self._reuse.check_dtype(self.model.dtype)  # the dtype is known only once loaded
         # A GGUF load is named after its folder; its file name carries the model's name.
         model_name = " ".join(
             str(part) for part in (getattr(config, "_name_or_path", "") or (pretrained if isinstance(pretrained, str) else ""), kwargs.get("gguf_file") or "") if part
@@ -81,9 +119,12 @@ class SteeredHFLM(HFLM):
         if self.route != "none" and not self.vector_files:
             logger.warning("steered-hf: no vectors= given, so nothing is steered")
         self._rows = RequestRows()
-        self.weights = weights_identity(pretrained, kwargs.get("gguf_file"))
-        # unsteered_from=: unsteered requests are answered from that run's logged samples.
-        self._reuse = Reuse.load(str(unsteered_from), {"pretrained": pretrained, **kwargs}, self.model.dtype, self.weights) if unsteered_from else None
+
+    def _check_shape(self, hidden_size: int, num_layers: int) -> None:
+        """Every vector file and ``layer=`` against the model's decoder shape."""
+        for vector_file in self.vector_files:
+            check_model_shape(vector_file, hidden_size, num_layers)
+        check_layer_override(self.overrides.layer, num_layers)
 
     # ------------------------------------------------------------------------------ configuration
 

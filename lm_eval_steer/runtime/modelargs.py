@@ -6,6 +6,11 @@ into bools, digits into ints, ``1.5``/``nan`` into floats and ``None`` into None
 into None; Python callers pass objects. Each argument accepts exactly the spellings below in every
 typed form, so the CLI and the API mean the same thing, and every refusal is one
 :class:`ModelArgError` line that names the argument: ``steered-hf: scale='abc' is not a number``.
+
+Arguments that are not steering arguments go on to the harness's ``HFLM`` and from there to
+``from_pretrained``, which accepts many names; one that is a near miss of a steering argument
+(``vector=``, ``Layer=``, ``stop-after=``) is refused instead of failing deep in the loader
+(:func:`check_near_misses`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +33,8 @@ MODEL = "steered-hf"
 VECTOR_FILE_SEPARATOR = "+"
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 _INTEGER = re.compile(r"^[+-]?\d{1,9}$")
+#: The model arguments ``steered-hf`` adds to ``HFLM``'s.
+STEERING_ARGS = ("vectors", "layer", "scale", "mode", "positions", "stop_after", "route", "skip_first_token", "unsteered_from")
 
 
 class ModelArgError(UserError, ValueError):
@@ -159,6 +166,46 @@ def parse_steering_args(
         ),
         skip_first_token=parse_flag("skip_first_token", skip_first_token),
     )
+
+
+def edit_distance(first: str, second: str) -> int:
+    """Edits (insert, delete, replace, swap two neighbours) that turn ``first`` into ``second``."""
+    previous2: list[int] = []
+    previous = list(range(len(second) + 1))
+    for i, a in enumerate(first, 1):
+        current = [i]
+        for j, b in enumerate(second, 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a != b))
+            if i > 1 and j > 1 and a == second[j - 2] and first[i - 2] == b:
+                cost = min(cost, previous2[j - 2] + 1)
+            current.append(cost)
+        previous2, previous = previous, current
+    return previous[-1]
+
+
+def near_miss(name: str) -> str | None:
+    """The steering argument ``name`` was probably meant to be, or None.
+
+    Case and ``-`` for ``_`` are ignored; then one edit is a near miss of a short name (``mode``,
+    ``layer``, ``scale``, ``route``) and two of a longer one. Short names get one only: two edits
+    turn ``layer`` into ``n_layer``, a config attribute a user may mean to override."""
+    normal = name.strip().lower().replace("-", "_")
+    scored = [(edit_distance(normal, known), known) for known in STEERING_ARGS]
+    distance, known = min(scored)
+    return known if distance <= (1 if len(known) <= 5 else 2) else None
+
+
+def check_near_misses(names: Iterable[str], passed_on: Collection[str]) -> None:
+    """Refuses a model argument that would go on to ``HFLM`` but is a near miss of a steering
+    argument. ``passed_on`` holds the names that are never refused: those ``HFLM`` itself takes,
+    and the model config's own attributes (``from_pretrained`` overrides them: GPT-2's
+    ``n_positions`` is two edits from ``positions``)."""
+    for name in names:
+        if not isinstance(name, str) or name in passed_on or name in STEERING_ARGS:
+            continue
+        meant = near_miss(name)
+        if meant is not None:
+            raise ModelArgError(f"{MODEL}: unknown argument {brief(name)}: did you mean {meant}=?")
 
 
 def check_local_model(pretrained: Any, where: str = MODEL) -> None:

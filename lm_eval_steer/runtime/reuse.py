@@ -1,14 +1,43 @@
 """``unsteered_from=``: answer the requests a route leaves unsteered from an earlier unsteered run.
 
 A steered run differs from the unsteered one only on the documents it steers, so the answers of the
-other documents are already in an unsteered run's ``--log_samples`` output. :class:`Reuse` loads such
-a baseline (made by ``hf`` or ``steered-hf route=none``), refuses it when it could hold different
-answers (:class:`ReuseError`, one line), and then serves each unsteered request whose task, document
-and exact arguments (prompt and generation kwargs; context and continuation) it logged. Everything
-else (steered requests, documents the baseline lacks) goes to the model.
+other documents are already in an unsteered run's ``--log_samples`` output (``samples_*.jsonl``, or
+``.jsonl.gz``). :class:`Reuse` loads such a baseline (made by ``hf`` or ``steered-hf route=none``),
+refuses it when it could hold different answers (:class:`ReuseError`, one line), and then serves
+each unsteered request whose task, document and exact arguments (prompt and generation kwargs;
+context and continuation) it logged. Everything else (steered requests, documents the baseline
+lacks) goes to the model.
 
 Documents are recognised by their content hash, never by a logged ``doc_id`` alone: lm-eval 0.4.13
 labels logged ``doc_id`` by position in an unsorted ``--samples`` list, not by the document.
+
+What reuse detects, and refuses:
+
+- a baseline of another model or harness: another model type, a steered run, other weights (path,
+  revision, GGUF file or its recorded sha256, PEFT adapter ...), another dtype as loaded, another
+  lm-eval version; checked before the weights load, except the dtype (known only once loaded);
+- other run settings: another task version, ``--apply_chat_template``, ``--system_instruction``;
+  a prompt or generation kwargs that differ from the logged ones (``--num_fewshot``,
+  ``--gen_kwargs``), sampled generation (its answers are not reproducible);
+- a damaged baseline: an unreadable results or samples file, a samples line that is not a logged
+  sample, a logged response that is not an answer of its request's type, and a logged answer whose
+  re-computed metrics (the task's own filters and ``process_results``, run on each reused document
+  once, before its answers are served) differ from the metrics logged next to it: an edited or
+  corrupted answer.
+
+What it cannot detect:
+
+- an edit that leaves every metric as logged (a response rewritten into another that scores the
+  same), or an edit of the answers and their metrics together: re-scoring checks consistency, not
+  origin. The results JSON records the sha256 of every samples file read, so an audit can tell
+  which files a run trusted;
+- a model whose answers changed while every recorded argument stayed the same (weights replaced in
+  place under the same path without a recorded sha256, another transformers or torch version, or
+  another device's numerics): reused answers are the baseline's, not this machine's;
+- documents served outside an ``lm_eval`` evaluation (a model called directly): without the
+  evaluator's tasks there is nothing to re-score with, so only the arguments are matched;
+- a task whose scoring is random (unseeded): its re-computed metrics may differ from the logged
+  ones, and the baseline is then refused although nothing was edited.
 """
 
 from __future__ import annotations
@@ -29,13 +58,16 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import simple_parse_args_string
 
 from lm_eval_steer.digest import file_sha256
-from lm_eval_steer.errors import brief
+from lm_eval_steer.errors import MAX_VALUE, UserError, brief
 from lm_eval_steer.outputs import OutputError, find_results_files, find_sample_files, read_results_json, read_samples
 from lm_eval_steer.runtime.harness import (
     Evaluation,
+    document_requests,
     logged_arguments,
     logged_doc_hash,
+    logged_value,
     parse_logged_response,
+    rescore,
     running_evaluation,
     sample_arguments,
 )
@@ -51,6 +83,8 @@ ANSWER_ARGS = ("pretrained", "tokenizer", "gguf_file", "revision", "peft", "delt
 _PATH_ARGS = ("pretrained", "tokenizer", "peft", "delta")
 #: Args that only say where the weights are: a recorded weights sha256 answers for them instead.
 _LOCATION_ARGS = ("pretrained", "tokenizer", "gguf_file")
+#: What ``HFLM`` uses for an argument not given (a baseline may have given it, or not).
+_HFLM_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(HFLM.__init__).parameters.items()}
 
 
 def weights_identity(pretrained: Any, gguf_file: str | None) -> dict[str, str] | None:
@@ -65,9 +99,19 @@ def weights_identity(pretrained: Any, gguf_file: str | None) -> dict[str, str] |
     return {"gguf_file": Path(gguf_file).name, "sha256": file_sha256(path)} if path.is_file() else None
 
 
-class ReuseError(ValueError):
+class ReuseError(UserError, ValueError):
     """A baseline whose answers cannot be reused; the one-line message names the argument, the file
     and the mismatch."""
+
+
+@dataclass
+class LoggedDocument:
+    """What a baseline logged for one document of one task."""
+
+    # request arguments (:func:`logged_arguments`) -> the logged responses, one per repeat
+    responses: dict[str, list[Any]] = field(default_factory=dict)
+    # filter name -> metric -> the value logged next to the responses
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -77,8 +121,35 @@ class Baseline:
     results_file: Path
     sha256: str
     results: dict[str, Any]
-    # task -> document hash -> request arguments -> the logged responses (one per repeat)
-    answers: dict[str, dict[str, dict[str, list[Any]]]]
+    documents: dict[str, dict[str, LoggedDocument]]  # task -> document hash -> what was logged
+    sample_files: dict[str, tuple[Path, str]] = field(default_factory=dict)  # task -> (samples file, its sha256)
+
+
+def _add_sample(documents: dict[str, LoggedDocument], sample: Mapping[str, Any]) -> None:
+    """Adds one logged sample (one document under one filter) to ``documents``."""
+    document = documents.setdefault(sample["doc_hash"], LoggedDocument())
+    requests, responses = sample_arguments(sample), sample["resps"]
+    if not isinstance(responses, list) or len(responses) != len(requests) or not all(isinstance(each, list) for each in responses):
+        raise ValueError(f"resps is {brief(responses)}, not a list of responses for each of its {len(requests)} requests")
+    # One line per filter, all with the same requests: the first line of a document wins.
+    for arguments, answers in zip(requests, responses):
+        document.responses.setdefault(arguments, answers)
+    names = sample.get("metrics") or []
+    if not isinstance(names, list):
+        raise TypeError(f"metrics is {brief(names)}, not a list of names")
+    document.metrics.setdefault(str(sample.get("filter", "none")), {str(name): sample[name] for name in names})
+
+
+def _logged_documents(path: Path) -> dict[str, LoggedDocument]:
+    """Document hash -> what one samples file logged for it."""
+    documents: dict[str, LoggedDocument] = {}
+    for number, sample in enumerate(read_samples(path), 1):
+        try:
+            _add_sample(documents, sample)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            reason = f"no {brief(error.args[0])} key" if isinstance(error, KeyError) and error.args else brief(str(error), 120)
+            raise OutputError(f"{path}: sample {number} is not a logged sample ({reason})") from None
+    return documents
 
 
 def load_baseline(spec: str) -> Baseline:
@@ -88,20 +159,15 @@ def load_baseline(spec: str) -> Baseline:
         if len(files) > 1:
             raise OutputError(f"holds results of {len(files)} models ({', '.join(map(str, files))}); name one results file")
         results = read_results_json(files[0])
-        sample_files = find_sample_files(files[0], results.get("configs") or {})
+        configs = results.get("configs")
+        sample_files = find_sample_files(files[0], configs if isinstance(configs, dict) else {})
         if not sample_files:
-            raise OutputError(f"{files[0]}: no samples_*.jsonl next to it; run the baseline with --log_samples")
-        answers: dict[str, dict[str, dict[str, list[Any]]]] = {}
-        for task, path in sample_files.items():
-            by_document = answers.setdefault(task, {})
-            for sample in read_samples(path):
-                # One line per filter, all with the same requests: the first line of a document wins.
-                requests = by_document.setdefault(sample["doc_hash"], {})
-                for arguments, responses in zip(sample_arguments(sample), sample["resps"]):
-                    requests.setdefault(arguments, responses)
-    except (OutputError, KeyError, TypeError, ValueError) as error:
+            raise OutputError(f"{files[0]}: no samples_*.jsonl(.gz) next to it; run the baseline with --log_samples")
+        documents = {task: _logged_documents(path) for task, path in sample_files.items()}
+    except OutputError as error:
         raise ReuseError(f"unsteered_from={spec}: {error}") from error
-    return Baseline(files[0], file_sha256(files[0]), results, answers)
+    digests = {task: (path, file_sha256(path)) for task, path in sample_files.items()}
+    return Baseline(files[0], file_sha256(files[0]), results, documents, digests)
 
 
 def _normal(name: str, value: Any) -> str | None:
@@ -115,9 +181,17 @@ def _normal(name: str, value: Any) -> str | None:
     return str(value).removeprefix("torch.")
 
 
-def model_mismatches(baseline: Mapping[str, Any], model_args: Mapping[str, Any], dtype: Any, weights: Mapping[str, str] | None = None) -> list[str]:
+def dtype_mismatches(baseline: Mapping[str, Any], dtype: Any) -> list[str]:
+    """The loaded dtype against the baseline's (as loaded, not as asked)."""
+    config = baseline.get("config") or {}
+    here, there = _normal("dtype", dtype), _normal("dtype", config.get("model_dtype"))
+    return [] if here == there else [f"dtype {here} here, {there} in the baseline"]
+
+
+def model_mismatches(baseline: Mapping[str, Any], model_args: Mapping[str, Any], dtype: Any = None, weights: Mapping[str, str] | None = None) -> list[str]:
     """Why the run in ``baseline`` (its results JSON) could have answered differently from a model made
-    with ``model_args`` whose weights are ``dtype`` (empty when it could not).
+    with ``model_args`` whose weights are ``dtype`` (empty when it could not; None: the dtype is not
+    compared, as before the weights load).
 
     ``weights`` is this model's :func:`weights_identity`: when the baseline recorded one too, the two
     sha256 decide whether the weights are the same, and the folders they were loaded from do not."""
@@ -130,7 +204,6 @@ def model_mismatches(baseline: Mapping[str, Any], model_args: Mapping[str, Any],
         return [f"a steered run (route={steering['route']}); reuse needs hf or steered-hf route=none"]
     given = config.get("model_args") or {}
     given = simple_parse_args_string(given) if isinstance(given, str) else given
-    defaults = {name: parameter.default for name, parameter in inspect.signature(HFLM.__init__).parameters.items()}
     problems = []
     recorded = steering.get("weights")
     same_file = isinstance(recorded, dict) and weights is not None
@@ -139,12 +212,11 @@ def model_mismatches(baseline: Mapping[str, Any], model_args: Mapping[str, Any],
     for name in ANSWER_ARGS:
         if same_file and name in _LOCATION_ARGS:
             continue
-        here, there = (_normal(name, args.get(name, defaults.get(name))) for args in (model_args, given))
+        here, there = (_normal(name, args.get(name, _HFLM_DEFAULTS.get(name))) for args in (model_args, given))
         if here != there:
             problems.append(f"{name}={here} here, {there} in the baseline")
-    here, there = _normal("dtype", dtype), _normal("dtype", config.get("model_dtype"))  # as loaded, not as asked
-    if here != there:
-        problems.append(f"dtype {here} here, {there} in the baseline")
+    if dtype is not None:
+        problems += dtype_mismatches(baseline, dtype)
     here, there = version("lm_eval"), baseline.get("lm_eval_version")
     if here != there:
         problems.append(f"lm-eval {here} here, {there} in the baseline")
@@ -177,6 +249,12 @@ def _first_difference(here: str, there: str) -> str:
     return f"first difference at character {index}: {here[index : index + 30]!r} here, {there[index : index + 30]!r} in the baseline"
 
 
+def _shown(value: Any) -> str:
+    """A metric value in a message: as it is logged (``1.0``, not ``np.float64(1.0)``), cut short."""
+    text = logged_value(value)
+    return text if len(text) <= MAX_VALUE else text[: MAX_VALUE - 1] + "…"
+
+
 @dataclass
 class Reuse:
     """The baseline of one ``steered-hf`` model, and what it served so far."""
@@ -185,18 +263,29 @@ class Reuse:
     baseline: Baseline
     reused: Counter[str] = field(default_factory=Counter)  # task -> requests answered from the baseline
     missing: Counter[str] = field(default_factory=Counter)  # task -> unsteered requests the baseline lacks
+    verified: set[tuple[str, str]] = field(default_factory=set)  # (task, document hash) re-scored
+    # task name -> (the harness task, its requests by doc_id), for the evaluation in progress
+    _requests: dict[str, tuple[Any, dict[Any, list[Instance]]]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, spec: str, model_args: Mapping[str, Any], dtype: Any, weights: Mapping[str, str] | None = None) -> Reuse:
-        """The baseline ``spec`` names, checked against the model made with ``model_args``."""
+    def load(cls, spec: str, model_args: Mapping[str, Any], weights: Mapping[str, str] | None = None) -> Reuse:
+        """The baseline ``spec`` names, checked against the model made with ``model_args`` (before
+        the weights load; :meth:`check_dtype` compares the dtype once they have)."""
         baseline = load_baseline(spec)
-        cls._refuse_if(spec, baseline, model_mismatches(baseline.results, model_args, dtype, weights))
+        cls._refuse_if(spec, baseline, model_mismatches(baseline.results, model_args, None, weights))
         return cls(spec, baseline)
+
+    def check_dtype(self, dtype: Any) -> None:
+        """Refuses the baseline when the loaded model's dtype differs from the one it was made with."""
+        self._refuse_if(self.spec, self.baseline, dtype_mismatches(self.baseline.results, dtype))
 
     @staticmethod
     def _refuse_if(spec: str, baseline: Baseline, problems: Sequence[str]) -> None:
         if problems:
             raise ReuseError(f"unsteered_from={spec}: {baseline.results_file} cannot stand in for this run: {'; '.join(problems)}")
+
+    def _refuse(self, request: Instance, problem: str) -> ReuseError:
+        return ReuseError(f"unsteered_from={self.spec}: task {request.task_name} doc_id {request.doc_id}: {problem}")
 
     def answer(self, requests: list[Instance], steered: Callable[[Instance], bool], run: Callable[[list[Instance]], list[Answer]]) -> list[Answer]:
         """The answers to ``requests``: logged ones for unsteered requests the baseline has, ``run``'s
@@ -211,30 +300,72 @@ class Reuse:
         for index, request in enumerate(requests):
             if is_sampled(request):
                 raise ReuseError(f"unsteered_from={self.spec}: task {request.task_name} samples (do_sample/temperature), and sampled answers cannot be reused")
-            logged = None if steered(request) else self._logged(request, repeat[id(request)])
+            logged = None if steered(request) else self._logged(request, repeat[id(request)], evaluation)
             repeat[id(request)] += 1
             if logged is None:
                 to_run.append(index)
             else:
-                answers[index] = parse_logged_response(request.request_type, logged)
+                answers[index] = logged
                 self.reused[str(request.task_name)] += 1
         for index, answer in zip(to_run, run([requests[i] for i in to_run]) if to_run else []):
             answers[index] = answer
         return answers
 
-    def _logged(self, request: Instance, repeat: int) -> Any:
-        """The baseline's response to an unsteered request; None (and counted) when it lacks the document."""
+    def _logged(self, request: Instance, repeat: int, evaluation: Evaluation | None) -> Any:
+        """The baseline's answer to an unsteered request; None (and counted) when it lacks the document."""
         task = str(request.task_name)
-        requests = self.baseline.answers.get(task, {}).get(logged_doc_hash(request.doc))
-        responses = None if requests is None else requests.get(logged_arguments(request.args))
-        if requests is not None and responses is None:
-            raise ReuseError(f"unsteered_from={self.spec}: task {task} doc_id {request.doc_id}: {self._difference(request, list(requests))}")
-        if responses is None or repeat >= len(responses):
+        document_hash = logged_doc_hash(request.doc)
+        document = self.baseline.documents.get(task, {}).get(document_hash)
+        responses = None if document is None else document.responses.get(logged_arguments(request.args))
+        if document is not None and responses is None:
+            raise self._refuse(request, self._difference(request, list(document.responses)))
+        if document is None or responses is None or repeat >= len(responses):
             if not self.missing[task]:
                 logger.warning("unsteered_from=%s: %s has documents the baseline lacks; they are generated", self.spec, task)
             self.missing[task] += 1
             return None
-        return responses[repeat]
+        if (task, document_hash) not in self.verified:
+            self._verify(request, document, evaluation)
+            self.verified.add((task, document_hash))
+        return self._parsed(request, responses[repeat])
+
+    def _parsed(self, request: Instance, logged: Any) -> Any:
+        """One logged response as the model returned it; refused when it is not an answer of the request's type."""
+        try:
+            return parse_logged_response(request.request_type, logged)
+        except (TypeError, ValueError):
+            raise self._refuse(request, f"the logged response {brief(logged)} is not a {request.request_type} answer") from None
+
+    def _document_requests(self, task: Any, request: Instance) -> list[Instance]:
+        """All requests of ``request``'s document in ``task`` (indexed once per task of an evaluation)."""
+        name = str(request.task_name)
+        known = self._requests.get(name)
+        if known is None or known[0] is not task:
+            known = self._requests[name] = (task, document_requests(task))
+        return known[1].get(request.doc_id) or [request]
+
+    def _verify(self, request: Instance, document: LoggedDocument, evaluation: Evaluation | None) -> None:
+        """Refuses a document whose logged answers, scored by the task's own filters and
+        ``process_results``, do not give the metrics logged next to them (an edited or corrupted
+        answer). Needs the evaluation's task; a document some of whose requests the baseline lacks
+        is generated in part and not compared."""
+        task = evaluation.tasks.get(str(request.task_name)) if evaluation is not None else None
+        if task is None or not document.metrics:
+            return
+        requests = self._document_requests(task, request)
+        logged = [document.responses.get(logged_arguments(each.args)) for each in requests]
+        if any(responses is None or len(responses) < each.repeats for each, responses in zip(requests, logged)):
+            return
+        answers = [[self._parsed(each, response) for response in responses] for each, responses in zip(requests, logged)]
+        for filter_name, metrics in rescore(task, requests, answers, document.metrics).items():
+            for metric, value in metrics.items():
+                recorded = document.metrics[filter_name].get(metric, value)  # a metric not logged: nothing to compare
+                if logged_value(value) != logged_value(recorded):
+                    raise self._refuse(
+                        request,
+                        f"the logged answer scores {metric}={_shown(value)} (filter {filter_name}), but the baseline logged {metric}={_shown(recorded)}: "
+                        "its samples file was edited or is corrupted",
+                    )
 
     @staticmethod
     def _difference(request: Instance, logged: list[str]) -> str:
@@ -253,6 +384,7 @@ class Reuse:
         return {
             "results_file": str(self.baseline.results_file),
             "sha256": self.baseline.sha256,
+            "samples": {task: {"file": str(path), "sha256": digest} for task, (path, digest) in sorted(self.baseline.sample_files.items())},
             "reused_requests": dict(sorted(self.reused.items())),
             "missing_requests": dict(sorted(self.missing.items())),
         }
