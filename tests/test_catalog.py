@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +70,11 @@ def test_show_and_list_print_through_the_cli(capsys: pytest.CaptureFixture[str])
     assert main(["vectors", "show", "smollm2-135m-instruct"]) == 0
     shown = capsys.readouterr().out
     assert "keywords:existence:Argentinian" in shown and "smollm2-keywords-token-stop.safetensors" in shown and "sha256" in shown
+
+
+def test_an_unknown_name_through_the_lm_eval_cli_is_one_line_exit_2_before_any_loading(tiny_model_dir: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "lm_eval", "run", "--model", "steered-hf", "--model_args", f"pretrained={tiny_model_dir},vectors=smollm2-135m", "--tasks", "ifeval_format", "--limit", "1"]
+    run = subprocess.run(command, env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert "vectors='smollm2-135m': no such file" in last and "packaged: qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct" in last

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lm_eval_steer.errors import UserError, brief
+from lm_eval_steer.paths import resolve_vectors
 from lm_eval_steer.runtime.routing import ROUTES, Overrides
 from lm_eval_steer.runtime.vectorfile import FLOAT32_MAX, MAX_LAYERS, MODES, POSITIONS
 
@@ -57,7 +58,7 @@ def _split_paths(text: str) -> list[str]:
 
 
 def parse_vector_paths(vectors: Any) -> list[str]:
-    """``vectors=``: nothing (None or ""), a path, paths joined with ``+``, or a list of paths."""
+    """``vectors=``: nothing (None or ""), a path or packaged file name, several joined with ``+``, or a list."""
     if vectors is None or vectors == "":
         return []
     if isinstance(vectors, str):
@@ -68,6 +69,7 @@ def parse_vector_paths(vectors: Any) -> list[str]:
         raise _refuse("vectors", vectors, "is not a vector file path (give .safetensors files joined with +)")
     if not all(path.strip() for path in paths):
         raise _refuse("vectors", vectors, f"has an empty path (paths are joined with a single {VECTOR_FILE_SEPARATOR})")
+    paths = [resolve_vectors(path) for path in paths]  # a packaged file's name stands for its path
     seen: dict[str, str] = {}
     for path in paths:
         real = os.path.realpath(path)
