@@ -2,8 +2,8 @@
 
     python benchmarks/collect.py
 
-Reads ``benchmarks/results/steering.json`` (bench_steering.py), ``benchmarks/results/build-*.json``
-(bench_build.py), ``benchmarks/results/learned-*.json`` (bench_learned.py), ``benchmarks/results/reuse-*.json`` (bench_reuse.py), the build reports ``vectors/*-report/report.json`` and the wall times that lm-eval
+Reads ``benchmarks/results/steering.json`` (bench_steering.py), ``benchmarks/results/batching.json``
+(bench_batching.py), ``benchmarks/results/build-*.json`` (bench_build.py), ``benchmarks/results/learned-*.json`` (bench_learned.py), ``benchmarks/results/reuse-*.json`` (bench_reuse.py), the build reports ``vectors/*-report/report.json`` and the wall times that lm-eval
 records in ``results/*/*.json``; missing inputs are
 skipped with a note, so the table shows exactly what has been measured.
 """
@@ -29,6 +29,17 @@ def steering_rows() -> list[str]:
         f"| throughput: {row['configuration']} | {setting} | {row['tokens_per_second']} tokens/s | {row['throughput_vs_unsteered']:.3f}× unsteered |"
         for row in data["rows"]
     ]
+
+
+def batching_rows() -> list[str]:
+    path = RESULTS / "batching.json"
+    if not path.is_file():
+        return ["| route groups batched together | not measured (run `python benchmarks/bench_batching.py`) | | |"]
+    data = json.loads(path.read_text())
+    setting = f"{data['subset']} no-instruction, {data['requests']} requests, batch {data['batch_size']}, {data['new_tokens']} new tokens, {data['rounds']} interleaved rounds"
+    ways = [f"{name} {data['median_seconds'][way]:,.1f} s ({data['batches'][way]} batches)" for way, name in (("merged", "one pass"), ("per route", "pass per route"))]
+    ratio = f"{data['per_route_vs_merged']:.2f}× faster than a pass per route ({data['per_route_vs_merged_cpu']:.2f}× in CPU time)"
+    return [f"| route groups batched together | {setting} | {', '.join(ways)} | {ratio}; {data['identical_answers']}/{data['requests']} answers identical |"]
 
 
 def build_rows() -> list[str]:
@@ -119,6 +130,7 @@ def main() -> None:
         "| what | setting | measured | ratio / note |",
         "|---|---|---|---|",
         *steering_rows(),
+        *batching_rows(),
         *build_rows(),
         *learned_rows(),
         *vector_build_rows(),

@@ -8,10 +8,11 @@ assumptions (and steering would silently go to the wrong rows).
 from __future__ import annotations
 
 import pytest
+import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from lm_eval_steer.runtime.harness import continuation_start, loglikelihood_input
+from lm_eval_steer.runtime.harness import continuation_start, generation_group, loglikelihood_input
 
 PROMPTS = ["Write a poem about the sea.", "Hi", "Tell me a long story about two dragons and a knight who meet at dawn", "Why?"]
 GEN = {"until": ["\n\n"], "max_gen_toks": 4, "do_sample": False}
@@ -57,6 +58,34 @@ def test_each_generation_batch_is_encoded_right_before_it_is_generated(watched) 
     generated = [size for kind, size in watched.calls if kind == "generate"]
     assert [len(strings) for strings in encoded] == generated  # one string per batch row
     assert sorted(string for strings in encoded for string in strings) == sorted(PROMPTS)
+
+
+def test_identical_prompts_of_one_gen_kwargs_group_are_encoded_once_each_in_request_order(watched, monkeypatch) -> None:
+    # Each "generation" is the two-digit number of its row in encoding order, so every answer tells
+    # when its request was encoded. Each request has its own (equal) gen_kwargs dict, as in a task.
+    digits = [watched.tok_encode(str(digit)) for digit in range(10)]
+    assert all(len(ids) == 1 for ids in digits)
+    encoded = 0
+
+    def numbered(context, max_length, stop, **kwargs):
+        nonlocal encoded
+        rows = range(encoded, encoded + context.shape[0])
+        encoded += context.shape[0]
+        numbers = torch.tensor([[*digits[row // 10], *digits[row % 10]] for row in rows])
+        return torch.cat([context, numbers.to(context.device)], dim=1)
+
+    monkeypatch.setattr(watched, "_model_generate", numbered)
+    short = {**GEN, "max_gen_toks": 3}
+    asked = [(PROMPTS[0], GEN), (PROMPTS[1], GEN), (PROMPTS[0], short), (PROMPTS[0], GEN), (PROMPTS[2], GEN), (PROMPTS[1], GEN), (PROMPTS[0], short), (PROMPTS[0], GEN), (PROMPTS[3], short), (PROMPTS[0], GEN)]
+    requests = [Instance("generate_until", {}, (prompt, dict(gen_kwargs)), i) for i, (prompt, gen_kwargs) in enumerate(asked)]
+    order = [int(answer) for answer in watched.generate_until(requests, disable_tqdm=True)]
+    assert sorted(order) == list(range(len(requests))), "every request must be encoded exactly once"
+    by_prompt_and_group: dict[tuple[str, str], list[int]] = {}
+    for (prompt, gen_kwargs), position in zip(asked, order):
+        by_prompt_and_group.setdefault((prompt, generation_group(dict(gen_kwargs))), []).append(position)
+    assert max(len(positions) for positions in by_prompt_and_group.values()) == 4
+    for positions in by_prompt_and_group.values():
+        assert positions == sorted(positions), "identical prompts of one gen_kwargs group must be encoded in request order"
 
 
 def test_loglikelihood_rows_are_the_documented_model_inputs(watched) -> None:

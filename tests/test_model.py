@@ -205,20 +205,55 @@ def test_same_prompt_routed_two_ways_in_one_call(steered, plain):
     assert steered_text != unsteered_text
 
 
-def test_shared_prompts_routed_several_ways_take_one_pass_per_route_not_per_group(steered, plain, monkeypatch):
-    # IFEval's keyword subsets: documents share a question but each needs its own word's vector.
-    docs = [doc(LOWER), doc(COMMA), doc("detectable_format:title"), doc(LOWER), doc(COMMA), doc(LOWER, COMMA)]
-    prompts = ["Describe a cat", "Describe a cat", "Describe a cat", "Hi", "Why?", "Why?"]
-    requests = gen_requests(docs, prompts)
-    calls = []
+def count_generate_batches(monkeypatch) -> list[int]:
+    """Records the size of every batch the steered model generates."""
+    sizes: list[int] = []
+    original = SteeredHFLM._model_generate
+    monkeypatch.setattr(SteeredHFLM, "_model_generate", lambda self, context, *args, **kwargs: sizes.append(context.shape[0]) or original(self, context, *args, **kwargs))
+    return sizes
+
+
+def count_passes(monkeypatch) -> list[int]:
+    """Records the size of every pass of the harness's generate_until."""
+    sizes: list[int] = []
     original = SteeredHFLM._generate_with
-    monkeypatch.setattr(SteeredHFLM, "_generate_with", lambda self, subset, *args: calls.append(len(subset)) or original(self, subset, *args))
+    monkeypatch.setattr(SteeredHFLM, "_generate_with", lambda self, subset, *args: sizes.append(len(subset)) or original(self, subset, *args))
+    return sizes
+
+
+def test_a_prompt_routed_several_ways_rides_in_full_batches(steered, plain, monkeypatch):
+    # IFEval's keyword documents: documents share a question, each needs its own word's vector.
+    # "Describe a cat" is routed four ways (lowercase, comma, both, none), "Why?" three ways.
+    title = doc("detectable_format:title")
+    docs = [doc(LOWER), doc(COMMA), title, doc(LOWER), doc(COMMA), doc(LOWER, COMMA), doc(COMMA), doc(LOWER, COMMA), doc(LOWER), title, doc(COMMA)]
+    cat, why = "Describe a cat", "Why?"
+    prompts = [cat, cat, cat, "Hi", why, why, "Hi", cat, why, why, cat]
+    requests = gen_requests(docs, prompts)
+    passes, batches = count_passes(monkeypatch), count_generate_batches(monkeypatch)
     together = steered.generate_until(requests)
-    assert calls == [3, 2, 1]  # "Describe a cat" is routed three ways: three passes, the rest ride in the first
-    calls.clear()
+    assert passes == [len(requests)]
+    assert batches == [8, len(requests) - 8]  # ceil(11 / 8) batches, the first full: no tail passes
+    passes.clear()
     alone = [steered.generate_until([request])[0] for request in requests]
     assert together == alone
-    assert together[2] == plain.generate_until(requests[2:3])[0]
+    assert [together[2], together[9]] == plain.generate_until([requests[2], requests[9]])  # routed to nothing
+    assert len({together[i] for i in (0, 1, 2, 7)}) == 4, "the four routes of one prompt must answer differently for this test to mean anything"
+
+
+def test_a_prompt_asked_under_two_gen_kwargs_gets_a_pass_per_group(steered, monkeypatch):
+    # The harness batches gen_kwargs groups apart, in an order not relied on: a pass per group.
+    short = {**GEN, "max_gen_toks": 6}
+    requests = [
+        Instance("generate_until", doc(LOWER), ("Describe a cat", dict(GEN)), 0),
+        Instance("generate_until", doc(COMMA), ("Describe a cat", dict(short)), 1),
+        Instance("generate_until", doc(COMMA), ("Hi", dict(short)), 2),
+        Instance("generate_until", doc(COMMA), ("Describe a cat", dict(GEN)), 3),
+    ]
+    passes = count_passes(monkeypatch)
+    together = steered.generate_until(requests)
+    assert passes == [3, 1]
+    passes.clear()
+    assert together == [steered.generate_until([request])[0] for request in requests]
 
 
 def test_stop_after_entry_stops_steering_once_its_string_is_generated(tiny_model_dir, tmp_path):

@@ -2,25 +2,31 @@
 
 Written against **lm-eval 0.4.13** (:data:`HARNESS_VERSION`). The harness hands the model only
 strings and token rows, never the request a batch row belongs to, so :class:`SteeredHFLM` finds each
-row's steering entries again through assumptions 1-3 about ``HFLM``:
+row's steering entries again through assumptions 1-4 about ``HFLM``:
 
 1. ``generate_until`` encodes each batch with ``tok_batch_encode(contexts)``, contexts in batch-row
    order, right before ``_model_generate`` generates that batch.
-2. ``loglikelihood`` hands ``_loglikelihood_tokens`` tuples ``(request_strings, context_tokens,
+2. ``generate_until`` encodes every request exactly once (nothing deduplicates identical prompts),
+   and encodes the requests of one gen_kwargs group that share a prompt in request order: its
+   ``Collator`` keeps each group in request order, sorts it stably by a key of the prompt alone
+   and batches it in that order. Requests with the same :func:`generation_group` are in one group.
+   The order of the groups is not relied on: a prompt asked under two groups gets one
+   ``generate_until`` pass per group.
+3. ``loglikelihood`` hands ``_loglikelihood_tokens`` tuples ``(request_strings, context_tokens,
    continuation_tokens)`` whose ``request_strings`` is the request's ``(context, continuation)``.
-3. ``_loglikelihood_tokens`` feeds a causal model :func:`loglikelihood_input` of each tuple, rows
+4. ``_loglikelihood_tokens`` feeds a causal model :func:`loglikelihood_input` of each tuple, rows
    right-padded (with zeros) into one ``_model_call`` batch, so a batch row is the longest of its
    prefixes that is a known input.
 
 Reusing an unsteered run's answers (``unsteered_from=``, :mod:`lm_eval_steer.runtime.reuse`) adds
 two assumptions about the evaluator:
 
-4. ``--log_samples`` writes, per document and filter, ``doc`` and ``doc_hash`` (sha256 of the doc as
+5. ``--log_samples`` writes, per document and filter, ``doc`` and ``doc_hash`` (sha256 of the doc as
    ``json.dumps(doc, indent=2, ensure_ascii=False)``), ``arguments`` as
    ``{"gen_args_<i>": {"arg_<j>": request.args[j]}}`` and ``resps`` as each request's responses with
    every scalar turned into a string (:func:`logged_doc_hash`, :func:`logged_arguments`,
    :func:`parse_logged_response`).
-5. ``lm_eval.evaluator.evaluate`` calls the model with the tasks in its local ``eval_tasks`` (task
+6. ``lm_eval.evaluator.evaluate`` calls the model with the tasks in its local ``eval_tasks`` (task
    name -> task) and the run's ``apply_chat_template`` and ``system_instruction`` arguments in scope:
    the model is never told which tasks it serves, so :func:`running_evaluation` reads them there.
    It then scores each document as :func:`rescore` does: the document's requests are the task's
@@ -29,9 +35,9 @@ two assumptions about the evaluator:
    responses, and ``task.process_results(doc, filtered responses)`` gives the metrics it logs next
    to them (:func:`logged_value` renders a metric as it is logged).
 
-``tests/test_harness_coupling.py`` checks 1-3 against the installed harness: if a harness release
+``tests/test_harness_coupling.py`` checks 1-4 against the installed harness: if a harness release
 changes one, that test fails before steering silently goes to the wrong rows. ``tests/test_reuse.py``
-checks 4 and 5 end to end (reused answers equal a full run's; the run-setting refusals need 5).
+checks 5 and 6 end to end (reused answers equal a full run's; the run-setting refusals need 6).
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ from lm_eval.utils import handle_non_serializable
 HARNESS_VERSION = "0.4.13"
 
 
+def generation_group(gen_kwargs: Any) -> str:
+    """Which gen_kwargs group (assumption 2) a generation request falls in. Never coarser than the
+    harness's grouping by the gen_kwargs' items: equal reprs mean equal items (a harness group
+    split in two here costs a pass, never a wrong row)."""
+    return repr(gen_kwargs)
+
+
 def loglikelihood_input(context_tokens: Sequence[int], continuation_tokens: Sequence[int], max_length: int) -> list[int]:
     """The token row ``HFLM._loglikelihood_tokens`` feeds a causal model for one request: context and
     continuation truncated from the left to ``max_length + 1`` tokens, the last one dropped."""
@@ -62,7 +75,7 @@ def continuation_start(model_input: Sequence[int], continuation_tokens: Sequence
     return len(model_input) - len(continuation_tokens) + 1
 
 
-# --------------------------------------------------------------------------- logged samples (4)
+# --------------------------------------------------------------------------- logged samples (5)
 
 
 def _logged_json(value: Any, **dumps: Any) -> str:
@@ -102,7 +115,7 @@ def parse_logged_response(request_type: str, logged: Any) -> Any:
     raise ValueError(f"unknown request type {request_type!r}")
 
 
-# --------------------------------------------------------------------------- the running evaluation (5)
+# --------------------------------------------------------------------------- the running evaluation (6)
 
 
 @dataclass(frozen=True)

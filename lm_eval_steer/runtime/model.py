@@ -15,13 +15,14 @@ import inspect
 import json
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
+from lm_eval_steer.runtime.harness import generation_group
 from lm_eval_steer.runtime.hooks import decoder_shape, steering, text_config
 from lm_eval_steer.runtime.modelargs import check_layer_override, check_local_model, check_near_misses, parse_steering_args
 from lm_eval_steer.runtime.reuse import Reuse, weights_identity
@@ -55,6 +56,21 @@ def config_before_loading(pretrained: Any, kwargs: dict[str, Any]) -> Any | None
     except Exception as error:  # noqa: BLE001 - an early read that fails must change nothing about the load
         logger.debug("steered-hf: model config not readable before loading (%s); checking after", error)
         return None
+
+
+def prompt_passes(requests: Sequence[Instance], label: Callable[[Instance], Hashable]) -> list[list[int]]:
+    """Request indices split into passes, first fit, so that within a pass every prompt
+    (``request.args[0]``) has one ``label``; each pass keeps request order."""
+    passes: list[tuple[list[int], dict[Any, Hashable]]] = []
+    for index, request in enumerate(requests):
+        prompt, wanted = request.args[0], label(request)
+        for indices, label_of in passes:
+            if label_of.setdefault(prompt, wanted) == wanted:
+                indices.append(index)
+                break
+        else:
+            passes.append(([index], {prompt: wanted}))
+    return [indices for indices, _ in passes]
 
 
 class SteeredHFLM(HFLM):
@@ -182,29 +198,20 @@ class SteeredHFLM(HFLM):
         return self._reusing(requests, lambda remaining: self._generate_routed(remaining, disable_tqdm))
 
     def _generate_routed(self, requests: list[Instance], disable_tqdm: bool) -> list[str]:
-        # The harness hands us only prompt strings, so within one harness call a prompt must mean one
-        # route. A prompt routed several ways (one task run with and without a vector, or IFEval's
-        # keyword documents that share a question but not the word) gets one pass per route; every
-        # other request rides in the first pass, so batches stay full.
-        passes: list[tuple[list[int], dict[str, Entries]]] = []
-        for index, request in enumerate(requests):
-            entries = self.rows_for(request)
-            for indices, by_context in passes:
-                known = by_context.setdefault(request.args[0], entries)
-                if route_key(known) == route_key(entries):
-                    indices.append(index)
-                    break
-            else:
-                passes.append(([index], {request.args[0]: entries}))
+        # The harness hands us only prompt strings, but it encodes the requests of one gen_kwargs group
+        # that share a prompt in request order (harness assumption 2), so one pass serves every route:
+        # a prompt routed several ways (IFEval's keyword documents share a question but not the word)
+        # takes its entries in request order. Only a prompt asked under two gen_kwargs groups, which
+        # the harness batches apart anyway, needs a second pass.
         answers: list[str] = [""] * len(requests)
-        for indices, by_context in passes:
-            for index, answer in zip(indices, self._generate_with([requests[i] for i in indices], by_context, disable_tqdm)):
+        for indices in prompt_passes(requests, lambda request: generation_group(request.args[1])):
+            for index, answer in zip(indices, self._generate_with([requests[i] for i in indices], disable_tqdm)):
                 answers[index] = answer
         return answers
 
-    def _generate_with(self, requests: list[Instance], by_context: dict[str, Entries], disable_tqdm: bool) -> list[str]:
-        """One pass of the harness's ``generate_until``; ``by_context`` gives each prompt's entries."""
-        with self._rows.requests(by_context):
+    def _generate_with(self, requests: list[Instance], disable_tqdm: bool) -> list[str]:
+        """One pass of the harness's ``generate_until``: a prompt's requests share one gen_kwargs group."""
+        with self._rows.generations([(request.args[0], self.rows_for(request)) for request in requests]):
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
     def tok_batch_encode(self, strings: list[str], *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:

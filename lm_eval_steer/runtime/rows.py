@@ -3,12 +3,14 @@
 ``SteeredHFLM`` knows each request's entries when a harness call begins, but the harness hands the
 model only the batch's strings or token rows. One :class:`RequestRows` per model keeps that mapping
 for exactly one call: ``begin`` it with the entries per request, ``lookup`` rows while the harness
-runs, ``end`` it (``with rows.requests(...)`` does both, also on errors). How rows are recognised is
-the harness coupling described in :mod:`lm_eval_steer.runtime.harness`.
+runs, ``end`` it (``with rows.requests(...)`` does both, also on errors; ``with rows.generations(...)``
+is the same for a ``generate_until`` call). How rows are recognised is the harness coupling
+described in :mod:`lm_eval_steer.runtime.harness`.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +20,7 @@ from lm_eval_steer.runtime.vectorfile import SteeringEntry
 
 Entries = tuple[SteeringEntry, ...]  # one batch row's (or request's) entries
 Rows = list[Entries]
+_HARNESS_CHANGED = "steered-hf: {what} (harness internals changed? see lm_eval_steer.runtime.harness)"
 
 
 class RequestRows:
@@ -26,15 +29,16 @@ class RequestRows:
     def __init__(self) -> None:
         self._by_key: Mapping[Hashable, Entries] = {}
         self._every_row: Entries | None = None
+        self._queued: dict[str, deque[Entries]] = {}  # generation: per context, its requests' entries in order
         self._batch: Rows | None = None  # rows of the batch just encoded (generation)
         self._by_input: dict[tuple[int, ...], tuple[Entries, int]] | None = None  # loglikelihood
 
     # ----------------------------------------------------------------------------- one harness call
 
     def begin(self, by_key: Mapping[Hashable, Entries] | None = None, *, every_row: Entries | None = None) -> None:
-        """Starts a call: ``by_key`` maps how the harness will present each request (its context string
-        for generation, its ``(context, continuation)`` for loglikelihood) to its entries;
-        ``every_row`` instead gives every row the same entries (rolling windows carry no request)."""
+        """Starts a loglikelihood call: ``by_key`` maps how the harness will present each request (its
+        ``(context, continuation)``) to its entries; ``every_row`` instead gives every row the same
+        entries (rolling windows carry no request). Generation calls use :meth:`generations`."""
         self._by_key = by_key or {}
         self._every_row = every_row
 
@@ -44,7 +48,7 @@ class RequestRows:
 
     def end(self) -> None:
         """Forgets the call, so nothing leaks into the next one."""
-        self._by_key, self._every_row, self._batch, self._by_input = {}, None, None, None
+        self._by_key, self._every_row, self._queued, self._batch, self._by_input = {}, None, {}, None, None
 
     @contextmanager
     def requests(self, by_key: Mapping[Hashable, Entries] | None = None, *, every_row: Entries | None = None) -> Iterator[None]:
@@ -57,9 +61,39 @@ class RequestRows:
 
     # ----------------------------------------------------------------------------- generation
 
+    @contextmanager
+    def generations(self, requests: Sequence[tuple[str, Entries]]) -> Iterator[None]:
+        """One ``generate_until`` call of ``requests``, each its ``(context, entries)``, in request order.
+
+        A context may come with several entries (one question, several routes): the harness encodes
+        the identical contexts of one gen_kwargs group in request order (harness assumption 2), so
+        each encoding of a context takes the next of its entries. The caller gives one gen_kwargs
+        group per context. A context encoded more or less often than requested fails (the harness
+        changed); a reordering only ``tests/test_harness_coupling.py`` can see."""
+        queued: dict[str, deque[Entries]] = {}
+        for context, entries in requests:
+            queued.setdefault(context, deque()).append(entries)
+        self.begin()
+        self._queued = queued
+        try:
+            yield
+            if any(queued.values()):
+                raise RuntimeError(_HARNESS_CHANGED.format(what="requests were never encoded"))
+        finally:
+            self.end()
+
     def encode_batch(self, contexts: Sequence[str]) -> None:
-        """Records the rows of the batch the harness is encoding (it generates that batch next)."""
-        self._batch = [self.lookup(context) for context in contexts]
+        """Records the rows of the batch the harness is encoding (it generates that batch next); a
+        context that is not one of the call's is not steered."""
+        self._batch = [self._next_entries(context) for context in contexts]
+
+    def _next_entries(self, context: str) -> Entries:
+        queue = self._queued.get(context)
+        if queue is None:
+            return ()
+        if not queue:
+            raise RuntimeError(_HARNESS_CHANGED.format(what="a prompt was encoded more often than it was requested"))
+        return queue.popleft()
 
     def take_batch(self, size: int) -> Rows:
         """The rows of the batch about to be generated (unsteered rows when it was not encoded by us)."""
@@ -99,4 +133,4 @@ class RequestRows:
             found = self._by_input.get(tuple(row[:length]))
             if found is not None:
                 return found
-        raise RuntimeError("steered-hf: a loglikelihood batch row matches no request (harness internals changed? see lm_eval_steer.runtime.harness)")
+        raise RuntimeError(_HARNESS_CHANGED.format(what="a loglikelihood batch row matches no request"))
