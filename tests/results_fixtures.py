@@ -78,13 +78,15 @@ def results_json(
     steering: Mapping[str, Any] | None = None,
     n: int = 20,
     lower_is_better: Sequence[str] = (),
+    model_args: Mapping[str, Any] | str | None = None,
 ) -> dict[str, Any]:
-    """The dict lm-eval serialises into ``results_<date>.json`` (fields we do not read left out)."""
+    """The dict lm-eval serialises into ``results_<date>.json`` (fields we do not read left out).
+    ``model_args`` (default ``{"pretrained": model}``) is ``config.model_args``: where the tokenizer comes from."""
     versions = versions or {}
     task_gen_kwargs = task_gen_kwargs or {}
     config: dict[str, Any] = {
         "model": model_type,
-        "model_args": {"pretrained": model},
+        "model_args": {"pretrained": model} if model_args is None else model_args,
         "batch_size": 8,
         "device": "cpu",
         "limit": limit,
@@ -132,10 +134,12 @@ def write_run(
     return path
 
 
-def ifeval_sample(doc_id: int, followed: Mapping[str, bool], strict: Mapping[str, bool] | None = None) -> dict[str, Any]:
-    """One ``samples_<task>_<date>.jsonl`` line of an IFEval task: per-instruction outcomes in order."""
+def ifeval_sample(doc_id: int, followed: Mapping[str, bool], strict: Mapping[str, bool] | None = None, response: str | None = None) -> dict[str, Any]:
+    """One ``samples_<task>_<date>.jsonl`` line of an IFEval task: per-instruction outcomes in order;
+    with ``response``, also the request and the generated answer, as lm-eval logs them."""
     ids = list(followed)
     strict = strict if strict is not None else followed
+    answer = {} if response is None else {"arguments": [[f"prompt {doc_id}", {"max_gen_toks": 192}]], "resps": [[response]], "filtered_resps": [response]}
     return {
         "doc_id": doc_id,
         "doc": {"key": 1000 + doc_id, "prompt": "...", "instruction_id_list": ids, "kwargs": [{} for _ in ids]},
@@ -146,7 +150,20 @@ def ifeval_sample(doc_id: int, followed: Mapping[str, bool], strict: Mapping[str
         "inst_level_strict_acc": [strict[i] for i in ids],
         "prompt_level_loose_acc": all(followed.values()),
         "inst_level_loose_acc": [followed[i] for i in ids],
+        **answer,
     }
+
+
+#: An answer that loops (one sentence 20 times: far more than half of its token 4-grams repeat) and
+#: answers that do not (a plain sentence; a repetition too short to judge, under 16 tokens).
+LOOPING = "I like green apples. " * 20
+FLUENT = "The quick brown fox jumps over the lazy dog while the farmer watches from his porch."
+SHORT_REPEAT = "yes yes yes"
+
+
+def answered_samples(outcomes: Sequence[tuple[bool, str]]) -> list[dict[str, Any]]:
+    """IFEval samples lines, one per ``(prompt passes, answer)``, doc ids 0, 1, ..."""
+    return [ifeval_sample(doc_id, {"keywords:existence": passed}, response=text) for doc_id, (passed, text) in enumerate(outcomes)]
 
 
 def table_rows(text: str) -> list[list[str]]:

