@@ -12,6 +12,9 @@ a result when they are (otherwise the exit status is 1).
       --tasks ifeval_steer,ifeval_steer_noinst --device cpu --apply_chat_template \\
       --gen_kwargs max_gen_toks=256 --batch_size 8 --log_samples --output_path runs/baseline
     python benchmarks/bench_reuse.py --baseline runs/baseline
+    # or the committed SmolLM2 baseline, one task group at a time
+    python benchmarks/bench_reuse.py --baseline results/smollm2-135m-instruct/baseline/without-instruction \\
+      --tasks ifeval_format_noinst,ifeval_keywords_include_noinst
     python benchmarks/bench_reuse.py --baseline runs/baseline-8 --limit 8   # a smoke check
 
 Prints a table and writes ``benchmarks/results/reuse-<label>.json``.
@@ -34,7 +37,7 @@ from lm_eval_steer.outputs import find_results_files, find_sample_files, read_re
 from lm_eval_steer.paths import SMOLLM2_GGUF, smollm2_dir
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = "+".join(f"vectors/smollm2-{name}.safetensors" for name in ("format-learned", "length", "keywords"))
+RECOMMENDED = "smollm2-135m-instruct"  # the packaged vector file, by name
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ def request_counts(results_file: Path) -> dict[str, dict[str, int]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", required=True, type=Path, help="the unsteered run's --output_path (made with --log_samples)")
-    parser.add_argument("--vectors", default=SHIPPED, help="vector files, joined with '+' (default: the shipped SmolLM2 files)")
+    parser.add_argument("--vectors", default=RECOMMENDED, help="vector files or packaged names, joined with '+' (default: SmolLM2's recommended file)")
     parser.add_argument("--model-args", default=None, help="default: the packaged SmolLM2 GGUF")
     parser.add_argument("--tasks", default="ifeval_steer,ifeval_steer_noinst")
     parser.add_argument("--max-gen-toks", type=int, default=256)
