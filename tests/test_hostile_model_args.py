@@ -115,7 +115,10 @@ def test_any_text_value_gives_the_same_answer_or_error_through_both_paths(value)
                 outcomes.append("refused")
             except ValueError:  # the harness's own parser refused the text before steered-hf saw it
                 outcomes.append("harness")
-        if "harness" not in outcomes and value.strip() == value and not value.startswith(("'", '"', "[", "(", "{")):
+        # The CLI's parser reads a value as a Python literal: quotes, brackets and a '#' (a comment:
+        # `scale=0#` arrives as 0) change the text before steered-hf sees it, so only the rest must agree.
+        rewritten_by_cli = value.startswith(("'", '"', "[", "(", "{")) or "#" in value
+        if "harness" not in outcomes and value.strip() == value and not rewritten_by_cli:
             assert outcomes[0] == outcomes[1], (name, value, outcomes)
         for outcome in outcomes:
             if isinstance(outcome, Overrides):
