@@ -119,7 +119,7 @@ def describe(vector_file: VectorFile) -> str:
 
 def catalog() -> str:
     """The Markdown page ``vectors/README.md``: every packaged file, listed then shown."""
-    files = {name: load_vector_file(path) for name, path in packaged_vector_files().items()}
+    files = packaged()
     lines = [
         "# Packaged vector files",
         "",
@@ -127,15 +127,22 @@ def catalog() -> str:
         "One recommended file per model: pass its name as `vectors=<name>` (no path needed) with the",
         "default `route=auto`, and each document gets the entries of its own instructions.",
         "",
-        markdown_table(("name", "model", "entries", "layers used"), list_rows(files)),
+        list_table(files),
     ]
     for name, vector_file in files.items():
         lines += ["", f"## {name}", "", describe(vector_file)]
     return "\n".join(lines) + "\n"
 
 
-def list_rows(files: Mapping[str, VectorFile]) -> list[list[str]]:
-    return [[name, f.model, str(len(f.entries)), ", ".join(map(str, sorted({e.layer for e in f.entries})))] for name, f in files.items()]
+def packaged() -> dict[str, VectorFile]:
+    """Every packaged vector file, loaded (and so validated), by name."""
+    return {name: load_vector_file(path) for name, path in packaged_vector_files().items()}
+
+
+def list_table(files: Mapping[str, VectorFile]) -> str:
+    """One Markdown row per file: name, model, entry count, the layers its entries steer."""
+    rows = [[name, f.model, str(len(f.entries)), ", ".join(map(str, sorted({e.layer for e in f.entries})))] for name, f in files.items()]
+    return markdown_table(("name", "model", "entries", "layers used"), rows)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -152,8 +159,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "list":
-        files = {name: load_vector_file(path) for name, path in packaged_vector_files().items()}
-        print(markdown_table(("name", "model", "entries", "layers used"), list_rows(files)))
+        print(list_table(packaged()))
     elif args.action == "show":
         print(describe(load_vector_file(resolve_vectors(args.file))))
     else:
