@@ -33,8 +33,8 @@ import torch
 from bench_steering import smollm2_model_args
 from lm_eval.api.instance import Instance
 
-from lm_eval_steer.atomic import write_json
-from lm_eval_steer.ifeval import subset_docs
+from lm_eval_steer.core.atomic import write_json
+from lm_eval_steer.core.ifeval import subset_docs
 from lm_eval_steer.runtime.model import SteeredHFLM, prompt_passes
 from lm_eval_steer.runtime.routing import route_key
 

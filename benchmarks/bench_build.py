@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lm_eval_steer.paths import SMOLLM2_GGUF, smollm2_dir
+from lm_eval_steer.core.paths import SMOLLM2_GGUF, smollm2_dir
 from vector_builder import prompts
 from vector_builder.activations import collect, left_pad
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lm_eval_steer.atomic import write_json
+from lm_eval_steer.core.atomic import write_json
 from vector_builder import learned, prompts, targets
 from vector_builder.learned_directions import LearnedSettings, learn_direction
 

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lm_eval_steer.atomic import write_json
-from lm_eval_steer.outputs import find_results_files, find_sample_files, read_results_json, read_samples
-from lm_eval_steer.paths import SMOLLM2_GGUF, smollm2_dir
+from lm_eval_steer.core.atomic import write_json
+from lm_eval_steer.core.outputs import find_results_files, find_sample_files, read_results_json, read_samples
+from lm_eval_steer.core.paths import SMOLLM2_GGUF, smollm2_dir
 
 REPO = Path(__file__).resolve().parent.parent
 RECOMMENDED = "smollm2-135m-instruct"  # the packaged vector file, by name

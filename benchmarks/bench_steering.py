@@ -28,8 +28,8 @@ import torch
 from lm_eval.api.instance import Instance
 
 from lm_eval_steer.runtime.model import SteeredHFLM
-from lm_eval_steer.atomic import write_json
-from lm_eval_steer.paths import SMOLLM2_GGUF, smollm2_dir
+from lm_eval_steer.core.atomic import write_json
+from lm_eval_steer.core.paths import SMOLLM2_GGUF, smollm2_dir
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, save_vector_file
 
 INSTRUCTIONS = ["change_case:english_lowercase", "punctuation:no_comma", "detectable_format:title", "startend:quotation"]

@@ -7,7 +7,7 @@ Python process would cost ~50 ms to ~1 s, so this module imports nothing heavy: 
 each of them has executed. Any failure here is swallowed: a start-up hook must never break Python.
 
 It also installs an excepthook limited to the project's own input errors
-(:class:`lm_eval_steer.errors.UserError`): when one reaches the top of a program (a bad vector file
+(:class:`lm_eval_steer.core.errors.UserError`): when one reaches the top of a program (a bad vector file
 or model argument under ``lm_eval --model steered-hf``), it is printed as one line and the process
 exits with status 2. Every other exception, and every exception a caller catches, is untouched.
 """
@@ -70,7 +70,7 @@ def _user_error_hook(previous):  # type: ignore[no-untyped-def]
 
     def hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
         try:
-            from lm_eval_steer.errors import UserError, one_line
+            from lm_eval_steer.core.errors import UserError, one_line
         except Exception:  # noqa: BLE001 - a broken install: fall back to the usual traceback
             UserError = None  # noqa: N806
         if UserError is None or not isinstance(error, UserError):

@@ -13,7 +13,7 @@
 
 Each subcommand lives in its own module exposing ``configure_parser(parser)`` and ``run(args) -> int``;
 modules are imported only when their subcommand is used. An input error
-(:class:`~lm_eval_steer.errors.UserError`) that reaches here is printed as one line, exit status 2.
+(:class:`~lm_eval_steer.core.errors.UserError`) that reaches here is printed as one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -23,18 +23,18 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from lm_eval_steer.console import fail
-from lm_eval_steer.errors import UserError
+from lm_eval_steer.core.console import fail
+from lm_eval_steer.core.errors import UserError
 
 SUBCOMMANDS = {
     "build": ("vector_builder.cli", "build steering vectors and choose their layers on validation data"),
     "compare": ("lm_eval_steer.analysis.compare", "leaderboard (Markdown, CSV, PNG) from lm-eval results"),
     "check": ("lm_eval_steer.analysis.check", "fail when instruction following regressed against a baseline"),
     "quality": ("lm_eval_steer.analysis.quality", "what steering costs: the unsteered model's perplexity of logged responses"),
-    "gguf": ("lm_eval_steer.controlvector", "export to / import from llama.cpp control-vector GGUF"),
-    "merge": ("lm_eval_steer.merge", "merge vector files: a later file's entry replaces an earlier one of the same name"),
-    "models": ("lm_eval_steer.models", "list the known models; fetch one and print its --model_args"),
-    "vectors": ("lm_eval_steer.catalog", "list the packaged vector files; show what a vector file holds"),
+    "gguf": ("lm_eval_steer.tools.gguf", "export to / import from llama.cpp control-vector GGUF"),
+    "merge": ("lm_eval_steer.tools.merge", "merge vector files: a later file's entry replaces an earlier one of the same name"),
+    "models": ("lm_eval_steer.tools.models", "list the known models; fetch one and print its --model_args"),
+    "vectors": ("lm_eval_steer.tools.vectors", "list the packaged vector files; show what a vector file holds"),
 }
 
 
@@ -57,11 +57,21 @@ def run_subcommand(name: str, argv: Sequence[str]) -> int:
     return int(module.run(parser.parse_args(argv)) or 0)
 
 
+def usage() -> str:
+    """``lm-eval-steer --help``: our subcommands first, then where the harness's options are described."""
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: lm-eval-steer SUBCOMMAND [options]   (lm-eval-steer SUBCOMMAND --help for its options)", "       lm-eval-steer [lm_eval options]        (anything else runs lm_eval with steered-hf registered)", "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {description}" for name, (_, description) in SUBCOMMANDS.items()]
+    lines += ["", "For lm_eval's own options (--model, --model_args, --tasks, ...): lm_eval --help"]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
-    if not name and argv[:1] in (["-h"], ["--help"]):
-        print(__doc__)
+    if not name and argv[:1] in (["-h"], ["--help"], []):
+        print(usage())
+        return 0
     try:
         return run_subcommand(name, argv[1:]) if name else run_harness(argv)
     except UserError as error:

@@ -1,6 +1,6 @@
 """The task class and metric functions the YAMLs in this folder name (``!function ifeval_task.…``).
 
-Only harness glue lives here; the subsets, data loading and scoring are :mod:`lm_eval_steer.ifeval`.
+Only harness glue lives here; the subsets, data loading and scoring are :mod:`lm_eval_steer.core.ifeval`.
 The harness loads this file by its path next to the YAMLs, so it is never imported as a package
 module.
 """
@@ -12,7 +12,7 @@ from typing import Any
 from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
-from lm_eval_steer.ifeval import SUBSETS, agg_inst_level_acc, load_subset, per_instruction_metric, prepare_scorer, process_results
+from lm_eval_steer.core.ifeval import SUBSETS, agg_inst_level_acc, load_subset, per_instruction_metric, prepare_scorer, process_results
 
 __all__ = ["IFEvalSubsetTask", "agg_inst_level_acc", "process_results"]
 
@@ -34,5 +34,5 @@ class IFEvalSubsetTask(ConfigurableTask):
             self._higher_is_better[name] = True
 
     def download(self, dataset_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        """Loads the subset locally or from the hub (see :func:`lm_eval_steer.ifeval.load_subset`)."""
+        """Loads the subset locally or from the hub (see :func:`lm_eval_steer.core.ifeval.load_subset`)."""
         self.dataset = load_subset(**(self.config.dataset_kwargs or {}))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_eval_steer import paths
+from lm_eval_steer.core import paths
 
 SMOL_GGUF = paths.SMOLLM2_GGUF
 REPO_ROOT = Path(__file__).resolve().parent.parent

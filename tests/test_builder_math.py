@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from lm_eval_steer.analysis import degeneracy
+from lm_eval_steer.core import degeneracy
 from vector_builder import prompts, search
 from vector_builder.activations import RunningSum, left_pad, positions_from_mask
 from lm_eval_steer.runtime.interventions import unit as unit_rows

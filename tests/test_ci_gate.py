@@ -34,8 +34,8 @@ UNROUTED = {"ifeval_format_noinst": 9, "ifeval_length_noinst": 0}
 
 
 def test_the_gate_documents_are_routed_as_described() -> None:
-    from lm_eval_steer.ifeval import subset_docs
-    from lm_eval_steer.paths import packaged_vector_files
+    from lm_eval_steer.core.ifeval import subset_docs
+    from lm_eval_steer.core.paths import packaged_vector_files
     from lm_eval_steer.runtime.routing import entries_for_document
     from lm_eval_steer.runtime.vectorfile import load_vector_file
 

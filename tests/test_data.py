@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from lm_eval_steer.paths import PACKAGED_DATA
+from lm_eval_steer.core.paths import PACKAGED_DATA
 
 ROW = re.compile(r"^\| `(?P<file>[^`]+)` \| (?P<size>[\d,]+) \| `(?P<sha>[0-9a-f]{64})` \|$")
 

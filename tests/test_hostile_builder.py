@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from lm_eval_steer.atomic import WriteError, atomic_write, check_writable, remove_leftovers, write_json
+from lm_eval_steer.core.atomic import WriteError, atomic_write, check_writable, remove_leftovers, write_json
 from lm_eval_steer.cli import main
 from lm_eval_steer.runtime.vectorfile import SteeringEntry, save_vector_file
 from vector_builder.report import Checkpoint, CheckpointError, finite_json, write_report

@@ -195,7 +195,7 @@ TEXT = st.lists(st.sampled_from(SENTENCES), min_size=1, max_size=5).flatmap(lamb
 @pytest.fixture(scope="module")
 def offline_scorer():
     """The IFEval checkers need NLTK's punkt_tab, which the package ships."""
-    from lm_eval_steer.ifeval import prepare_scorer
+    from lm_eval_steer.core.ifeval import prepare_scorer
 
     prepare_scorer()
 

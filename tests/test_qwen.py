@@ -16,7 +16,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from real_models import chat, generations_with_and_without_kv_cache, lowercase_vectors, routed_requests
 
-from lm_eval_steer import models, paths
+from lm_eval_steer.core import paths
+from lm_eval_steer.tools import models
 from lm_eval_steer.runtime.model import SteeredHFLM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qwen]

@@ -7,7 +7,7 @@ import torch
 from conftest import REPO_ROOT, SMOL_GGUF, smollm2_dir
 from lm_eval.api.instance import Instance
 from real_models import chat, generations_with_and_without_kv_cache, lowercase_vectors, routed_requests
-from test_model import count_generate_batches
+from test_runtime_model import count_generate_batches
 
 from lm_eval_steer.runtime.hooks import find_decoder_layers
 from lm_eval_steer.runtime.model import SteeredHFLM

@@ -13,8 +13,8 @@ from typing import Any
 import nltk
 import pytest
 
-from lm_eval_steer import ifeval as steer
-from lm_eval_steer import paths
+from lm_eval_steer.core import ifeval as steer
+from lm_eval_steer.core import paths
 
 EXPECTED_COUNTS = {
     "format": 163,

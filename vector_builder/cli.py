@@ -12,7 +12,7 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from lm_eval_steer.console import fail
+from lm_eval_steer.core.console import fail
 from lm_eval_steer.runtime.modelargs import ModelArgError, check_local_model
 from vector_builder import prompts
 from vector_builder.methods import METHODS

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from lm_eval_steer.atomic import check_writable, remove_leftovers
+from lm_eval_steer.core.atomic import check_writable, remove_leftovers
 from lm_eval_steer.runtime.hooks import find_decoder_layers, text_config
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
 from vector_builder import activations, learned_directions, methods, prompts, report, search, targets, token_directions
@@ -381,7 +381,7 @@ def assemble_report(
 
 def check_outputs(out: str | Path, report_dir: str | Path) -> None:
     """Fails now, not after an hour of building, when the vector file or the report cannot be
-    written (:class:`~lm_eval_steer.atomic.WriteError`); removes the temp files a killed build left."""
+    written (:class:`~lm_eval_steer.core.atomic.WriteError`); removes the temp files a killed build left."""
     for path in (out, Path(report_dir) / report.REPORT_NAME):
         check_writable(path)
     remove_leftovers(Path(out).parent, Path(out).name)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lm_eval_steer.ifeval import FORMAT_INSTRUCTIONS, prepare_scorer
+from lm_eval_steer.core.ifeval import FORMAT_INSTRUCTIONS, prepare_scorer
 
 DEFAULT_QUERIES = Path(__file__).resolve().parent / "data" / "queries.jsonl"
 

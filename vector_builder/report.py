@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lm_eval_steer.atomic import atomic_write, remove_leftovers, write_json
-from lm_eval_steer.errors import UserError, one_line
+from lm_eval_steer.core.atomic import atomic_write, remove_leftovers, write_json
+from lm_eval_steer.core.errors import UserError, one_line
 from vector_builder.activations import RunningSum
 from vector_builder.learned import TrainedVector
 from vector_builder.learned_directions import LearnedDirection

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lm_eval_steer.analysis.degeneracy import NGRAM, is_degenerate
+from lm_eval_steer.core.degeneracy import NGRAM, is_degenerate
 from lm_eval_steer.runtime.hooks import steering
 from lm_eval_steer.runtime.vectorfile import SteeringEntry
 from vector_builder.activations import left_pad, model_device
@@ -62,7 +62,7 @@ def candidates(layers: Sequence[int], multipliers: Sequence[float]) -> list[Cand
 
 def ifeval_follows(instruction_id: str, kwargs: Mapping[str, Any], prompt: str, response: str, *, strict: bool) -> bool:
     """IFEval's strict or loose check of one instruction, exactly as the harness scores it."""
-    from lm_eval_steer.ifeval import harness_ifeval
+    from lm_eval_steer.core.ifeval import harness_ifeval
 
     utils = harness_ifeval()  # finds the offline NLTK data and seeds langdetect (deterministic scores)
     example = utils.InputExample(key=0, instruction_id_list=[instruction_id], prompt=prompt, kwargs=[dict(kwargs)])

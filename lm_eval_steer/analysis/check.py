@@ -37,7 +37,7 @@ from lm_eval_steer.analysis.results import (
     select_metrics,
 )
 from lm_eval_steer.analysis.tables import combined_stderr, format_value, markdown_table
-from lm_eval_steer.console import EXIT_USAGE, fail
+from lm_eval_steer.core.console import EXIT_USAGE, fail
 
 DEFAULT_TOLERANCE = 0.02
 

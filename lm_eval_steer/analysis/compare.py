@@ -45,8 +45,8 @@ from lm_eval_steer.analysis.results import (
     steering_description,
 )
 from lm_eval_steer.analysis.tables import combined_stderr, format_value, markdown_table
-from lm_eval_steer.atomic import atomic_write, write_text
-from lm_eval_steer.console import fail
+from lm_eval_steer.core.atomic import atomic_write, write_text
+from lm_eval_steer.core.console import fail
 
 Column = tuple[str, str]  # (task, metric id)
 Shown = tuple[str, str | None]  # a table column: (task, metric id), or (task, None) for the task's fluent pass rate

@@ -8,7 +8,7 @@ Shared by ``lm-eval-steer compare`` (shown beside every accuracy) and ``lm-eval-
     fluent pass rate  = |{documents that pass and whose answer does not loop}| / n
     its stderr        = sqrt(p (1 − p) / (n − 1))    (lm-eval's stderr of a mean of 0/1 outcomes)
 
-An answer *loops* by :func:`~lm_eval_steer.analysis.degeneracy.is_degenerate` on its token ids (at
+An answer *loops* by :func:`~lm_eval_steer.core.degeneracy.is_degenerate` on its token ids (at
 least 16 tokens, more than half of the token 4-grams repeated): the measure of the builder's guard
 and of ``quality``. Token ids come from the run's own tokenizer, loaded alone (no weights) from its
 ``config.model_args`` (``pretrained``, ``gguf_file``, ``tokenizer``, ``revision``, as lm-eval's
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lm_eval_steer.analysis.degeneracy import is_degenerate
+from lm_eval_steer.core.degeneracy import is_degenerate
 from lm_eval_steer.analysis.results import DEFAULT_FILTER, MetricValue, ResultsError, Run, parse_model_args, read_samples
-from lm_eval_steer.errors import one_line
+from lm_eval_steer.core.errors import one_line
 
 #: The pass metric of the fluent pass rate when a task reports it: IFEval's prompt-level loose accuracy.
 PASS_METRIC = "prompt_level_loose_acc"

@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lm_eval_steer.analysis.degeneracy import is_degenerate
+from lm_eval_steer.core.degeneracy import is_degenerate
 from lm_eval_steer.analysis.results import ResultsError, Run, load_runs, pick_baseline, read_samples
 from lm_eval_steer.analysis.tables import markdown_table
-from lm_eval_steer.atomic import write_json, write_text
-from lm_eval_steer.console import fail
-from lm_eval_steer.errors import brief
+from lm_eval_steer.core.atomic import write_json, write_text
+from lm_eval_steer.core.console import fail
+from lm_eval_steer.core.errors import brief
 
 Scorer = Callable[[Sequence[tuple[str, str]]], list[tuple[float, int]]]
 """``scorer([(prompt, response), ...]) -> [(sum log p(response | prompt), response tokens), ...]``."""

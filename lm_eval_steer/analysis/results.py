@@ -10,7 +10,7 @@ x.json`` writes ``x_<date>.json`` instead. A results JSON holds, among others::
     configs[task]["generation_kwargs"], config["limit"], config["gen_kwargs"], config["steering"]
 
 This module knows that layout for analysis (locating and reading the files is
-:mod:`lm_eval_steer.outputs`, shared with the runtime's reuse of a baseline's answers). It also decides what one leaderboard row is: a run's label, and split runs merged into one.
+:mod:`lm_eval_steer.core.outputs`, shared with the runtime's reuse of a baseline's answers). It also decides what one leaderboard row is: a run's label, and split runs merged into one.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lm_eval_steer.digest import file_sha256
-from lm_eval_steer.errors import brief
+from lm_eval_steer.core.digest import file_sha256
+from lm_eval_steer.core.errors import brief
 
 # Where lm-eval puts a run's files and how they are read is shared with the runtime (reuse of a
 # baseline's answers); ResultsError is that module's error, under the name analysis code uses.
-from lm_eval_steer.outputs import OutputError as ResultsError
-from lm_eval_steer.outputs import date_id, find_results_files, find_sample_files, read_results_json, read_samples  # noqa: F401 (re-exported)
+from lm_eval_steer.core.outputs import OutputError as ResultsError
+from lm_eval_steer.core.outputs import date_id, find_results_files, find_sample_files, read_results_json, read_samples  # noqa: F401 (re-exported)
 
 #: IFEval's four metrics in the order tables show them; the default selection when present.
 IFEVAL_METRICS = (

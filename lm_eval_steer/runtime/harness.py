@@ -35,8 +35,8 @@ two assumptions about the evaluator:
    responses, and ``task.process_results(doc, filtered responses)`` gives the metrics it logs next
    to them (:func:`logged_value` renders a metric as it is logged).
 
-``tests/test_harness_coupling.py`` checks 1-4 against the installed harness: if a harness release
-changes one, that test fails before steering silently goes to the wrong rows. ``tests/test_reuse.py``
+``tests/test_runtime_harness.py`` checks 1-4 against the installed harness: if a harness release
+changes one, that test fails before steering silently goes to the wrong rows. ``tests/test_runtime_reuse.py``
 checks 5 and 6 end to end (reused answers equal a full run's; the run-setting refusals need 6).
 """
 

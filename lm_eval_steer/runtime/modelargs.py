@@ -23,8 +23,8 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lm_eval_steer.errors import UserError, brief
-from lm_eval_steer.paths import resolve_vectors
+from lm_eval_steer.core.errors import UserError, brief
+from lm_eval_steer.core.paths import resolve_vectors
 from lm_eval_steer.runtime.routing import ROUTES, Overrides
 from lm_eval_steer.runtime.vectorfile import FLOAT32_MAX, MAX_LAYERS, MODES, POSITIONS
 

@@ -57,9 +57,9 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import simple_parse_args_string
 
-from lm_eval_steer.digest import file_sha256
-from lm_eval_steer.errors import MAX_VALUE, UserError, brief
-from lm_eval_steer.outputs import OutputError, find_results_files, find_sample_files, read_results_json, read_samples
+from lm_eval_steer.core.digest import file_sha256
+from lm_eval_steer.core.errors import MAX_VALUE, UserError, brief
+from lm_eval_steer.core.outputs import OutputError, find_results_files, find_sample_files, read_results_json, read_samples
 from lm_eval_steer.runtime.harness import (
     Evaluation,
     document_requests,

@@ -69,7 +69,7 @@ class RequestRows:
         the identical contexts of one gen_kwargs group in request order (harness assumption 2), so
         each encoding of a context takes the next of its entries. The caller gives one gen_kwargs
         group per context. A context encoded more or less often than requested fails (the harness
-        changed); a reordering only ``tests/test_harness_coupling.py`` can see."""
+        changed); a reordering only ``tests/test_runtime_harness.py`` can see."""
         queued: dict[str, deque[Entries]] = {}
         for context, entries in requests:
             queued.setdefault(context, deque()).append(entries)

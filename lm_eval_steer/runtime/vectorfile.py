@@ -32,9 +32,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lm_eval_steer.atomic import atomic_write
-from lm_eval_steer.digest import file_sha256
-from lm_eval_steer.errors import UserError, brief, one_line
+from lm_eval_steer.core.atomic import atomic_write
+from lm_eval_steer.core.digest import file_sha256
+from lm_eval_steer.core.errors import UserError, brief, one_line
 
 FORMAT_VERSION = "lm-eval-steer/1"
 MODES = ("add", "project", "ablate")

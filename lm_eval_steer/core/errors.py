@@ -2,7 +2,7 @@
 
 Every error that names a bad input (a vector file, a model argument, a results file, a build
 option or checkpoint) derives from :class:`UserError`. Python callers catch it like any exception;
-the command lines print its message as one line and exit 2 (:mod:`lm_eval_steer.console`), and the
+the command lines print its message as one line and exit 2 (:mod:`lm_eval_steer.core.console`), and the
 start-up hook does the same for plain ``lm_eval`` (:mod:`lm_eval_steer._autoload`). Anything else
 is an internal error and keeps its traceback. This module imports nothing, so every layer can use it.
 """

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lm_eval_steer import paths
-from lm_eval_steer.console import fail
+from lm_eval_steer.core import paths
+from lm_eval_steer.core.console import fail
 
 
 def test_the_packaged_data_is_used_unless_the_environment_names_another_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

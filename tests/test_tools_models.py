@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lm_eval_steer import models, paths
+from lm_eval_steer.core import paths
+from lm_eval_steer.tools import models
 from lm_eval_steer.cli import main
-from lm_eval_steer.models import FetchError, PackagedModel, SplitModel, WheelPart
+from lm_eval_steer.tools.models import FetchError, PackagedModel, SplitModel, WheelPart
 
 CONTENTS = [b"GGUF-first-", b"second-part-", b"third"]
 PARTS = tuple(WheelPart(f"tiny-split-part{n}", "1.0", f"tiny_split_part{n}/data/part{n:02d}.bin") for n in range(1, 4))

@@ -15,7 +15,7 @@ import pytest
 
 from lm_eval_steer.analysis import quality
 from lm_eval_steer.cli import main
-from lm_eval_steer.outputs import find_sample_files, read_samples
+from lm_eval_steer.core.outputs import find_sample_files, read_samples
 from results_fixtures import gzip_samples, ifeval_sample, ifeval_scores, results_json, write_run
 
 TASK = "ifeval_format"

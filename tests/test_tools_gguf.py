@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lm_eval_steer.cli import main
-from lm_eval_steer.controlvector import export_gguf, import_gguf
+from lm_eval_steer.tools.gguf import export_gguf, import_gguf
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, VectorFileError, load_vector_file, save_vector_file
 
 

@@ -20,7 +20,7 @@ from results_fixtures import (
     write_run,
 )
 
-from lm_eval_steer import paths
+from lm_eval_steer.core import paths
 from lm_eval_steer.analysis import compare, fluency
 from lm_eval_steer.cli import main
 from lm_eval_steer.analysis.results import MetricValue, load_runs, load_single_run, run_label, steering_description
@@ -338,7 +338,7 @@ def test_runs_that_share_a_task_or_differ_in_steering_stay_apart(tmp_path: Path)
 
 
 def test_reuse_is_shown_and_a_run_that_reused_another_baseline_is_flagged(tmp_path: Path) -> None:
-    from lm_eval_steer.digest import file_sha256
+    from lm_eval_steer.core.digest import file_sha256
 
     scores = {"ifeval_format": ifeval_scores(0.5, 0.5, 0.5, 0.5)}
     base = write_run(tmp_path / "base", scores)

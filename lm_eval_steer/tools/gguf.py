@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm_eval_steer.atomic import atomic_write
-from lm_eval_steer.console import fail
-from lm_eval_steer.errors import brief
+from lm_eval_steer.core.atomic import atomic_write
+from lm_eval_steer.core.console import fail
+from lm_eval_steer.core.errors import brief
 from lm_eval_steer.runtime.vectorfile import (
     FLOAT32_MAX,
     AppliesTo,

@@ -2,14 +2,14 @@
 
 ``lm-eval-steer <command>: error: <one line>`` on stderr and exit status 2, so scripts and CI logs
 can rely on one format: the line names the file, entry or option at fault and the problem, and is
-at most :data:`~lm_eval_steer.errors.MAX_LINE` characters long.
+at most :data:`~lm_eval_steer.core.errors.MAX_LINE` characters long.
 """
 
 from __future__ import annotations
 
 import sys
 
-from lm_eval_steer.errors import one_line
+from lm_eval_steer.core.errors import one_line
 
 EXIT_USAGE = 2
 

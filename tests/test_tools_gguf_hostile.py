@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lm_eval_steer.cli import main
-from lm_eval_steer.controlvector import export_gguf, import_gguf
+from lm_eval_steer.tools.gguf import export_gguf, import_gguf
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFileError, load_vector_file, save_vector_file
 
 RULE = AppliesTo("length_constraints:number_sentences", {}, StrengthRule("num_relation", ((1.0, 4.0), (5.0, 1.0))))

@@ -20,10 +20,10 @@ import torch
 
 from conftest import REPO_ROOT, SMOL_GGUF, smollm2_dir
 from results_fixtures import gzip_samples
-from test_registration import TASK_YAML
+from test_runtime_registration import TASK_YAML
 
 from lm_eval_steer.cli import main, run_harness
-from lm_eval_steer.digest import file_sha256
+from lm_eval_steer.core.digest import file_sha256
 from lm_eval_steer.runtime import model as model_module
 from lm_eval_steer.runtime.model import SteeredHFLM
 from lm_eval_steer.runtime.reuse import ReuseError

@@ -4,7 +4,7 @@ Every file the package writes (vector files, build reports and checkpoints, lead
 reports, benchmark results) goes through here. A write that fails (disk full, no permission) raises
 :class:`WriteError` naming the target, never the temporary file, and leaves no temporary file
 behind; :func:`remove_leftovers` clears those of a process that was killed mid-write. It imports
-nothing from the package but :mod:`lm_eval_steer.errors`, so the lowest layer (the vector file
+nothing from the package but :mod:`lm_eval_steer.core.errors`, so the lowest layer (the vector file
 format) can use it too.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from lm_eval_steer.errors import UserError, one_line
+from lm_eval_steer.core.errors import UserError, one_line
 
 PathLike = str | os.PathLike[str]
 

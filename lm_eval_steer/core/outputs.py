@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from lm_eval_steer.errors import UserError, brief
+from lm_eval_steer.core.errors import UserError, brief
 
 _RESULTS_NAME = re.compile(r"^results_(?P<date>.+)\.json$")
 #: Suffixes of a samples file, in order of preference: a plain file wins over its compressed copy
