@@ -15,11 +15,10 @@ from safetensors import safe_open
 from conftest import build_tiny_llama
 from lm_eval_steer.runtime.routing import entries_for_document
 from lm_eval_steer.runtime.vectorfile import load_vector_file
-from vector_builder import BuildSettings, ModelMismatchError, build, check_compatible, report
+from vector_builder import BuildSettings, build, report
 from vector_builder.activations import collect, last_token_states, left_pad
 from vector_builder import learned_directions, search
 from vector_builder.methods import pick
-from vector_builder.pipeline import ModelShape
 from vector_builder.prompts import chat_ids, plan, split_queries
 from vector_builder.search import stop_strings
 from vector_builder.token_directions import TokenDirectionError, first_token
@@ -86,7 +85,8 @@ def test_build_writes_a_loadable_file_report_and_plot(tiny, tmp_path):
         assert (row["chosen"] == "none") == (row["note"] is not None)
     chosen = {t["name"]: t for t in payload["targets"] if t["chosen"] != "none"}
     assert chosen, "the hash scorer should make at least one candidate win"
-    loaded = load_vector_file(out, hidden_size=64, num_layers=4)
+    loaded = load_vector_file(out)
+    assert (loaded.hidden_size, loaded.num_layers) == (64, 4)
     assert {e.name for e in loaded.entries} == set(chosen)
     for entry in loaded.entries:
         row = chosen[entry.name]
@@ -266,14 +266,6 @@ def test_build_settings_are_the_recorded_settings():
     for bad in (dict(method="magic"), dict(learned_lr=float("nan")), dict(learned_lr=0.0), dict(learned_steps=0), dict(learned_multipliers=[float("inf")])):
         with pytest.raises(ValueError):
             BuildSettings(model="tiny", instructions=["length"], **bad)
-
-
-def test_cross_model_shape_checks():
-    check_compatible(ModelShape("a", 64, 4), ModelShape("a", 64, 4))
-    with pytest.warns(UserWarning, match="different model"):
-        check_compatible(ModelShape("instruct", 64, 4), ModelShape("base", 64, 4))
-    with pytest.raises(ModelMismatchError, match="hidden size 64, 4 layers"):
-        check_compatible(ModelShape("a", 64, 4), ModelShape("b", 64, 6))
 
 
 def test_cli_build_on_saved_tiny_model(tiny_model_dir, tmp_path, capsys):

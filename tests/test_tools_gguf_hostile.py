@@ -109,17 +109,17 @@ def test_import_refuses_what_llama_cpp_refuses(tmp_path, capsys, tensors, expect
 
 def test_import_checks_the_hidden_size_and_layers_of_the_model(tmp_path):
     source = write_gguf(tmp_path / "v.gguf", {"direction.1": np.ones(8, np.float32)})
-    with pytest.raises(VectorFileError, match="--hidden-size says hidden_size 16"):
+    with pytest.raises(VectorFileError, match="v.gguf: built for hidden_size 8, but --hidden-size has hidden_size 16"):
         import_gguf(source, tmp_path / "a.safetensors", num_layers=4, hidden_size=16)
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"hidden_size": 16, "num_hidden_layers": 4}))
-    with pytest.raises(VectorFileError, match="config.json.*hidden_size 16"):
+    with pytest.raises(VectorFileError, match="built for hidden_size 8, but .*model has hidden_size 16"):
         import_gguf(source, tmp_path / "a.safetensors", model=str(model))
     (model / "config.json").write_text(json.dumps({"hidden_size": 8, "num_hidden_layers": 4}))
     imported = import_gguf(source, tmp_path / "a.safetensors", model=str(model))
     assert (imported.hidden_size, imported.num_layers) == (8, 4)
-    with pytest.raises(VectorFileError, match="--num-layers 6, but .* has 4 layers"):
+    with pytest.raises(VectorFileError, match="built for 6 layers, but .*model has 4 layers"):
         import_gguf(source, tmp_path / "a.safetensors", num_layers=6, model=str(model))
 
 

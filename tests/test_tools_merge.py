@@ -48,7 +48,7 @@ def test_order_decides_which_entry_wins(old_and_new, tmp_path):
 def test_different_model_shape_is_refused(old_and_new, tmp_path):
     old, _ = old_and_new
     other = write(tmp_path / "other.safetensors", [entry("x", 1)], num_layers=6)
-    with pytest.raises(VectorFileError, match="num_layers 6 differs"):
+    with pytest.raises(VectorFileError, match="other.safetensors: built for 6 layers, but .* has 4 layers"):
         merge([old, other], str(tmp_path / "merged.safetensors"))
     assert not (tmp_path / "merged.safetensors").exists()
 
@@ -91,3 +91,12 @@ def test_a_glob_that_takes_nothing_is_refused_in_one_line(old_and_new, tmp_path,
     assert main(["merge", old, new + suffix, "--out", str(tmp_path / "m.safetensors")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "new.safetensors" in line and not (tmp_path / "m.safetensors").exists()
+
+
+def test_files_built_on_different_models_are_refused(old_and_new, tmp_path):
+    """The merged file records one model, so a same-shaped file of another model is refused."""
+    old, _ = old_and_new
+    base = write(tmp_path / "base.safetensors", [entry("x", 1)], model="tiny-llama-base")
+    with pytest.raises(VectorFileError, match="base.safetensors: built on 'tiny-llama-base', not on 'tiny-llama'"):
+        merge([old, base], str(tmp_path / "merged.safetensors"))
+    assert not (tmp_path / "merged.safetensors").exists()

@@ -10,7 +10,8 @@ tied together stage by stage by :mod:`~vector_builder.pipeline`; :mod:`~vector_b
 what a build is asked to do (and what it records); :mod:`~vector_builder.cli` is ``lm-eval-steer build``.
 """
 
-from vector_builder.pipeline import BuildResult, ModelMismatchError, build, check_compatible
+from lm_eval_steer.runtime.compatibility import ModelMismatchError, check_compatible
+from vector_builder.pipeline import BuildResult, build
 from vector_builder.settings import BuildSettings
 
 __all__ = ["BuildResult", "BuildSettings", "ModelMismatchError", "build", "check_compatible"]

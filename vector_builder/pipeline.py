@@ -17,39 +17,12 @@ from typing import Any
 from torch import nn
 
 from lm_eval_steer.core.atomic import check_writable, remove_leftovers
-from lm_eval_steer.runtime.hooks import find_decoder_layers, text_config
+from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
 from vector_builder import activations, learned_directions, methods, prompts, report, search, targets, token_directions
 from vector_builder.directions import Direction, build_direction
 from vector_builder.learned_directions import LearnedDirection
 from vector_builder.settings import BuildSettings
-
-
-class ModelMismatchError(ValueError):
-    """The model used for the search cannot take vectors of the build model."""
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    hidden_size: int
-    num_layers: int
-
-    @classmethod
-    def of(cls, model: nn.Module, name: str) -> ModelShape:
-        return cls(name, int(text_config(model).hidden_size), len(find_decoder_layers(model)))
-
-
-def check_compatible(built_on: ModelShape, applied_to: ModelShape) -> None:
-    """Vectors move between models of one shape (an instruct model and its base model): a different
-    hidden size or layer count is an error, a different name only a warning."""
-    if (built_on.hidden_size, built_on.num_layers) != (applied_to.hidden_size, applied_to.num_layers):
-        raise ModelMismatchError(
-            f"vectors built on {built_on.name!r} (hidden size {built_on.hidden_size}, {built_on.num_layers} layers) "
-            f"cannot steer {applied_to.name!r} (hidden size {applied_to.hidden_size}, {applied_to.num_layers} layers)"
-        )
-    if built_on.name != applied_to.name:
-        warnings.warn(f"vectors built on {built_on.name!r} are applied to a different model, {applied_to.name!r}", stacklevel=2)
 
 
 @dataclass(frozen=True)
@@ -412,9 +385,9 @@ def build(
     """
     started = time.perf_counter()
     check_outputs(out, report_dir)
-    shape = ModelShape.of(model, settings.model)
+    shape = ModelShape.of_model(model, settings.model)
     target_model = search_model if search_model is not None else model
-    check_compatible(shape, ModelShape.of(target_model, settings.search_model or settings.model))
+    check_compatible(shape, ModelShape.of_model(target_model, settings.search_model or settings.model))
     plan = plan_build(settings, list(queries) if queries is not None else prompts.load_queries(), shape.num_layers)
     checkpoint = report.Checkpoint(report_dir, asdict(plan.settings), resume)
 

@@ -52,15 +52,6 @@ def text_config(model: nn.Module) -> Any:
     return decoder_config(getattr(model, "config", None))
 
 
-def decoder_shape(config: Any) -> tuple[int, int] | None:
-    """``(hidden_size, num_hidden_layers)`` of a model config; None when it does not say both."""
-    config = decoder_config(config)
-    hidden_size, num_layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
-    if isinstance(hidden_size, int) and isinstance(num_layers, int) and not isinstance(hidden_size, bool) and not isinstance(num_layers, bool):
-        return hidden_size, num_layers
-    return None
-
-
 def _num_layers(model: nn.Module) -> int | None:
     config = text_config(model)
     for name in ("num_hidden_layers", "n_layer", "num_layers"):

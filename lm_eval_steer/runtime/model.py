@@ -14,7 +14,6 @@ import hashlib
 import inspect
 import json
 import logging
-import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -22,13 +21,14 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
+from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
 from lm_eval_steer.runtime.harness import generation_group
-from lm_eval_steer.runtime.hooks import decoder_shape, steering, text_config
+from lm_eval_steer.runtime.hooks import steering, text_config
 from lm_eval_steer.runtime.modelargs import check_layer_override, check_local_model, check_near_misses, parse_steering_args
 from lm_eval_steer.runtime.reuse import Reuse, weights_identity
 from lm_eval_steer.runtime.routing import entries_for_document, route_key
 from lm_eval_steer.runtime.rows import Entries, RequestRows
-from lm_eval_steer.runtime.vectorfile import check_applicable, check_model_shape, load_vector_file
+from lm_eval_steer.runtime.vectorfile import check_applicable, load_vector_file
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +106,9 @@ class SteeredHFLM(HFLM):
         self.vector_files = [load_vector_file(path) for path in args.vector_paths]
         for vector_file in self.vector_files:
             check_applicable(vector_file, self.overrides.mode, self.overrides.scale)
-        shape = decoder_shape(early)
-        if shape is not None:
-            self._check_shape(*shape)
+        shape = ModelShape.of_config(early) if early is not None else None
+        if shape is not None:  # before any weights load
+            self._check_fits(shape)
         self.weights = weights_identity(pretrained, kwargs.get("gguf_file"))
         # unsteered_from=: unsteered requests are answered from that run's logged samples.
         self._reuse = Reuse.load(str(unsteered_from), {"pretrained": pretrained, **kwargs}, self.weights) if unsteered_from else None
@@ -116,31 +116,24 @@ class SteeredHFLM(HFLM):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(pretrained=pretrained, device=device, **kwargs)
 
-        config = text_config(self.model)
-        if shape is None:  # the config was not readable before loading: check the loaded model's
-            self._check_shape(config.hidden_size, config.num_hidden_layers)
         if self._reuse is not None:
             self._reuse.check_dtype(self.model.dtype)  # the dtype is known only once loaded
+        config = text_config(self.model)
         # A GGUF load is named after its folder; its file name carries the model's name.
         model_name = " ".join(
             str(part) for part in (getattr(config, "_name_or_path", "") or (pretrained if isinstance(pretrained, str) else ""), kwargs.get("gguf_file") or "") if part
         )
-        for vector_file in self.vector_files:
-            if vector_file.model and model_name and vector_file.model.split("/")[-1].lower() not in model_name.lower():
-                warnings.warn(
-                    f"{vector_file.path}: built on {vector_file.model!r}, applied to {model_name!r} "
-                    "(fine for a base/instruct pair with the same shapes; check this is intended)",
-                    stacklevel=2,
-                )
+        # Again on the loaded model: its shape when the config was not readable before, and the name.
+        self._check_fits(ModelShape(model_name, config.hidden_size, config.num_hidden_layers))
         if self.route != "none" and not self.vector_files:
             logger.warning("steered-hf: no vectors= given, so nothing is steered")
         self._rows = RequestRows()
 
-    def _check_shape(self, hidden_size: int, num_layers: int) -> None:
+    def _check_fits(self, model: ModelShape) -> None:
         """Every vector file and ``layer=`` against the model's decoder shape."""
         for vector_file in self.vector_files:
-            check_model_shape(vector_file, hidden_size, num_layers)
-        check_layer_override(self.overrides.layer, num_layers)
+            check_compatible(vector_file, model)
+        check_layer_override(self.overrides.layer, model.num_layers)
 
     # ------------------------------------------------------------------------------ configuration
 

@@ -331,15 +331,6 @@ def _file_shape(metadata: Mapping[str, str], check: _Checker) -> tuple[int, int]
     return file_hidden, file_layers
 
 
-def check_model_shape(vector_file: VectorFile, hidden_size: int | None, num_layers: int | None) -> None:
-    """Raises VectorFileError unless the file was built for a model of this shape (None: not checked)."""
-    check = _Checker(vector_file.path or "<vector file>")
-    if hidden_size is not None and vector_file.hidden_size != hidden_size:
-        raise check.fail(f"built for hidden_size {vector_file.hidden_size}, but the model has hidden_size {hidden_size}")
-    if num_layers is not None and vector_file.num_layers != num_layers:
-        raise check.fail(f"built for {vector_file.num_layers} layers, but the model has {num_layers} layers")
-
-
 def check_applicable(vector_file: VectorFile, mode: str | None = None, scale: float = 1.0) -> None:
     """Raises VectorFileError unless every entry can still be applied under run-wide overrides: every
     strength times ``scale`` finite in float32, and the vector fit for ``mode`` (e.g. an ``add``
@@ -429,14 +420,9 @@ def _read_tensor(handle: Any, key: str, hidden_size: int, check: _Checker) -> to
     return handle.get_tensor(key)
 
 
-def load_vector_file(
-    path: str | os.PathLike[str],
-    *,
-    hidden_size: int | None = None,
-    num_layers: int | None = None,
-) -> VectorFile:
-    """Reads and validates a vector file; if ``hidden_size``/``num_layers`` are given (the model's),
-    the file must match them."""
+def load_vector_file(path: str | os.PathLike[str]) -> VectorFile:
+    """Reads and validates a vector file. Whether it fits a model is
+    :func:`lm_eval_steer.runtime.compatibility.check_compatible`'s question."""
     path_str = str(path)
     check = _Checker(path_str)
     _check_header(path_str, check)
@@ -461,7 +447,6 @@ def load_vector_file(
         path=path_str,
         sha256=file_sha256(path_str),
     )
-    check_model_shape(vector_file, hidden_size, num_layers)
     return vector_file
 
 
@@ -502,9 +487,9 @@ def save_vector_file(
         save_file(tensors, temp_path, metadata=metadata)
         # Validate what was written before it replaces anything the user has; name the target.
         try:
-            load_vector_file(temp_path, hidden_size=hidden_size, num_layers=num_layers)
+            load_vector_file(temp_path)
         except VectorFileError as error:
             raise VectorFileError(str(error).replace(temp_path, str(path))) from None
 
     atomic_write(path, write)  # a failed write (disk full, no permission) names the target
-    return load_vector_file(path, hidden_size=hidden_size, num_layers=num_layers)
+    return load_vector_file(path)

@@ -37,6 +37,7 @@ import torch
 from lm_eval_steer.core.atomic import atomic_write
 from lm_eval_steer.core.console import fail
 from lm_eval_steer.core.errors import brief
+from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
 from lm_eval_steer.runtime.vectorfile import (
     FLOAT32_MAX,
     AppliesTo,
@@ -120,19 +121,6 @@ def export_gguf(
     return directions
 
 
-def model_shape(model: str | None) -> tuple[int | None, int | None]:
-    """``(hidden_size, num_layers)`` from the ``config.json`` of a local model directory, else Nones."""
-    config_path = Path(model) / "config.json" if model else None
-    if config_path is None or not config_path.is_file():
-        return None, None
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        config = config.get("text_config", config)
-        return int(config["hidden_size"]), int(config["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise VectorFileError(f"{config_path}: no hidden_size/num_hidden_layers ({brief(str(error), 80)})") from None
-
-
 def _directions(reader: object, where: str) -> dict[int, np.ndarray]:
     """``{layer: vector}`` of a control-vector GGUF, checked as strictly as llama.cpp reads it."""
     import gguf
@@ -172,12 +160,10 @@ def import_gguf(
     import gguf
 
     where = str(source)
-    model_hidden, model_layers = model_shape(model)
-    num_layers = num_layers if num_layers is not None else model_layers
+    model_dir = ModelShape.of_model_dir(model)
+    num_layers = num_layers if num_layers is not None else model_dir.num_layers if model_dir is not None else None
     if num_layers is None:
         raise VectorFileError(f"{where}: give --num-layers (or --model with a local model directory)")
-    if model_layers is not None and num_layers != model_layers:
-        raise VectorFileError(f"{where}: --num-layers {num_layers}, but {model} has {model_layers} layers")
     try:
         reader = gguf.GGUFReader(where)
         hint = reader.get_field(f"{ARCHITECTURE}.model_hint")
@@ -191,15 +177,16 @@ def import_gguf(
     if len(lengths) != 1:
         raise VectorFileError(f"{where}: directions have different lengths {sorted(lengths)}")
     length = lengths.pop()
-    for expected, origin in ((hidden_size, "--hidden-size"), (model_hidden, f"{model} (config.json)")):
-        if expected is not None and length != expected:
-            raise VectorFileError(f"{where}: directions have {length} elements, but {origin} says hidden_size {expected}")
+    imported = ModelShape("", length, num_layers)  # the directions' length, and --num-layers
+    for expected in (ModelShape("--hidden-size", hidden_size, None), model_dir):
+        if expected is not None:
+            check_compatible(imported, expected, source=where)
     applies_to = AppliesTo(instruction_id) if instruction_id else None
     entries = [SteeringEntry(f"direction.{layer}", torch.from_numpy(vector), layer, "add", 1.0, "all", applies_to) for layer, vector in sorted(directions.items())]
     return save_vector_file(
         target,
         entries,
-        model=(model if model and model_hidden is None else "") or str(hint_text) or Path(where).stem,
+        model=(model if model and model_dir is None else "") or str(hint_text) or Path(where).stem,
         hidden_size=length,
         num_layers=num_layers,
         extra_metadata={"imported_from": Path(where).name},

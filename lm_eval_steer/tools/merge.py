@@ -24,15 +24,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
 from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, VectorFileError, load_vector_file, save_vector_file
-
-
-def _check_same_model(files: Sequence[VectorFile]) -> None:
-    first = files[0]
-    for other in files[1:]:
-        for field in ("model", "hidden_size", "num_layers"):
-            if getattr(other, field) != getattr(first, field):
-                raise VectorFileError(f"{other.path}: {field} {getattr(other, field)!r} differs from {first.path}'s {getattr(first, field)!r}")
 
 
 def _check_not_stacked(chosen: dict[str, tuple[SteeringEntry, VectorFile]]) -> None:
@@ -59,7 +52,8 @@ def merge(sources: Sequence[str], out: str, stack: bool = False) -> tuple[Vector
     """Writes the merged file; returns it and, per entry name, the source path it was taken from."""
     selected = [split_source(source) for source in sources]
     files = [load_vector_file(path) for path, _ in selected]
-    _check_same_model(files)
+    for other in files[1:]:  # the merged file records one model
+        check_compatible(other, ModelShape.of_file(files[0]), same_name=True)
     chosen: dict[str, tuple[SteeringEntry, VectorFile]] = {}
     for vector_file, (_, pattern) in zip(files, selected):
         taken = [entry for entry in vector_file.entries if fnmatch.fnmatchcase(entry.name, pattern)]
