@@ -271,5 +271,5 @@ def test_stop_after_entry_stops_steering_once_its_string_is_generated(tiny_model
     # the answer's first character is written by its first token: no generated position is steered
     first = (always[1].strip()[0],)
     assert answers("first.safetensors", stop_after=first)[1] == prompt_only[1]
-    # stop_after=false (model argument) steers to the end regardless
-    assert answers("first.safetensors", {"stop_after": "false"}, stop_after=first) == always
+    # stop_rules=off (model argument) steers to the end regardless
+    assert answers("first.safetensors", {"stop_rules": "off"}, stop_after=first) == always

@@ -22,7 +22,7 @@ from lm_eval_steer.runtime.reuse import ReuseError
 from lm_eval_steer.runtime.routing import Overrides
 from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFileError, save_vector_file
 
-DEFAULTS = {"vectors": None, "layer": None, "scale": 1.0, "mode": None, "positions": None, "route": "auto", "skip_first_token": True, "stop_after": True}
+DEFAULTS = {"vectors": None, "layer": None, "scale": 1.0, "mode": None, "positions": None, "route": "auto", "skip_first_token": True, "stop_rules": True}
 
 
 def parsed(path: str, text: str) -> SteeringArgs:
@@ -43,8 +43,9 @@ GOOD = [
     ("mode=project", lambda a: a.overrides.mode == "project"),
     ("mode=ablate", lambda a: a.overrides.mode == "ablate"),
     ("positions=generated", lambda a: a.overrides.positions == "generated"),
-    ("stop_after=false", lambda a: a.overrides.stop_after is False and a.overrides.given() == {"stop_after": False}),
-    ("stop_after=true", lambda a: a.overrides.stop_after is True and a.overrides.given() == {}),
+    ("stop_rules=off", lambda a: a.overrides.stop_rules is False and a.overrides.given() == {"stop_rules": False}),
+    ("stop_rules=ON", lambda a: a.overrides.stop_rules is True and a.overrides.given() == {}),
+    ("stop_rules=false", lambda a: a.overrides.stop_rules is False),
     *[(f"skip_first_token={word}", lambda a, v=value: a.skip_first_token is v) for word, value in
       [("true", True), ("True", True), ("1", True), ("yes", True), ("false", False), ("FALSE", False), ("0", False), ("no", False)]],
     ("vectors=a.safetensors+b.safetensors", lambda a: a.vector_paths == ("a.safetensors", "b.safetensors")),
@@ -64,7 +65,7 @@ BAD = [
     ("layer=1e300", "is out of range"),
     ("skip_first_token=maybe", "skip_first_token='maybe' is not a boolean"),
     ("skip_first_token=2", "skip_first_token=2 is not a boolean"),
-    ("stop_after=sometimes", "stop_after='sometimes' is not a boolean"),
+    ("stop_rules=sometimes", "stop_rules='sometimes' is not a boolean"),
     ("vectors=123", "steered-hf: vectors=123 is not a vector file path"),
     ("vectors=1.5", "vectors=1.5 is not a vector file path"),
     ("vectors=true", "vectors=True is not a vector file path"),
@@ -192,6 +193,7 @@ def test_vector_files_are_checked_before_the_weights_load(tmp_path):
         ("scale=abc", "steered-hf: scale='abc' is not a number"),
         ("vectors=/no/such.safetensors", "/no/such.safetensors: no such file"),
         ("vector=/no/such.safetensors", "steered-hf: unknown argument 'vector': did you mean vectors=?"),
+        ("stop_after=false", "steered-hf: stop_after= is now called stop_rules= (on|off)"),
         ("unsteered_from=/no/such/run", "unsteered_from=/no/such/run: /no/such/run: no such file or directory"),
     ],
 )
@@ -210,7 +212,7 @@ def test_plain_lm_eval_prints_one_line_and_exits_2(tmp_path, program, model_args
 
 @pytest.mark.parametrize(
     ("name", "meant"),
-    [("vector", "vectors"), ("Vectors", "vectors"), ("layers", "layer"), ("lyaer", "layer"), ("stop-after", "stop_after"), ("skip_first_tokens", "skip_first_token"),
+    [("vector", "vectors"), ("Vectors", "vectors"), ("layers", "layer"), ("lyaer", "layer"), ("stop-rules", "stop_rules"), ("skip_first_tokens", "skip_first_token"),
      ("unsteered-from", "unsteered_from"), ("position", "positions"), ("scales", "scale"), ("routes", "route"), ("model", "mode")],
 )
 def test_a_near_miss_of_a_steering_argument_is_refused_naming_the_right_spelling(tiny_model_dir, monkeypatch, name, meant):
@@ -218,6 +220,14 @@ def test_a_near_miss_of_a_steering_argument_is_refused_naming_the_right_spelling
     with pytest.raises(ModelArgError) as error:
         SteeredHFLM(pretrained=str(tiny_model_dir), **{name: "x"})
     assert str(error.value) == f"steered-hf: unknown argument {name!r}: did you mean {meant}=?"
+
+
+@pytest.mark.parametrize("value", ["false", "true", "x"])
+def test_the_old_spelling_of_a_renamed_argument_is_refused_naming_the_new_one(tiny_model_dir, monkeypatch, value):
+    monkeypatch.setattr(model_module.HFLM, "__init__", lambda *a, **k: pytest.fail("the weights loaded before the arguments were checked"))
+    with pytest.raises(ModelArgError) as error:
+        SteeredHFLM(pretrained=str(tiny_model_dir), stop_after=value)
+    assert str(error.value) == "steered-hf: stop_after= is now called stop_rules= (on|off)"
 
 
 def passed_on(pretrained: str, monkeypatch, **given) -> dict:

@@ -74,7 +74,7 @@ def prompt_passes(requests: Sequence[Instance], label: Callable[[Instance], Hash
 
 
 class SteeredHFLM(HFLM):
-    """HFLM plus ``vectors``, ``layer``, ``scale``, ``mode``, ``positions``, ``stop_after``, ``route``,
+    """HFLM plus ``vectors``, ``layer``, ``scale``, ``mode``, ``positions``, ``stop_rules``, ``route``,
     ``skip_first_token`` and ``unsteered_from`` model args (see the README; the steering arguments
     are parsed by :mod:`lm_eval_steer.runtime.modelargs`).
 
@@ -90,14 +90,14 @@ class SteeredHFLM(HFLM):
         scale: float | str = 1.0,
         mode: str | None = None,
         positions: str | None = None,
-        stop_after: bool | int | str = True,
+        stop_rules: bool | int | str = True,
         route: str | None = "auto",
         skip_first_token: bool | int | str = True,
         unsteered_from: str | None = None,
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
-        args = parse_steering_args(vectors, layer, scale, mode, positions, route, skip_first_token, stop_after)
+        args = parse_steering_args(vectors, layer, scale, mode, positions, route, skip_first_token, stop_rules)
         check_local_model(pretrained)
         self.route, self.overrides, self.skip_first_token = args.route, args.overrides, args.skip_first_token
         early = config_before_loading(pretrained, kwargs)

@@ -32,10 +32,12 @@ MODEL = "steered-hf"
 # Separates several vector files in ``vectors=``: lm-eval splits model_args on commas, and ``+``
 # needs no shell quoting. Existing files are never split, so ``a+b.safetensors`` works.
 VECTOR_FILE_SEPARATOR = "+"
-TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 _INTEGER = re.compile(r"^[+-]?\d{1,9}$")
 #: The model arguments ``steered-hf`` adds to ``HFLM``'s.
-STEERING_ARGS = ("vectors", "layer", "scale", "mode", "positions", "stop_after", "route", "skip_first_token", "unsteered_from")
+STEERING_ARGS = ("vectors", "layer", "scale", "mode", "positions", "stop_rules", "route", "skip_first_token", "unsteered_from")
+#: Old spellings of steering arguments -> their names now (refused with the new name, never guessed).
+RENAMED_ARGS = {"stop_after": "stop_rules"}
 
 
 class ModelArgError(UserError, ValueError):
@@ -125,7 +127,7 @@ def parse_scale(value: Any) -> float:
 
 
 def parse_flag(name: str, value: Any) -> bool:
-    """true/false/1/0/yes/no in any case, or a bool (anything else is refused, never guessed)."""
+    """true/false/1/0/yes/no/on/off in any case, or a bool (anything else is refused, never guessed)."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -146,15 +148,15 @@ class SteeringArgs:
 
 
 def parse_steering_args(
-    vectors: Any, layer: Any, scale: Any, mode: Any, positions: Any, route: Any, skip_first_token: Any, stop_after: Any = True
+    vectors: Any, layer: Any, scale: Any, mode: Any, positions: Any, route: Any, skip_first_token: Any, stop_rules: Any = True
 ) -> SteeringArgs:
     """Every steering argument checked (before any weights load); raises :class:`ModelArgError`.
 
     ``none`` in any case means None for every argument, as the Python API's parser makes it (the
     CLI's parser keeps it a string)."""
-    vectors, layer, scale, mode, positions, route, skip_first_token, stop_after = (
+    vectors, layer, scale, mode, positions, route, skip_first_token, stop_rules = (
         None if isinstance(value, str) and value.strip().lower() == "none" else value
-        for value in (vectors, layer, scale, mode, positions, route, skip_first_token, stop_after)
+        for value in (vectors, layer, scale, mode, positions, route, skip_first_token, stop_rules)
     )
     return SteeringArgs(
         vector_paths=tuple(parse_vector_paths(vectors)),
@@ -164,7 +166,7 @@ def parse_steering_args(
             scale=parse_scale(scale),
             mode=parse_choice("mode", mode, MODES, none_means=None),
             positions=parse_choice("positions", positions, POSITIONS, none_means=None),
-            stop_after=parse_flag("stop_after", stop_after),
+            stop_rules=parse_flag("stop_rules", stop_rules),
         ),
         skip_first_token=parse_flag("skip_first_token", skip_first_token),
     )
@@ -198,11 +200,13 @@ def near_miss(name: str) -> str | None:
 
 
 def check_near_misses(names: Iterable[str], passed_on: Collection[str]) -> None:
-    """Refuses a model argument that would go on to ``HFLM`` but is a near miss of a steering
-    argument. ``passed_on`` holds the names that are never refused: those ``HFLM`` itself takes,
+    """Refuses a model argument that would go on to ``HFLM`` but is an old spelling
+    (:data:`RENAMED_ARGS`) or a near miss of a steering argument. ``passed_on`` holds the names that are never refused: those ``HFLM`` itself takes,
     and the model config's own attributes (``from_pretrained`` overrides them: GPT-2's
     ``n_positions`` is two edits from ``positions``)."""
     for name in names:
+        if name in RENAMED_ARGS:
+            raise ModelArgError(f"{MODEL}: {name}= is now called {RENAMED_ARGS[name]}= (on|off)")
         if not isinstance(name, str) or name in passed_on or name in STEERING_ARGS:
             continue
         meant = near_miss(name)

@@ -26,7 +26,7 @@ class Overrides:
     scale: float = 1.0
     mode: str | None = None
     positions: str | None = None
-    stop_after: bool = True  # False: every entry steers to the end of the answer (its stop_after dropped)
+    stop_rules: bool = True  # False: every entry steers to the end of the answer (its stop_after dropped)
 
     def given(self) -> dict[str, Any]:
         """The overrides the user actually set (for the results JSON and cache keys)."""
@@ -75,7 +75,7 @@ def apply_overrides(entry: SteeringEntry, overrides: Overrides) -> SteeringEntry
         layer=entry.layer if overrides.layer is None else overrides.layer,
         mode=overrides.mode or entry.mode,
         positions=overrides.positions or entry.positions,
-        stop_after=entry.stop_after if overrides.stop_after else (),
+        stop_after=entry.stop_after if overrides.stop_rules else (),
     )
 
 
