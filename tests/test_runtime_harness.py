@@ -7,12 +7,15 @@ assumptions (and steering would silently go to the wrong rows).
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
 from lm_eval.models.huggingface import HFLM
 
-from lm_eval_steer.runtime.harness import continuation_start, generation_group, loglikelihood_input
+from lm_eval_steer.runtime.harness import Evaluation, continuation_start, generation_group, loglikelihood_input, running_evaluation
 
 PROMPTS = ["Write a poem about the sea.", "Hi", "Tell me a long story about two dragons and a knight who meet at dawn", "Why?"]
 GEN = {"until": ["\n\n"], "max_gen_toks": 4, "do_sample": False}
@@ -104,3 +107,46 @@ def test_loglikelihood_rows_are_the_documented_model_inputs(watched) -> None:
         assert matches, f"no model row equals the documented input {expected}"
         assert 0 < continuation_start(expected, continuation) <= len(expected)
     assert truncated, "the window was never exceeded: the truncation rule went untested"
+
+
+# --------------------------------------------------------------------------- assumption 6: the running evaluation
+
+
+class Recording(LM):
+    """The smallest model the evaluator accepts: records :func:`running_evaluation` when it is called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Evaluation | None] = []
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        self.seen.append(running_evaluation())
+        return ["" for _ in requests]
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError
+
+
+def test_the_evaluator_still_keeps_what_running_evaluation_reads() -> None:
+    """Assumption 6 is read from the evaluator's local variables (it tells the model nothing about its
+    tasks): if a harness release renames them, this fails here instead of reuse quietly checking nothing."""
+    import lm_eval.evaluator
+
+    names = inspect.unwrap(lm_eval.evaluator.evaluate).__code__.co_varnames
+    assert {"eval_tasks", "apply_chat_template", "system_instruction"} <= set(names)
+
+
+def test_running_evaluation_finds_the_tasks_and_settings_of_a_real_evaluate_call() -> None:
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    model = Recording()
+    assert running_evaluation() is None  # outside an evaluation
+    simple_evaluate(model=model, tasks=["ifeval_format"], limit=1, system_instruction="Be brief.", task_manager=TaskManager(include_defaults=False))
+    (evaluation,) = model.seen
+    assert evaluation is not None and set(evaluation.tasks) == {"ifeval_format"}
+    assert evaluation.system_instruction == "Be brief." and evaluation.apply_chat_template is False
+    assert evaluation.task_versions["ifeval_format"] == evaluation.tasks["ifeval_format"].VERSION

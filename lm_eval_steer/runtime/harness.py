@@ -29,13 +29,17 @@ two assumptions about the evaluator:
 6. ``lm_eval.evaluator.evaluate`` calls the model with the tasks in its local ``eval_tasks`` (task
    name -> task) and the run's ``apply_chat_template`` and ``system_instruction`` arguments in scope:
    the model is never told which tasks it serves, so :func:`running_evaluation` reads them there.
+   This walks the stack because 0.4.13 offers no supported hook: ``evaluate`` hands the model only
+   ``getattr(lm, request_type)(requests)``, and an ``Instance`` carries its task's name and document
+   but not the ``Task`` (needed to re-score a reused answer), the chat-template flag or the system
+   instruction. ``tests/test_runtime_harness.py`` checks the local names and a real ``evaluate`` call.
    It then scores each document as :func:`rescore` does: the document's requests are the task's
    ``instances`` of its ``doc_id`` in ``idx`` order, each filter pipeline of ``task._filters`` (a
    ``FilterEnsemble`` that reads ``resps`` and ``doc`` and writes ``filtered_resps``) filters their
    responses, and ``task.process_results(doc, filtered responses)`` gives the metrics it logs next
    to them (:func:`logged_value` renders a metric as it is logged).
 
-``tests/test_runtime_harness.py`` checks 1-4 against the installed harness: if a harness release
+``tests/test_runtime_harness.py`` checks 1-4 and 6 against the installed harness: if a harness release
 changes one, that test fails before steering silently goes to the wrong rows. ``tests/test_runtime_reuse.py``
 checks 5 and 6 end to end (reused answers equal a full run's; the run-setting refusals need 6).
 """
