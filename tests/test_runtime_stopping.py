@@ -1,11 +1,15 @@
-"""Entries with ``stop_after`` stop steering a row once its generated text contains a stop string."""
+"""Entries with ``stop_after`` stop steering a row once its generated text contains a stop string;
+entries with ``stop_after_tokens`` once that many answer tokens were computed under them."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from conftest import build_tiny_llama
 
+from lm_eval_steer.runtime import interventions
 from lm_eval_steer.runtime.hooks import SteeringError, find_decoder_layers, steering
 from lm_eval_steer.runtime.stopping import StopTracker
 from lm_eval_steer.runtime.vectorfile import SteeringEntry
@@ -135,3 +139,59 @@ def test_stop_after_needs_decode_and_token_ids(model):
     with pytest.raises(SteeringError, match="needs the model's input_ids"):
         with steering(model, [[kick(stop_after=("x",))]], decode=as_text), torch.no_grad():
             model(inputs_embeds=embeds)
+
+
+# --------------------------------------------------------------------------- stop_after_tokens
+
+
+def counted_kick(stop_after_tokens: int, positions: str = "all", strength: float = 30.0) -> SteeringEntry:
+    return dataclasses.replace(kick(positions, strength=strength), stop_after_tokens=stop_after_tokens)
+
+
+def test_the_answer_window_counts_from_the_prompt_end_in_whole_passes_and_chunks():
+    attention = torch.tensor([[1] * 7, [0] + [1] * 6])  # row 1 is left-padded: its prompt still ends at column 3
+    prompt = torch.tensor([3, 3])
+    full = interventions.answer_window_mask(attention, prompt, 7, torch.tensor([2, 1]))
+    assert full.tolist() == [[True] * 4 + [False] * 3, [True] * 3 + [False] * 4]  # t < 3 + n - 1
+    stepwise = torch.cat([interventions.answer_window_mask(attention[:, : column + 1], prompt, 1, torch.tensor([2, 1])) for column in range(7)], dim=1)
+    assert torch.equal(stepwise, full), "one column at a time (the KV cache) gives the same window"
+    assert interventions.answer_window_mask(attention, prompt, 2, torch.tensor([2, 10])).tolist() == [[False, False], [True, True]]
+
+
+def test_generation_steers_exactly_the_first_n_answer_tokens(model):
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    always = greedy(model, ids, [[kick()]])
+    prompt_only = greedy(model, ids, [[kick("prompt")]])
+    assert always != prompt_only, "the kick must change generation for this test to mean anything"
+    assert greedy(model, ids, [[counted_kick(1)]]) == prompt_only  # only the prompt's last column computes token 0
+    assert greedy(model, ids, [[counted_kick(100)]]) == always
+    compared = 0
+    for n in (2, 4):
+        with_cache = greedy(model, ids, [[counted_kick(n)]])
+        assert with_cache == greedy(model, ids, [[counted_kick(n)]], use_cache=False)
+        assert with_cache[:n] == always[:n]
+        if always[n - 1] not in always[: n - 1]:  # then the string rule on token n-1 stops at the same column
+            assert with_cache == greedy(model, ids, [[kick(stop_after=(f"<{always[n - 1]}>",))]])
+            compared += 1
+    assert compared, "no n had a first-time token to compare the two rules on"
+    assert greedy(model, ids, [[counted_kick(2)]]) != always, "steering must really end"
+
+
+def test_token_limited_rows_share_a_batch_with_plain_and_string_stopped_rows(model):
+    prompts = torch.randint(1, VOCAB, (4, 6), generator=torch.Generator().manual_seed(6))
+    rows = [[counted_kick(3)], [], [counted_kick(5), kick(strength=5.0)], [kick(stop_after=("never",)), counted_kick(2, strength=-20.0)]]
+    with steering(model, rows, decode=as_text):
+        batched = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    for i in range(4):
+        assert batched[i, 6:].tolist() == greedy(model, prompts[i : i + 1], [rows[i]]), f"row {i} differs from its single run"
+
+
+def test_stop_rules_off_drops_both_rules_and_the_rules_key_the_route():
+    from lm_eval_steer.runtime.routing import Overrides, apply_overrides, route_key
+
+    entry = dataclasses.replace(kick(stop_after=("mom",)), stop_after_tokens=8)
+    off = apply_overrides(entry, Overrides(stop_rules=False))
+    assert (off.stop_after, off.stop_after_tokens, off.can_stop) == ((), None, False)
+    on = apply_overrides(entry, Overrides())
+    assert (on.stop_after, on.stop_after_tokens) == (("mom",), 8)
+    assert route_key([on]) != route_key([dataclasses.replace(on, stop_after_tokens=9)])

@@ -54,6 +54,10 @@ def test_project_mode_and_bad_gguf_are_refused(vector_file, tmp_path):
     save_vector_file(stopping, [SteeringEntry("k", torch.ones(8), 2, "add", 1.0, stop_after=("mom",))], model="tiny-llama", hidden_size=8, num_layers=4)
     with pytest.raises(VectorFileError, match="entry 'k': stop_after cannot be exported: llama.cpp steers to the end"):
         export_gguf(stopping, tmp_path / "x.gguf")
+    counted = tmp_path / "counted.safetensors"
+    save_vector_file(counted, [SteeringEntry("n", torch.ones(8), 2, "add", 1.0, stop_after_tokens=32)], model="tiny-llama", hidden_size=8, num_layers=4)
+    with pytest.raises(VectorFileError, match="entry 'n': stop_after_tokens cannot be exported: llama.cpp steers to the end"):
+        export_gguf(counted, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf at all")

@@ -69,3 +69,20 @@ def position_mask(
         first_real = real.float().argmax(dim=1)  # index of each row's first 1
         keep &= columns[None, :] != first_real[:, None]
     return keep[:, total - chunk_length :]
+
+
+def answer_window_mask(attention_mask: torch.Tensor, prompt_length: torch.Tensor, chunk_length: int, stop_after_tokens: torch.Tensor) -> torch.Tensor:
+    """Where a ``stop_after_tokens`` rule still lets a row be steered, as ``[batch, chunk_length]`` bool.
+
+    Column ``t`` of row ``b`` (``attention_mask [batch, total]``, the chunk its last ``chunk_length``
+    columns) is steered iff ``t < prompt_length[b] + n[b] − 1`` with ``n = stop_after_tokens [batch]``
+    (at least 1). Column ``prompt_length[b] + j`` reads the answer's token ``j`` and computes token
+    ``j + 1``, so the answer's first ``n[b]`` tokens are computed under steering and the pass that reads
+    token ``n[b] − 1`` is the first one left alone. Prompt columns are always inside the window. The
+    rule depends on column numbers only, so it is the same with or without the KV cache.
+    """
+    total = attention_mask.shape[1]
+    device = attention_mask.device
+    columns = torch.arange(total - chunk_length, total, device=device)
+    ends = prompt_length.to(device) + stop_after_tokens.to(device) - 1
+    return columns[None, :] < ends[:, None]

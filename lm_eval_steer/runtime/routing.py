@@ -26,7 +26,7 @@ class Overrides:
     scale: float = 1.0
     mode: str | None = None
     positions: str | None = None
-    stop_rules: bool = True  # False: every entry steers to the end of the answer (its stop_after dropped)
+    stop_rules: bool = True  # False: every entry steers to the end of the answer (its stop rules dropped)
 
     def given(self) -> dict[str, Any]:
         """The overrides the user actually set (for the results JSON and cache keys)."""
@@ -76,6 +76,7 @@ def apply_overrides(entry: SteeringEntry, overrides: Overrides) -> SteeringEntry
         mode=overrides.mode or entry.mode,
         positions=overrides.positions or entry.positions,
         stop_after=entry.stop_after if overrides.stop_rules else (),
+        stop_after_tokens=entry.stop_after_tokens if overrides.stop_rules else None,
     )
 
 
@@ -107,4 +108,4 @@ def route_key(entries: Sequence[SteeringEntry]) -> tuple[tuple[Any, ...], ...]:
     ``id(entry.vector)`` tells apart same-named entries of different files (resolved entries share
     their file's tensor).
     """
-    return tuple((id(entry.vector), entry.name, entry.layer, entry.mode, entry.strength, entry.positions, entry.stop_after) for entry in entries)
+    return tuple((id(entry.vector), entry.name, entry.layer, entry.mode, entry.strength, entry.positions, entry.stop_after, entry.stop_after_tokens) for entry in entries)

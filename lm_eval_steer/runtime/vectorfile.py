@@ -40,8 +40,8 @@ FORMAT_VERSION = "lm-eval-steer/1"
 MODES = ("add", "project", "ablate")
 POSITIONS = ("all", "prompt", "generated")
 FILE_KEYS = frozenset({"format", "model", "hidden_size", "num_layers", "entries"})
-ENTRY_KEYS = frozenset({"name", "layer", "mode", "strength", "positions", "applies_to", "stop_after"})
-OPTIONAL_ENTRY_KEYS = frozenset({"applies_to", "stop_after"})
+ENTRY_KEYS = frozenset({"name", "layer", "mode", "strength", "positions", "applies_to", "stop_after", "stop_after_tokens"})
+OPTIONAL_ENTRY_KEYS = frozenset({"applies_to", "stop_after", "stop_after_tokens"})
 APPLIES_TO_KEYS = frozenset({"instruction_id", "kwargs", "strength_rule"})
 STRENGTH_RULE_KEYS = frozenset({"kwarg", "points"})
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -55,6 +55,8 @@ MAX_JSON_DEPTH = 16
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 #: Bounds on an entry's ``stop_after`` list: how many strings, and how long each may be.
 MAX_STOP_STRINGS, MAX_STOP_LENGTH = 16, 200
+#: Largest ``stop_after_tokens``: longer than any answer a harness task asks for.
+MAX_STOP_TOKENS = 1 << 20
 #: Bounds on the model shape a file may claim (a hostile ``hidden_size`` must not size anything).
 MAX_HIDDEN_SIZE, MAX_LAYERS = 1 << 20, 1 << 16
 
@@ -125,6 +127,7 @@ class SteeringEntry:
     positions: Positions = "all"
     applies_to: AppliesTo | None = None
     stop_after: tuple[str, ...] = ()  # a row stops being steered once its generated text contains one of these
+    stop_after_tokens: int | None = None  # ... or once this many answer tokens were generated under it
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -135,9 +138,16 @@ class SteeringEntry:
             "positions": self.positions,
             "applies_to": None if self.applies_to is None else self.applies_to.to_json(),
         }
-        if self.stop_after:  # optional key: files without it read (and write) as before
+        if self.stop_after:  # optional keys: files without them read (and write) as before
             out["stop_after"] = list(self.stop_after)
+        if self.stop_after_tokens is not None:
+            out["stop_after_tokens"] = self.stop_after_tokens
         return out
+
+    @property
+    def can_stop(self) -> bool:
+        """Whether a stop rule (``stop_after`` strings or ``stop_after_tokens``) may end its steering early."""
+        return bool(self.stop_after) or self.stop_after_tokens is not None
 
 
 @dataclass(frozen=True)
@@ -304,6 +314,9 @@ def _parse_entry(raw: Any, tensor: torch.Tensor | None, hidden_size: int, num_la
     strength = check.number(raw["strength"], "strength", name)
     applies_to = _parse_applies_to(raw.get("applies_to"), check, name)
     stop_after = _parse_stop_after(raw.get("stop_after", []), check, name)
+    stop_after_tokens = None if raw.get("stop_after_tokens") is None else check.integer(raw["stop_after_tokens"], "stop_after_tokens", name, upper=MAX_STOP_TOKENS)
+    if stop_after_tokens is not None and stop_after_tokens < 1:
+        raise check.fail(f"stop_after_tokens must be at least 1, got {stop_after_tokens}", name)
     vector = _checked_vector(tensor, mode, _strengths(strength, applies_to), check, name)
     return SteeringEntry(
         name=name,
@@ -314,6 +327,7 @@ def _parse_entry(raw: Any, tensor: torch.Tensor | None, hidden_size: int, num_la
         positions=positions,
         applies_to=applies_to,
         stop_after=stop_after,
+        stop_after_tokens=stop_after_tokens,
     )
 
 

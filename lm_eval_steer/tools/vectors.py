@@ -80,6 +80,14 @@ def strength(entry: SteeringEntry) -> str:
     return f"by {rule.kwarg}: " + ", ".join(f"{x:g}→{s:.3g}" for x, s in rule.points)
 
 
+def stop_rule(entry: SteeringEntry) -> str:
+    """The entry's stop rules in words: its ``stop_after`` strings and ``stop_after_tokens``."""
+    rules = [", ".join(entry.stop_after)] if entry.stop_after else []
+    if entry.stop_after_tokens is not None:
+        rules.append(f"after {entry.stop_after_tokens} tokens")
+    return "; ".join(rules) or "—"
+
+
 def entry_rows(vector_file: VectorFile) -> list[list[str]]:
     """One row per entry, in :data:`ENTRY_HEADERS` order."""
     methods, sources = entry_methods(vector_file.extra_metadata), entry_sources(vector_file.extra_metadata)
@@ -91,7 +99,7 @@ def entry_rows(vector_file: VectorFile) -> list[list[str]]:
             entry.mode,
             strength(entry),
             entry.positions,
-            ", ".join(entry.stop_after) or "—",
+            stop_rule(entry),
             methods.get(entry.name, methods.get("*", "")) or "—",
             sources.get(entry.name, "this file"),
             hashlib.sha256(entry.vector.float().numpy().tobytes()).hexdigest()[:12],
