@@ -8,6 +8,8 @@ the reported number is each configuration's throughput divided by the unsteered 
 - ``routed mix``: a batch mixing 4 instructions, each row steered with its own vector (two layers)
 - ``stop_after``: one ``add`` entry on every row with a ``stop_after`` string that is never written,
   so every decoding step decodes the end of every row's answer to look for it (the worst case)
+- ``stop_after_tokens``: the same entry with ``stop_after_tokens`` beyond the answer's length instead,
+  so every step computes the answer window and still steers every position
 
 Every request generates exactly ``--new-tokens`` tokens (``min_new_tokens``), so steering cannot
 win or lose time by changing when answers stop.
@@ -18,6 +20,7 @@ win or lose time by changing when answers stop.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import tempfile
@@ -27,9 +30,9 @@ from pathlib import Path
 import torch
 from lm_eval.api.instance import Instance
 
-from lm_eval_steer.runtime.model import SteeredHFLM
 from lm_eval_steer.core.atomic import write_json
 from lm_eval_steer.core.paths import SMOLLM2_GGUF, smollm2_dir
+from lm_eval_steer.runtime.model import SteeredHFLM
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, save_vector_file
 
 INSTRUCTIONS = ["change_case:english_lowercase", "punctuation:no_comma", "detectable_format:title", "startend:quotation"]
@@ -61,7 +64,8 @@ def write_vectors(directory: Path, hidden_size: int, num_layers: int) -> dict[st
         SteeringEntry(name, torch.randn(hidden_size, generator=generator), num_layers // 2 + 2 * (i % 2), "project" if i % 2 else "add", 4.0, "all", AppliesTo(name))
         for i, name in enumerate(INSTRUCTIONS)
     ]
-    files = {"one vector": [single], "routed mix": mixed, "stop_after": [stopping]}
+    counted = dataclasses.replace(stopping, stop_after=(), stop_after_tokens=1 << 16)
+    files = {"one vector": [single], "routed mix": mixed, "stop_after": [stopping], "stop_after_tokens": [counted]}
     paths = {label: directory / f"{index}.safetensors" for index, label in enumerate(files)}
     for label, entries in files.items():
         save_vector_file(paths[label], entries, model="bench", hidden_size=hidden_size, num_layers=num_layers)
@@ -117,10 +121,10 @@ def main() -> None:
         ratios = [base_s / s for base_s, s in zip(timings["unsteered"], seconds)]
         rows.append({"configuration": label, "median_seconds": round(median, 2), "tokens_per_second": round(tokens / median, 1), "throughput_vs_unsteered": round(statistics.median(ratios), 3)})
     print(f"\nSmolLM2-135M-Instruct, batch {args.batch_size}, {args.new_tokens} new tokens, {args.rounds} interleaved rounds, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"{'configuration':<12} | {'median s':>8} | {'tokens/s':>8} | {'vs unsteered':>12}")
-    print("-" * 50)
+    print(f"{'configuration':<17} | {'median s':>8} | {'tokens/s':>8} | {'vs unsteered':>12}")
+    print("-" * 55)
     for row in rows:
-        print(f"{row['configuration']:<12} | {row['median_seconds']:>8} | {row['tokens_per_second']:>8} | {row['throughput_vs_unsteered']:>11}x")
+        print(f"{row['configuration']:<17} | {row['median_seconds']:>8} | {row['tokens_per_second']:>8} | {row['throughput_vs_unsteered']:>11}x")
     report = {"benchmark": "steering_throughput", "batch_size": args.batch_size, "new_tokens": args.new_tokens, "rounds": args.rounds, "baseline_seconds": baseline, "rows": rows, "raw_seconds": timings}
     write_json(args.out, report)
     print(f"wrote {args.out}")
