@@ -1,22 +1,34 @@
-"""Builder faults: unwritable outputs fail before the build, damaged checkpoints name their file,
-killed writes leave nothing behind under --resume, report.json is strict JSON, writes name the target."""
+"""Builder faults at the command line: unwritable outputs and bad options fail in one line before the
+model loads, writes that fail name their target and leave no temporary file, and a checkpoint written
+by another builder version is refused in one line under --resume."""
 
 from __future__ import annotations
 
 import json
-import math
 from unittest import mock
 
 import pytest
 import torch
 from safetensors import SafetensorError
 
-from lm_eval_steer.core.atomic import WriteError, atomic_write, check_writable, remove_leftovers, write_json
 from lm_eval_steer.cli import main
+from lm_eval_steer.core.atomic import WriteError, atomic_write, check_writable
 from lm_eval_steer.runtime.vectorfile import SteeringEntry, save_vector_file
-from vector_builder.report import Checkpoint, CheckpointError, finite_json, write_report
 
-SETTINGS = {"model": "tiny", "seed": 0}
+#: ``checkpoint/settings.json`` as builder version 1 (flat settings) wrote it for ``--instructions
+#: punctuation:no_comma`` on the tiny model.
+VERSION_1_SETTINGS = {
+    "builder_version": 1, "model": "tiny", "search_model": "tiny", "instructions": ["punctuation:no_comma"], "keywords": [], "n_train": 64,
+    "n_val": 8, "layers": [1, 3], "multipliers": [0.5, 1.0, 1.5], "batch_size": 8, "seed": 0, "max_new_tokens": 128, "max_repetition": 0.5,
+    "allowed_degenerate": 0, "min_length_ratio": 0.5, "skip_first_token": True, "strength_base": "shift", "keyword_sample": None,
+    "validation_prompts": "without instruction",
+    "degeneracy_guard": "degenerate = repetition (1 - distinct 4-grams / 4-grams) > 0.5; a candidate with more than (unsteered count + 0) "
+    "degenerate outputs is disqualified, and so is one whose mean answer length is below 0.5 x the unsteered mean (length instructions excepted)",
+    "data_sha256": "076204e5c0c6dbf7c8abf4c940001eddf3d9b46bce6b1f2bac12eaa151690048", "method": "both", "learned_layers": [1],
+    "learned_multipliers": [1.0], "learned_steps": 40, "learned_lr": 0.08, "learned_batch_size": 4, "learned_l2": 0.0, "target_samples": 4,
+    "target_max_tokens": 128, "token_multipliers": [0.1, 0.2, 0.3], "stop_after_keyword": True,
+}  # fmt: skip
+
 
 
 def one_error_line(capsys) -> str:
@@ -82,50 +94,14 @@ def test_os_errors_inside_a_write_name_the_target(tmp_path):
     assert ".tmp" not in str(error.value)
 
 
-@pytest.mark.parametrize(
-    ("name", "content"),
-    [("settings.json", "{not json"), ("settings.json", "[1, 2]"), ("settings.json", "{\"settings\": [1]}"), ("sums.safetensors", "garbage"), ("targets/t.json", "{\"name\": 1}"), ("learned/d.safetensors", "")],
-)
-def test_damaged_checkpoint_file_names_the_file(tmp_path, name, content):
-    Checkpoint(tmp_path, SETTINGS, resume=False)
-    damaged = tmp_path / "checkpoint" / name
-    damaged.parent.mkdir(parents=True, exist_ok=True)
-    damaged.write_text(content)
-    with pytest.raises(CheckpointError, match=f"{damaged}: damaged checkpoint file"):
-        checkpoint = Checkpoint(tmp_path, SETTINGS, resume=True)
-        checkpoint.load_sums()
-        checkpoint.load_targets()
-        checkpoint.load_learned()
-
-
-def test_other_settings_are_still_refused_under_resume(tmp_path):
-    Checkpoint(tmp_path, SETTINGS, resume=False)
-    with pytest.raises(CheckpointError, match="other settings"):
-        Checkpoint(tmp_path, {**SETTINGS, "seed": 1}, resume=True)
-
-
-def test_resume_removes_the_temp_files_of_a_killed_run(tmp_path):
-    Checkpoint(tmp_path, SETTINGS, resume=False)
-    leftovers = [tmp_path / ".report.json.abc.tmp", tmp_path / "checkpoint" / ".sums.safetensors.x1.tmp", tmp_path / "checkpoint" / "targets" / ".t.json.y.tmp"]
-    for leftover in leftovers:
-        leftover.parent.mkdir(parents=True, exist_ok=True)
-        leftover.write_text("half")
-    keep = tmp_path / "notes.tmp"
-    keep.write_text("not ours")
-    Checkpoint(tmp_path, SETTINGS, resume=True)
-    assert not any(leftover.exists() for leftover in leftovers)
-    assert keep.exists()
-    other = tmp_path / ".other.safetensors.z.tmp"
-    other.write_text("")
-    assert remove_leftovers(tmp_path, "v.safetensors") == [] and other.exists()
-
-
-def test_report_json_is_strict_json(tmp_path):
-    payload = {"loss": [1.0, math.nan, math.inf], "nested": {"x": -math.inf, "ok": 2.5}, "tuple": (1, math.nan)}
-    path = write_report(tmp_path, payload)
-    text = path.read_text()
-    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in report.json")) == {
-        "loss": [1.0, None, None], "nested": {"x": None, "ok": 2.5}, "tuple": [1, None]
-    }
-    assert finite_json({"a": 1}) == {"a": 1}
-    write_json(tmp_path / "plain.json", {"a": 1.5})  # other writers unchanged
+def test_a_checkpoint_written_by_builder_version_1_is_refused_in_one_line(tiny_model_dir, tmp_path, capsys):
+    settings_json = tmp_path / "rep" / "checkpoint" / "settings.json"
+    settings_json.parent.mkdir(parents=True)
+    settings_json.write_text(json.dumps({"settings": VERSION_1_SETTINGS}))
+    model_args = f"pretrained={tiny_model_dir},dtype=float32,device=cpu,name=tiny"
+    command = ["build", "--model_args", model_args, "--instructions", "punctuation:no_comma", "--out", str(tmp_path / "v.safetensors")]
+    assert main([*command, "--report", str(tmp_path / "rep"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the model's loading progress, then the error
+    assert [line for line in err if "error" in line] == err[-1:] and err[-1].startswith("lm-eval-steer build: error: ")
+    assert f"{settings_json}: written by builder version 1" in err[-1] and "rebuild without --resume" in err[-1]
+    assert json.loads(settings_json.read_text()) == {"settings": VERSION_1_SETTINGS}  # left as it was

@@ -1,5 +1,6 @@
-"""Learned vectors on a tiny random Llama: the training objective steers as the runtime does, only
-the vector learns, early stopping keeps the best held-out step, and targets come from the right source."""
+"""vector_builder.methods.learned on a tiny random Llama: the training objective steers as the runtime
+does, only the vector learns, early stopping keeps the best held-out step, the stage's direction adds
+the trained vector, and targets come from the right source."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import build_tiny_llama
-from vector_builder import learned, prompts, targets
-from vector_builder.learned_directions import as_direction, examples_from
-from vector_builder.methods import base_name, methods_of, pick, targets_for
-from vector_builder.search import CandidateResult, TargetResult
+from vector_builder import prompts
+from vector_builder.methods.learned import LearnedSettings, targets, training
+from vector_builder.methods.learned.stage import as_direction, examples_from
+from vector_builder.runner import GenerationSettings, Runner
+from vector_builder.scoring import strict_follows
 
 LAYER = 1
 
@@ -20,21 +21,26 @@ LAYER = 1
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _examples(tokenizer, count: int = 6) -> list[learned.Example]:
+def _runner(model, tokenizer, batch_size: int = 8) -> Runner:
+    """The model run with the tokenizer's pad token and eos as the only stop token."""
+    return Runner(model, tokenizer, GenerationSettings(batch_size=batch_size), tokenizer.pad_token_id, (tokenizer.eos_token_id,))
+
+
+def _examples(tokenizer, count: int = 6) -> list[training.Example]:
     items = [targets.TargetResponse(f"Question {i}: name a colour.", {}, f"the colour number {i} is blue", "greedy") for i in range(count)]
     return examples_from(tokenizer, items)
 
 
 def test_batch_tensors_label_only_the_responses_under_left_padding():
-    examples = [learned.Example((5, 6, 7), (8, 9)), learned.Example((5,), (10, 11, 12))]
-    ids, mask, labels, scored = learned.batch_tensors(examples, pad_id=0)
+    examples = [training.Example((5, 6, 7), (8, 9)), training.Example((5,), (10, 11, 12))]
+    ids, mask, labels, scored = training.batch_tensors(examples, pad_id=0)
     assert ids.tolist() == [[5, 6, 7, 8, 9], [0, 5, 10, 11, 12]]
     assert mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
     assert labels.tolist() == [[-100, -100, -100, 8, 9], [-100, -100, 10, 11, 12]]
     assert scored == 3
 
 
-def _manual_loss(model, example: learned.Example, vector: torch.Tensor, layer: int, skip_first: bool) -> torch.Tensor:
+def _manual_loss(model, example: training.Example, vector: torch.Tensor, layer: int, skip_first: bool) -> torch.Tensor:
     """The objective written out with a plain forward hook: ``h_L += v`` at every position but the first."""
     sequence = torch.tensor([list(example.prompt) + list(example.response)])
 
@@ -60,20 +66,20 @@ def test_training_objective_steers_like_the_runtime(tiny, skip_first):
     model, tokenizer = tiny
     example = _examples(tokenizer, 1)[0]
     vector = torch.randn(64, generator=torch.Generator().manual_seed(0))
-    ours = learned.response_loss(model, [example], vector, LAYER, tokenizer.pad_token_id, skip_first)
+    ours = training.response_loss(model, [example], vector, LAYER, tokenizer.pad_token_id, skip_first)
     torch.testing.assert_close(ours, _manual_loss(model, example, vector, LAYER, skip_first))
     # and the vector matters: a different vector gives a different loss
-    assert not torch.isclose(ours, learned.response_loss(model, [example], torch.zeros(64), LAYER, tokenizer.pad_token_id, skip_first))
+    assert not torch.isclose(ours, training.response_loss(model, [example], torch.zeros(64), LAYER, tokenizer.pad_token_id, skip_first))
 
 
 def test_padding_does_not_change_the_loss(tiny):
     model, tokenizer = tiny
-    short, long = learned.Example((1, 5, 6), (7, 8)), learned.Example((1, 5, 6, 9, 9, 9, 9), (7, 8, 3))
+    short, long = training.Example((1, 5, 6), (7, 8)), training.Example((1, 5, 6, 9, 9, 9, 9), (7, 8, 3))
     vector = torch.randn(64, generator=torch.Generator().manual_seed(1))
     pad = tokenizer.pad_token_id
-    alone = learned.response_loss(model, [short], vector, LAYER, pad, True)
-    batched_tokens = learned.response_loss(model, [short, long], vector, LAYER, pad, True) * 5
-    long_alone = learned.response_loss(model, [long], vector, LAYER, pad, True) * 3
+    alone = training.response_loss(model, [short], vector, LAYER, pad, True)
+    batched_tokens = training.response_loss(model, [short, long], vector, LAYER, pad, True) * 5
+    long_alone = training.response_loss(model, [long], vector, LAYER, pad, True) * 3
     torch.testing.assert_close(batched_tokens - long_alone, alone * 2, atol=1e-4, rtol=1e-4)
 
 
@@ -82,8 +88,8 @@ def test_training_lowers_the_loss_and_leaves_the_model_untouched(tiny):
     examples = _examples(tokenizer)
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
-    config = learned.TrainingSettings(max_steps=12, learning_rate=0.05, batch_size=2, eval_every=4, patience=5)
-    result = learned.train_vector(model, examples[2:], examples[:2], LAYER, config, pad_id=tokenizer.pad_token_id)
+    config = LearnedSettings(steps=12, lr=0.05, batch_size=2, eval_every=4, patience=5)
+    result = training.train_vector(_runner(model, tokenizer), examples[2:], examples[:2], LAYER, config)
     assert result.heldout_loss[0][0] == 0 and result.norm > 0
     assert min(loss for _, loss in result.heldout_loss[1:]) < result.heldout_loss[0][1]
     assert result.best_step == min(result.heldout_loss, key=lambda item: item[1])[0]
@@ -100,13 +106,13 @@ def test_early_stopping_keeps_the_best_heldout_vector(tiny, monkeypatch):
     scripted = iter([5.0, 4.0, 3.0, 3.5, 3.6, 3.7, 3.8])  # held-out loss at steps 0, 2, 4, 6, 8, ...
     seen: dict[int, torch.Tensor] = {}
 
-    def fake_heldout(model_, heldout, vector, *args):
+    def fake_heldout(runner, heldout, vector, *args):
         seen[len(seen) * 2] = vector.clone()
         return next(scripted)
 
-    monkeypatch.setattr(learned, "_heldout_loss", fake_heldout)
-    config = learned.TrainingSettings(max_steps=50, learning_rate=0.1, batch_size=2, eval_every=2, patience=2)
-    result = learned.train_vector(model, examples[2:], examples[:2], LAYER, config, pad_id=tokenizer.pad_token_id)
+    monkeypatch.setattr(training, "_heldout_loss", fake_heldout)
+    config = LearnedSettings(steps=50, lr=0.1, batch_size=2, eval_every=2, patience=2)
+    result = training.train_vector(_runner(model, tokenizer), examples[2:], examples[:2], LAYER, config)
     assert len(result.train_loss) == 8  # two evaluations (steps 6 and 8) without improvement
     assert result.best_step == 4
     assert [step for step, _ in result.heldout_loss] == [0, 2, 4, 6, 8]
@@ -117,12 +123,12 @@ def test_early_stopping_keeps_the_best_heldout_vector(tiny, monkeypatch):
 def test_training_refuses_empty_sets(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="held-out"):
-        learned.train_vector(model, _examples(tokenizer), [], LAYER, learned.TrainingSettings(), pad_id=0)
+        training.train_vector(_runner(model, tokenizer), _examples(tokenizer), [], LAYER, LearnedSettings())
 
 
 def test_learned_direction_adds_exactly_the_trained_vector():
     vector = torch.tensor([3.0, 4.0, 0.0])
-    trained = {1: learned.TrainedVector(layer=1, vector=vector)}
+    trained = {1: training.TrainedVector(layer=1, vector=vector)}
     direction = as_direction("x@learned", trained, num_layers=3, hidden_size=3, count=5)
     assert direction.shift.tolist() == [0.0, 5.0, 0.0]
     torch.testing.assert_close(direction.unit[1] * direction.shift[1], vector)
@@ -138,15 +144,15 @@ def test_examples_end_with_the_end_of_turn_token(smol_tokenizer):
 # ------------------------------------------------------------------------------------------- targets
 
 
-def _settings(tokenizer, samples: int) -> targets.TargetSettings:
-    return targets.TargetSettings(max_new_tokens=5, batch_size=4, pad_id=tokenizer.pad_token_id, stop_ids=(tokenizer.eos_token_id,), samples=samples)
+def _settings(samples: int) -> targets.TargetSettings:
+    return targets.TargetSettings(max_tokens=5, samples=samples)
 
 
 def test_targets_take_greedy_then_repaired_answers(tiny):
     model, tokenizer = tiny
     spec = prompts.DirectionSpec("change_case:english_lowercase", "change_case:english_lowercase")
     queries = [f"Tell me fact {i}." for i in range(4)]
-    greedy = [a[0] for a in targets.generate_texts(model, tokenizer, [p.checker_prompt for p in prompts.training_prompts(spec, queries, 0)], _settings(tokenizer, 0), sample=False, desc="t")]
+    greedy = [a[0] for a in targets.generate_texts(_runner(model, tokenizer, 4), [p.checker_prompt for p in prompts.training_prompts(spec, queries, 0)], _settings(0), sample=False, desc="t")]
     accept_first_two = {greedy[0], greedy[1]}
     calls = []
 
@@ -154,7 +160,7 @@ def test_targets_take_greedy_then_repaired_answers(tiny):
         calls.append(response)
         return response in accept_first_two or (response == response.lower() and response not in greedy)
 
-    found = targets.collect(model, tokenizer, spec, queries, _settings(tokenizer, 0), checker=checker)
+    found = targets.collect(_runner(model, tokenizer, 4), spec, queries, _settings(0), checker=checker)
     assert [item.source for item in found[:2]] == ["greedy", "greedy"]
     assert [item.query for item in found] == queries[: len(found)] or all(item.query in queries for item in found)
     repaired = [item for item in found if item.source == "repaired"]
@@ -165,7 +171,7 @@ def test_targets_take_greedy_then_repaired_answers(tiny):
 def test_targets_without_a_passing_answer_or_repair_are_dropped(tiny):
     model, tokenizer = tiny
     spec = prompts.DirectionSpec("detectable_format:multiple_sections", "detectable_format:multiple_sections")
-    found = targets.collect(model, tokenizer, spec, ["A?", "B?"], _settings(tokenizer, 2), checker=lambda *args: False)
+    found = targets.collect(_runner(model, tokenizer, 4), spec, ["A?", "B?"], _settings(2), checker=lambda *args: False)
     assert found == []
 
 
@@ -206,42 +212,9 @@ def test_repairs_pass_the_strict_checker(offline_scorer, response, instruction_i
     kwargs = REPAIRABLE[instruction_id]
     fixed = targets.REPAIRS[instruction_id](response, kwargs, "What is a good name for a cat?")
     assert fixed is not None
-    assert targets.strict_follows(instruction_id, kwargs, "What is a good name for a cat? (instruction)", fixed)
+    assert strict_follows(instruction_id, kwargs, "What is a good name for a cat? (instruction)", fixed)
 
 
 def test_highlight_repair_needs_enough_lines():
     assert targets.REPAIRS["detectable_format:number_highlighted_sections"]("one\ntwo", {"num_highlights": 3}, "q") is None
     assert targets.REPAIRS["detectable_format:number_highlighted_sections"]("one\n\ntwo\nthree", {"num_highlights": 2}, "q") == "*one*\n\n*two*\nthree"
-
-
-# ------------------------------------------------------------------------------------------- methods
-
-
-def _result(name: str, chosen_score: float | None, degenerate: int = 0) -> TargetResult:
-    none = CandidateResult("none", None, 0.0, None, [False, False], [False, False], [])
-    items = [none]
-    if chosen_score is not None:
-        follows = [True] * int(chosen_score * 2) + [False] * (2 - int(chosen_score * 2))
-        items.append(CandidateResult("L1x1", 1, 1.0, 2.0, follows, [True] * degenerate + [False] * (2 - degenerate), []))
-    return TargetResult(name, items, chosen=None if chosen_score is None else "L1x1")
-
-
-def test_pick_prefers_the_better_method_and_diffmean_on_ties():
-    assert pick({"diffmean": _result("a", 0.5), "learned": _result("a@learned", 1.0)}) == "learned"
-    assert pick({"learned": _result("a@learned", 0.5), "diffmean": _result("a", 0.5)}) == "diffmean"
-    assert pick({"diffmean": _result("a", 0.5), "learned": _result("a@learned", 0.5, degenerate=1)}) == "diffmean"
-    assert pick({"diffmean": _result("a", None), "learned": _result("a@learned", 0.5)}) == "learned"
-    assert pick({"diffmean": _result("a", None), "learned": _result("a@learned", None)}) is None
-
-
-def test_methods_and_learned_targets():
-    assert methods_of("both") == ("diffmean", "learned")
-    with pytest.raises(ValueError, match="--method"):
-        methods_of("magic")
-    target = prompts.Target("keywords:forbidden_words:cat", "keywords:existence:cat", "keywords:forbidden_words", "add", -1.0, {"forbidden_words": ["cat"]})
-    twin = targets_for(target, "learned")
-    assert (twin.name, twin.direction, twin.mode, twin.sign) == ("keywords:forbidden_words:cat@learned", "keywords:existence:cat@learned", "add", -1.0)
-    token = targets_for(target, "token")
-    assert (token.name, token.direction, token.mode, token.sign) == ("keywords:forbidden_words:cat@token", "keywords:existence:cat@token", "add", -1.0)
-    assert targets_for(target, "diffmean") is target
-    assert {base_name(twin.name), base_name(token.name), base_name(target.name)} == {target.name}

@@ -1,36 +1,38 @@
-"""vector_builder on a tiny random Llama: activation collection, the full build, resume, CLI."""
+"""vector_builder.pipeline on a tiny random Llama: the full build per method, pooling, resume, the CLI's build."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import build_tiny_llama
 from lm_eval_steer.runtime.routing import entries_for_document
 from lm_eval_steer.runtime.vectorfile import load_vector_file
-from vector_builder import BuildSettings, build, report
-from vector_builder.activations import collect, last_token_states, left_pad
-from vector_builder import learned_directions, search
+from vector_builder import BuildSettings, Validation, build, report, search
 from vector_builder.methods import pick
-from vector_builder.prompts import chat_ids, plan, split_queries
-from vector_builder.search import stop_strings
-from vector_builder.token_directions import TokenDirectionError, first_token
+from vector_builder.methods.learned import LearnedSettings, stage
+from vector_builder.methods.learned.targets import TargetSettings
+from vector_builder.methods.token import TokenDirectionError, first_token
+from vector_builder.prompts import chat_ids, split_queries
+from vector_builder.runner import GenerationSettings
+from vector_builder.search import SearchSettings
 
 QUERIES = [f"Question number {i}: what is {i} plus {i + 1}?" for i in range(12)]
-SMALL = dict(n_train=4, n_val=2, layers=[1, 2], multipliers=[1.0, 4.0], batch_size=4, max_new_tokens=6, seed=0, method="diffmean")
-TINY_LEARNED = dict(learned_layers=[1], learned_steps=4, learned_batch_size=2, target_samples=1, target_max_tokens=6)
+SEARCH = SearchSettings(layers=(1, 2), multipliers=(1.0, 4.0))
+SMALL = dict(n_train=4, n_val=2, method="diffmean", generation=GenerationSettings(batch_size=4, max_new_tokens=6, seed=0), search=SEARCH)
+TINY_LEARNED = dict(learned=LearnedSettings(layers=(1,), steps=4, batch_size=2), targets=TargetSettings(samples=1, max_tokens=6))
 
 
 def run_build(network, tokenizer, /, *, out, report_dir, scorer, resume=False, **settings):
     """``build`` on the test questions with ``BuildSettings(**settings)`` (``model=`` is its name)."""
-    return build(network, tokenizer, BuildSettings(**settings), out=out, report_dir=report_dir, queries=QUERIES, resume=resume, scorer=scorer)
+    validation = Validation(scorer=scorer)
+    return build(network, tokenizer, BuildSettings(**settings), out=out, report_dir=report_dir, queries=QUERIES, resume=resume, validation=validation)
 
 
 def hash_scorer(instruction_id, kwargs, prompt, response) -> bool:
@@ -39,32 +41,6 @@ def hash_scorer(instruction_id, kwargs, prompt, response) -> bool:
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def test_one_pass_all_layers_equals_per_layer_collection(tiny):
-    model, tokenizer = tiny
-    sequences = [tokenizer.encode(text) for text in ("a short one", "a rather longer prompt than the first", "mid size prompt")]
-    ids, mask = left_pad(sequences, tokenizer.pad_token_id)
-    all_layers = last_token_states(model, ids, mask)
-    assert all_layers.shape == (3, 4, 64)
-    for layer in range(4):
-        torch.testing.assert_close(all_layers[:, layer], last_token_states(model, ids, mask, layers=[layer])[:, 0])
-    with torch.no_grad():  # the harness's own per-layer hidden states agree (before the final norm)
-        hidden = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), output_hidden_states=True).hidden_states
-    for layer in range(3):
-        torch.testing.assert_close(all_layers[:, layer], hidden[layer + 1][:, -1], atol=1e-4, rtol=1e-4)
-    for row, seq in enumerate(sequences):  # left padding does not change a row's states
-        alone = last_token_states(model, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
-        torch.testing.assert_close(all_layers[row], alone[0], atol=1e-4, rtol=1e-4)
-
-
-def test_collect_shares_prompts_and_matches_stacking(tiny):
-    model, tokenizer = tiny
-    a, b, c = ([tokenizer.encode(t)] for t in ("one", "two words", "three more words"))
-    sums = collect(model, {"x": a + b, "y": b + c}, batch_size=2, pad_id=tokenizer.pad_token_id)
-    assert sums["x"].count == 2 and sums["y"].count == 2
-    stacked = torch.cat([last_token_states(model, *left_pad(s, tokenizer.pad_token_id)) for s in (a, b)])
-    torch.testing.assert_close(sums["x"].total, stacked.double().sum(0), atol=1e-4, rtol=1e-4)
 
 
 def test_build_writes_a_loadable_file_report_and_plot(tiny, tmp_path):
@@ -108,6 +84,7 @@ def test_build_writes_a_loadable_file_report_and_plot(tiny, tmp_path):
         assert entries_for_document({"instruction_id_list": ["detectable_format:title"], "kwargs": [{}]}, [loaded], "auto") == ()
     settings = json.loads(loaded.extra_metadata["builder"])
     assert settings["n_train"] == 4 and loaded.extra_metadata["data_sha256"] == settings["data_sha256"]
+    assert settings["builder_version"] == 2 and settings["search"]["layers"] == [1, 2]
     assert payload["vector_file_sha256"] == loaded.sha256
 
 
@@ -143,14 +120,14 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny, tmp_path, monkeypat
     assert strip(full) == strip(resumed)
 
     with pytest.raises(report.CheckpointError, match="other settings"):
-        run_build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True, **{**kwargs, "seed": 1})
+        run_build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True, **{**kwargs, "generation": replace(SMALL["generation"], seed=1)})
 
 
 def test_ties_leave_entries_out(tiny, tmp_path):
     model, tokenizer = tiny
     with pytest.warns(UserWarning, match="not written"):
         result = run_build(model, tokenizer, instructions=["punctuation:no_comma"], out=tmp_path / "v.safetensors", report_dir=tmp_path,
-                           model="tiny", scorer=lambda *args: True, validation_prompts="without and with instruction", **SMALL)
+                           model="tiny", scorer=lambda *args: True, **{**SMALL, "search": replace(SEARCH, validation_prompts="without and with instruction")})
     assert result.vector_file is None and not (tmp_path / "v.safetensors").exists()
     row = json.loads(result.report_path.read_text())["targets"][0]
     assert row["chosen"] == "none" and "ties go to no steering" in row["note"]
@@ -165,8 +142,8 @@ def test_keyword_sample_pools_one_choice_for_every_word(tiny, tmp_path):
     words = ["apple", "pear", "plum", "fig", "kiwi"]
     salted_scorer = lambda iid, kwargs, prompt, response: hash_scorer(iid, kwargs, prompt, SALT + response)  # noqa: E731
 
-    result = run_build(model, tokenizer, instructions=["keywords:existence"], keywords=words, keyword_sample=2, out=tmp_path / "k.safetensors",
-                       report_dir=tmp_path / "rep", model="tiny", scorer=salted_scorer, **SMALL)
+    result = run_build(model, tokenizer, instructions=["keywords:existence"], keywords=words, out=tmp_path / "k.safetensors",
+                       report_dir=tmp_path / "rep", model="tiny", scorer=salted_scorer, **{**SMALL, "search": replace(SEARCH, keyword_sample=2)})
     sampled = result.pooled["keywords:existence"]
     assert len(sampled) == 2 and set(sampled) <= {f"keywords:existence:{w}" for w in words}
     pooled = result.results["keywords:existence (pooled over 2 words)"]
@@ -174,7 +151,7 @@ def test_keyword_sample_pools_one_choice_for_every_word(tiny, tmp_path):
     assert {name for name in result.results if name.startswith("keywords:existence:")} == set(sampled)
     assert all(len(item.follows) == 2 * SMALL["n_val"] for item in pooled.candidates)
     report_json = json.loads(result.report_path.read_text())
-    assert report_json["pooled_over"] == {"keywords:existence": sampled} and report_json["settings"]["keyword_sample"] == 2
+    assert report_json["pooled_over"] == {"keywords:existence": sampled} and report_json["settings"]["search"]["keyword_sample"] == 2
     assert pooled.chosen is not None  # this salt's fixed scores favour a steered candidate
     chosen = pooled.candidate(pooled.chosen)
     assert all(result.results[name].chosen == pooled.chosen for name in sampled)  # the report shows what was applied
@@ -198,8 +175,8 @@ def changed_from_first_scorer():
 def test_token_method_steers_each_word_along_its_own_output_embedding(tiny, tmp_path):
     model, tokenizer = tiny
     words = ["apple", "pear", "plum"]
-    settings = {**SMALL, "method": "token", "token_multipliers": [0.5, 1.0]}
-    result = run_build(model, tokenizer, instructions=["keywords:existence"], keywords=words, keyword_sample=2, out=tmp_path / "k.safetensors",
+    settings = {**SMALL, "method": "token", "search": replace(SEARCH, token_multipliers=(0.5, 1.0), keyword_sample=2)}
+    result = run_build(model, tokenizer, instructions=["keywords:existence"], keywords=words, out=tmp_path / "k.safetensors",
                        report_dir=tmp_path / "rep", model="tiny", scorer=changed_from_first_scorer(), **settings)
     pooled = result.results["keywords:existence (pooled over 2 words, token)"]
     assert pooled.chosen is not None and set(result.methods.values()) == {"token"}
@@ -220,52 +197,11 @@ def test_token_method_steers_each_word_along_its_own_output_embedding(tiny, tmp_
         assert entry.stop_after == (word,), "an inclusion entry stops steering once the word is written"
 
 
-def test_only_keyword_inclusion_entries_stop_after_their_word():
-    _, targets = plan(["keywords:existence", "keywords:forbidden_words", "punctuation:no_comma"], ["apple"])
-    stops = {target.instruction_id: stop_strings(target, stop_after_keyword=True) for target in targets}
-    assert stops == {"keywords:existence": ("apple",), "keywords:forbidden_words": (), "punctuation:no_comma": ()}
-    assert all(stop_strings(target, stop_after_keyword=False) == () for target in targets)
-
-
 def test_token_method_refuses_non_keyword_instructions(tiny, tmp_path):
     model, tokenizer = tiny
     with pytest.raises(TokenDirectionError, match="keyword instructions only"):
         run_build(model, tokenizer, instructions=["punctuation:no_comma"], out=tmp_path / "x.safetensors", report_dir=tmp_path / "rep",
                   model="tiny", scorer=hash_scorer, **{**SMALL, "method": "token"})
-
-
-def test_first_token_is_the_mid_sentence_spelling(tiny):
-    _, tokenizer = tiny
-    for word in ("apple", "ocean", "Argentinian"):
-        assert first_token(tokenizer, word) == tokenizer.encode(f"Say {word}", add_special_tokens=False)[len(tokenizer.encode("Say", add_special_tokens=False))]
-    assert tokenizer.decode([first_token(tokenizer, "ocean")]).strip() == "ocean"
-
-
-def test_build_settings_are_the_recorded_settings():
-    settings = BuildSettings(model="tiny", instructions=["length"], multipliers=[1, 2], validation_prompts="without and with instruction")
-    assert list(asdict(settings)) == [
-        "builder_version", "model", "search_model", "instructions", "keywords", "n_train", "n_val", "layers", "multipliers",
-        "batch_size", "seed", "max_new_tokens", "max_repetition", "allowed_degenerate", "min_length_ratio", "skip_first_token", "strength_base",
-        "keyword_sample", "validation_prompts", "degeneracy_guard", "data_sha256", "method", "learned_layers",
-        "learned_multipliers", "learned_steps", "learned_lr", "learned_batch_size", "learned_l2", "target_samples", "target_max_tokens",
-        "token_multipliers", "stop_after_keyword",
-    ]  # fmt: skip
-    assert settings.multipliers == (1.0, 2.0) and settings.with_instruction_too
-    resolved = settings.resolved(num_layers=10, queries=QUERIES)
-    assert resolved.instructions == ("length_constraints:number_sentences", "length_constraints:number_words")
-    assert resolved.layers == (2, 4, 6, 8) and resolved.search_model == "tiny" and len(resolved.data_sha256) == 64
-    assert replace(resolved, max_repetition=0.25).degeneracy_guard.count("> 0.25;") == 1  # derived fields follow
-    with pytest.raises(ValueError, match="out of range"):
-        replace(settings, layers=(10,)).resolved(num_layers=10, queries=QUERIES)
-    with pytest.raises(ValueError, match="strength_base"):
-        BuildSettings(model="tiny", instructions=["length"], strength_base="other")
-    assert resolved.learned_layers == (2,) and resolved.learned().layers == (2,)  # about n_layers / 5
-    assert resolved.method_names == ("diffmean", "learned")
-    with pytest.raises(ValueError, match="--learned-layers"):
-        replace(settings, learned_layers=(12,)).resolved(num_layers=10, queries=QUERIES)
-    for bad in (dict(method="magic"), dict(learned_lr=float("nan")), dict(learned_lr=0.0), dict(learned_steps=0), dict(learned_multipliers=[float("inf")])):
-        with pytest.raises(ValueError):
-            BuildSettings(model="tiny", instructions=["length"], **bad)
 
 
 def test_cli_build_on_saved_tiny_model(tiny_model_dir, tmp_path, capsys):
@@ -285,7 +221,7 @@ def test_cli_build_on_saved_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert (code == 0) == (tmp_path / "v.safetensors").is_file()
     report_json = json.loads((tmp_path / "rep" / "report.json").read_text())
     # answers without commas pass no_comma (and repair removes commas): a learned vector is trained at layer 2
-    assert report_json["settings"]["method"] == "both" and report_json["settings"]["learned_layers"] == [2]
+    assert report_json["settings"]["method"] == "both" and report_json["settings"]["learned"]["layers"] == [2]
     assert list(report_json["learned"]["punctuation:no_comma"]["layers"]) == ["2"]
     assert (tmp_path / "rep" / "training.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -293,7 +229,7 @@ def test_cli_build_on_saved_tiny_model(tiny_model_dir, tmp_path, capsys):
 def test_both_methods_keep_the_better_method_per_instruction(tiny, tmp_path):
     model, tokenizer = tiny
     instructions = ["punctuation:no_comma", "change_case:english_lowercase"]
-    settings = {**SMALL, **TINY_LEARNED, "n_train": 6, "method": "both", "learned_multipliers": [1.0, 8.0]}
+    settings = {**SMALL, **TINY_LEARNED, "n_train": 6, "method": "both", "learned": replace(TINY_LEARNED["learned"], multipliers=(1.0, 8.0))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = run_build(model, tokenizer, instructions=instructions, out=tmp_path / "v.safetensors", report_dir=tmp_path / "rep",
@@ -327,7 +263,7 @@ def test_learned_build_resumes_to_the_same_file(tiny, tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         full = run_build(model, tokenizer, instructions=instructions, out=tmp_path / "full.safetensors", report_dir=tmp_path / "full", **settings)
-        original = learned_directions.learn_direction
+        original = stage.learn_direction
         calls = []
 
         def die_after_first(*args, **kwargs):
@@ -336,11 +272,11 @@ def test_learned_build_resumes_to_the_same_file(tiny, tmp_path, monkeypatch):
             calls.append(1)
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(learned_directions, "learn_direction", die_after_first)
+        monkeypatch.setattr(stage, "learn_direction", die_after_first)
         with pytest.raises(KeyboardInterrupt):
             run_build(model, tokenizer, instructions=instructions, out=tmp_path / "r.safetensors", report_dir=tmp_path / "r", **settings)
         resumed_calls = []
-        monkeypatch.setattr(learned_directions, "learn_direction", lambda *a, **k: resumed_calls.append(1) or original(*a, **k))
+        monkeypatch.setattr(stage, "learn_direction", lambda *a, **k: resumed_calls.append(1) or original(*a, **k))
         resumed = run_build(model, tokenizer, instructions=instructions, out=tmp_path / "r.safetensors", report_dir=tmp_path / "r", resume=True, **settings)
     assert len(resumed_calls) == 1  # the first direction came from the checkpoint
 
@@ -360,36 +296,24 @@ def test_learned_build_resumes_to_the_same_file(tiny, tmp_path, monkeypatch):
 
 
 
-def test_resumed_results_are_chosen_again_under_the_current_guards():
-    unsteered = search.CandidateResult("none", None, 0.0, None, follows=[False, False], degenerate=[False, False], responses=[], lengths=[40, 40])
-    steered = search.CandidateResult("L1x1", 1, 1.0, 2.0, follows=[True, True], degenerate=[True, False], responses=[], lengths=[40, 40])
-    result = search.TargetResult(name="t", candidates=[unsteered, steered], chosen="L1x1")
-    settings = search.SearchSettings(max_new_tokens=8, batch_size=2, pad_id=0, stop_ids=(1,), allowed_extra_degenerate=0)
-    assert search.rechosen(result, settings, "punctuation:no_comma").chosen is None  # one degenerate answer too many
-    assert steered.disqualified
-    relaxed = replace(settings, allowed_extra_degenerate=1)
-    assert search.rechosen(result, relaxed, "punctuation:no_comma").chosen == "L1x1"
-    assert not steered.disqualified
-
-
 def test_resume_with_other_guards_reuses_the_checkpoint_and_equals_a_fresh_build(tiny, tmp_path, monkeypatch):
     model, tokenizer = tiny
     kwargs = dict(instructions=["punctuation:no_comma", "startend:quotation"], model="tiny", scorer=hash_scorer, **SMALL)
-    guards = dict(allowed_degenerate=2, min_length_ratio=0.9)
+    guards = dict(search=replace(SEARCH, allowed_degenerate=2, min_length_ratio=0.9))
     run_build(model, tokenizer, out=tmp_path / "first.safetensors", report_dir=tmp_path / "resumed", **kwargs)
-    fresh = run_build(model, tokenizer, out=tmp_path / "fresh.safetensors", report_dir=tmp_path / "fresh", **guards, **kwargs)
+    fresh = run_build(model, tokenizer, out=tmp_path / "fresh.safetensors", report_dir=tmp_path / "fresh", **{**kwargs, **guards})
 
     def no_generation(*args, **kwargs):
         raise AssertionError("a resumed build must not validate again")
 
     monkeypatch.setattr(search, "generate", no_generation)
-    resumed = run_build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", resume=True, **guards, **kwargs)
+    resumed = run_build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", resume=True, **{**kwargs, **guards})
     strip = lambda r: {k: v for k, v in json.loads(r.report_path.read_text()).items() if k not in ("timing_seconds", "peak_rss_mib", "vector_file", "vector_file_sha256")}  # noqa: E731
     assert strip(resumed) == strip(fresh)
-    assert strip(resumed)["settings"]["allowed_degenerate"] == 2
+    assert strip(resumed)["settings"]["search"]["allowed_degenerate"] == 2
     assert (fresh.vector_file is None) == (resumed.vector_file is None)
     if fresh.vector_file is not None:
         assert _file_content(tmp_path / "fresh.safetensors") == _file_content(tmp_path / "resumed.safetensors")
     # the repetition threshold decides which answers count as degenerate: a checkpoint is not valid for another one
     with pytest.raises(report.CheckpointError, match="other settings"):
-        run_build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True, max_repetition=0.3, **kwargs)
+        run_build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True, **{**kwargs, "search": replace(SEARCH, max_repetition=0.3)})

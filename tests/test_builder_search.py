@@ -1,60 +1,17 @@
-"""vector_builder: pure parts (sums, directions, candidate choice, prompts) without a model."""
+"""vector_builder.search without a model: candidates, the strength formula, the guards and the
+choice, pooling, strength rules, re-choosing resumed results, stop strings."""
 
 from __future__ import annotations
 
 from dataclasses import replace
-
-import random
 
 import pytest
 import torch
 
 from lm_eval_steer.core import degeneracy
 from vector_builder import prompts, search
-from vector_builder.activations import RunningSum, left_pad, positions_from_mask
-from lm_eval_steer.runtime.interventions import unit as unit_rows
-from vector_builder.directions import build_direction, difference_of_means, mean_projection
-
-
-def _states(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, 3, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _summed(states: torch.Tensor, chunk: int) -> RunningSum:
-    total = RunningSum.zeros(states.shape[1], states.shape[2])
-    for start in range(0, len(states), chunk):
-        total.add(states[start : start + chunk])
-    return total
-
-
-def test_running_sums_equal_stacking():
-    states = _states(11, 0)
-    summed = _summed(states, chunk=3)
-    assert summed.count == 11
-    torch.testing.assert_close(summed.total, states.sum(0))
-    torch.testing.assert_close(summed.mean(), torch.stack(list(states)).mean(0))
-
-
-def test_difference_of_means_and_strength_equal_direct_computation():
-    with_states, without_states = _states(9, 1) + 0.5, _states(9, 2)
-    direction = build_direction("x", _summed(with_states, 4), _summed(without_states, 2))
-    direct = (with_states - without_states).mean(0)  # mean over pairs of h_with - h_without
-    torch.testing.assert_close(difference_of_means(_summed(with_states, 4), _summed(without_states, 5)), direct)
-    unit = direct / direct.norm(dim=-1, keepdim=True)
-    torch.testing.assert_close(direction.unit, unit.float())
-    # c[L] = mean_i h_with_i[L] . u[L]
-    direct_c = torch.einsum("nlh,lh->nl", with_states, unit).mean(0)
-    torch.testing.assert_close(direction.strength, direct_c.float())
-    torch.testing.assert_close(direction.shift, direct.norm(dim=-1).float())
-    torch.testing.assert_close(direction.strength - direction.baseline, direction.shift, atol=1e-5, rtol=1e-5)
-    assert torch.equal(unit_rows(torch.zeros(2, 4)), torch.zeros(2, 4))
-    torch.testing.assert_close(mean_projection(torch.ones(1, 4), torch.full((1, 4), 0.5)), torch.tensor([2.0]))
-
-
-def test_left_pad_and_positions():
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert positions_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+from vector_builder.activations import RunningSum
+from vector_builder.methods.diffmean import build_direction
 
 
 def test_repetition_measure():
@@ -74,7 +31,7 @@ def _result(scores: dict[str, list[bool]], degenerate: dict[str, int] | None = N
     return search.TargetResult("t", items)
 
 
-SETTINGS = search.SearchSettings(max_new_tokens=4, batch_size=2, pad_id=0, stop_ids=(2,))
+SETTINGS = search.SearchSettings()
 FMT = "detectable_format:title"
 
 
@@ -155,56 +112,9 @@ def test_default_layers_follow_the_paper():
     assert [c.label for c in search.candidates([4], [1, 1.5])] == ["none", "L4x1", "L4x1.5"]
 
 
-def test_split_is_deterministic_and_disjoint():
-    queries = prompts.load_queries()
-    assert len(queries) >= 200
-    train, val = prompts.split_queries(queries, 20, 5, seed=3)
-    assert (train, val) == prompts.split_queries(queries, 20, 5, seed=3)
-    assert not set(train) & set(val)
-    assert prompts.split_queries(queries, 20, 5, seed=4) != (train, val)
-    with pytest.raises(prompts.PromptError, match="only"):
-        prompts.split_queries(queries[:3], 2, 2, seed=0)
-
-
-def test_instruction_text_is_seeded_and_leaves_global_random_alone():
-    prompts.describe("punctuation:no_comma", {}, "warm-up")  # importing the registry may itself draw
-    random.seed(123)
-    expected_next = random.random()
-    random.seed(123)
-    first = prompts.describe("length_constraints:number_sentences", {"relation": "less than"}, "s")
-    assert random.random() == expected_next
-    assert first == prompts.describe("length_constraints:number_sentences", {"relation": "less than"}, "s")
-    assert first[1]["relation"] == "less than"
-
-
-def test_plan_groups():
-    ids = prompts.expand_instructions(["format", "length"])
-    specs, targets = prompts.plan(ids)
-    assert {t.mode for t in targets if t.instruction_id in prompts.FORMAT_IDS} == {"project"}
-    length = [t for t in targets if t.instruction_id in prompts.LENGTH_IDS]
-    assert {t.direction for t in length} == {prompts.CONCISE_KEY} and {t.mode for t in length} == {"add"}
-    assert len(specs) == len(prompts.FORMAT_IDS) + 1
-    specs, targets = prompts.plan(prompts.expand_instructions(["keywords"]), ["apple"])
-    assert [s.key for s in specs] == ["keywords:existence:apple"]
-    exclusion = next(t for t in targets if t.instruction_id == "keywords:forbidden_words")
-    assert exclusion.sign == -1.0 and exclusion.direction == "keywords:existence:apple"
-    assert exclusion.fixed_kwargs == {"forbidden_words": ["apple"]}
-    with pytest.raises(prompts.PromptError, match="keywords"):
-        prompts.plan(["keywords:existence"])
-    with pytest.raises(prompts.PromptError, match="neither a group"):
-        prompts.expand_instructions(["nonsense"])
-
-
-def test_chat_prompt_has_a_single_bos(smol_tokenizer):
-    ids = prompts.chat_ids(smol_tokenizer, "Why is the sky blue?")
-    templated = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}], tokenize=False, add_generation_prompt=True)
-    assert smol_tokenizer.decode(ids) == templated
-    bos = smol_tokenizer.bos_token_id
-    assert ids[0] == bos and ids[1] != bos  # the template's own BOS, not a second one
-
-
 def test_strength_bases():
-    direction = build_direction("x", _summed(_states(5, 3) + 1.0, 5), _summed(_states(5, 4), 5))
+    with_states, without_states = (torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in (3, 4))
+    direction = build_direction("x", RunningSum((with_states + 1.0).sum(0), 5), RunningSum(without_states.sum(0), 5))
     layer = 1
     b, shift, c = (float(t[layer]) for t in (direction.baseline, direction.shift, direction.strength))
     project = prompts.Target("p", "x", "punctuation:no_comma", "project")
@@ -218,10 +128,20 @@ def test_strength_bases():
         search.strength_of(project, direction, two, "other")
 
 
-def test_validation_prompts_hide_the_instruction_but_score_against_it():
-    target = prompts.Target("length_constraints:number_words", prompts.CONCISE_KEY, "length_constraints:number_words", "add", 1.0, {"relation": "less than"}, "num_words")
-    plain = prompts.validation_prompts(target, ["Why?", "How?"], seed=0)
-    both = prompts.validation_prompts(target, ["Why?", "How?"], seed=0, also_with_instruction=True)
-    assert [p.text for p in plain] == ["Why?", "How?"] and both[:2] == plain
-    assert all(p.kwargs["relation"] == "less than" and p.checker_prompt.startswith(q) for p, q in zip(plain, ["Why?", "How?"]))
-    assert [p.text for p in both[2:]] == [p.checker_prompt for p in plain]
+def test_resumed_results_are_chosen_again_under_the_current_guards():
+    unsteered = search.CandidateResult("none", None, 0.0, None, follows=[False, False], degenerate=[False, False], responses=[], lengths=[40, 40])
+    steered = search.CandidateResult("L1x1", 1, 1.0, 2.0, follows=[True, True], degenerate=[True, False], responses=[], lengths=[40, 40])
+    result = search.TargetResult(name="t", candidates=[unsteered, steered], chosen="L1x1")
+    settings = search.SearchSettings(allowed_degenerate=0)
+    assert search.rechosen(result, settings, "punctuation:no_comma").chosen is None  # one degenerate answer too many
+    assert steered.disqualified
+    relaxed = replace(settings, allowed_degenerate=1)
+    assert search.rechosen(result, relaxed, "punctuation:no_comma").chosen == "L1x1"
+    assert not steered.disqualified
+
+
+def test_only_keyword_inclusion_entries_stop_after_their_word():
+    _, targets = prompts.plan(["keywords:existence", "keywords:forbidden_words", "punctuation:no_comma"], ["apple"])
+    stops = {target.instruction_id: search.stop_strings(target, stop_after_keyword=True) for target in targets}
+    assert stops == {"keywords:existence": ("apple",), "keywords:forbidden_words": (), "punctuation:no_comma": ()}
+    assert all(search.stop_strings(target, stop_after_keyword=False) == () for target in targets)

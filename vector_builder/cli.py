@@ -16,8 +16,12 @@ from lm_eval_steer.core.console import fail
 from lm_eval_steer.runtime.modelargs import ModelArgError, check_local_model
 from vector_builder import prompts
 from vector_builder.methods import METHODS
-from vector_builder.pipeline import BuildResult, build, check_outputs
-from vector_builder.settings import WITH_INSTRUCTION_TOO, WITHOUT_INSTRUCTION, BuildSettings
+from vector_builder.methods.learned import LearnedSettings
+from vector_builder.methods.learned.targets import TargetSettings
+from vector_builder.pipeline import BuildResult, Validation, build, check_outputs
+from vector_builder.runner import GenerationSettings
+from vector_builder.search import WITH_INSTRUCTION_TOO, WITHOUT_INSTRUCTION, SearchSettings
+from vector_builder.settings import BuildSettings
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": "auto"}
 
@@ -116,35 +120,37 @@ def load_model(model_args: str) -> tuple[Any, Any, str]:
 def settings_from(args: argparse.Namespace) -> BuildSettings:
     """The one place command-line options become build settings; the model names are filled in once
     the models have loaded."""
+    search = SearchSettings(
+        layers=tuple(args.layers or ()),
+        multipliers=tuple(args.multipliers),
+        token_multipliers=tuple(args.token_multipliers),
+        strength_base=args.strength_base,
+        validation_prompts=WITH_INSTRUCTION_TOO if args.val_with_instruction else WITHOUT_INSTRUCTION,
+        keyword_sample=args.keyword_sample,
+        max_repetition=args.max_repetition,
+        allowed_degenerate=args.allowed_degenerate,
+        min_length_ratio=args.min_length_ratio,
+        stop_after_keyword=args.stop_after_keyword,
+    )
+    learned = LearnedSettings(
+        layers=tuple(args.learned_layers or ()),
+        multipliers=tuple(args.learned_multipliers),
+        steps=args.learned_steps,
+        lr=args.learned_lr,
+        batch_size=args.learned_batch_size,
+        l2=args.learned_l2,
+    )
     return BuildSettings(
         model="",
         instructions=tuple(item.strip() for item in args.instructions.split(",") if item.strip()),
         keywords=tuple(prompts.parse_keywords(args.keywords)),
         n_train=args.n_train,
         n_val=args.n_val,
-        layers=tuple(args.layers or ()),
-        multipliers=tuple(args.multipliers),
-        batch_size=args.batch_size,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-        max_repetition=args.max_repetition,
-        allowed_degenerate=args.allowed_degenerate,
-        min_length_ratio=args.min_length_ratio,
-        skip_first_token=not args.steer_first_token,
-        strength_base=args.strength_base,
-        keyword_sample=args.keyword_sample,
-        validation_prompts=WITH_INSTRUCTION_TOO if args.val_with_instruction else WITHOUT_INSTRUCTION,
         method=args.method,
-        learned_layers=tuple(args.learned_layers or ()),
-        learned_multipliers=tuple(args.learned_multipliers),
-        learned_steps=args.learned_steps,
-        learned_lr=args.learned_lr,
-        learned_batch_size=args.learned_batch_size,
-        learned_l2=args.learned_l2,
-        target_samples=args.target_samples,
-        target_max_tokens=args.target_max_tokens,
-        token_multipliers=tuple(args.token_multipliers),
-        stop_after_keyword=args.stop_after_keyword,
+        generation=GenerationSettings(batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens, skip_first_token=not args.steer_first_token),
+        search=search,
+        learned=learned,
+        targets=TargetSettings(samples=args.target_samples, max_tokens=args.target_max_tokens),
     )
 
 
@@ -179,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             report_dir=args.report,
             queries=prompts.load_queries(args.queries) if args.queries else None,
             resume=args.resume,
-            search_model=search_model,
+            validation=Validation(model=search_model),
         )
     except (ValueError, OSError) as error:
         return fail("build", error)

@@ -1,6 +1,7 @@
-"""The whole build, stage by stage: plan → directions (activations) → layer search → entries →
+"""The whole build, stage by stage: plan → directions (one stage per method) → layer search → entries →
 vector file, report and plot. Each stage is a function of the :class:`Plan` and what the stages
-before it produced; :func:`build` runs them in order and times them."""
+before it produced, and hands the modules it calls only their own part of the settings;
+:func:`build` runs the stages in order and times them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import random
 import resource
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,13 @@ from torch import nn
 from lm_eval_steer.core.atomic import check_writable, remove_leftovers
 from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
-from vector_builder import activations, learned_directions, methods, prompts, report, search, targets, token_directions
-from vector_builder.directions import Direction, build_direction
-from vector_builder.learned_directions import LearnedDirection
+from vector_builder import activations, methods, prompts, report, search
+from vector_builder.direction import Direction
+from vector_builder.methods import diffmean, token
+from vector_builder.methods.learned import stage
+from vector_builder.methods.learned.stage import LearnedDirection
+from vector_builder.runner import Runner
+from vector_builder.scoring import Scorer, loose_follows
 from vector_builder.settings import BuildSettings
 
 
@@ -36,26 +42,16 @@ class BuildResult:
     training_plot_path: Path | None = None  # loss curves of the learned vectors (None: nothing trained)
 
 
-def _collect_sums(
-    model: nn.Module, tokenizer: Any, specs: Sequence[prompts.DirectionSpec], train: Sequence[str], seed: int, batch_size: int, pad_id: int
-) -> dict[str, tuple[activations.RunningSum, activations.RunningSum]]:
-    groups: dict[str, list[list[int]]] = {}
-    for spec in specs:
-        pairs = prompts.training_pairs(spec, train, seed)
-        groups[f"with:{spec.key}"] = [prompts.chat_ids(tokenizer, text) for text, _ in pairs]
-        groups[f"without:{spec.key}"] = [prompts.chat_ids(tokenizer, text) for _, text in pairs]
-    sums = activations.collect(model, groups, batch_size=batch_size, pad_id=pad_id, desc="train activations")
-    return {spec.key: (sums[f"with:{spec.key}"], sums[f"without:{spec.key}"]) for spec in specs}
-
-
-def _entry(target: prompts.Target, direction: Direction, layer: int, strength: float, settings: BuildSettings, rule_points: Sequence[Sequence[float]] = ()) -> SteeringEntry:
+def _entry(
+    target: prompts.Target, direction: Direction, layer: int, strength: float, settings: search.SearchSettings, rule_points: Sequence[Sequence[float]] = ()
+) -> SteeringEntry:
     rule = StrengthRule(target.rule_kwarg, tuple((x, s) for x, s in rule_points)) if target.rule_kwarg and rule_points else None
     applies_to = AppliesTo(target.instruction_id, dict(target.fixed_kwargs), rule)
     stop = search.stop_strings(target, settings.stop_after_keyword)
     return replace(search.make_entry(target, direction, layer, strength, stop), applies_to=applies_to)
 
 
-def _chosen_entry(target: prompts.Target, direction: Direction, result: search.TargetResult, settings: BuildSettings) -> SteeringEntry | None:
+def _chosen_entry(target: prompts.Target, direction: Direction, result: search.TargetResult, settings: search.SearchSettings) -> SteeringEntry | None:
     if result.chosen is None:
         return None
     chosen = result.candidate(result.chosen)
@@ -63,7 +59,7 @@ def _chosen_entry(target: prompts.Target, direction: Direction, result: search.T
     return _entry(target, direction, chosen.layer, chosen.strength, settings, result.rule_points)
 
 
-def _pooled_entry(target: prompts.Target, direction: Direction, pooled: search.TargetResult, settings: BuildSettings) -> SteeringEntry | None:
+def _pooled_entry(target: prompts.Target, direction: Direction, pooled: search.TargetResult, settings: search.SearchSettings) -> SteeringEntry | None:
     """The pooled choice's layer and multiplier, at the strength of this target's own direction."""
     if pooled.chosen is None:
         return None
@@ -127,63 +123,51 @@ class Searched:
 def plan_build(settings: BuildSettings, queries: Sequence[str], num_layers: int) -> Plan:
     """Stage 1: resolve the settings and lay out directions, targets, the query split and pooling."""
     resolved = settings.resolved(num_layers, queries)
+    seed = resolved.generation.seed
     specs, targets = prompts.plan(resolved.instructions, resolved.keywords)
-    train, val = prompts.split_queries(queries, resolved.n_train, resolved.n_val, resolved.seed)
-    return Plan(resolved, specs, targets, train, val, _pooling_plan(targets, resolved.keyword_sample, resolved.seed))
+    train, val = prompts.split_queries(queries, resolved.n_train, resolved.n_val, seed)
+    return Plan(resolved, specs, targets, train, val, _pooling_plan(targets, resolved.search.keyword_sample, seed))
 
 
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def collect_directions(model: nn.Module, tokenizer: Any, plan: Plan, checkpoint: report.Checkpoint, resume: bool) -> dict[str, Direction]:
-    """Stage 2: activation running sums (from the checkpoint when resuming) -> one direction per spec
-    (nothing when the build does not use difference of means)."""
+def collect_directions(runner: Runner, plan: Plan, checkpoint: report.Checkpoint, resume: bool) -> dict[str, Direction]:
+    """Stage 2 (difference of means): activation running sums (from the checkpoint when resuming) ->
+    one direction per spec (nothing when the build does not use the method)."""
     if "diffmean" not in plan.settings.method_names:
         return {}
     sums = checkpoint.load_sums() if resume else None
     if sums is None:
-        sums = _collect_sums(model, tokenizer, plan.specs, plan.train, plan.settings.seed, plan.settings.batch_size, _pad_id(tokenizer))
+        sums = diffmean.collect_sums(runner, plan.specs, plan.train)
         checkpoint.save_sums(sums)
-    return {key: build_direction(key, with_sum, without_sum) for key, (with_sum, without_sum) in sums.items()}
+    return {key: diffmean.build_direction(key, with_sum, without_sum) for key, (with_sum, without_sum) in sums.items()}
 
 
-def token_method_directions(model: nn.Module, tokenizer: Any, plan: Plan) -> dict[str, Direction]:
+def token_method_directions(runner: Runner, plan: Plan) -> dict[str, Direction]:
     """Stage 2c (token method): one output-embedding direction per keyword spec, scaled per layer by
     the residual stream's norm on the training questions (nothing when the build does not use it)."""
     if "token" not in plan.settings.method_names:
         return {}
-    return token_directions.token_directions(model, tokenizer, plan.specs, plan.train, plan.settings.batch_size, _pad_id(tokenizer))
+    return token.token_directions(runner, plan.specs, plan.train)
 
 
-def learn_directions(model: nn.Module, tokenizer: Any, plan: Plan, checkpoint: report.Checkpoint, resume: bool) -> dict[str, LearnedDirection]:
+def learn_directions(runner: Runner, plan: Plan, checkpoint: report.Checkpoint, resume: bool) -> dict[str, LearnedDirection]:
     """Stage 2b (learned method): per spec, training targets and one trained vector per learned layer,
     checkpointed per spec (nothing when the build does not use the learned method)."""
     settings = plan.settings
     if "learned" not in settings.method_names:
         return {}
-    target_settings = targets.TargetSettings(
-        max_new_tokens=settings.target_max_tokens,
-        batch_size=settings.batch_size,
-        pad_id=_pad_id(tokenizer),
-        stop_ids=prompts.stop_ids(tokenizer),
-        samples=settings.target_samples,
-        seed=settings.seed,
-    )
-    return learned_directions.learn_all(
-        model, tokenizer, plan.specs, plan.train, settings.learned(), target_settings,
-        skip_first_token=settings.skip_first_token, done=checkpoint.load_learned() if resume else {}, on_done=checkpoint.save_learned,
-    )
+    done = checkpoint.load_learned() if resume else {}
+    return stage.learn_all(runner, plan.specs, plan.train, settings.learned, settings.targets, done=done, on_done=checkpoint.save_learned)
 
 
 def method_targets(plan: Plan, learned: Mapping[str, LearnedDirection]) -> tuple[list[prompts.Target], dict[str, list[search.Candidate]]]:
     """Every searched target under each method (a learned twin only where its direction was trained)
-    and each one's candidates: ``layers × multipliers`` or ``learned_layers × learned_multipliers``."""
+    and each one's candidates: the search's ``layers`` × ``multipliers`` (token method:
+    ``token_multipliers``), or the learned method's ``layers × multipliers``."""
     settings = plan.settings
     candidate_lists = {
-        "diffmean": search.candidates(settings.layers, settings.multipliers),
-        "learned": search.candidates(settings.learned_layers, settings.learned_multipliers),
-        "token": search.candidates(settings.layers, settings.token_multipliers),
+        "diffmean": search.candidates(settings.search.layers, settings.search.multipliers),
+        "learned": search.candidates(settings.learned.layers, settings.learned.multipliers),
+        "token": search.candidates(settings.search.layers, settings.search.token_multipliers),
     }
     searched, per_target = [], {}
     for method in settings.method_names:
@@ -196,58 +180,30 @@ def method_targets(plan: Plan, learned: Mapping[str, LearnedDirection]) -> tuple
     return searched, per_target
 
 
-def search_settings(settings: BuildSettings, tokenizer: Any) -> search.SearchSettings:
-    """How validation generates and judges, from the build settings and the tokenizer."""
-    return search.SearchSettings(
-        max_new_tokens=settings.max_new_tokens,
-        batch_size=settings.batch_size,
-        pad_id=_pad_id(tokenizer),
-        stop_ids=prompts.stop_ids(tokenizer),
-        skip_first_token=settings.skip_first_token,
-        max_repetition=settings.max_repetition,
-        allowed_extra_degenerate=settings.allowed_degenerate,
-        strength_base=settings.strength_base,
-        min_length_ratio=settings.min_length_ratio,
-        stop_after_keyword=settings.stop_after_keyword,
-    )
-
-
 def search_layers(
-    model: nn.Module,
-    tokenizer: Any,
+    runner: Runner,
     plan: Plan,
     directions: Mapping[str, Direction],
     learned: Mapping[str, LearnedDirection],
     checkpoint: report.Checkpoint,
     resume: bool,
-    scorer: search.Scorer,
+    scorer: Scorer,
 ) -> Searched:
-    """Stage 3: validate every searched target (under each method) x candidate on ``model``, choose,
-    and pool the sampled words. A learned twin is validated on its base target's prompts."""
+    """Stage 3: validate every searched target (under each method) x candidate on ``runner``'s model,
+    choose, and pool the sampled words. A method's twin is validated on its base target's prompts."""
     settings = plan.settings
     searched, per_target = method_targets(plan, learned)
-    val_prompts = {target.name: prompts.validation_prompts(target, plan.val, settings.seed, settings.with_instruction_too) for target in plan.searched}
+    seed, with_instruction_too = settings.generation.seed, settings.search.with_instruction_too
+    val_prompts = {target.name: prompts.validation_prompts(target, plan.val, seed, with_instruction_too) for target in plan.searched}
     val_prompts.update({twin.name: val_prompts[methods.base_name(twin.name)] for twin in searched})
-    val_ids = {name: [prompts.chat_ids(tokenizer, p.text) for p in items] for name, items in val_prompts.items()}
-    generation = search_settings(settings, tokenizer)
-    decode: Callable[[list[int]], str] = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    results = search.search(
-        model,
-        searched,
-        directions,
-        val_prompts,
-        val_ids,
-        per_target,
-        generation,
-        decode=decode,
-        done=checkpoint.load_targets() if resume else None,
-        on_target_done=checkpoint.save_target,
-        scorer=scorer,
-    )
-    return Searched(searched, results, _pool(plan, results, generation))
+    val_ids = {name: [prompts.chat_ids(runner.tokenizer, p.text) for p in items] for name, items in val_prompts.items()}
+    tasks = [search.Task(twin, directions[twin.direction], val_prompts[twin.name], val_ids[twin.name], per_target[twin.name]) for twin in searched]
+    done = checkpoint.load_targets() if resume else None
+    results = search.search(runner, tasks, settings.search, scorer=scorer, done=done, on_target_done=checkpoint.save_target)
+    return Searched(searched, results, _pool(plan, results))
 
 
-def _pool(plan: Plan, results: dict[str, search.TargetResult], generation: search.SearchSettings) -> dict[tuple[str, str], search.TargetResult]:
+def _pool(plan: Plan, results: dict[str, search.TargetResult]) -> dict[tuple[str, str], search.TargetResult]:
     """One pooled choice per keyword instruction and method; every sampled word's result then shows it."""
     pooled = {}
     for instruction_id, group in plan.pooling.items():
@@ -256,7 +212,7 @@ def _pool(plan: Plan, results: dict[str, search.TargetResult], generation: searc
             if not twins:
                 continue
             label = f"{instruction_id} (pooled over {len(twins)} words{'' if method == 'diffmean' else ', ' + method})"
-            pooled[(instruction_id, method)] = search.pool(label, [results[name] for name in twins], generation, instruction_id)
+            pooled[(instruction_id, method)] = search.pool(label, [results[name] for name in twins], plan.settings.search, instruction_id)
             for name in twins:  # what was applied to every word, so the report and plot show it per word too
                 results[name] = replace(results[name], chosen=pooled[(instruction_id, method)].chosen)
     return pooled
@@ -277,7 +233,8 @@ def chosen_entries(plan: Plan, directions: Mapping[str, Direction], searched: Se
         if winner is None:
             continue
         twin, direction = twins[winner], directions[twins[winner].direction]
-        entry = _pooled_entry(twin, direction, outcomes[winner], plan.settings) if pooled else _chosen_entry(twin, direction, outcomes[winner], plan.settings)
+        choose = _pooled_entry if pooled else _chosen_entry
+        entry = choose(twin, direction, outcomes[winner], plan.settings.search)
         if entry is not None:
             entries.append(replace(entry, name=target.name))
     return entries, winners
@@ -316,36 +273,38 @@ def ordered_results(plan: Plan, searched: Searched) -> list[search.TargetResult]
     return [*searched.pooled.values(), *(searched.results[target.name] for target in searched.targets)]
 
 
-def assemble_report(
-    plan: Plan,
-    directions: Mapping[str, Direction],
-    searched: Searched,
-    learned: Mapping[str, LearnedDirection],
-    winners: Mapping[str, str | None],
-    out: str | Path,
-    vector_file: VectorFile | None,
-    timing: Mapping[str, float],
-    device: str,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Built:
+    """What the stages that run the model produced: every method's directions, the learned
+    directions' training, the search and, per entry, the method that won."""
+
+    directions: dict[str, Direction]
+    learned: dict[str, LearnedDirection]
+    searched: Searched
+    winners: dict[str, str | None]
+
+
+def assemble_report(plan: Plan, built: Built, out: str | Path, vector_file: VectorFile | None, timing: Mapping[str, float], device: str) -> dict[str, Any]:
     """Stage 6: ``report.json``: settings, per-layer direction statistics, every target's candidates
     and choice (per method), which method won per entry, the learned directions' targets and loss
     curves, what pooled choices were pooled over, timings, peak memory and the device they were
     measured on."""
+    searched = built.searched
     return {
         "vector_file": str(out) if vector_file is not None else None,
         "vector_file_sha256": None if vector_file is None else vector_file.sha256,
         "settings": asdict(plan.settings),
         "directions": {
             key: {"count": d.count, "strength_c": d.strength.tolist(), "baseline_projection": d.baseline.tolist(), "shift_norm": d.shift.tolist()}
-            for key, d in directions.items()
+            for key, d in built.directions.items()
         },
         "targets": [
             report.target_summary(result, _note(result), plan.settings.n_val if result.name in searched.results else None)
             for result in ordered_results(plan, searched)
         ],
         "pooled_over": {instruction_id: [target.name for target in group] for instruction_id, group in plan.pooling.items()},
-        "methods": dict(winners),
-        "learned": {key: item.summary() for key, item in learned.items()},
+        "methods": dict(built.winners),
+        "learned": {key: item.summary() for key, item in built.learned.items()},
         "timing_seconds": {key: round(seconds, 3) for key, seconds in timing.items()},
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "device": device,
@@ -360,6 +319,23 @@ def check_outputs(out: str | Path, report_dir: str | Path) -> None:
     remove_leftovers(Path(out).parent, Path(out).name)
 
 
+@dataclass(frozen=True, eq=False)
+class Validation:
+    """Where layers and strengths are chosen: ``model`` answers the validation prompts (None: the build
+    model; another model needs the same shape, e.g. the base model when the vectors come from its
+    instruct variant, and its name is ``settings.search_model``), ``scorer`` judges each answer."""
+
+    model: nn.Module | None = None
+    scorer: Scorer = loose_follows
+
+
+@contextmanager
+def _timed(timing: dict[str, float], stage_name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    timing[stage_name] = time.perf_counter() - started
+
+
 def build(
     model: nn.Module,
     tokenizer: Any,
@@ -369,43 +345,41 @@ def build(
     report_dir: str | Path,
     queries: Sequence[str] | None = None,
     resume: bool = False,
-    search_model: nn.Module | None = None,
-    scorer: search.Scorer = search.loose_follows,
+    validation: Validation = Validation(),
 ) -> BuildResult:
     """Builds steering vectors as ``settings`` say and writes the vector file ``out`` plus
     ``report.json``, ``scores.png`` and a checkpoint under ``report_dir``.
 
-    ``queries`` (default: the packaged questions) are the training and validation questions.
-    ``search_model`` (default: ``model``) is the model the layers and strengths are chosen on, e.g.
-    the base model when the vectors come from its instruct variant (same shape required; its name
-    is ``settings.search_model``). ``resume=True`` continues from the checkpoint of an interrupted
-    build with the same settings and writes the same file an uninterrupted build would.
-    ``settings.method`` decides whether difference-of-means directions, learned vectors or both are
-    searched (:mod:`vector_builder.methods`); ``training.png`` shows the learned vectors' loss curves.
+    ``queries`` (default: the packaged questions) are the training and validation questions;
+    ``validation`` says which model answers the validation prompts and how answers are scored.
+    ``resume=True`` continues from the checkpoint of an interrupted build with the same settings and
+    writes the same file an uninterrupted build would. ``settings.method`` decides which methods'
+    directions are searched (:mod:`vector_builder.methods`); ``training.png`` shows the learned
+    vectors' loss curves.
     """
     started = time.perf_counter()
     check_outputs(out, report_dir)
     shape = ModelShape.of_model(model, settings.model)
-    target_model = search_model if search_model is not None else model
-    check_compatible(shape, ModelShape.of_model(target_model, settings.search_model or settings.model))
+    validation_model = validation.model if validation.model is not None else model
+    check_compatible(shape, ModelShape.of_model(validation_model, settings.search_model or settings.model))
     plan = plan_build(settings, list(queries) if queries is not None else prompts.load_queries(), shape.num_layers)
     checkpoint = report.Checkpoint(report_dir, asdict(plan.settings), resume)
+    runner = Runner.of(model, tokenizer, plan.settings.generation)
 
-    stage = time.perf_counter()
-    directions = {**collect_directions(model, tokenizer, plan, checkpoint, resume), **token_method_directions(model, tokenizer, plan)}
-    activation_seconds = time.perf_counter() - stage
-    stage = time.perf_counter()
-    learned = learn_directions(model, tokenizer, plan, checkpoint, resume)
-    directions = {**directions, **{item.direction.key: item.direction for item in learned.values() if item.direction is not None}}
-    learning_seconds = time.perf_counter() - stage
-    stage = time.perf_counter()
-    searched = search_layers(target_model, tokenizer, plan, directions, learned, checkpoint, resume, scorer)
-    search_seconds = time.perf_counter() - stage
+    timing: dict[str, float] = {}
+    with _timed(timing, "activations"):
+        directions = {**collect_directions(runner, plan, checkpoint, resume), **token_method_directions(runner, plan)}
+    with _timed(timing, "learning"):
+        learned = learn_directions(runner, plan, checkpoint, resume)
+        directions.update({item.direction.key: item.direction for item in learned.values() if item.direction is not None})
+    with _timed(timing, "search"):
+        searched = search_layers(replace(runner, model=validation_model), plan, directions, learned, checkpoint, resume, validation.scorer)
 
     entries, winners = chosen_entries(plan, directions, searched)
     vector_file = write_vectors(out, entries, plan.settings, shape, report_dir, method_metadata(entries, winners, learned))
-    timing = {"activations": activation_seconds, "learning": learning_seconds, "search": search_seconds, "total": time.perf_counter() - started}
-    report_path = report.write_report(report_dir, assemble_report(plan, directions, searched, learned, winners, out, vector_file, timing, str(activations.model_device(model))))
+    timing["total"] = time.perf_counter() - started
+    built = Built(directions, learned, searched, winners)
+    report_path = report.write_report(report_dir, assemble_report(plan, built, out, vector_file, timing, str(activations.model_device(model))))
     return BuildResult(
         vector_file=vector_file,
         report_path=report_path,

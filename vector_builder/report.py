@@ -5,7 +5,8 @@ file or the new one, never half of one.
 
 Checkpoint layout under ``<report>/checkpoint/``:
 
-- ``settings.json``: the settings the checkpoint was made with; ``--resume`` refuses it when they
+- ``settings.json``: the settings the checkpoint was made with; ``--resume`` refuses it, in one line,
+  when another builder version wrote it (its settings are recorded in another layout) or when they
   differ in anything but the choice-only guard thresholds (:data:`CHOICE_ONLY_SETTINGS`);
 - ``sums.safetensors``: the activation running sums of every direction (float64, counts in its metadata);
 - ``targets/<name>.json``: one finished target's candidate results and choice (made again on resume);
@@ -33,8 +34,8 @@ from safetensors.torch import save_file
 from lm_eval_steer.core.atomic import atomic_write, remove_leftovers, write_json
 from lm_eval_steer.core.errors import UserError, one_line
 from vector_builder.activations import RunningSum
-from vector_builder.learned import TrainedVector
-from vector_builder.learned_directions import LearnedDirection
+from vector_builder.methods.learned.stage import LearnedDirection
+from vector_builder.methods.learned.training import TrainedVector
 from vector_builder.search import TargetResult
 
 REPORT_NAME = "report.json"
@@ -71,15 +72,32 @@ def finite_json(value: Any) -> Any:
     return value
 
 
-#: Settings that only decide which validated candidate wins, never what is computed or generated: a
-#: checkpoint stays valid when they change, and the resumed search chooses again under the new values.
-CHOICE_ONLY_SETTINGS = ("allowed_degenerate", "min_length_ratio", "degeneracy_guard")
+#: Settings (part, field) that only decide which validated candidate wins, never what is computed or
+#: generated: a checkpoint stays valid when they change, and the resumed search chooses again under
+#: the new values.
+CHOICE_ONLY_SETTINGS = (("search", "allowed_degenerate"), ("search", "min_length_ratio"), ("search", "degeneracy_guard"))
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
     """The hash a checkpoint is valid for: every setting except :data:`CHOICE_ONLY_SETTINGS`."""
-    kept = {key: value for key, value in settings.items() if key not in CHOICE_ONLY_SETTINGS}
+    kept = {
+        part: {name: item for name, item in value.items() if (part, name) not in CHOICE_ONLY_SETTINGS} if isinstance(value, Mapping) else value
+        for part, value in settings.items()
+    }
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def _check_resumable(path: Path, stored: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+    """Refuses, in one line, a checkpoint written by another builder version or with other settings."""
+    if stored.get("builder_version") != settings.get("builder_version"):
+        raise CheckpointError(
+            f"{path}: written by builder version {stored.get('builder_version', '?')}, whose settings have another layout; this builder "
+            f"(version {settings.get('builder_version', '?')}) cannot resume it: rebuild without --resume (or with a fresh --report directory)"
+        )
+    if fingerprint(stored) != fingerprint(settings):
+        raise CheckpointError(
+            f"{path}: the checkpoint was made with other settings or data; rerun without --resume (or with a fresh --report directory)"
+        )
 
 
 def _safe_name(name: str) -> str:
@@ -97,18 +115,13 @@ class Checkpoint:
         self.sums_path = self.root / "sums.safetensors"
         self.targets_dir = self.root / "targets"
         self.learned_dir = self.root / "learned"
-        self.key = fingerprint(settings)
         for directory in (Path(report_dir), self.root, self.targets_dir, self.learned_dir):
             remove_leftovers(directory)  # temp files of writes a killed build left behind
         if resume and self.settings_path.is_file():
-            # Recomputed from the stored settings, so that checkpoints written before a choice-only
-            # setting existed (or with other values of one) stay valid.
-            stored_key = _read(self.settings_path, lambda path: fingerprint(dict(json.loads(path.read_text())["settings"])))
-            if stored_key != self.key:
-                raise CheckpointError(
-                    f"{self.settings_path}: the checkpoint was made with other settings or data; "
-                    "rerun without --resume (or with a fresh --report directory)"
-                )
+            # The fingerprint is recomputed from the stored settings, so that checkpoints written with
+            # other values of a choice-only setting stay valid.
+            stored = _read(self.settings_path, lambda path: dict(json.loads(path.read_text())["settings"]))
+            _check_resumable(self.settings_path, stored, settings)
         elif not resume:
             # A fresh build must not pick up stale results.
             for stale in [self.sums_path, *self.targets_dir.glob("*.json"), *self.learned_dir.glob("*.safetensors")]:

@@ -12,7 +12,7 @@ Degeneracy guard: the paper disqualified candidates whose outputs had GPT-2 perp
 ``repetition = 1 − distinct 4-grams / 4-grams`` of the generated ids; an output is degenerate when
 it is at least 16 tokens long and ``repetition > max_repetition`` (default 0.5: over half of its
 4-grams are repeats). A steered candidate is disqualified when it has more degenerate outputs than
-the unsteered model on the same prompts (plus ``allowed_extra_degenerate``, default 0), so a small
+the unsteered model on the same prompts (plus ``allowed_degenerate``, default 0), so a small
 model's own tendency to repeat does not disqualify everything.
 
 Choice: the best qualified candidate by (score, fewer degenerate outputs, earlier in candidate
@@ -21,23 +21,26 @@ order) is chosen only if its score is strictly above "no steering"; a tie goes t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from lm_eval_steer.core.degeneracy import NGRAM, is_degenerate
 from lm_eval_steer.runtime.hooks import steering
 from lm_eval_steer.runtime.vectorfile import SteeringEntry
-from vector_builder.activations import left_pad, model_device
-from vector_builder.directions import Direction
+from vector_builder.direction import Direction
 from vector_builder.prompts import Prompt, Target
+from vector_builder.runner import Runner
+from vector_builder.scoring import Scorer, loose_follows
 
-Scorer = Callable[[str, Mapping[str, Any], str, str], bool]
-"""``scorer(instruction_id, kwargs, prompt_with_instruction, response) -> followed``."""
+STRENGTH_BASES = ("shift", "paper")
+WITHOUT_INSTRUCTION = "without instruction"
+WITH_INSTRUCTION_TOO = "without and with instruction"
+VALIDATION_PROMPTS = (WITHOUT_INSTRUCTION, WITH_INSTRUCTION_TOO)
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -58,26 +61,6 @@ def default_layers(num_layers: int, step: int = 2) -> list[int]:
 
 def candidates(layers: Sequence[int], multipliers: Sequence[float]) -> list[Candidate]:
     return [Candidate(None)] + [Candidate(layer, float(m)) for layer in layers for m in multipliers]
-
-
-def ifeval_follows(instruction_id: str, kwargs: Mapping[str, Any], prompt: str, response: str, *, strict: bool) -> bool:
-    """IFEval's strict or loose check of one instruction, exactly as the harness scores it."""
-    from lm_eval_steer.core.ifeval import harness_ifeval
-
-    utils = harness_ifeval()  # finds the offline NLTK data and seeds langdetect (deterministic scores)
-    example = utils.InputExample(key=0, instruction_id_list=[instruction_id], prompt=prompt, kwargs=[dict(kwargs)])
-    test = utils.test_instruction_following_strict if strict else utils.test_instruction_following_loose
-    return bool(test(example, response).follow_all_instructions)
-
-
-def loose_follows(instruction_id: str, kwargs: Mapping[str, Any], prompt: str, response: str) -> bool:
-    """IFEval's loose check (the validation score)."""
-    return ifeval_follows(instruction_id, kwargs, prompt, response, strict=False)
-
-
-def strict_follows(instruction_id: str, kwargs: Mapping[str, Any], prompt: str, response: str) -> bool:
-    """IFEval's strict check (what a learned vector's training target must pass)."""
-    return ifeval_follows(instruction_id, kwargs, prompt, response, strict=True)
 
 
 @dataclass
@@ -130,21 +113,71 @@ class TargetResult:
         return next(item for item in self.candidates if item.label == label)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SearchSettings:
-    max_new_tokens: int
-    batch_size: int
-    pad_id: int
-    stop_ids: tuple[int, ...]
-    skip_first_token: bool = True
-    max_repetition: float = 0.5
-    allowed_extra_degenerate: int = 0
+    """How layers and strengths are searched and chosen (recorded as ``search``).
+
+    Candidates are ``layers`` (empty = :func:`default_layers`) × ``multipliers`` for difference of
+    means and ``layers`` × ``token_multipliers`` for the token method, at the strength
+    :func:`strength_of` gives for ``strength_base``. ``validation_prompts``: :data:`WITHOUT_INSTRUCTION`
+    or :data:`WITH_INSTRUCTION_TOO`; ``keyword_sample``: keyword instructions choose once, pooled over
+    that many sampled words (None: each word alone). The guards (module docstring):
+    ``max_repetition``, ``allowed_degenerate`` and ``min_length_ratio``, described in the derived
+    ``degeneracy_guard``. ``stop_after_keyword``: keyword-inclusion entries stop steering an answer once
+    it contains the word (their ``stop_after``), in validation as in evaluation.
+    """
+
+    layers: tuple[int, ...] = ()
+    multipliers: tuple[float, ...] = (0.5, 1.0, 1.5)
+    token_multipliers: tuple[float, ...] = (0.1, 0.2, 0.3)
     strength_base: str = "shift"
+    validation_prompts: str = WITHOUT_INSTRUCTION
+    keyword_sample: int | None = None
+    max_repetition: float = 0.5
+    allowed_degenerate: int = 0
     min_length_ratio: float = 0.5
+    degeneracy_guard: str = field(init=False)
     stop_after_keyword: bool = True
 
+    def __post_init__(self) -> None:
+        # Tuples keep the record immutable; JSON writes them as the lists it always held.
+        for name, kind in (("layers", int), ("multipliers", float), ("token_multipliers", float)):
+            object.__setattr__(self, name, tuple(kind(item) for item in getattr(self, name)))
+        guard = (
+            f"degenerate = repetition (1 - distinct {NGRAM}-grams / {NGRAM}-grams) > {self.max_repetition}; a candidate with "
+            f"more than (unsteered count + {self.allowed_degenerate}) degenerate outputs is disqualified, and so is one whose mean answer "
+            f"length is below {self.min_length_ratio} x the unsteered mean (length instructions excepted)"
+        )
+        object.__setattr__(self, "degeneracy_guard", guard)
+        if self.strength_base not in STRENGTH_BASES:
+            raise ValueError(f"strength_base must be one of {', '.join(STRENGTH_BASES)}, got {self.strength_base!r}")
+        if self.validation_prompts not in VALIDATION_PROMPTS:
+            raise ValueError(f"validation_prompts must be one of {VALIDATION_PROMPTS}, got {self.validation_prompts!r}")
+        if not (math.isfinite(self.min_length_ratio) and 0 <= self.min_length_ratio < 1):
+            raise ValueError(f"--min-length-ratio must be a number from 0 (off) up to but not including 1, got {self.min_length_ratio}")
+        if self.keyword_sample is not None and self.keyword_sample < 1:
+            raise ValueError(f"keyword_sample must be positive, got {self.keyword_sample}")
+        if not self.multipliers or not all(math.isfinite(m) for m in self.multipliers):
+            raise ValueError(f"--multipliers must be finite numbers, got {list(self.multipliers)}")
+        if not self.token_multipliers or not all(math.isfinite(m) and m > 0 for m in self.token_multipliers):
+            raise ValueError(f"--token-multipliers must be positive finite numbers, got {list(self.token_multipliers)}")
 
-STRENGTH_BASES = ("shift", "paper")
+    @property
+    def with_instruction_too(self) -> bool:
+        """Whether validation also shows the instruction (``--val-with-instruction``)."""
+        return self.validation_prompts == WITH_INSTRUCTION_TOO
+
+
+@dataclass(frozen=True)
+class Task:
+    """One target to validate: its direction, its validation prompts and their chat token ids, and its
+    candidates (a learned direction exists only at the layers it was trained at)."""
+
+    target: Target
+    direction: Direction
+    prompts: Sequence[Prompt]
+    prompt_ids: Sequence[Sequence[int]]
+    candidates: Sequence[Candidate]
 
 
 def strength_of(target: Target, direction: Direction, candidate: Candidate, base: str) -> float:
@@ -183,35 +216,11 @@ def make_entry(target: Target, direction: Direction, layer: int, strength: float
     )
 
 
-@torch.no_grad()
-def generate(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    rows: Sequence[Sequence[SteeringEntry]],
-    settings: SearchSettings,
-    decode: Callable[[list[int]], str] | None = None,
-) -> list[list[int]]:
-    """Greedy continuations (ids, cut at the first stop token) of left-padded ``prompts``, row ``i``
-    steered with ``rows[i]``: one ``generate`` call for the whole batch (``decode`` serves entries
-    with ``stop_after``)."""
-    ids, mask = left_pad(prompts, settings.pad_id)
-    device = model_device(model)
-    with steering(model, rows, skip_first_token=settings.skip_first_token, decode=decode):
-        output = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=False,
-            pad_token_id=settings.pad_id,
-            eos_token_id=list(settings.stop_ids),
-        )
-    return [cut_at_stop(row, settings.stop_ids) for row in output[:, ids.shape[1] :].tolist()]
-
-
-def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
-    """``ids`` up to (not including) the first stop token."""
-    stop = next((i for i, token in enumerate(ids) if token in stop_ids), len(ids))
-    return list(ids[:stop])
+def generate(runner: Runner, prompts: Sequence[Sequence[int]], rows: Sequence[Sequence[SteeringEntry]]) -> list[list[int]]:
+    """Greedy validation answers (ids, cut at the first stop token) of ``prompts``, row ``i`` steered
+    with ``rows[i]``: one ``generate`` call for the whole batch."""
+    with steering(runner.model, rows, skip_first_token=runner.settings.skip_first_token, decode=runner.decode):
+        return runner.continuations(prompts, runner.settings.max_new_tokens, do_sample=False)
 
 
 def guards_length(instruction_id: str) -> bool:
@@ -230,7 +239,7 @@ def too_short(item: CandidateResult, baseline: CandidateResult, ratio: float) ->
 
 def _choose(result: TargetResult, settings: SearchSettings, instruction_id: str) -> str | None:
     baseline = result.candidates[0]
-    limit = baseline.n_degenerate + settings.allowed_extra_degenerate
+    limit = baseline.n_degenerate + settings.allowed_degenerate
     ratio = settings.min_length_ratio if guards_length(instruction_id) else 0.0
     best: tuple[float, int, int] | None = None
     best_label = None
@@ -293,74 +302,72 @@ def fit_rule(result: TargetResult, prompts: Sequence[Prompt], rule_kwarg: str) -
     return points
 
 
-def _per_target(targets: Sequence[Target], candidate_list: Sequence[Candidate] | Mapping[str, Sequence[Candidate]]) -> dict[str, list[Candidate]]:
-    return {target.name: list(candidate_list[target.name] if isinstance(candidate_list, Mapping) else candidate_list) for target in targets}
+@dataclass
+class _Jobs:
+    """Every generation the search needs, each once: job key → (prompt ids, steering entries), which
+    targets need it, and per target its ``[candidate][prompt]`` job keys and candidate strengths."""
 
+    rows: dict[tuple, tuple[list[int], list[SteeringEntry]]] = field(default_factory=dict)
+    owners: dict[tuple, set[str]] = field(default_factory=dict)
+    grid: dict[str, list[list[tuple]]] = field(default_factory=dict)
+    strengths: dict[str, list[float | None]] = field(default_factory=dict)
 
-def search(
-    model: nn.Module,
-    targets: Sequence[Target],
-    directions: Mapping[str, Direction],
-    prompts: Mapping[str, Sequence[Prompt]],
-    prompt_ids: Mapping[str, Sequence[Sequence[int]]],
-    candidate_list: Sequence[Candidate] | Mapping[str, Sequence[Candidate]],
-    settings: SearchSettings,
-    *,
-    decode: Callable[[list[int]], str],
-    done: Mapping[str, TargetResult] | None = None,
-    on_target_done: Callable[[TargetResult], None] | None = None,
-    scorer: Scorer = loose_follows,
-) -> dict[str, TargetResult]:
-    """Scores every target × candidate on its validation prompts and chooses per target.
-
-    ``prompts[name]`` / ``prompt_ids[name]`` are a target's validation prompts and their chat token
-    ids; ``candidate_list`` is one list for every target or a list per target name (a learned
-    direction exists only at the layers it was trained at). Targets in ``done`` (from a checkpoint) are not recomputed, only chosen
-    again under ``settings``' guards (they may differ from the interrupted build's). Batches are cut from the full,
-    deterministic job list, and a batch is re-run whole if any of its rows is still needed, so a
-    resumed search generates every row in exactly the batch it would have had without interruption.
-    """
-    by_name = {target.name: target for target in targets}
-    results = {name: rechosen(result, settings, by_name[name].instruction_id) for name, result in (done or {}).items() if name in by_name}
-    jobs: dict[tuple, tuple[list[int], list[SteeringEntry]]] = {}
-    owners: dict[tuple, set[str]] = {}
-    grid: dict[str, list[list[tuple]]] = {}  # target -> [candidate][prompt] -> job key
-    per_target = _per_target(targets, candidate_list)
-    for target in targets:
-        direction = directions[target.direction]
+    def add(self, task: Task, settings: SearchSettings) -> None:
+        target, direction = task.target, task.direction
         stop = stop_strings(target, settings.stop_after_keyword)
-        grid[target.name] = []
-        for candidate in per_target[target.name]:
-            strength = None if candidate.layer is None else strength_of(target, direction, candidate, settings.strength_base)
+        self.strengths[target.name] = [None if c.layer is None else strength_of(target, direction, c, settings.strength_base) for c in task.candidates]
+        self.grid[target.name] = []
+        for candidate, strength in zip(task.candidates, self.strengths[target.name]):
             entries = [] if candidate.layer is None else [make_entry(target, direction, candidate.layer, strength, stop)]
             # Two rows are the same generation when prompt, direction, layer, mode, strength and stop agree.
             config = None if candidate.layer is None else (target.direction, candidate.layer, target.mode, strength, stop)
             row = []
-            for ids in prompt_ids[target.name]:
+            for ids in task.prompt_ids:
                 key = (tuple(ids), config)
-                jobs.setdefault(key, (list(ids), entries))
-                owners.setdefault(key, set()).add(target.name)
+                self.rows.setdefault(key, (list(ids), entries))
+                self.owners.setdefault(key, set()).add(target.name)
                 row.append(key)
-            grid[target.name].append(row)
-    order = list(jobs)
-    batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
-    needed = [batch for batch in batches if any(owners[key] - set(results) for key in batch)]
+            self.grid[target.name].append(row)
+
+
+def search(
+    runner: Runner,
+    tasks: Sequence[Task],
+    settings: SearchSettings,
+    *,
+    scorer: Scorer = loose_follows,
+    done: Mapping[str, TargetResult] | None = None,
+    on_target_done: Callable[[TargetResult], None] | None = None,
+) -> dict[str, TargetResult]:
+    """Scores every task's target × candidate on its validation prompts (answers by ``runner``) and
+    chooses per target.
+
+    Targets in ``done`` (from a checkpoint) are not recomputed, only chosen again under ``settings``'
+    guards (they may differ from the interrupted build's). Batches are cut from the full,
+    deterministic job list, and a batch is re-run whole if any of its rows is still needed, so a
+    resumed search generates every row in exactly the batch it would have had without interruption.
+    """
+    by_name = {task.target.name: task for task in tasks}
+    results = {name: rechosen(result, settings, by_name[name].target.instruction_id) for name, result in (done or {}).items() if name in by_name}
+    jobs = _Jobs()
+    for task in tasks:
+        jobs.add(task, settings)
+    order, size = list(jobs.rows), runner.settings.batch_size
+    needed = [batch for batch in (order[i : i + size] for i in range(0, len(order), size)) if any(jobs.owners[key] - set(results) for key in batch)]
 
     outputs: dict[tuple, list[int]] = {}
-    pending = [target for target in targets if target.name not in results]
+    pending = [name for name in by_name if name not in results]
     with tqdm(total=sum(len(batch) for batch in needed), desc="validation", unit="generation") as bar:
         for batch in needed:
-            outputs.update(zip(batch, generate(model, [jobs[key][0] for key in batch], [jobs[key][1] for key in batch], settings, decode)))
+            outputs.update(zip(batch, generate(runner, [jobs.rows[key][0] for key in batch], [jobs.rows[key][1] for key in batch])))
             bar.update(len(batch))
-            for target in [t for t in pending if all(key in outputs for row in grid[t.name] for key in row)]:
-                pending.remove(target)
-                generations = [[outputs[key] for key in row] for row in grid[target.name]]
-                results[target.name] = _score_target(
-                    target, directions[target.direction], prompts[target.name], per_target[target.name], generations, settings, scorer, decode
-                )
+            for name in [name for name in pending if all(key in outputs for row in jobs.grid[name] for key in row)]:
+                pending.remove(name)
+                generations = [[outputs[key] for key in row] for row in jobs.grid[name]]
+                results[name] = _score_target(by_name[name], jobs.strengths[name], generations, settings, scorer, runner.decode)
                 if on_target_done is not None:
-                    on_target_done(results[target.name])
-    return {target.name: results[target.name] for target in targets}
+                    on_target_done(results[name])
+    return {name: results[name] for name in by_name}
 
 
 def rechosen(result: TargetResult, settings: SearchSettings, instruction_id: str) -> TargetResult:
@@ -370,28 +377,26 @@ def rechosen(result: TargetResult, settings: SearchSettings, instruction_id: str
 
 
 def _score_target(
-    target: Target,
-    direction: Direction,
-    prompts: Sequence[Prompt],
-    candidate_list: Sequence[Candidate],
+    task: Task,
+    strengths: Sequence[float | None],
     generations: Sequence[Sequence[list[int]]],
     settings: SearchSettings,
     scorer: Scorer,
     decode: Callable[[list[int]], str],
 ) -> TargetResult:
     """Scores ``generations[candidate][prompt]`` and makes the choice (and strength rule)."""
-    items = []
-    for candidate, row in zip(candidate_list, generations):
+    target, items = task.target, []
+    for candidate, strength, row in zip(task.candidates, strengths, generations):
         responses = [decode(ids) for ids in row]
         items.append(
             CandidateResult(
                 label=candidate.label,
                 layer=candidate.layer,
                 multiplier=candidate.multiplier,
-                strength=None if candidate.layer is None else strength_of(target, direction, candidate, settings.strength_base),
+                strength=strength,
                 follows=[
                     scorer(target.instruction_id, prompt.kwargs, prompt.checker_prompt, response)
-                    for prompt, response in zip(prompts, responses)
+                    for prompt, response in zip(task.prompts, responses)
                 ],
                 degenerate=[is_degenerate(ids, settings.max_repetition) for ids in row],
                 responses=responses,
@@ -401,5 +406,5 @@ def _score_target(
     result = TargetResult(name=target.name, candidates=items)
     result.chosen = _choose(result, settings, target.instruction_id)
     if target.rule_kwarg is not None:
-        result.rule_points = fit_rule(result, prompts, target.rule_kwarg)
+        result.rule_points = fit_rule(result, task.prompts, target.rule_kwarg)
     return result

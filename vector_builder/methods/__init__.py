@@ -1,16 +1,20 @@
-"""Build methods and the choice between them.
+"""The build methods, one module (or package) each, and the choice between them.
 
-- ``diffmean``: the paper's difference-of-means direction (:mod:`vector_builder.directions`), in the
-  instruction's mode (``project`` for format, ``add`` for length and keywords);
-- ``learned``: a vector trained on target responses (:mod:`vector_builder.learned`), always ``add``;
+- ``diffmean``: the paper's difference-of-means direction (:mod:`~vector_builder.methods.diffmean`), in
+  the instruction's mode (``project`` for format, ``add`` for length and keywords);
+- ``learned``: a vector trained on target responses (:mod:`~vector_builder.methods.learned`), always ``add``;
 - ``token`` (keyword instructions only): the word's output-embedding row
-  (:mod:`vector_builder.token_directions`), ``add``; no training, so affordable for many words;
+  (:mod:`~vector_builder.methods.token`), ``add``; no training, so affordable for many words;
 - ``both``: every instruction is searched with ``diffmean`` and ``learned`` on the same validation
   prompts, and the vector file keeps, per instruction, the method whose chosen candidate validated best.
 
 The choice between methods uses the search's own rule: the higher validation score, then fewer
 degenerate outputs; an exact tie keeps ``diffmean`` (the paper's recipe). A method that chose "no
 steering" does not compete.
+
+Every method produces a :class:`~vector_builder.direction.Direction` per direction spec; a method's
+twin of a target is named ``<target>@<method>`` (:data:`SUFFIXES`). A new method is a module here, a
+name in :data:`METHODS` (and :data:`SUFFIXES`), and a stage in :mod:`vector_builder.pipeline`.
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ from torch import nn
 from lm_eval_steer.runtime.hooks import find_decoder_layers
 from vector_builder import prompts
 from vector_builder.activations import forward_for_hooks, left_pad
-from vector_builder.directions import Direction
+from vector_builder.direction import Direction
 from vector_builder.methods import twin_key
+from vector_builder.runner import Runner
 
 _PREFIX = "Say"  # a word's first token is taken as it follows this prefix (mid-sentence spelling)
 
@@ -81,17 +82,16 @@ def token_direction(key: str, unembedding_row: torch.Tensor, norms: torch.Tensor
     return Direction(key=key, unit=unit, strength=norms.clone(), baseline=torch.zeros_like(norms), shift=norms.clone(), count=0)
 
 
-def token_directions(
-    model: nn.Module, tokenizer: Any, specs: Sequence[prompts.DirectionSpec], train: Sequence[str], batch_size: int, pad_id: int
-) -> dict[str, Direction]:
+def token_directions(runner: Runner, specs: Sequence[prompts.DirectionSpec], train: Sequence[str]) -> dict[str, Direction]:
     """One token direction per keyword spec, keyed by the token twin of the spec's key."""
     words: Mapping[str, str] = {spec.key: _keyword(spec) for spec in specs}
-    norms = residual_norms(model, [prompts.chat_ids(tokenizer, query) for query in train], batch_size, pad_id)
-    output = model.get_output_embeddings().weight.detach().cpu()
+    sequences = [prompts.chat_ids(runner.tokenizer, query) for query in train]
+    norms = residual_norms(runner.model, sequences, runner.settings.batch_size, runner.pad_id)
+    output = runner.model.get_output_embeddings().weight.detach().cpu()
     directions = {}
     for key, word in words.items():
         name = twin_key(key, "token")
-        directions[name] = token_direction(name, output[first_token(tokenizer, word)], norms)
+        directions[name] = token_direction(name, output[first_token(runner.tokenizer, word)], norms)
     return directions
 
 

@@ -1,6 +1,6 @@
 """The learned method's build stage: per direction, training targets → one vector per learned layer.
 
-The result is a :class:`~vector_builder.directions.Direction` like the difference-of-means one, so the
+The result is a :class:`~vector_builder.direction.Direction` like the difference-of-means one, so the
 layer/strength search treats both methods alike: at a learned layer ``L``, ``unit[L] = v_L / ‖v_L‖``
 and ``shift[L] = strength[L] = ‖v_L‖`` (so the ``add`` strength ``m × ‖v_L‖`` at multiplier ``m = 1``
 adds exactly the trained ``v_L``); rows of layers that were not trained are zero and never searched.
@@ -19,20 +19,13 @@ import torch
 from torch import nn
 
 from lm_eval_steer.runtime.hooks import find_decoder_layers, text_config
-from vector_builder import learned, prompts, targets
-from vector_builder.directions import Direction
+from vector_builder import prompts
+from vector_builder.direction import Direction
 from vector_builder.methods import twin_key
+from vector_builder.methods.learned import LearnedSettings, targets, training
+from vector_builder.runner import Runner
 
 MIN_TARGETS = 4  # fewer passing targets than this and no vector is trained (too little to learn from)
-
-
-@dataclass(frozen=True)
-class LearnedSettings:
-    """How the learned stage trains, beside how its targets are generated (:class:`targets.TargetSettings`)."""
-
-    layers: tuple[int, ...]
-    training: learned.TrainingSettings
-    heldout_fraction: float = 0.25  # of the targets, for early stopping
 
 
 @dataclass
@@ -41,7 +34,7 @@ class LearnedDirection:
 
     direction: Direction | None  # None: too few targets passed the checker
     sources: dict[str, int] = field(default_factory=dict)  # target source -> count
-    trained: dict[int, learned.TrainedVector] = field(default_factory=dict)
+    trained: dict[int, training.TrainedVector] = field(default_factory=dict)
     targets_seconds: float = 0.0
 
     def summary(self, timing: bool = True) -> dict[str, Any]:
@@ -64,17 +57,17 @@ class LearnedDirection:
         }
 
 
-def examples_from(tokenizer: Any, responses: Sequence[targets.TargetResponse]) -> list[learned.Example]:
+def examples_from(tokenizer: Any, responses: Sequence[targets.TargetResponse]) -> list[training.Example]:
     """Chat prompt ids of each plain query and the response's ids, closed by the end-of-turn token so
     that the vector does not teach the model to run on."""
     end = prompts.end_of_turn_id(tokenizer)
     return [
-        learned.Example(tuple(prompts.chat_ids(tokenizer, item.query)), (*tokenizer.encode(item.response, add_special_tokens=False), end))
+        training.Example(tuple(prompts.chat_ids(tokenizer, item.query)), (*tokenizer.encode(item.response, add_special_tokens=False), end))
         for item in responses
     ]
 
 
-def as_direction(key: str, trained: Mapping[int, learned.TrainedVector], num_layers: int, hidden_size: int, count: int) -> Direction:
+def as_direction(key: str, trained: Mapping[int, training.TrainedVector], num_layers: int, hidden_size: int, count: int) -> Direction:
     unit = torch.zeros(num_layers, hidden_size)
     norms = torch.zeros(num_layers)
     for layer, item in trained.items():
@@ -85,29 +78,20 @@ def as_direction(key: str, trained: Mapping[int, learned.TrainedVector], num_lay
 
 
 def learn_direction(
-    model: nn.Module,
-    tokenizer: Any,
-    spec: prompts.DirectionSpec,
-    queries: Sequence[str],
-    settings: LearnedSettings,
-    target_settings: targets.TargetSettings,
-    *,
-    skip_first_token: bool,
+    runner: Runner, spec: prompts.DirectionSpec, queries: Sequence[str], settings: LearnedSettings, target_settings: targets.TargetSettings
 ) -> LearnedDirection:
     """Targets for ``spec`` on the training ``queries``, then one vector per layer in ``settings.layers``."""
     begin = time.perf_counter()
-    responses = targets.collect(model, tokenizer, spec, queries, target_settings)
+    responses = targets.collect(runner, spec, queries, target_settings)
     outcome = LearnedDirection(direction=None, sources=dict(Counter(item.source for item in responses)), targets_seconds=time.perf_counter() - begin)
     if len(responses) < MIN_TARGETS:
         return outcome
-    examples = examples_from(tokenizer, responses)
+    examples = examples_from(runner.tokenizer, responses)
     held = max(1, math.ceil(len(examples) * settings.heldout_fraction))
     heldout, train = examples[:held], examples[held:]
     for layer in settings.layers:
-        outcome.trained[layer] = learned.train_vector(
-            model, train, heldout, layer, settings.training, pad_id=target_settings.pad_id, skip_first_token=skip_first_token, desc=f"train {spec.key} L{layer}"
-        )
-    return _with_direction(model, spec.key, outcome)
+        outcome.trained[layer] = training.train_vector(runner, train, heldout, layer, settings, desc=f"train {spec.key} L{layer}")
+    return _with_direction(runner.model, spec.key, outcome)
 
 
 def _with_direction(model: nn.Module, key: str, outcome: LearnedDirection) -> LearnedDirection:
@@ -119,24 +103,22 @@ def _with_direction(model: nn.Module, key: str, outcome: LearnedDirection) -> Le
 
 
 def learn_all(
-    model: nn.Module,
-    tokenizer: Any,
+    runner: Runner,
     specs: Sequence[prompts.DirectionSpec],
     queries: Sequence[str],
     settings: LearnedSettings,
     target_settings: targets.TargetSettings,
     *,
-    skip_first_token: bool,
     done: Mapping[str, LearnedDirection] | None = None,
     on_done: Callable[[str, LearnedDirection], None] | None = None,
 ) -> dict[str, LearnedDirection]:
     """:func:`learn_direction` for every spec not already in ``done`` (a checkpoint, whose directions
     are rebuilt from its vectors), in spec order."""
-    results = {key: _with_direction(model, key, item) for key, item in (done or {}).items()}
+    results = {key: _with_direction(runner.model, key, item) for key, item in (done or {}).items()}
     for spec in specs:
         if spec.key in results:
             continue
-        results[spec.key] = learn_direction(model, tokenizer, spec, queries, settings, target_settings, skip_first_token=skip_first_token)
+        results[spec.key] = learn_direction(runner, spec, queries, settings, target_settings)
         if on_done is not None:
             on_done(spec.key, results[spec.key])
     return {spec.key: results[spec.key] for spec in specs}

@@ -23,17 +23,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from vector_builder import prompts
-from vector_builder.activations import left_pad, model_device
-from vector_builder.search import cut_at_stop, strict_follows
+from vector_builder.runner import Runner
+from vector_builder.scoring import Scorer, strict_follows
 
 Source = Literal["greedy", "sampled", "repaired"]
 PROBE = 4  # failing queries sampled first; sampling goes on only if one of them found a passing answer
-Checker = Callable[[str, Mapping[str, Any], str, str], bool]
-"""``checker(instruction_id, kwargs, prompt_with_instruction, response) -> followed``."""
 
 
 @dataclass(frozen=True)
@@ -46,15 +43,20 @@ class TargetResponse:
     source: Source
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TargetSettings:
-    max_new_tokens: int
-    batch_size: int
-    pad_id: int
-    stop_ids: tuple[int, ...]
+    """How training targets are generated (recorded as ``targets``; the command line's
+    ``--target-<field>``); batches and seed are the build's generation settings."""
+
     samples: int = 4  # sampled answers per query whose greedy answer fails (0: none)
+    max_tokens: int = 128  # length limit of a target answer
     temperature: float = 0.8
-    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"--target-max-tokens must be at least 1, got {self.max_tokens}")
+        if self.samples < 0:
+            raise ValueError(f"--target-samples must not be negative, got {self.samples}")
 
 
 # ------------------------------------------------------------------------------------------ repairs
@@ -131,41 +133,30 @@ follow the instruction, or None when no such edit is known for these kwargs."""
 # ---------------------------------------------------------------------------------------- sampling
 
 
-@torch.no_grad()
-def generate_texts(
-    model: nn.Module, tokenizer: Any, messages: Sequence[str], settings: TargetSettings, *, sample: bool, desc: str
-) -> list[list[str]]:
+def generate_texts(runner: Runner, messages: Sequence[str], settings: TargetSettings, *, sample: bool, desc: str) -> list[list[str]]:
     """Answers per chat message: one greedy answer, or ``settings.samples`` sampled ones (seeded per batch)."""
     per_prompt = settings.samples if sample else 1
+    step = max(1, runner.settings.batch_size // per_prompt)
     answers: list[list[str]] = []
-    device = model_device(model)
     with tqdm(total=len(messages), desc=desc, unit="prompt", leave=False) as bar:
-        for start in range(0, len(messages), max(1, settings.batch_size // per_prompt)):
-            batch = messages[start : start + max(1, settings.batch_size // per_prompt)]
-            ids, mask = left_pad([prompts.chat_ids(tokenizer, text) for text in batch], settings.pad_id)
-            extra = {"do_sample": True, "temperature": settings.temperature, "num_return_sequences": per_prompt} if sample else {"do_sample": False}
-            torch.manual_seed(settings.seed * 100_003 + start)
-            output = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=settings.max_new_tokens,
-                pad_token_id=settings.pad_id,
-                eos_token_id=list(settings.stop_ids),
-                **extra,
-            )
-            texts = [tokenizer.decode(cut_at_stop(row, settings.stop_ids), skip_special_tokens=True) for row in output[:, ids.shape[1] :].tolist()]
+        for start in range(0, len(messages), step):
+            batch = messages[start : start + step]
+            options = {"do_sample": True, "temperature": settings.temperature, "num_return_sequences": per_prompt} if sample else {"do_sample": False}
+            torch.manual_seed(runner.settings.seed * 100_003 + start)
+            rows = runner.continuations([prompts.chat_ids(runner.tokenizer, text) for text in batch], settings.max_tokens, **options)
+            texts = [runner.decode(row) for row in rows]
             answers += [texts[i : i + per_prompt] for i in range(0, len(texts), per_prompt)]
             bar.update(len(batch))
     return answers
 
 
 def _sampled_passing(
-    model: nn.Module, tokenizer: Any, spec: prompts.DirectionSpec, instructed: Sequence[prompts.Prompt], settings: TargetSettings, checker: Checker
+    runner: Runner, spec: prompts.DirectionSpec, instructed: Sequence[prompts.Prompt], settings: TargetSettings, checker: Scorer
 ) -> list[str | None]:
     """Per prompt, the first of ``settings.samples`` sampled answers that passes (None if none does)."""
     if not instructed:
         return []
-    sampled = generate_texts(model, tokenizer, [p.checker_prompt for p in instructed], settings, sample=True, desc=f"samples {spec.key}")
+    sampled = generate_texts(runner, [p.checker_prompt for p in instructed], settings, sample=True, desc=f"samples {spec.key}")
     return [
         next((answer for answer in answers if checker(spec.instruction_id, prompt.kwargs, prompt.checker_prompt, answer)), None)
         for prompt, answers in zip(instructed, sampled)
@@ -173,17 +164,12 @@ def _sampled_passing(
 
 
 def collect(
-    model: nn.Module,
-    tokenizer: Any,
-    spec: prompts.DirectionSpec,
-    queries: Sequence[str],
-    settings: TargetSettings,
-    *,
-    checker: Checker = strict_follows,
+    runner: Runner, spec: prompts.DirectionSpec, queries: Sequence[str], settings: TargetSettings, *, checker: Scorer = strict_follows
 ) -> list[TargetResponse]:
     """Targets for ``spec`` on ``queries`` (see the module docstring), in query order."""
-    instructed = prompts.training_prompts(spec, queries, settings.seed)
-    greedy = [answers[0] for answers in generate_texts(model, tokenizer, [p.checker_prompt for p in instructed], settings, sample=False, desc=f"targets {spec.key}")]
+    instructed = prompts.training_prompts(spec, queries, runner.settings.seed)
+    messages = [p.checker_prompt for p in instructed]
+    greedy = [answers[0] for answers in generate_texts(runner, messages, settings, sample=False, desc=f"targets {spec.key}")]
     chosen: dict[int, tuple[str, Source]] = {}
     for index, (prompt, answer) in enumerate(zip(instructed, greedy)):
         if checker(spec.instruction_id, prompt.kwargs, prompt.checker_prompt, answer):
@@ -192,8 +178,8 @@ def collect(
     if failing and settings.samples > 0:
         # Sampling is the expensive step: probe a few failing queries first and go on only if that
         # finds passing answers at all (a small model told "all lowercase" may never comply).
-        probe = _sampled_passing(model, tokenizer, spec, [instructed[i] for i in failing[:PROBE]], settings, checker)
-        rest = _sampled_passing(model, tokenizer, spec, [instructed[i] for i in failing[PROBE:]], settings, checker) if any(a is not None for a in probe) else []
+        probe = _sampled_passing(runner, spec, [instructed[i] for i in failing[:PROBE]], settings, checker)
+        rest = _sampled_passing(runner, spec, [instructed[i] for i in failing[PROBE:]], settings, checker) if any(a is not None for a in probe) else []
         for index, answer in zip(failing, probe + rest):
             if answer is not None:
                 chosen[index] = (answer, "sampled")

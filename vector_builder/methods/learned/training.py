@@ -1,4 +1,4 @@
-"""Learned steering vectors: one additive vector per instruction, trained with the model frozen.
+"""The learned method's optimisation: one additive vector at one layer, trained with the model frozen.
 
 Difference-of-means directions describe where the *prompt* representation moves when an instruction
 is added; on small models that direction often does not carry the behaviour. A learned vector is
@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 from lm_eval_steer.runtime.hooks import steering, text_config
 from lm_eval_steer.runtime.vectorfile import SteeringEntry
 from vector_builder.activations import left_pad, model_device, positions_from_mask
+from vector_builder.methods.learned import LearnedSettings
+from vector_builder.runner import Runner
 
 IGNORE = -100  # label of positions that are not scored (prompt and padding)
 
@@ -39,19 +41,6 @@ class Example:
 
     prompt: tuple[int, ...]
     response: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class TrainingSettings:
-    """Hyper-parameters of one vector's training (recorded in the vector file and the report)."""
-
-    max_steps: int = 40
-    learning_rate: float = 0.08
-    batch_size: int = 4
-    l2: float = 0.0  # λ in the objective
-    eval_every: int = 10  # held-out loss every this many steps (and at the end)
-    patience: int = 2  # stop after this many held-out evaluations without improvement
-    seed: int = 0
 
 
 @dataclass
@@ -116,44 +105,37 @@ def frozen(model: nn.Module) -> Iterator[None]:
             parameter.requires_grad_(flag)
 
 
-def _heldout_loss(model: nn.Module, examples: Sequence[Example], vector: torch.Tensor, layer: int, pad_id: int, skip_first_token: bool, batch_size: int) -> float:
+def _heldout_loss(runner: Runner, examples: Sequence[Example], vector: torch.Tensor, layer: int, batch_size: int) -> float:
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             count = sum(len(example.response) for example in chunk)
-            total += float(response_loss(model, chunk, vector, layer, pad_id, skip_first_token)) * count
+            total += float(response_loss(runner.model, chunk, vector, layer, runner.pad_id, runner.settings.skip_first_token)) * count
             tokens += count
     return total / tokens
 
 
 def train_vector(
-    model: nn.Module,
-    train: Sequence[Example],
-    heldout: Sequence[Example],
-    layer: int,
-    settings: TrainingSettings,
-    *,
-    pad_id: int,
-    skip_first_token: bool = True,
-    desc: str = "train vector",
+    runner: Runner, train: Sequence[Example], heldout: Sequence[Example], layer: int, settings: LearnedSettings, *, desc: str = "train vector"
 ) -> TrainedVector:
-    """Adam on ``v`` (initialised at zero) over seeded shuffled mini-batches of ``train``; held-out loss
-    every ``eval_every`` steps decides early stopping and which step's vector is kept."""
+    """Adam on ``v`` (initialised at zero) over mini-batches of ``train`` shuffled with the build's seed;
+    held-out loss every ``eval_every`` steps (and at the end) decides early stopping and which step's
+    vector is kept. ``runner`` gives the model, its pad id and whether the first token is steered."""
     if not train or not heldout:
         raise ValueError(f"{desc}: training needs examples to train on and held-out examples (got {len(train)} and {len(heldout)})")
     started = time.perf_counter()
-    hidden_size = int(text_config(model).hidden_size)
-    vector = torch.zeros(hidden_size, device=model_device(model), requires_grad=True)
-    optimizer = torch.optim.Adam([vector], lr=settings.learning_rate)
+    model, pad_id, skip_first_token = runner.model, runner.pad_id, runner.settings.skip_first_token
+    vector = torch.zeros(int(text_config(model).hidden_size), device=model_device(model), requires_grad=True)
+    optimizer = torch.optim.Adam([vector], lr=settings.lr)
     result = TrainedVector(layer=layer, vector=vector.detach().clone().cpu())
-    best = _heldout_loss(model, heldout, vector.detach(), layer, pad_id, skip_first_token, settings.batch_size)
+    best = _heldout_loss(runner, heldout, vector.detach(), layer, settings.batch_size)
     result.heldout_loss.append((0, best))
     order: list[int] = []
-    shuffler = random.Random(settings.seed)
+    shuffler = random.Random(runner.settings.seed)
     stale = 0
-    with frozen(model), tqdm(total=settings.max_steps, desc=desc, unit="step", leave=False) as bar:
-        for step in range(1, settings.max_steps + 1):
+    with frozen(model), tqdm(total=settings.steps, desc=desc, unit="step", leave=False) as bar:
+        for step in range(1, settings.steps + 1):
             if len(order) < settings.batch_size:
                 order += shuffler.sample(range(len(train)), len(train))
             batch = [train[index] for index in order[: settings.batch_size]]
@@ -165,9 +147,9 @@ def train_vector(
             result.train_loss.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{result.train_loss[-1]:.3f}")
-            if step % settings.eval_every and step != settings.max_steps:
+            if step % settings.eval_every and step != settings.steps:
                 continue
-            current = _heldout_loss(model, heldout, vector.detach(), layer, pad_id, skip_first_token, settings.batch_size)
+            current = _heldout_loss(runner, heldout, vector.detach(), layer, settings.batch_size)
             result.heldout_loss.append((step, current))
             if current < best:
                 best, stale = current, 0
