@@ -1,4 +1,4 @@
-"""Benchmark of the learned method (vector_builder.learned_directions.learn_direction) for one instruction.
+"""Benchmark of the learned method (vector_builder.methods.learned.stage.learn_direction) for one instruction.
 
 Measures, on one model, the two costs of a learned vector at one layer: generating and checking the
 training targets, and training (wall time, steps, seconds per step), with the process's peak RSS
@@ -21,8 +21,11 @@ from pathlib import Path
 import torch
 
 from lm_eval_steer.core.atomic import write_json
-from vector_builder import learned, prompts, targets
-from vector_builder.learned_directions import LearnedSettings, learn_direction
+from vector_builder import prompts
+from vector_builder.methods.learned import LearnedSettings
+from vector_builder.methods.learned.stage import learn_direction
+from vector_builder.methods.learned.targets import TargetSettings
+from vector_builder.runner import GenerationSettings, Runner
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,13 +47,12 @@ def main() -> None:
     layer = args.layer if args.layer is not None else max(1, round(num_layers / 5))
     queries, _ = prompts.split_queries(prompts.load_queries(), args.n_train, 1, 0)
     spec = prompts.DirectionSpec(args.instruction, args.instruction)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    target_settings = targets.TargetSettings(max_new_tokens=128, batch_size=args.batch_size, pad_id=pad, stop_ids=prompts.stop_ids(tokenizer))
-    settings = LearnedSettings(layers=(layer,), training=learned.TrainingSettings(max_steps=args.steps))
+    runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=args.batch_size))
+    settings = LearnedSettings(layers=(layer,), steps=args.steps)
 
     reset_peak()
     started = time.perf_counter()
-    outcome = learn_direction(model, tokenizer, spec, queries, settings, target_settings, skip_first_token=True)
+    outcome = learn_direction(runner, spec, queries, settings, TargetSettings(max_tokens=128))
     total = time.perf_counter() - started
     trained = outcome.trained.get(layer)
     row = {

@@ -108,10 +108,11 @@ def vector_build_rows() -> list[str]:
     for path in sorted((REPO / "vectors").glob("*-report/report.json")):
         data = json.loads(path.read_text())
         settings, timing = data["settings"], data["timing_seconds"]
+        search = settings.get("search", settings)  # builder version 2 records the search's settings as a part; version 1 flat
         setting = (
             f"{len(settings['instructions'])} instruction ids, {len(settings.get('keywords') or [])} keywords"
-            f"{' (layer chosen on ' + str(settings['keyword_sample']) + ' sampled)' if settings.get('keyword_sample') else ''}, "
-            f"{settings['n_train']} train / {settings['n_val']} val prompts, layers {settings['layers']}{_on(data.get('device', 'cpu'))}"
+            f"{' (layer chosen on ' + str(search['keyword_sample']) + ' sampled)' if search.get('keyword_sample') else ''}, "
+            f"{settings['n_train']} train / {settings['n_val']} val prompts, layers {search['layers']}{_on(data.get('device', 'cpu'))}"
         )
         rows.append(
             f"| study build wall time: {path.parent.name.removesuffix('-report')} | {setting} | {timing['total']:,.0f} s "
