@@ -3,7 +3,7 @@
     python benchmarks/collect.py
 
 Reads ``benchmarks/results/steering.json`` (bench_steering.py), ``benchmarks/results/batching.json``
-(bench_batching.py), ``benchmarks/results/build-*.json`` (bench_build.py), ``benchmarks/results/learned-*.json`` (bench_learned.py), ``benchmarks/results/reuse-*.json`` (bench_reuse.py), the build reports ``vectors/*-report/report.json`` and the wall times that lm-eval
+(bench_batching.py), ``benchmarks/results/build-*.json`` (bench_build.py), ``benchmarks/results/learned-*.json`` (bench_learned.py), ``benchmarks/results/reuse-*.json`` (bench_reuse.py), the build reports ``results/*/vectors/*-report/report.json`` and the wall times that lm-eval
 records in ``results/*/*.json``; missing inputs are
 skipped with a note, so the table shows exactly what has been measured.
 """
@@ -89,7 +89,10 @@ def study_rows() -> list[str]:
             continue
         documents = sum(count["effective"] for count in data.get("n-samples", {}).values())
         generation = data.get("config", {}).get("gen_kwargs") or {}
+        # lm-eval records --device, and its default "cuda:0" even for a run on the CPU; every GPU run
+        # here named --device cuda, so "cuda:0" means "not given".
         device = data.get("config", {}).get("device") or "cpu"
+        device = "cpu" if device == "cuda:0" else device
         rows.append(f"| study wall time: {path.parent.name}/{path.stem} | {documents} documents, {generation}{_on(device)} | {float(seconds):,.0f} s | |")
     return rows
 
@@ -103,9 +106,13 @@ def _learning(timing: dict) -> str:
     return f"learned vectors {timing['learning']:,.0f} s, " if timing.get("learning") else ""
 
 
+#: Shorter than any real build: such a report timed only a resume from a complete checkpoint.
+MIN_BUILD_SECONDS = 10
+
+
 def vector_build_rows() -> list[str]:
     rows = []
-    for path in sorted((REPO / "vectors").glob("*-report/report.json")):
+    for path in sorted((REPO / "results").glob("*/vectors/*-report/report.json")):
         data = json.loads(path.read_text())
         settings, timing = data["settings"], data["timing_seconds"]
         search = settings.get("search", settings)  # builder version 2 records the search's settings as a part; version 1 flat
@@ -114,10 +121,14 @@ def vector_build_rows() -> list[str]:
             f"{' (layer chosen on ' + str(search['keyword_sample']) + ' sampled)' if search.get('keyword_sample') else ''}, "
             f"{settings['n_train']} train / {settings['n_val']} val prompts, layers {search['layers']}{_on(data.get('device', 'cpu'))}"
         )
-        rows.append(
-            f"| study build wall time: {path.parent.name.removesuffix('-report')} | {setting} | {timing['total']:,.0f} s "
-            f"(activations {timing['activations']:,.0f} s, {_learning(timing)}search {timing['search']:,.0f} s) | peak {data['peak_rss_mib']:,.0f} MiB |"
+        # A report records the time of the build's last session only: one resumed from a complete
+        # checkpoint took seconds, and its first sessions' time is not known.
+        measured = (
+            f"{timing['total']:,.0f} s (activations {timing['activations']:,.0f} s, {_learning(timing)}search {timing['search']:,.0f} s)"
+            if timing["total"] >= MIN_BUILD_SECONDS
+            else "not recorded (resumed from a checkpoint)"
         )
+        rows.append(f"| study build wall time: {path.parent.name.removesuffix('-report')} | {setting} | {measured} | peak {data['peak_rss_mib']:,.0f} MiB |")
     return rows
 
 
