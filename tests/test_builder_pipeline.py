@@ -58,6 +58,8 @@ def test_build_writes_a_loadable_file_report_and_plot(tiny, tmp_path):
     for row in payload["targets"]:
         assert len(row["candidates"]) == 5 and all(c["n"] == 2 for c in row["candidates"])
         assert sum(c["chosen"] for c in row["candidates"]) == 1
+        assert all(c["new_looping"] + c["cured_looping"] <= c["n"] for c in row["candidates"])
+        assert row["candidates"][0]["new_looping"] == row["candidates"][0]["cured_looping"] == 0  # no steering changes nothing
         assert (row["chosen"] == "none") == (row["note"] is not None)
     chosen = {t["name"]: t for t in payload["targets"] if t["chosen"] != "none"}
     assert chosen, "the hash scorer should make at least one candidate win"

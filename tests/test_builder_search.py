@@ -55,6 +55,20 @@ def test_best_candidate_wins_and_degenerate_ones_are_disqualified():
     assert search._choose(result, SETTINGS, FMT) == "L1x1"
 
 
+def test_the_guard_judges_each_answer_against_its_own_unsteered_answer():
+    # unsteered, answer 0 loops; L1 cures it but loops on answer 1: the pooled counts are equal
+    unsteered = search.CandidateResult("none", None, 0.0, None, follows=[False] * 3, degenerate=[True, False, False], responses=[""] * 3)
+    swapped = search.CandidateResult("L1x1", 1, 1.0, 1.0, follows=[True] * 3, degenerate=[False, True, False], responses=[""] * 3)
+    cured = search.CandidateResult("L2x1", 2, 1.0, 1.0, follows=[True, True, False], degenerate=[False, False, False], responses=[""] * 3)
+    result = search.TargetResult("t", [unsteered, swapped, cured])
+    assert search._choose(result, SETTINGS, FMT) == "L2x1"
+    assert (swapped.new_looping, swapped.cured_looping, swapped.disqualified) == (1, 1, True)
+    assert (cured.new_looping, cured.cured_looping, cured.disqualified) == (0, 1, False)
+    # the budget is in answers
+    assert search._choose(result, replace(SETTINGS, allowed_degenerate=1), FMT) == "L1x1"
+    assert search.looping_changes(swapped, unsteered) == (1, 1)
+
+
 def test_candidates_that_pass_by_answering_short_are_disqualified_except_for_length_instructions():
     def result() -> search.TargetResult:
         scores = {"none": [False, False], "L1x1": [True, True], "L3x1": [True, False]}
@@ -88,7 +102,7 @@ def test_pooled_choice_sums_outcomes_over_targets():
     assert pooled.chosen == "L3x1"
     assert pooled.candidate("L3x1").follows == [True, True, True, False]
     assert pooled.candidate("L3x1").strength is None  # each word's strength comes from its own direction
-    # the degeneracy guard counts the pooled outputs: one degenerate output anywhere disqualifies L3
+    # pooled, each answer is still judged against its own unsteered answer: one new loop disqualifies L3
     looping = _result({"none": [False, False], "L1x1": [True, True], "L3x1": [True, True]}, degenerate={"L3x1": 1})
     guarded = search.pool("p", [first, looping], SETTINGS, "keywords:existence")
     assert guarded.candidate("L3x1").disqualified and guarded.chosen == "L1x1"

@@ -59,7 +59,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-repetition", type=float, default=0.5, help="degeneracy guard: 1 - distinct 4-gram ratio above which an output is degenerate")
-    parser.add_argument("--allowed-degenerate", type=int, default=0, help="degenerate outputs a candidate may have beyond the unsteered model's (default 0)")
+    parser.add_argument("--allowed-degenerate", type=int, default=0, help="answers a candidate may have that loop where the unsteered answer to the same prompt does not (default 0)")
     parser.add_argument(
         "--min-length-ratio",
         type=float,

@@ -224,6 +224,8 @@ def target_summary(result: TargetResult, note: str | None, n_without: int | None
                 **_part_scores(item.follows, n_without),
                 "n": len(item.follows),
                 "degenerate": item.n_degenerate,
+                "new_looping": item.new_looping,
+                "cured_looping": item.cured_looping,
                 "mean_tokens": item.mean_length,
                 "disqualified": item.disqualified,
                 "chosen": item.label == (result.chosen or "none"),
@@ -265,7 +267,8 @@ def _save(figure: Any, path: Path) -> Path:
 
 def write_plot(report_dir: str | Path, results: Sequence[TargetResult]) -> Path:
     """One panel per target: validation score vs layer, a line per multiplier, dashed = no steering,
-    star = chosen, x = disqualified by the degeneracy or length guard."""
+    star = chosen, x = disqualified by the degeneracy or length guard; beside each point that changes
+    looping, ``+new/-cured`` looping answers against the unsteered ones."""
     figure, axes = _panels(len(results))
     for axis, result in zip(axes, results):
         baseline = result.candidates[0]
@@ -275,6 +278,9 @@ def write_plot(report_dir: str | Path, results: Sequence[TargetResult]) -> Path:
             axis.plot([p.layer for p in points], [p.score for p in points], marker="o", label=f"×{multiplier:g}")
             bad = [p for p in points if p.disqualified]
             axis.scatter([p.layer for p in bad], [p.score for p in bad], marker="x", color="red", zorder=3)
+            for point in points:
+                if point.new_looping or point.cured_looping:
+                    axis.annotate(f"+{point.new_looping}/-{point.cured_looping}", (point.layer, point.score), fontsize=5, xytext=(2, 2), textcoords="offset points")
         if result.chosen:
             chosen = result.candidate(result.chosen)
             axis.scatter([chosen.layer], [chosen.score], marker="*", s=200, color="gold", edgecolor="black", zorder=4)

@@ -9,11 +9,14 @@ share their steered generations too. Outputs are scored with IFEval's loose chec
 
 Degeneracy guard: the paper disqualified candidates whose outputs had GPT-2 perplexity below 2.5
 (repetitive text). Without GPT-2 we use a token repetition measure,
-``repetition = 1 − distinct 4-grams / 4-grams`` of the generated ids; an output is degenerate when
-it is at least 16 tokens long and ``repetition > max_repetition`` (default 0.5: over half of its
-4-grams are repeats). A steered candidate is disqualified when it has more degenerate outputs than
-the unsteered model on the same prompts (plus ``allowed_degenerate``, default 0), so a small
-model's own tendency to repeat does not disqualify everything.
+``repetition = 1 − distinct 4-grams / 4-grams`` of the generated ids; an output is degenerate (it
+*loops*) when it is at least 16 tokens long and ``repetition > max_repetition`` (default 0.5: over
+half of its 4-grams are repeats). Each steered answer is judged against the unsteered answer to the
+same prompt: a candidate is disqualified when more than ``allowed_degenerate`` (default 0) of its
+answers loop whose unsteered answer does not (*new looping*). Answers that loop unsteered and not
+steered (*cured looping*) are counted and reported, but never pay for new looping elsewhere: pooled
+counts would let a model that loops in most unsteered answers hide new looping behind cured answers,
+and would be strict where the unsteered model never loops.
 
 Choice: the best qualified candidate by (score, fewer degenerate outputs, earlier in candidate
 order) is chosen only if its score is strictly above "no steering"; a tie goes to no steering.
@@ -74,6 +77,8 @@ class CandidateResult:
     responses: list[str]
     disqualified: bool = False
     lengths: list[int] = field(default_factory=list)  # answer lengths in tokens (absent in old checkpoints)
+    new_looping: int = 0  # answers that loop here but not unsteered (set by the choice)
+    cured_looping: int = 0  # answers that loop unsteered but not here
 
     @property
     def score(self) -> float:
@@ -145,8 +150,8 @@ class SearchSettings:
             object.__setattr__(self, name, tuple(kind(item) for item in getattr(self, name)))
         guard = (
             f"degenerate = repetition (1 - distinct {NGRAM}-grams / {NGRAM}-grams) > {self.max_repetition}; a candidate with "
-            f"more than (unsteered count + {self.allowed_degenerate}) degenerate outputs is disqualified, and so is one whose mean answer "
-            f"length is below {self.min_length_ratio} x the unsteered mean (length instructions excepted)"
+            f"more than {self.allowed_degenerate} answers that are degenerate where the unsteered answer to the same prompt is not is "
+            f"disqualified, and so is one whose mean answer length is below {self.min_length_ratio} x the unsteered mean (length instructions excepted)"
         )
         object.__setattr__(self, "degeneracy_guard", guard)
         if self.strength_base not in STRENGTH_BASES:
@@ -237,17 +242,25 @@ def too_short(item: CandidateResult, baseline: CandidateResult, ratio: float) ->
     return steered is not None and unsteered is not None and steered < ratio * unsteered
 
 
+def looping_changes(item: CandidateResult, baseline: CandidateResult) -> tuple[int, int]:
+    """``(new, cured)``: answers of ``item`` that loop where the unsteered answer to the same prompt
+    does not, and answers that loop unsteered but not under ``item`` (answer ``j`` of every candidate
+    answers prompt ``j``)."""
+    pairs = list(zip(item.degenerate, baseline.degenerate, strict=True))
+    return sum(steered and not unsteered for steered, unsteered in pairs), sum(unsteered and not steered for steered, unsteered in pairs)
+
+
 def _choose(result: TargetResult, settings: SearchSettings, instruction_id: str) -> str | None:
     baseline = result.candidates[0]
-    limit = baseline.n_degenerate + settings.allowed_degenerate
     ratio = settings.min_length_ratio if guards_length(instruction_id) else 0.0
-    best: tuple[float, int, int] | None = None
+    best: tuple[float, int, int, int] | None = None
     best_label = None
     for index, item in enumerate(result.candidates[1:], 1):
-        item.disqualified = item.n_degenerate > limit or too_short(item, baseline, ratio)
+        item.new_looping, item.cured_looping = looping_changes(item, baseline)
+        item.disqualified = item.new_looping > settings.allowed_degenerate or too_short(item, baseline, ratio)
         if item.disqualified:
             continue
-        key = (item.score, -item.n_degenerate, -index)
+        key = (item.score, -item.new_looping, -item.n_degenerate, -index)
         if best is None or key > best:
             best, best_label = key, item.label
     if best is None or best[0] <= baseline.score:
@@ -258,7 +271,8 @@ def _choose(result: TargetResult, settings: SearchSettings, instruction_id: str)
 def pool(name: str, results: Sequence[TargetResult], settings: SearchSettings, instruction_id: str) -> TargetResult:
     """One choice for many targets of one instruction (e.g. every keyword of ``keywords:existence``):
     candidate ``i``'s validation outcomes are concatenated over ``results`` (its score is the pooled
-    loose accuracy, its degenerate count the pooled count) and chosen like a single target. The
+    loose accuracy, its looping answers those of every target, each against its own unsteered answer)
+    and chosen like a single target. The
     pooled candidates carry no strength: each target's strength follows from its own direction."""
     if not results:
         raise ValueError(f"{name}: nothing to pool")
