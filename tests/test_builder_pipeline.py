@@ -319,3 +319,31 @@ def test_resume_with_other_guards_reuses_the_checkpoint_and_equals_a_fresh_build
     # the repetition threshold decides which answers count as degenerate: a checkpoint is not valid for another one
     with pytest.raises(report.CheckpointError, match="other settings"):
         run_build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True, **{**kwargs, "search": replace(SEARCH, max_repetition=0.3)})
+
+
+def test_a_build_searches_token_stop_rules_and_writes_the_chosen_one(tiny, tmp_path):
+    """``--stop-after-tokens``: every candidate is also tried steering only its first N answer tokens;
+    the chosen candidate's rule becomes its entry's ``stop_after_tokens``."""
+    model, tokenizer = tiny
+    out = tmp_path / "vec.safetensors"
+    settings = dict(SMALL, search=replace(SEARCH, stop_after_tokens=(2,)))
+    result = run_build(model, tokenizer, instructions=["punctuation:no_comma", "change_case:english_lowercase", "startend:quotation"], out=out,
+                       report_dir=tmp_path / "rep", model="tiny", scorer=hash_scorer, **settings)
+    payload = json.loads(result.report_path.read_text())
+    assert payload["settings"]["search"]["stop_after_tokens"] == [2]
+    for row in payload["targets"]:
+        labels = [c["candidate"] for c in row["candidates"]]
+        assert labels == ["none", "L1x1@2", "L1x1", "L1x4@2", "L1x4", "L2x1@2", "L2x1", "L2x4@2", "L2x4"]
+        assert [c["stop_after_tokens"] for c in row["candidates"][1:3]] == [2, None]
+    chosen = {t["name"]: next(c for c in t["candidates"] if c["chosen"]) for t in payload["targets"] if t["chosen"] != "none"}
+    assert chosen, "the hash scorer should make at least one candidate win"
+    for entry in load_vector_file(out).entries:
+        assert entry.stop_after_tokens == chosen[entry.name]["stop_after_tokens"]
+
+
+def test_token_stop_rules_must_be_distinct_positive_and_below_the_answer_length():
+    for bad in ((0,), (4, 4), (-1,)):
+        with pytest.raises(ValueError, match="--stop-after-tokens must be distinct positive token counts"):
+            SearchSettings(stop_after_tokens=bad)
+    with pytest.raises(ValueError, match=r"--stop-after-tokens \[6\] must be below --max-new-tokens 6"):
+        BuildSettings(model="tiny", instructions=["format"], **dict(SMALL, search=replace(SEARCH, stop_after_tokens=(2, 6))))

@@ -159,3 +159,13 @@ def test_only_keyword_inclusion_entries_stop_after_their_word():
     stops = {target.instruction_id: search.stop_strings(target, stop_after_keyword=True) for target in targets}
     assert stops == {"keywords:existence": ("apple",), "keywords:forbidden_words": (), "punctuation:no_comma": ()}
     assert all(search.stop_strings(target, stop_after_keyword=False) == () for target in targets)
+
+
+def test_token_stop_candidates_come_shortest_first_so_a_tie_steers_less():
+    grid = search.candidates([3], [1.0], stop_after_tokens=[64, 16])
+    assert [c.label for c in grid] == ["none", "L3x1@16", "L3x1@64", "L3x1"]
+    unsteered = search.CandidateResult("none", None, 0.0, None, follows=[False, False], degenerate=[False, False], responses=[""] * 2)
+    items = [search.CandidateResult(c.label, c.layer, 1.0, 1.0, follows=[True, False], degenerate=[False, False], responses=[""] * 2, stop_after_tokens=c.stop_after_tokens) for c in grid[1:]]
+    assert search._choose(search.TargetResult("t", [unsteered, *items]), SETTINGS, FMT) == "L3x1@16"
+    items[0].degenerate = [False, True]  # the shortest rule loops on a new answer: the next one wins
+    assert search._choose(search.TargetResult("t", [unsteered, *items]), SETTINGS, FMT) == "L3x1@64"

@@ -43,12 +43,17 @@ class BuildResult:
 
 
 def _entry(
-    target: prompts.Target, direction: Direction, layer: int, strength: float, settings: search.SearchSettings, rule_points: Sequence[Sequence[float]] = ()
+    target: prompts.Target,
+    direction: Direction,
+    candidate: search.Candidate,
+    strength: float,
+    settings: search.SearchSettings,
+    rule_points: Sequence[Sequence[float]] = (),
 ) -> SteeringEntry:
     rule = StrengthRule(target.rule_kwarg, tuple((x, s) for x, s in rule_points)) if target.rule_kwarg and rule_points else None
     applies_to = AppliesTo(target.instruction_id, dict(target.fixed_kwargs), rule)
     stop = search.stop_strings(target, settings.stop_after_keyword)
-    return replace(search.make_entry(target, direction, layer, strength, stop), applies_to=applies_to)
+    return replace(search.make_entry(target, direction, candidate, strength, stop), applies_to=applies_to)
 
 
 def _chosen_entry(target: prompts.Target, direction: Direction, result: search.TargetResult, settings: search.SearchSettings) -> SteeringEntry | None:
@@ -56,7 +61,8 @@ def _chosen_entry(target: prompts.Target, direction: Direction, result: search.T
         return None
     chosen = result.candidate(result.chosen)
     assert chosen.layer is not None and chosen.strength is not None
-    return _entry(target, direction, chosen.layer, chosen.strength, settings, result.rule_points)
+    candidate = search.Candidate(chosen.layer, chosen.multiplier, chosen.stop_after_tokens)
+    return _entry(target, direction, candidate, chosen.strength, settings, result.rule_points)
 
 
 def _pooled_entry(target: prompts.Target, direction: Direction, pooled: search.TargetResult, settings: search.SearchSettings) -> SteeringEntry | None:
@@ -65,8 +71,8 @@ def _pooled_entry(target: prompts.Target, direction: Direction, pooled: search.T
         return None
     chosen = pooled.candidate(pooled.chosen)
     assert chosen.layer is not None
-    candidate = search.Candidate(chosen.layer, chosen.multiplier)
-    return _entry(target, direction, chosen.layer, search.strength_of(target, direction, candidate, settings.strength_base), settings)
+    candidate = search.Candidate(chosen.layer, chosen.multiplier, chosen.stop_after_tokens)
+    return _entry(target, direction, candidate, search.strength_of(target, direction, candidate, settings.strength_base), settings)
 
 
 def _pooling_plan(targets: Sequence[prompts.Target], per_instruction: int | None, seed: int) -> dict[str, list[prompts.Target]]:
@@ -165,9 +171,9 @@ def method_targets(plan: Plan, learned: Mapping[str, LearnedDirection]) -> tuple
     ``token_multipliers``), or the learned method's ``layers × multipliers``."""
     settings = plan.settings
     candidate_lists = {
-        "diffmean": search.candidates(settings.search.layers, settings.search.multipliers),
-        "learned": search.candidates(settings.learned.layers, settings.learned.multipliers),
-        "token": search.candidates(settings.search.layers, settings.search.token_multipliers),
+        "diffmean": search.candidates(settings.search.layers, settings.search.multipliers, settings.search.stop_after_tokens),
+        "learned": search.candidates(settings.learned.layers, settings.learned.multipliers, settings.search.stop_after_tokens),
+        "token": search.candidates(settings.search.layers, settings.search.token_multipliers, settings.search.stop_after_tokens),
     }
     searched, per_target = [], {}
     for method in settings.method_names:

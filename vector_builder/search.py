@@ -47,14 +47,23 @@ VALIDATION_PROMPTS = (WITHOUT_INSTRUCTION, WITH_INSTRUCTION_TOO)
 
 @dataclass(frozen=True)
 class Candidate:
-    """``layer=None`` is "no steering"; otherwise the strength follows from the multiplier (:func:`strength_of`)."""
+    """``layer=None`` is "no steering"; otherwise the strength follows from the multiplier (:func:`strength_of`),
+    and ``stop_after_tokens`` (None: to the end) is the entry's token stop rule."""
 
     layer: int | None
     multiplier: float = 0.0
+    stop_after_tokens: int | None = None
 
     @property
     def label(self) -> str:
-        return "none" if self.layer is None else f"L{self.layer}x{self.multiplier:g}"
+        return candidate_label(self.layer, self.multiplier, self.stop_after_tokens)
+
+
+def candidate_label(layer: int | None, multiplier: float, stop_after_tokens: int | None) -> str:
+    """``none``, ``L12x1.5``, or ``L12x1.5@64`` (steering the first 64 answer tokens only)."""
+    if layer is None:
+        return "none"
+    return f"L{layer}x{multiplier:g}" + ("" if stop_after_tokens is None else f"@{stop_after_tokens}")
 
 
 def default_layers(num_layers: int, step: int = 2) -> list[int]:
@@ -62,8 +71,12 @@ def default_layers(num_layers: int, step: int = 2) -> list[int]:
     return list(range(max(1, round(num_layers / 5)), num_layers, step))
 
 
-def candidates(layers: Sequence[int], multipliers: Sequence[float]) -> list[Candidate]:
-    return [Candidate(None)] + [Candidate(layer, float(m)) for layer in layers for m in multipliers]
+def candidates(layers: Sequence[int], multipliers: Sequence[float], stop_after_tokens: Sequence[int] = ()) -> list[Candidate]:
+    """"No steering", then every layer × multiplier × token stop rule. The stop rules come shortest
+    first and "to the end" last, so that on a complete tie the earlier candidate, which steers less,
+    is chosen (as a tie with no steering goes to no steering)."""
+    stops: list[int | None] = [*sorted(stop_after_tokens), None]
+    return [Candidate(None)] + [Candidate(layer, float(m), stop) for layer in layers for m in multipliers for stop in stops]
 
 
 @dataclass
@@ -77,6 +90,7 @@ class CandidateResult:
     responses: list[str]
     disqualified: bool = False
     lengths: list[int] = field(default_factory=list)  # answer lengths in tokens (absent in old checkpoints)
+    stop_after_tokens: int | None = None  # the candidate's token stop rule (None: steered to the end)
     new_looping: int = 0  # answers that loop here but not unsteered (set by the choice)
     cured_looping: int = 0  # answers that loop unsteered but not here
 
@@ -129,7 +143,9 @@ class SearchSettings:
     that many sampled words (None: each word alone). The guards (module docstring):
     ``max_repetition``, ``allowed_degenerate`` and ``min_length_ratio``, described in the derived
     ``degeneracy_guard``. ``stop_after_keyword``: keyword-inclusion entries stop steering an answer once
-    it contains the word (their ``stop_after``), in validation as in evaluation.
+    it contains the word (their ``stop_after``), in validation as in evaluation. ``stop_after_tokens``:
+    token counts tried as every candidate's ``stop_after_tokens`` rule besides steering to the end
+    (:func:`candidates`); empty: not searched.
     """
 
     layers: tuple[int, ...] = ()
@@ -143,10 +159,11 @@ class SearchSettings:
     min_length_ratio: float = 0.5
     degeneracy_guard: str = field(init=False)
     stop_after_keyword: bool = True
+    stop_after_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # Tuples keep the record immutable; JSON writes them as the lists it always held.
-        for name, kind in (("layers", int), ("multipliers", float), ("token_multipliers", float)):
+        for name, kind in (("layers", int), ("multipliers", float), ("token_multipliers", float), ("stop_after_tokens", int)):
             object.__setattr__(self, name, tuple(kind(item) for item in getattr(self, name)))
         guard = (
             f"degenerate = repetition (1 - distinct {NGRAM}-grams / {NGRAM}-grams) > {self.max_repetition}; a candidate with "
@@ -166,6 +183,8 @@ class SearchSettings:
             raise ValueError(f"--multipliers must be finite numbers, got {list(self.multipliers)}")
         if not self.token_multipliers or not all(math.isfinite(m) and m > 0 for m in self.token_multipliers):
             raise ValueError(f"--token-multipliers must be positive finite numbers, got {list(self.token_multipliers)}")
+        if any(n < 1 for n in self.stop_after_tokens) or len(set(self.stop_after_tokens)) != len(self.stop_after_tokens):
+            raise ValueError(f"--stop-after-tokens must be distinct positive token counts, got {list(self.stop_after_tokens)}")
 
     @property
     def with_instruction_too(self) -> bool:
@@ -215,9 +234,18 @@ def stop_strings(target: Target, stop_after_keyword: bool) -> tuple[str, ...]:
     return tuple(str(word) for word in target.fixed_kwargs.get("keywords", ()))
 
 
-def make_entry(target: Target, direction: Direction, layer: int, strength: float, stop_after: tuple[str, ...] = ()) -> SteeringEntry:
+def make_entry(target: Target, direction: Direction, candidate: Candidate, strength: float, stop_after: tuple[str, ...] = ()) -> SteeringEntry:
+    """The entry a steered ``candidate`` applies: the direction's unit vector at its layer."""
+    assert candidate.layer is not None
     return SteeringEntry(
-        name=target.name, vector=direction.unit[layer].clone(), layer=layer, mode=target.mode, strength=strength, positions="all", stop_after=stop_after
+        name=target.name,
+        vector=direction.unit[candidate.layer].clone(),
+        layer=candidate.layer,
+        mode=target.mode,
+        strength=strength,
+        positions="all",
+        stop_after=stop_after,
+        stop_after_tokens=candidate.stop_after_tokens,
     )
 
 
@@ -289,6 +317,7 @@ def pool(name: str, results: Sequence[TargetResult], settings: SearchSettings, i
             degenerate=[bad for result in results for bad in result.candidates[index].degenerate],
             responses=[],
             lengths=[length for result in results for length in result.candidates[index].lengths],
+            stop_after_tokens=first.stop_after_tokens,
         )
         for index, first in enumerate(results[0].candidates)
     ]
@@ -332,9 +361,9 @@ class _Jobs:
         self.strengths[target.name] = [None if c.layer is None else strength_of(target, direction, c, settings.strength_base) for c in task.candidates]
         self.grid[target.name] = []
         for candidate, strength in zip(task.candidates, self.strengths[target.name]):
-            entries = [] if candidate.layer is None else [make_entry(target, direction, candidate.layer, strength, stop)]
-            # Two rows are the same generation when prompt, direction, layer, mode, strength and stop agree.
-            config = None if candidate.layer is None else (target.direction, candidate.layer, target.mode, strength, stop)
+            entries = [] if candidate.layer is None else [make_entry(target, direction, candidate, strength, stop)]
+            # Two rows are the same generation when prompt, direction, layer, mode, strength and stop rules agree.
+            config = None if candidate.layer is None else (target.direction, candidate.layer, target.mode, strength, stop, candidate.stop_after_tokens)
             row = []
             for ids in task.prompt_ids:
                 key = (tuple(ids), config)
@@ -408,6 +437,7 @@ def _score_target(
                 layer=candidate.layer,
                 multiplier=candidate.multiplier,
                 strength=strength,
+                stop_after_tokens=candidate.stop_after_tokens,
                 follows=[
                     scorer(target.instruction_id, prompt.kwargs, prompt.checker_prompt, response)
                     for prompt, response in zip(task.prompts, responses)

@@ -56,6 +56,10 @@ class BuildSettings:
         object.__setattr__(self, "instructions", tuple(str(item) for item in self.instructions))
         object.__setattr__(self, "keywords", tuple(str(item) for item in self.keywords))
         methods.methods_of(self.method)  # raises for an unknown method
+        too_long = [n for n in self.search.stop_after_tokens if n >= self.generation.max_new_tokens]
+        if too_long:
+            # validation answers end there, so such a rule could not be told from steering to the end
+            raise ValueError(f"--stop-after-tokens {too_long} must be below --max-new-tokens {self.generation.max_new_tokens}")
 
     @property
     def method_names(self) -> tuple[str, ...]:
