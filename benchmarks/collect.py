@@ -42,10 +42,14 @@ def batching_rows() -> list[str]:
     return [f"| route groups batched together | {setting} | {', '.join(ways)} | {ratio}; {data['identical_answers']}/{data['requests']} answers identical |"]
 
 
+def _benchmark_files(pattern: str) -> list[dict]:
+    """The JSON files under ``benchmarks/results/`` matching ``pattern``, in name order."""
+    return [json.loads(path.read_text()) for path in sorted(RESULTS.glob(pattern))]
+
+
 def build_rows() -> list[str]:
     rows = []
-    for path in sorted(RESULTS.glob("build-*.json")):
-        data = json.loads(path.read_text())
+    for data in _benchmark_files("build-*.json"):
         cost = data["cost"]
         memory = " / ".join(f"{m['peak_rss_mib']:.0f}" for m in data["memory"])
         prompts = " / ".join(str(m["prompts"]) for m in data["memory"])
@@ -56,8 +60,7 @@ def build_rows() -> list[str]:
 
 def learned_rows() -> list[str]:
     rows = []
-    for path in sorted(RESULTS.glob("learned-*.json")):
-        data = json.loads(path.read_text())
+    for data in _benchmark_files("learned-*.json"):
         setting = f"{data['instruction']}, {data['n_train']} questions, layer {data['layer']}, {data['torch_threads']} thread(s)"
         measured = f"{data['total_seconds']:,.0f} s (targets {data['targets_seconds']:,.0f} s, {data['steps']} steps × {data['seconds_per_step']} s)"
         note = f"peak {data['peak_rss_mib']:,.0f} MiB; {data['parameters_with_grad_buffers']} model parameters with gradient buffers"
@@ -67,8 +70,7 @@ def learned_rows() -> list[str]:
 
 def reuse_rows() -> list[str]:
     rows = []
-    for path in sorted(RESULTS.glob("reuse-*.json")):
-        data = json.loads(path.read_text())
+    for data in _benchmark_files("reuse-*.json"):
         seconds, requests = data["seconds"], data["requests"]
         setting = (
             f"{data['tasks']}, {sum(requests['documents'].values())} documents ({sum(requests['reused'].values())} requests reused), "

@@ -556,12 +556,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="baseline run: a label, a RUN path, or another results path (default: the first RUN); "
         "repeat it, once per model, to compare runs of several models each against its own model's baseline",
     )
-    parser.add_argument(
-        "--label",
-        action="append",
-        metavar="LABEL",
-        help="row label of each RUN, repeated once per RUN in order (default: model [vector file stems, route])",
-    )
+    parser.add_argument("--label", action="append", metavar="LABEL", help="row label of each RUN, repeated once per RUN in order (default: model [vector file stems, route])")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="writes DIR/leaderboard.{md,csv,png}")
     parser.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to show, in this order (default: every task of the runs)")
     parser.add_argument(
