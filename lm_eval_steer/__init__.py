@@ -4,4 +4,4 @@ Heavy modules (torch, transformers, the harness) load only when used: ``import l
 stays cheap because the start-up hook imports it in every lm-eval process.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
