@@ -8,7 +8,6 @@ and 4 GB); the ``hf`` baseline wraps the same loaded weights, so any difference 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,6 @@ from lm_eval_steer.runtime.model import SteeredHFLM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qwen]
 QWEN = models.MODELS[models.QWEN_CODER]
-SHIPPED_FORMAT = Path(__file__).resolve().parents[1] / "vectors" / "qwen2.5-coder-0.5b-format-both.safetensors"
 QWEN_SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
 
 
@@ -66,10 +64,10 @@ def test_steered_greedy_generation_is_the_same_with_and_without_kv_cache(qwen):
     assert torch.equal(with_cache, without_cache)
 
 
-def test_the_shipped_format_file_steers_only_the_instructions_it_has_vectors_for(qwen, plain):
-    # The shipped file has learned (add-mode) entries for english_lowercase and title, difference-of-means
-    # (project-mode) ones for end_checker, and none for constrained_response.
-    shipped = SteeredHFLM(pretrained=qwen.model, tokenizer=qwen.tokenizer, vectors=str(SHIPPED_FORMAT), batch_size=4)
+def test_the_recommended_file_steers_only_the_instructions_it_has_vectors_for(qwen, plain):
+    # The packaged file (found by name) has learned (add-mode) entries for english_lowercase and title,
+    # difference-of-means (project-mode) ones for end_checker, and none for constrained_response.
+    shipped = SteeredHFLM(pretrained=qwen.model, tokenizer=qwen.tokenizer, vectors="qwen2.5-coder-0.5b-instruct", batch_size=4)
     prompt = chat(shipped, "Write a short note to a friend.")
     generation = {"until": [], "max_gen_toks": 12, "do_sample": False}
     docs = [{"instruction_id_list": [ids], "kwargs": [{}]} for ids in ("change_case:english_lowercase", "detectable_format:title", "startend:end_checker", "detectable_format:constrained_response")]
