@@ -163,6 +163,7 @@ class _BatchState:
         self.prompt_lengths = None if prompt_lengths is None else torch.tensor(list(prompt_lengths))
         self.skip_first_token = skip_first_token
         self.attention_mask: torch.Tensor | None = None
+        self.batch_prompt_lengths: torch.Tensor | None = None  # per batch row (rows repeated), this forward call
         self.chunk_length = 0
         self.repeat = 1
         self._masks: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -179,12 +180,13 @@ class _BatchState:
         if self.prompt_lengths is None:
             self.prompt_lengths = torch.full((self.num_rows,), attention_mask.shape[1])
         self.attention_mask = attention_mask
+        self.batch_prompt_lengths = self.prompt_lengths.repeat_interleave(self.repeat)
         self.chunk_length = chunk_length
         self._masks = {}
         if self.stops is not None:
             if tokens.dim() != 2:  # embeddings are [batch, seq, hidden]
                 raise SteeringError("an entry with stop_after needs the model's input_ids (it was given inputs_embeds)")
-            self.stops.observe(tokens.cpu(), attention_mask.cpu(), self.prompt_lengths.repeat_interleave(self.repeat))
+            self.stops.observe(tokens.cpu(), attention_mask.cpu(), self.batch_prompt_lengths)
 
     def mask(self, op: _Op, device: torch.device) -> torch.Tensor:
         """Where ``op`` steers in this chunk: its positions, less the rows' stopped columns (by a
@@ -193,18 +195,17 @@ class _BatchState:
         if self.stops is not None and any(op.stops):
             mask = mask & self.stops.steered(op.stops, self.chunk_length).to(device)
         if op.token_limits is not None:
-            assert self.attention_mask is not None and self.prompt_lengths is not None
-            prompt_lengths = self.prompt_lengths.repeat_interleave(self.repeat)
-            mask = mask & interventions.answer_window_mask(self.attention_mask, prompt_lengths, self.chunk_length, op.token_limits).to(device)
+            assert self.attention_mask is not None and self.batch_prompt_lengths is not None
+            mask = mask & interventions.answer_window_mask(self.attention_mask, self.batch_prompt_lengths, self.chunk_length, op.token_limits).to(device)
         return mask
 
     def _position_mask(self, positions: str, device: torch.device) -> torch.Tensor:
         key = (positions, device)
         if key not in self._masks:
-            assert self.attention_mask is not None and self.prompt_lengths is not None
+            assert self.attention_mask is not None and self.batch_prompt_lengths is not None
             mask = interventions.position_mask(
                 self.attention_mask,
-                self.prompt_lengths.repeat_interleave(self.repeat),
+                self.batch_prompt_lengths,
                 self.chunk_length,
                 positions,
                 self.skip_first_token,
@@ -246,7 +247,7 @@ def _placed_ops(ops: list[_Op], device: torch.device, dtype: torch.dtype, repeat
             vectors=op.vectors.repeat_interleave(repeat, 0).to(device, dtype if op.mode == "add" else torch.float32),
             strengths=op.strengths.repeat_interleave(repeat, 0).to(device, torch.float32),
             stops=[stop for stop in op.stops for _ in range(repeat)],
-            token_limits=None if op.token_limits is None else op.token_limits.repeat_interleave(repeat, 0),
+            token_limits=None if op.token_limits is None else op.token_limits.repeat_interleave(repeat, 0).to(device),
         )
         for op in ops
     ]
