@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from lm_eval_steer.core.errors import brief
-from lm_eval_steer.runtime.hooks import find_decoder_layers, text_config
+from lm_eval_steer.runtime.hooks import decoder_config, find_decoder_layers, text_config
 from lm_eval_steer.runtime.vectorfile import VectorFile, VectorFileError
 
 
@@ -44,8 +44,7 @@ class ModelShape:
         """The decoder's shape in a transformers config, or in its ``config.json`` read as a dict (a
         multimodal config keeps the decoder in ``text_config``); None when it does not give both sizes
         as integers."""
-        read = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-        decoder = read("text_config") or config
+        decoder = (config.get("text_config") or config) if isinstance(config, dict) else decoder_config(config)
         read = decoder.get if isinstance(decoder, dict) else lambda key: getattr(decoder, key, None)
         hidden, layers = read("hidden_size"), read("num_hidden_layers")
         if all(isinstance(size, int) and not isinstance(size, bool) for size in (hidden, layers)):
