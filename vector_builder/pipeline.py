@@ -61,17 +61,15 @@ def _chosen_entry(target: prompts.Target, direction: Direction, result: search.T
         return None
     chosen = result.candidate(result.chosen)
     assert chosen.layer is not None and chosen.strength is not None
-    candidate = search.Candidate(chosen.layer, chosen.multiplier, chosen.stop_after_tokens)
-    return _entry(target, direction, candidate, chosen.strength, settings, result.rule_points)
+    return _entry(target, direction, chosen.as_candidate(), chosen.strength, settings, result.rule_points)
 
 
 def _pooled_entry(target: prompts.Target, direction: Direction, pooled: search.TargetResult, settings: search.SearchSettings) -> SteeringEntry | None:
     """The pooled choice's layer and multiplier, at the strength of this target's own direction."""
     if pooled.chosen is None:
         return None
-    chosen = pooled.candidate(pooled.chosen)
-    assert chosen.layer is not None
-    candidate = search.Candidate(chosen.layer, chosen.multiplier, chosen.stop_after_tokens)
+    candidate = pooled.candidate(pooled.chosen).as_candidate()
+    assert candidate.layer is not None
     return _entry(target, direction, candidate, search.strength_of(target, direction, candidate, settings.strength_base), settings)
 
 

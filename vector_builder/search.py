@@ -106,6 +106,10 @@ class CandidateResult:
     def n_degenerate(self) -> int:
         return sum(self.degenerate)
 
+    def as_candidate(self) -> Candidate:
+        """The candidate these results are of (its layer, multiplier and token stop rule)."""
+        return Candidate(self.layer, self.multiplier, self.stop_after_tokens)
+
 
 @dataclass
 class TargetResult:
