@@ -15,6 +15,7 @@ from safetensors import safe_open
 from lm_eval_steer.runtime.routing import entries_for_document
 from lm_eval_steer.runtime.vectorfile import load_vector_file
 from vector_builder import BuildSettings, Validation, build, report, search
+from vector_builder.cli import print_summary
 from vector_builder.methods import pick
 from vector_builder.methods.learned import LearnedSettings, stage
 from vector_builder.methods.learned.targets import TargetSettings
@@ -321,7 +322,7 @@ def test_resume_with_other_guards_reuses_the_checkpoint_and_equals_a_fresh_build
         run_build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True, **{**kwargs, "search": replace(SEARCH, max_repetition=0.3)})
 
 
-def test_a_build_searches_token_stop_rules_and_writes_the_chosen_one(tiny, tmp_path):
+def test_a_build_searches_token_stop_rules_and_writes_the_chosen_one(tiny, tmp_path, capsys):
     """``--stop-after-tokens``: every candidate is also tried steering only its first N answer tokens;
     the chosen candidate's rule becomes its entry's ``stop_after_tokens``."""
     model, tokenizer = tiny
@@ -339,6 +340,12 @@ def test_a_build_searches_token_stop_rules_and_writes_the_chosen_one(tiny, tmp_p
     assert chosen, "the hash scorer should make at least one candidate win"
     for entry in load_vector_file(out).entries:
         assert entry.stop_after_tokens == chosen[entry.name]["stop_after_tokens"]
+    # the printed summary names the chosen rule beside layer and strength
+    print_summary(result)
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.split()[0] in chosen}
+    for name, candidate in chosen.items():
+        rule = candidate["stop_after_tokens"]
+        assert (f"first {rule} tokens" in lines[name]) == (rule is not None), lines[name]
 
 
 def test_token_stop_rules_must_be_distinct_positive_and_below_the_answer_length():

@@ -165,7 +165,8 @@ def print_summary(result: BuildResult) -> None:
     for name, outcome in result.results.items():
         chosen = outcome.candidate(outcome.chosen) if outcome.chosen else None
         strength = f"strength {chosen.strength:.3g}" if chosen is not None and chosen.strength is not None else f"multiplier {chosen.multiplier:g}" if chosen else ""
-        summary = "no steering (left out)" if chosen is None else f"layer {chosen.layer}, {strength}, val {chosen.score:.2f}"
+        stop = "" if chosen is None or chosen.stop_after_tokens is None else f", first {chosen.stop_after_tokens} tokens"
+        summary = "no steering (left out)" if chosen is None else f"layer {chosen.layer}, {strength}{stop}, val {chosen.score:.2f}"
         print(f"{name:55s} unsteered {outcome.candidates[0].score:.2f} -> {summary}")
     kept = {name: method for name, method in result.methods.items() if method is not None}
     if kept:
