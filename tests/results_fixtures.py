@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lm_eval_steer.runtime.harness import logged_doc_hash
+
 DATE = "2025-01-01T12-00-00.000000"
 
 # (value, stderr) per metric; stderr None is written as lm-eval's "N/A".
@@ -140,9 +142,11 @@ def ifeval_sample(doc_id: int, followed: Mapping[str, bool], strict: Mapping[str
     ids = list(followed)
     strict = strict if strict is not None else followed
     answer = {} if response is None else {"arguments": [[f"prompt {doc_id}", {"max_gen_toks": 192}]], "resps": [[response]], "filtered_resps": [response]}
+    doc = {"key": 1000 + doc_id, "prompt": "...", "instruction_id_list": ids, "kwargs": [{} for _ in ids]}
     return {
         "doc_id": doc_id,
-        "doc": {"key": 1000 + doc_id, "prompt": "...", "instruction_id_list": ids, "kwargs": [{} for _ in ids]},
+        "doc": doc,
+        "doc_hash": logged_doc_hash(doc),
         "target": "0",
         "filter": "none",
         "metrics": ["prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc"],

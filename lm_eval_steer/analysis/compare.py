@@ -9,7 +9,9 @@ several models go on one leaderboard with one ``--baseline`` per model: each run
 against the baseline of its own model. Runs that differ in task version,
 ``--limit``, generation settings or chat template, and runs that reused unsteered answers
 (``unsteered_from=``) from another baseline than the one they are compared with, are listed under
-"Warnings" instead of being compared silently. When samples were logged (``--log_samples``), a per-instruction breakdown follows.
+"Warnings" instead of being compared silently. When samples were logged (``--log_samples``), a per-instruction breakdown follows, and for
+steered runs the accuracy of the instructions that share a steered prompt without an entry of their
+own (:mod:`~lm_eval_steer.analysis.unserved`).
 
 No accuracy without its cost: from the logged answers (:mod:`~lm_eval_steer.analysis.fluency`),
 every accuracy cell also shows the run's degenerate share on its task and the change against the
@@ -45,6 +47,7 @@ from lm_eval_steer.analysis.results import (
     steering_description,
 )
 from lm_eval_steer.analysis.tables import combined_stderr, format_value, markdown_table
+from lm_eval_steer.analysis.unserved import RecordedRouting, compare_unserved, outcomes_by_document, unserved_outcomes
 from lm_eval_steer.core.atomic import atomic_write, write_text
 from lm_eval_steer.core.console import fail
 
@@ -402,6 +405,40 @@ def breakdown_table(logged: Sequence[Run], baselines: Sequence[Run], per_run: di
     return markdown_table(["instruction", *(f"{run.label} (n)" for run in logged)], rows)
 
 
+def unserved_section(runs: Sequence[Run], baselines: Sequence[Run], metrics: Sequence[str], tasks: Sequence[str]) -> list[str]:
+    """Markdown lines: per task and steered run, the instructions of its steered documents that had no
+    entry of their own, followed by the run and by its baseline on the same documents
+    (:mod:`~lm_eval_steer.analysis.unserved`); nothing when no run has such instructions."""
+    rows = []
+    for task in dict.fromkeys(tasks):
+        for run in runs:
+            baseline, routing = baseline_of(run, baselines), RecordedRouting.of(run.steering)
+            if is_baseline(run, baselines) or baseline is None or routing is None or task not in run.sample_files or task not in baseline.sample_files:
+                continue
+            run_samples, baseline_samples = read_samples(run.sample_files[task]), read_samples(baseline.sample_files[task])
+            for metric in breakdown_metrics(metrics):
+                tally = compare_unserved(unserved_outcomes(run_samples, routing, metric), outcomes_by_document(baseline_samples, metric))
+                if tally is not None:
+                    stderr = "" if tally.delta_stderr is None else f" ± {tally.delta_stderr:.3f}"
+                    rows.append(
+                        [task, short_metric(metric), run.label, str(tally.documents), str(tally.instructions), f"{tally.baseline_accuracy:.3f}",
+                         f"{tally.accuracy:.3f} (Δ {tally.delta:+.3f}{stderr})", f"+{tally.gained} / −{tally.lost}"]
+                    )
+    if not rows:
+        return []
+    table = markdown_table(["task", "metric", "run", "steered documents", "unserved instructions", "baseline", "run", "gained / lost"], rows)
+    return ["", "## Instructions without an entry, in steered prompts", "", UNSERVED_LEGEND, "", table]
+
+
+#: What the unserved-instructions table shows, printed above it.
+UNSERVED_LEGEND = (
+    "A steered document's instructions that no entry of the run serves (routed again from the run's recorded "
+    "steering), and how often the run and its baseline follow them on the same documents: the cost of "
+    "steering one instruction to the others in its prompt. Δ ± the paired standard error, each instruction "
+    "counted as independent; gained / lost: instructions followed by the run and not the baseline, and the reverse."
+)
+
+
 def _reference_counts(run: Run, baselines: Sequence[Run], per_run: dict[str, dict[str, tuple[int, int]]]) -> dict[str, tuple[int, int]]:
     """The per-instruction counts of ``run``'s baseline (empty when it has none or it logged no samples)."""
     baseline = baseline_of(run, baselines)
@@ -456,6 +493,7 @@ def render_markdown(
     breakdown = breakdown_section(runs, baselines, metrics, [task for task, _ in columns])
     if breakdown:
         lines += ["", "## Per-instruction accuracy (from logged samples)", *breakdown]
+    lines += unserved_section(runs, baselines, metrics, [task for task, _ in columns])
     return "\n".join(lines) + "\n"
 
 
