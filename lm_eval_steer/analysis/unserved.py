@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lm_eval_steer.runtime.routing import match_kwargs
-from lm_eval_steer.runtime.vectorfile import AppliesTo
+from lm_eval_steer.runtime.routing import instruction_kwargs, serves_instruction
+from lm_eval_steer.runtime.vectorfile import AppliesTo, VectorFileError, parse_applies_to
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,11 @@ class RecordedRouting:
         applies: list[AppliesTo | None] = []
         for vector_file in steering.get("vector_files") or []:
             for entry in (vector_file.get("entries") if isinstance(vector_file, Mapping) else None) or []:
-                raw = entry.get("applies_to") if isinstance(entry, Mapping) else None
-                if raw is None:
-                    applies.append(None)
-                elif isinstance(raw, Mapping) and isinstance(raw.get("instruction_id"), str) and isinstance(raw.get("kwargs", {}), Mapping):
-                    applies.append(AppliesTo(instruction_id=raw["instruction_id"], kwargs=dict(raw.get("kwargs", {}))))
-                else:
+                if not isinstance(entry, Mapping):
+                    return None
+                try:
+                    applies.append(parse_applies_to(entry.get("applies_to"), "config.steering", str(entry.get("name"))))
+                except VectorFileError:
                     return None
         return cls(steering["route"], tuple(applies))
 
@@ -53,14 +52,13 @@ class RecordedRouting:
 def served_instructions(doc: Mapping[str, Any], routing: RecordedRouting) -> list[bool] | None:
     """Per instruction of ``doc`` (in ``instruction_id_list`` order): whether an applied entry is for
     it; None when no entry applies to the document (it was not steered)."""
-    ids = doc.get("instruction_id_list") or []
-    all_kwargs = doc.get("kwargs") or []
     if routing.route == "none" or not routing.applies:
         return None
-    served = []
-    for index, instruction_id in enumerate(ids):
-        one = {"instruction_id_list": [instruction_id], "kwargs": [all_kwargs[index] if index < len(all_kwargs) else {}]}
-        served.append(any(applies is not None and match_kwargs(applies, one) is not None for applies in routing.applies))
+    served = [
+        any(applies is not None and serves_instruction(applies, instruction_id, kwargs) for applies in routing.applies)
+        for instruction_id, kwargs in instruction_kwargs(doc)
+    ]
+    # The route rules of routing.entries_for_document, on applies_to records instead of entries.
     if routing.route == "all":
         return served
     steered = any(served) or any(applies is None for applies in routing.applies)

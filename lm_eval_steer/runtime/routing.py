@@ -44,19 +44,24 @@ def _value_matches(wanted: Any, given: Any) -> bool:
     return wanted == given
 
 
-def _instruction_kwargs(doc: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+def instruction_kwargs(doc: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     """``[(instruction_id, its kwargs), ...]`` of an IFEval-style document (kwargs may be missing)."""
     ids = doc.get("instruction_id_list") or []
     kwargs = doc.get("kwargs") or []
     return [(instruction_id, (kwargs[i] if i < len(kwargs) and isinstance(kwargs[i], Mapping) else {}) or {}) for i, instruction_id in enumerate(ids)]
 
 
+def serves_instruction(applies_to: AppliesTo, instruction_id: str, kwargs: Mapping[str, Any]) -> bool:
+    """Whether an entry with ``applies_to`` serves one instruction of a document (its id and kwargs)."""
+    return instruction_id == applies_to.instruction_id and all(
+        key in kwargs and kwargs[key] is not None and _value_matches(value, kwargs[key]) for key, value in applies_to.kwargs.items()
+    )
+
+
 def match_kwargs(applies_to: AppliesTo, doc: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     """The kwargs of the document's matching instruction, or ``None`` if the entry does not apply."""
-    for instruction_id, kwargs in _instruction_kwargs(doc or {}):
-        if instruction_id != applies_to.instruction_id:
-            continue
-        if all(key in kwargs and kwargs[key] is not None and _value_matches(value, kwargs[key]) for key, value in applies_to.kwargs.items()):
+    for instruction_id, kwargs in instruction_kwargs(doc or {}):
+        if serves_instruction(applies_to, instruction_id, kwargs):
             return kwargs
     return None
 

@@ -255,6 +255,12 @@ def _parse_applies_to(raw: Any, check: _Checker, name: str) -> AppliesTo | None:
     )
 
 
+def parse_applies_to(raw: Any, source: str, entry: str) -> AppliesTo | None:
+    """An entry's ``applies_to`` JSON (as a vector file holds it, or as a results file records it) under
+    the file format's rules; a :class:`VectorFileError` naming ``source`` and ``entry`` otherwise."""
+    return _parse_applies_to(raw, _Checker(source), entry)
+
+
 def _parse_stop_after(raw: Any, check: _Checker, name: str) -> tuple[str, ...]:
     """``stop_after``: a list of up to :data:`MAX_STOP_STRINGS` non-blank strings (case is ignored)."""
     if not isinstance(raw, list) or len(raw) > MAX_STOP_STRINGS:
