@@ -1,5 +1,6 @@
 """Entries with ``stop_after`` stop steering a row once its generated text contains a stop string;
-entries with ``stop_after_tokens`` once that many answer tokens were computed under them."""
+entries with ``stop_after_tokens`` once that many answer tokens were computed under them; entries
+with ``start_after_tokens`` start only after that many answer tokens were written unsteered."""
 
 from __future__ import annotations
 
@@ -151,11 +152,23 @@ def counted_kick(stop_after_tokens: int, positions: str = "all", strength: float
 def test_the_answer_window_counts_from_the_prompt_end_in_whole_passes_and_chunks():
     attention = torch.tensor([[1] * 7, [0] + [1] * 6])  # row 1 is left-padded: its prompt still ends at column 3
     prompt = torch.tensor([3, 3])
-    full = interventions.answer_window_mask(attention, prompt, 7, torch.tensor([2, 1]))
+    no_start = torch.zeros(2, dtype=torch.long)
+    full = interventions.answer_window_mask(attention, prompt, 7, no_start, torch.tensor([2, 1]))
     assert full.tolist() == [[True] * 4 + [False] * 3, [True] * 3 + [False] * 4]  # t < 3 + n - 1
-    stepwise = torch.cat([interventions.answer_window_mask(attention[:, : column + 1], prompt, 1, torch.tensor([2, 1])) for column in range(7)], dim=1)
+    stepwise = torch.cat([interventions.answer_window_mask(attention[:, : column + 1], prompt, 1, no_start, torch.tensor([2, 1])) for column in range(7)], dim=1)
     assert torch.equal(stepwise, full), "one column at a time (the KV cache) gives the same window"
-    assert interventions.answer_window_mask(attention, prompt, 2, torch.tensor([2, 10])).tolist() == [[False, False], [True, True]]
+    assert interventions.answer_window_mask(attention, prompt, 2, no_start, torch.tensor([2, 10])).tolist() == [[False, False], [True, True]]
+
+
+def test_a_delayed_start_leaves_the_prompt_and_the_first_k_answer_tokens_alone():
+    attention = torch.ones(2, 8, dtype=torch.long)
+    prompt = torch.tensor([3, 3])
+    starts, stops = torch.tensor([1, 2]), torch.tensor([1 << 40, 4])
+    full = interventions.answer_window_mask(attention, prompt, 8, starts, stops)
+    # row 0: 3 + 1 - 1 <= t (the pass reading token 0 on); row 1: 3 + 2 - 1 <= t < 3 + 4 - 1
+    assert full.tolist() == [[False] * 3 + [True] * 5, [False] * 4 + [True] * 2 + [False] * 2]
+    stepwise = torch.cat([interventions.answer_window_mask(attention[:, : column + 1], prompt, 1, starts, stops) for column in range(8)], dim=1)
+    assert torch.equal(stepwise, full), "one column at a time (the KV cache) gives the same window"
 
 
 def test_generation_steers_exactly_the_first_n_answer_tokens(model):
@@ -186,6 +199,36 @@ def test_token_limited_rows_share_a_batch_with_plain_and_string_stopped_rows(mod
         assert batched[i, 6:].tolist() == greedy(model, prompts[i : i + 1], [rows[i]]), f"row {i} differs from its single run"
 
 
+def started_kick(start_after_tokens: int, stop_after_tokens: int | None = None, strength: float = 30.0) -> SteeringEntry:
+    return dataclasses.replace(kick(strength=strength), start_after_tokens=start_after_tokens, stop_after_tokens=stop_after_tokens)
+
+
+def test_generation_with_a_delayed_start_writes_the_first_k_tokens_unsteered(model):
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    unsteered, always = greedy(model, ids, [[]]), greedy(model, ids, [[kick()]])
+    assert unsteered[0] != always[0], "the kick must change the first token for this test to mean anything"
+    # start 1: the pass that reads answer token 0 is the first steered one, exactly positions=generated
+    assert greedy(model, ids, [[started_kick(1)]]) == greedy(model, ids, [[kick("generated")]])
+    changed = 0
+    for k in (2, 4):
+        with_cache = greedy(model, ids, [[started_kick(k)]])
+        assert with_cache == greedy(model, ids, [[started_kick(k)]], use_cache=False)
+        assert with_cache[:k] == unsteered[:k]
+        changed += with_cache != unsteered
+    assert changed, "steering must really start"
+    window = greedy(model, ids, [[started_kick(2, 4)]])
+    assert window[:2] == unsteered[:2] and window == greedy(model, ids, [[started_kick(2, 4)]], use_cache=False)
+
+
+def test_delayed_rows_share_a_batch_with_plain_and_token_limited_rows(model):
+    prompts = torch.randint(1, VOCAB, (4, 6), generator=torch.Generator().manual_seed(8))
+    rows = [[started_kick(2)], [kick(strength=5.0)], [started_kick(3, 6), kick(strength=5.0)], [counted_kick(2), started_kick(1, strength=-20.0)]]
+    with steering(model, rows, decode=as_text):
+        batched = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    for i in range(4):
+        assert batched[i, 6:].tolist() == greedy(model, prompts[i : i + 1], [rows[i]]), f"row {i} differs from its single run"
+
+
 def test_stop_rules_off_drops_both_rules_and_the_rules_key_the_route():
     from lm_eval_steer.runtime.routing import Overrides, apply_overrides, route_key
 
@@ -195,3 +238,6 @@ def test_stop_rules_off_drops_both_rules_and_the_rules_key_the_route():
     on = apply_overrides(entry, Overrides())
     assert (on.stop_after, on.stop_after_tokens) == (("mom",), 8)
     assert route_key([on]) != route_key([dataclasses.replace(on, stop_after_tokens=9)])
+    assert route_key([on]) != route_key([dataclasses.replace(on, start_after_tokens=2)])
+    delayed = apply_overrides(dataclasses.replace(entry, start_after_tokens=2), Overrides(stop_rules=False))
+    assert delayed.start_after_tokens == 2, "a delayed start is not a stop rule: stop_rules=off keeps it"

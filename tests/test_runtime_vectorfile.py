@@ -44,7 +44,7 @@ def test_round_trip_keeps_every_field_and_extra_metadata(tmp_path):
     rule = StrengthRule("num_sentences", ((1.0, 8.0), (5.0, 2.0)))
     entries = [
         SteeringEntry("fmt", torch.arange(HIDDEN, dtype=torch.float32), 2, "project", 3.5, "generated", AppliesTo("change_case:english_lowercase")),
-        SteeringEntry("len", torch.ones(HIDDEN), 1, "add", -2.0, "all", AppliesTo("length_constraints:number_sentences", {}, rule), stop_after_tokens=48),
+        SteeringEntry("len", torch.ones(HIDDEN), 1, "add", -2.0, "all", AppliesTo("length_constraints:number_sentences", {}, rule), stop_after_tokens=48, start_after_tokens=4),
         SteeringEntry("kw", torch.ones(HIDDEN), 3, "add", 4.0, "prompt", AppliesTo("keywords:existence", {"keywords": ["barbarians"]}), ("barbarians",)),
         SteeringEntry("everyone", torch.ones(HIDDEN), 0, "ablate", 0.0, "all", None),
     ]
@@ -59,6 +59,7 @@ def test_round_trip_keeps_every_field_and_extra_metadata(tmp_path):
     assert loaded.entry("len").applies_to.strength_rule.strength_for(3.0) == pytest.approx(5.0)
     assert loaded.entry("kw").stop_after == ("barbarians",) and "stop_after" not in loaded.entry("fmt").to_json()
     assert loaded.entry("len").stop_after_tokens == 48 and "stop_after_tokens" not in loaded.entry("fmt").to_json()
+    assert loaded.entry("len").start_after_tokens == 4 and "start_after_tokens" not in loaded.entry("fmt").to_json()
     assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
     umask = os.umask(0)
     os.umask(umask)
@@ -109,6 +110,10 @@ BAD_FILES = {
     "stop_after_tokens float": ([good_entry(stop_after_tokens=2.5)], None, {}, "stop_after_tokens must be an integer"),
     "stop_after_tokens bool": ([good_entry(stop_after_tokens=True)], None, {}, "stop_after_tokens must be an integer"),
     "stop_after_tokens huge": ([good_entry(stop_after_tokens=10**30)], None, {}, "stop_after_tokens must be an integer up to 1048576"),
+    "start_after_tokens zero": ([good_entry(start_after_tokens=0)], None, {}, "entry 'fmt': start_after_tokens must be at least 1, got 0"),
+    "start_after_tokens float": ([good_entry(start_after_tokens=1.5)], None, {}, "start_after_tokens must be an integer"),
+    "start_after_tokens on the prompt": ([good_entry(start_after_tokens=4, positions="prompt")], None, {}, "start_after_tokens needs positions 'all' or 'generated'"),
+    "window closed before it opens": ([good_entry(start_after_tokens=8, stop_after_tokens=8)], None, {}, "stop_after_tokens (8) must be larger than start_after_tokens (8)"),
     "bad applies_to": ([good_entry(applies_to={"instruction": "x"})], None, {}, "unknown applies_to key(s) ['instruction']"),
     "bad strength rule": ([good_entry(applies_to={"instruction_id": "x", "strength_rule": {"kwarg": "n", "points": [[3, 1], [1, 2]]}})], None, {}, "strictly increasing"),
 }

@@ -58,6 +58,10 @@ def test_project_mode_and_bad_gguf_are_refused(vector_file, tmp_path):
     save_vector_file(counted, [SteeringEntry("n", torch.ones(8), 2, "add", 1.0, stop_after_tokens=32)], model="tiny-llama", hidden_size=8, num_layers=4)
     with pytest.raises(VectorFileError, match="entry 'n': stop_after_tokens cannot be exported: llama.cpp steers to the end"):
         export_gguf(counted, tmp_path / "x.gguf")
+    delayed = tmp_path / "delayed.safetensors"
+    save_vector_file(delayed, [SteeringEntry("k", torch.ones(8), 2, "add", 1.0, start_after_tokens=4)], model="tiny-llama", hidden_size=8, num_layers=4)
+    with pytest.raises(VectorFileError, match="entry 'k': start_after_tokens cannot be exported: llama.cpp steers from the first prompt token"):
+        export_gguf(delayed, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf at all")

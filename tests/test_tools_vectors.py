@@ -80,13 +80,14 @@ def test_an_unknown_name_through_the_lm_eval_cli_is_one_line_exit_2_before_any_l
     assert "vectors='smollm2-135m': no such file" in last and "packaged: qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct" in last
 
 
-def test_the_stop_rule_column_names_strings_and_token_counts():
+def test_the_window_rule_column_names_strings_and_token_counts():
     import torch
 
     from lm_eval_steer.runtime.vectorfile import SteeringEntry
-    from lm_eval_steer.tools.vectors import stop_rule
+    from lm_eval_steer.tools.vectors import window_rule
 
     vector = torch.ones(4)
-    assert stop_rule(SteeringEntry("a", vector, 1)) == "—"
-    assert stop_rule(SteeringEntry("b", vector, 1, stop_after=("mom", "dad"))) == "mom, dad"
-    assert stop_rule(SteeringEntry("c", vector, 1, stop_after=("mom",), stop_after_tokens=40)) == "mom; after 40 tokens"
+    assert window_rule(SteeringEntry("a", vector, 1)) == "—"
+    assert window_rule(SteeringEntry("b", vector, 1, stop_after=("mom", "dad"))) == "mom, dad"
+    assert window_rule(SteeringEntry("c", vector, 1, stop_after=("mom",), stop_after_tokens=40)) == "mom; after 40 tokens"
+    assert window_rule(SteeringEntry("d", vector, 1, stop_after_tokens=40, start_after_tokens=4)) == "from token 4; after 40 tokens"

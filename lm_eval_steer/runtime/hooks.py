@@ -11,7 +11,8 @@ mix documents that need different vectors at different layers. Positions are cla
 left padding and with the KV cache (each decoding step sees one new column). An entry with
 ``stop_after`` strings stops steering its row once the generated text contains one
 (:mod:`lm_eval_steer.runtime.stopping`; needs ``decode``); one with ``stop_after_tokens`` once that
-many answer tokens were computed under it (:func:`~lm_eval_steer.runtime.interventions.answer_window_mask`).
+many answer tokens were computed under it, and one with ``start_after_tokens`` only after that many
+answer tokens were written unsteered (:func:`~lm_eval_steer.runtime.interventions.answer_window_mask`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ KNOWN_LAYER_PATHS = (
 )
 
 
-#: ``_Op.token_limits`` of a row without ``stop_after_tokens``: beyond any column.
+#: ``_Op.windows`` stop of a row without ``stop_after_tokens``: beyond any column.
 NO_TOKEN_LIMIT = 1 << 40
 
 
@@ -108,15 +109,17 @@ class _Op:
     vectors: torch.Tensor  # [rows, hidden]: s·v for add (strength folded in), unit û otherwise
     strengths: torch.Tensor  # [rows]: ones for add, s for project, zeros for ablate
     stops: list[tuple[str, ...]]  # per row: the entry's stop_after strings (empty: never stops)
-    token_limits: torch.Tensor | None = None  # [rows]: stop_after_tokens (NO_TOKEN_LIMIT: none); None: no row has one
+    # [rows, 2]: per row (start_after_tokens or 0, stop_after_tokens or NO_TOKEN_LIMIT); None: no row has either
+    windows: torch.Tensor | None = None
 
 
 def compile_rows(rows: Sequence[Sequence[SteeringEntry]], hidden_size: int) -> dict[int, list[_Op]]:
     """Turns per-row entry lists into per-layer batched ops.
 
     Add-mode entries of one row at the same layer and positions are summed (addition commutes);
-    each project/ablate entry, and each entry that can stop (``stop_after`` or ``stop_after_tokens``),
-    gets its own op slot, applied in the order the entries are given.
+    each project/ablate entry, and each entry steered in part of the answer only (``stop_after``,
+    ``stop_after_tokens`` or ``start_after_tokens``), gets its own op slot, applied in the order the
+    entries are given.
     """
     slots: dict[tuple[int, str, str, bool, int], _Op] = {}
     for row, entries in enumerate(rows):
@@ -124,8 +127,8 @@ def compile_rows(rows: Sequence[Sequence[SteeringEntry]], hidden_size: int) -> d
         for entry in entries:
             if entry.vector.shape != (hidden_size,):
                 raise SteeringError(f"entry {entry.name!r} has shape {tuple(entry.vector.shape)}, the model's hidden size is {hidden_size}")
-            group = (entry.layer, entry.mode, entry.positions, entry.can_stop)
-            slot = 0 if entry.mode == "add" and not entry.can_stop else used.get(group, 0)
+            group = (entry.layer, entry.mode, entry.positions, entry.has_window)
+            slot = 0 if entry.mode == "add" and not entry.has_window else used.get(group, 0)
             used[group] = slot + 1
             key = (*group, slot)
             if key not in slots:
@@ -138,10 +141,10 @@ def compile_rows(rows: Sequence[Sequence[SteeringEntry]], hidden_size: int) -> d
                 )
             op = slots[key]
             op.stops[row] = entry.stop_after
-            if entry.stop_after_tokens is not None:
-                if op.token_limits is None:
-                    op.token_limits = torch.full((len(rows),), NO_TOKEN_LIMIT)
-                op.token_limits[row] = entry.stop_after_tokens
+            if entry.stop_after_tokens is not None or entry.start_after_tokens is not None:
+                if op.windows is None:
+                    op.windows = torch.tensor([[0, NO_TOKEN_LIMIT]]).repeat(len(rows), 1)
+                op.windows[row] = torch.tensor([entry.start_after_tokens or 0, entry.stop_after_tokens or NO_TOKEN_LIMIT])
             vector = entry.vector.to("cpu", torch.float32)  # ops are compiled on the CPU, placed per layer later
             if entry.mode == "add":
                 op.vectors[row] += entry.strength * vector
@@ -190,13 +193,15 @@ class _BatchState:
 
     def mask(self, op: _Op, device: torch.device) -> torch.Tensor:
         """Where ``op`` steers in this chunk: its positions, less the rows' stopped columns (by a
-        ``stop_after`` string or past ``stop_after_tokens``)."""
+        ``stop_after`` string) and the columns outside their answer window (``start_after_tokens``,
+        ``stop_after_tokens``)."""
         mask = self._position_mask(op.positions, device)
         if self.stops is not None and any(op.stops):
             mask = mask & self.stops.steered(op.stops, self.chunk_length).to(device)
-        if op.token_limits is not None:
+        if op.windows is not None:
             assert self.attention_mask is not None and self.batch_prompt_lengths is not None
-            mask = mask & interventions.answer_window_mask(self.attention_mask, self.batch_prompt_lengths, self.chunk_length, op.token_limits).to(device)
+            window = interventions.answer_window_mask(self.attention_mask, self.batch_prompt_lengths, self.chunk_length, op.windows[:, 0], op.windows[:, 1])
+            mask = mask & window.to(device)
         return mask
 
     def _position_mask(self, positions: str, device: torch.device) -> torch.Tensor:
@@ -247,7 +252,7 @@ def _placed_ops(ops: list[_Op], device: torch.device, dtype: torch.dtype, repeat
             vectors=op.vectors.repeat_interleave(repeat, 0).to(device, dtype if op.mode == "add" else torch.float32),
             strengths=op.strengths.repeat_interleave(repeat, 0).to(device, torch.float32),
             stops=[stop for stop in op.stops for _ in range(repeat)],
-            token_limits=None if op.token_limits is None else op.token_limits.repeat_interleave(repeat, 0).to(device),
+            windows=None if op.windows is None else op.windows.repeat_interleave(repeat, 0).to(device),
         )
         for op in ops
     ]

@@ -71,18 +71,26 @@ def position_mask(
     return keep[:, total - chunk_length :]
 
 
-def answer_window_mask(attention_mask: torch.Tensor, prompt_length: torch.Tensor, chunk_length: int, stop_after_tokens: torch.Tensor) -> torch.Tensor:
-    """Where a ``stop_after_tokens`` rule still lets a row be steered, as ``[batch, chunk_length]`` bool.
+def answer_window_mask(
+    attention_mask: torch.Tensor, prompt_length: torch.Tensor, chunk_length: int, start_after_tokens: torch.Tensor, stop_after_tokens: torch.Tensor
+) -> torch.Tensor:
+    """Where a row's answer window (``start_after_tokens``, ``stop_after_tokens``) lets it be steered,
+    as ``[batch, chunk_length]`` bool.
 
-    Column ``t`` of row ``b`` (``attention_mask [batch, total]``, the chunk its last ``chunk_length``
-    columns) is steered iff ``t < prompt_length[b] + n[b] − 1`` with ``n = stop_after_tokens [batch]``
-    (at least 1). Column ``prompt_length[b] + j`` reads the answer's token ``j`` and computes token
-    ``j + 1``, so the answer's first ``n[b]`` tokens are computed under steering and the pass that reads
-    token ``n[b] − 1`` is the first one left alone. Prompt columns are always inside the window. The
-    rule depends on column numbers only, so it is the same with or without the KV cache.
+    Column ``p + j`` of row ``b`` (``p = prompt_length[b]``) reads the answer's token ``j`` and computes
+    token ``j + 1``; column ``p − 1`` computes token 0. With ``k = start_after_tokens[b]`` and
+    ``n = stop_after_tokens[b]``, column ``t`` is steered iff ``lo ≤ t < p + n − 1``, where
+    ``lo = p + k − 1`` for ``k ≥ 1`` and ``lo = 0`` for ``k = 0`` (no delayed start). So the answer's
+    tokens ``k .. n − 1`` are computed under steering: the first ``k`` are written as unsteered (their
+    passes, and every prompt column, are left alone) and the pass that reads token ``n − 1`` is the first
+    one left alone after the window. ``attention_mask [batch, total]`` gives the column numbers (the
+    chunk is its last ``chunk_length`` columns); the rule depends on them only, so it is the same with
+    or without the KV cache.
     """
     total = attention_mask.shape[1]
     device = attention_mask.device
     columns = torch.arange(total - chunk_length, total, device=device)
-    ends = prompt_length.to(device) + stop_after_tokens.to(device) - 1
-    return columns[None, :] < ends[:, None]
+    prompt_length, starts, stops = prompt_length.to(device), start_after_tokens.to(device), stop_after_tokens.to(device)
+    lows = torch.where(starts > 0, prompt_length + starts - 1, torch.zeros_like(starts))
+    ends = prompt_length + stops - 1
+    return (columns[None, :] >= lows[:, None]) & (columns[None, :] < ends[:, None])

@@ -113,4 +113,4 @@ def route_key(entries: Sequence[SteeringEntry]) -> tuple[tuple[Any, ...], ...]:
     ``id(entry.vector)`` tells apart same-named entries of different files (resolved entries share
     their file's tensor).
     """
-    return tuple((id(entry.vector), entry.name, entry.layer, entry.mode, entry.strength, entry.positions, entry.stop_after, entry.stop_after_tokens) for entry in entries)
+    return tuple((id(entry.vector), entry.name, entry.layer, entry.mode, entry.strength, entry.positions, entry.stop_after, entry.stop_after_tokens, entry.start_after_tokens) for entry in entries)

@@ -40,8 +40,8 @@ FORMAT_VERSION = "lm-eval-steer/1"
 MODES = ("add", "project", "ablate")
 POSITIONS = ("all", "prompt", "generated")
 FILE_KEYS = frozenset({"format", "model", "hidden_size", "num_layers", "entries"})
-ENTRY_KEYS = frozenset({"name", "layer", "mode", "strength", "positions", "applies_to", "stop_after", "stop_after_tokens"})
-OPTIONAL_ENTRY_KEYS = frozenset({"applies_to", "stop_after", "stop_after_tokens"})
+ENTRY_KEYS = frozenset({"name", "layer", "mode", "strength", "positions", "applies_to", "stop_after", "stop_after_tokens", "start_after_tokens"})
+OPTIONAL_ENTRY_KEYS = frozenset({"applies_to", "stop_after", "stop_after_tokens", "start_after_tokens"})
 APPLIES_TO_KEYS = frozenset({"instruction_id", "kwargs", "strength_rule"})
 STRENGTH_RULE_KEYS = frozenset({"kwarg", "points"})
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -55,7 +55,7 @@ MAX_JSON_DEPTH = 16
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 #: Bounds on an entry's ``stop_after`` list: how many strings, and how long each may be.
 MAX_STOP_STRINGS, MAX_STOP_LENGTH = 16, 200
-#: Largest ``stop_after_tokens``: longer than any answer a harness task asks for.
+#: Largest ``stop_after_tokens`` and ``start_after_tokens``: longer than any answer a harness task asks for.
 MAX_STOP_TOKENS = 1 << 20
 #: Bounds on the model shape a file may claim (a hostile ``hidden_size`` must not size anything).
 MAX_HIDDEN_SIZE, MAX_LAYERS = 1 << 20, 1 << 16
@@ -128,6 +128,7 @@ class SteeringEntry:
     applies_to: AppliesTo | None = None
     stop_after: tuple[str, ...] = ()  # a row stops being steered once its generated text contains one of these
     stop_after_tokens: int | None = None  # ... or once this many answer tokens were generated under it
+    start_after_tokens: int | None = None  # steering starts only once the answer's first this many tokens were written unsteered
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -142,12 +143,20 @@ class SteeringEntry:
             out["stop_after"] = list(self.stop_after)
         if self.stop_after_tokens is not None:
             out["stop_after_tokens"] = self.stop_after_tokens
+        if self.start_after_tokens is not None:
+            out["start_after_tokens"] = self.start_after_tokens
         return out
 
     @property
     def can_stop(self) -> bool:
         """Whether a stop rule (``stop_after`` strings or ``stop_after_tokens``) may end its steering early."""
         return bool(self.stop_after) or self.stop_after_tokens is not None
+
+    @property
+    def has_window(self) -> bool:
+        """Whether a rule (a stop rule or ``start_after_tokens``) steers only part of the answer, so
+        that the entry cannot share a summed add op with entries steered throughout."""
+        return self.can_stop or self.start_after_tokens is not None
 
 
 @dataclass(frozen=True)
@@ -320,9 +329,12 @@ def _parse_entry(raw: Any, tensor: torch.Tensor | None, hidden_size: int, num_la
     strength = check.number(raw["strength"], "strength", name)
     applies_to = _parse_applies_to(raw.get("applies_to"), check, name)
     stop_after = _parse_stop_after(raw.get("stop_after", []), check, name)
-    stop_after_tokens = None if raw.get("stop_after_tokens") is None else check.integer(raw["stop_after_tokens"], "stop_after_tokens", name, upper=MAX_STOP_TOKENS)
-    if stop_after_tokens is not None and stop_after_tokens < 1:
-        raise check.fail(f"stop_after_tokens must be at least 1, got {stop_after_tokens}", name)
+    stop_after_tokens = _token_count(raw, "stop_after_tokens", check, name)
+    start_after_tokens = _token_count(raw, "start_after_tokens", check, name)
+    if start_after_tokens is not None and positions == "prompt":
+        raise check.fail("start_after_tokens needs positions 'all' or 'generated': a prompt-only entry never reaches the answer", name)
+    if start_after_tokens is not None and stop_after_tokens is not None and stop_after_tokens <= start_after_tokens:
+        raise check.fail(f"stop_after_tokens ({stop_after_tokens}) must be larger than start_after_tokens ({start_after_tokens}), or nothing is steered", name)
     vector = _checked_vector(tensor, mode, _strengths(strength, applies_to), check, name)
     return SteeringEntry(
         name=name,
@@ -334,7 +346,18 @@ def _parse_entry(raw: Any, tensor: torch.Tensor | None, hidden_size: int, num_la
         applies_to=applies_to,
         stop_after=stop_after,
         stop_after_tokens=stop_after_tokens,
+        start_after_tokens=start_after_tokens,
     )
+
+
+def _token_count(raw: Mapping[str, Any], key: str, check: _Checker, name: str) -> int | None:
+    """The entry's optional answer-token count ``key`` (absent or null: None), at least 1."""
+    if raw.get(key) is None:
+        return None
+    count = check.integer(raw[key], key, name, upper=MAX_STOP_TOKENS)
+    if count < 1:
+        raise check.fail(f"{key} must be at least 1, got {count}", name)
+    return count
 
 
 def _file_shape(metadata: Mapping[str, str], check: _Checker) -> tuple[int, int]:

@@ -7,7 +7,7 @@ string, ``controlvector.layer_count``, and one 1-D float32 tensor ``direction.<L
 and refuses a file that holds ``direction.0`` (its layer numbers start at 1).
 
 Export is exact or refused: a control vector is one fixed vector per layer for every document and
-position, so only ``add``-mode entries at layers >= 1 with ``positions=all`` and no stop rule (``stop_after``, ``stop_after_tokens``)
+position, so only ``add``-mode entries at layers >= 1 with ``positions=all`` and no answer-window rule (``stop_after``, ``stop_after_tokens``, ``start_after_tokens``)
 export, with their strength folded in. What would silently change meaning needs an explicit choice: an entry with a
 ``strength_rule`` needs ``--strength S``; several entries (summed per layer, as llama.cpp sums
 several files) need ``--sum`` when they share a layer or are routed to different documents.
@@ -73,6 +73,7 @@ def control_vectors(vector_file: VectorFile, names: Sequence[str] | None = None,
             else f"positions={entry.positions} cannot be exported: llama.cpp steers every position" if entry.positions != "all"
             else "stop_after cannot be exported: llama.cpp steers to the end of the answer" if entry.stop_after
             else "stop_after_tokens cannot be exported: llama.cpp steers to the end of the answer" if entry.stop_after_tokens is not None
+            else "start_after_tokens cannot be exported: llama.cpp steers from the first prompt token on" if entry.start_after_tokens is not None
             else "its strength follows a strength_rule, which llama.cpp cannot: give one --strength S" if strength is None and entry.applies_to and entry.applies_to.strength_rule
             else None
         )

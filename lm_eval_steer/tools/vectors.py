@@ -24,7 +24,7 @@ from lm_eval_steer.core.atomic import write_text
 from lm_eval_steer.core.paths import packaged_vector_files, resolve_vectors
 from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, load_vector_file
 
-ENTRY_HEADERS = ("entry", "instruction", "layer", "mode", "strength", "positions", "stop after", "method", "from", "sha256")
+ENTRY_HEADERS = ("entry", "instruction", "layer", "mode", "strength", "positions", "answer window", "method", "from", "sha256")
 
 
 # ----------------------------------------------------------------------------- what a file holds
@@ -80,9 +80,11 @@ def strength(entry: SteeringEntry) -> str:
     return f"by {rule.kwarg}: " + ", ".join(f"{x:g}→{s:.3g}" for x, s in rule.points)
 
 
-def stop_rule(entry: SteeringEntry) -> str:
-    """The entry's stop rules in words: its ``stop_after`` strings and ``stop_after_tokens``."""
-    rules = [", ".join(entry.stop_after)] if entry.stop_after else []
+def window_rule(entry: SteeringEntry) -> str:
+    """The entry's answer-window rules in words: ``start_after_tokens``, its ``stop_after`` strings and
+    ``stop_after_tokens``."""
+    rules = [f"from token {entry.start_after_tokens}"] if entry.start_after_tokens is not None else []
+    rules += [", ".join(entry.stop_after)] if entry.stop_after else []
     if entry.stop_after_tokens is not None:
         rules.append(f"after {entry.stop_after_tokens} tokens")
     return "; ".join(rules) or "—"
@@ -99,7 +101,7 @@ def entry_rows(vector_file: VectorFile) -> list[list[str]]:
             entry.mode,
             strength(entry),
             entry.positions,
-            stop_rule(entry),
+            window_rule(entry),
             methods.get(entry.name, methods.get("*", "")) or "—",
             sources.get(entry.name, "this file"),
             hashlib.sha256(entry.vector.float().numpy().tobytes()).hexdigest()[:12],
