@@ -348,9 +348,38 @@ def test_a_build_searches_token_stop_rules_and_writes_the_chosen_one(tiny, tmp_p
         assert (f"first {rule} tokens" in lines[name]) == (rule is not None), lines[name]
 
 
+def test_a_build_searches_delayed_starts_and_writes_the_chosen_one(tiny, tmp_path, capsys):
+    """``--start-after-tokens``: every candidate is also tried starting after the answer's first K
+    tokens; the chosen candidate's start becomes its entry's ``start_after_tokens``."""
+    model, tokenizer = tiny
+    out = tmp_path / "vec.safetensors"
+    settings = dict(SMALL, search=replace(SEARCH, start_after_tokens=(2,), stop_after_tokens=(4,)))
+    result = run_build(model, tokenizer, instructions=["punctuation:no_comma", "change_case:english_lowercase", "startend:quotation"], out=out,
+                       report_dir=tmp_path / "rep", model="tiny", scorer=hash_scorer, **settings)
+    payload = json.loads(result.report_path.read_text())
+    assert payload["settings"]["search"]["start_after_tokens"] == [2]
+    for row in payload["targets"]:
+        labels = [c["candidate"] for c in row["candidates"]]
+        assert labels[:5] == ["none", "L1x1>2@4", "L1x1@4", "L1x1>2", "L1x1"] and len(labels) == 1 + 4 * 4
+        assert [(c["start_after_tokens"], c["stop_after_tokens"]) for c in row["candidates"][1:5]] == [(2, 4), (None, 4), (2, None), (None, None)]
+    chosen = {t["name"]: next(c for c in t["candidates"] if c["chosen"]) for t in payload["targets"] if t["chosen"] != "none"}
+    assert chosen, "the hash scorer should make at least one candidate win"
+    for entry in load_vector_file(out).entries:
+        assert (entry.start_after_tokens, entry.stop_after_tokens) == (chosen[entry.name]["start_after_tokens"], chosen[entry.name]["stop_after_tokens"])
+    print_summary(result)
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.split()[0] in chosen}
+    for name, candidate in chosen.items():
+        assert ("from token 2" in lines[name]) == (candidate["start_after_tokens"] is not None), lines[name]
+
+
 def test_token_stop_rules_must_be_distinct_positive_and_below_the_answer_length():
     for bad in ((0,), (4, 4), (-1,)):
         with pytest.raises(ValueError, match="--stop-after-tokens must be distinct positive token counts"):
             SearchSettings(stop_after_tokens=bad)
     with pytest.raises(ValueError, match=r"--stop-after-tokens \[6\] must be below --max-new-tokens 6"):
         BuildSettings(model="tiny", instructions=["format"], **dict(SMALL, search=replace(SEARCH, stop_after_tokens=(2, 6))))
+    for bad in ((0,), (3, 3)):
+        with pytest.raises(ValueError, match="--start-after-tokens must be distinct positive token counts"):
+            SearchSettings(start_after_tokens=bad)
+    with pytest.raises(ValueError, match=r"--start-after-tokens \[8\] must be below --max-new-tokens 6"):
+        BuildSettings(model="tiny", instructions=["format"], **dict(SMALL, search=replace(SEARCH, start_after_tokens=(2, 8))))

@@ -169,3 +169,17 @@ def test_token_stop_candidates_come_shortest_first_so_a_tie_steers_less():
     assert search._choose(search.TargetResult("t", [unsteered, *items]), SETTINGS, FMT) == "L3x1@16"
     items[0].degenerate = [False, True]  # the shortest rule loops on a new answer: the next one wins
     assert search._choose(search.TargetResult("t", [unsteered, *items]), SETTINGS, FMT) == "L3x1@64"
+
+
+def test_delayed_starts_come_latest_first_and_never_at_or_after_the_stop():
+    grid = search.candidates([3], [1.0], stop_after_tokens=[8], start_after_tokens=[4, 16])
+    assert [c.label for c in grid] == ["none", "L3x1>4@8", "L3x1@8", "L3x1>16", "L3x1>4", "L3x1"]
+    assert [(c.start_after_tokens, c.stop_after_tokens) for c in grid[1:3]] == [(4, 8), (None, 8)]
+    unsteered = search.CandidateResult("none", None, 0.0, None, follows=[False, False], degenerate=[False, False], responses=[""] * 2)
+    items = [
+        search.CandidateResult(c.label, c.layer, 1.0, 1.0, follows=[True, False], degenerate=[False, False], responses=[""] * 2,
+                               stop_after_tokens=c.stop_after_tokens, start_after_tokens=c.start_after_tokens)
+        for c in grid[1:]
+    ]  # fmt: skip
+    assert search._choose(search.TargetResult("t", [unsteered, *items]), SETTINGS, FMT) == "L3x1>4@8", "a tie goes to the smallest window"
+    assert items[3].as_candidate() == grid[4]

@@ -75,6 +75,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-after-tokens", type=_int_list, default=[], metavar="N,N,...",
                         help="also try every candidate steering only the first N answer tokens (its stop_after_tokens), e.g. 32,64; "
                         "chosen on validation with layer and strength; each N must be below --max-new-tokens (default: not searched)")
+    parser.add_argument("--start-after-tokens", type=_int_list, default=[], metavar="K,K,...",
+                        help="also try every candidate starting only after the answer's first K tokens were written unsteered (its start_after_tokens), "
+                        "e.g. 4,16; chosen on validation with layer and strength; each K must be below --max-new-tokens (default: not searched)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted build from the checkpoint in --report; also re-chooses a finished "
         "build under other --allowed-degenerate / --min-length-ratio values without generating again")
     method = parser.add_argument_group(
@@ -135,6 +138,7 @@ def settings_from(args: argparse.Namespace) -> BuildSettings:
         min_length_ratio=args.min_length_ratio,
         stop_after_keyword=args.stop_after_keyword,
         stop_after_tokens=tuple(args.stop_after_tokens),
+        start_after_tokens=tuple(args.start_after_tokens),
     )
     learned = LearnedSettings(
         layers=tuple(args.learned_layers or ()),
@@ -165,7 +169,8 @@ def print_summary(result: BuildResult) -> None:
     for name, outcome in result.results.items():
         chosen = outcome.candidate(outcome.chosen) if outcome.chosen else None
         strength = f"strength {chosen.strength:.3g}" if chosen is not None and chosen.strength is not None else f"multiplier {chosen.multiplier:g}" if chosen else ""
-        stop = "" if chosen is None or chosen.stop_after_tokens is None else f", first {chosen.stop_after_tokens} tokens"
+        start = "" if chosen is None or chosen.start_after_tokens is None else f", from token {chosen.start_after_tokens}"
+        stop = start + ("" if chosen is None or chosen.stop_after_tokens is None else f", first {chosen.stop_after_tokens} tokens")
         summary = "no steering (left out)" if chosen is None else f"layer {chosen.layer}, {strength}{stop}, val {chosen.score:.2f}"
         print(f"{name:55s} unsteered {outcome.candidates[0].score:.2f} -> {summary}")
     kept = {name: method for name, method in result.methods.items() if method is not None}

@@ -168,10 +168,11 @@ def method_targets(plan: Plan, learned: Mapping[str, LearnedDirection]) -> tuple
     and each one's candidates: the search's ``layers`` × ``multipliers`` (token method:
     ``token_multipliers``), or the learned method's ``layers × multipliers``."""
     settings = plan.settings
+    windows = (settings.search.stop_after_tokens, settings.search.start_after_tokens)
     candidate_lists = {
-        "diffmean": search.candidates(settings.search.layers, settings.search.multipliers, settings.search.stop_after_tokens),
-        "learned": search.candidates(settings.learned.layers, settings.learned.multipliers, settings.search.stop_after_tokens),
-        "token": search.candidates(settings.search.layers, settings.search.token_multipliers, settings.search.stop_after_tokens),
+        "diffmean": search.candidates(settings.search.layers, settings.search.multipliers, *windows),
+        "learned": search.candidates(settings.learned.layers, settings.learned.multipliers, *windows),
+        "token": search.candidates(settings.search.layers, settings.search.token_multipliers, *windows),
     }
     searched, per_target = [], {}
     for method in settings.method_names:

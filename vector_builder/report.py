@@ -221,6 +221,7 @@ def target_summary(result: TargetResult, note: str | None, n_without: int | None
                 "multiplier": item.multiplier,
                 "strength": item.strength,
                 "stop_after_tokens": item.stop_after_tokens,
+                "start_after_tokens": item.start_after_tokens,
                 "score": item.score,
                 **_part_scores(item.follows, n_without),
                 "n": len(item.follows),
@@ -267,17 +268,17 @@ def _save(figure: Any, path: Path) -> Path:
 
 
 def write_plot(report_dir: str | Path, results: Sequence[TargetResult]) -> Path:
-    """One panel per target: validation score vs layer, a line per multiplier (and token stop rule), dashed = no steering,
+    """One panel per target: validation score vs layer, a line per multiplier (and answer window), dashed = no steering,
     star = chosen, x = disqualified by the degeneracy or length guard; beside each point that changes
     looping, ``+new/-cured`` looping answers against the unsteered ones."""
     figure, axes = _panels(len(results))
     for axis, result in zip(axes, results):
         baseline = result.candidates[0]
         axis.axhline(baseline.score, color="grey", linestyle="--", label="no steering")
-        lines = sorted({(item.multiplier, item.stop_after_tokens or 0) for item in result.candidates[1:]})
-        for multiplier, stop in lines:
-            points = [item for item in result.candidates[1:] if (item.multiplier, item.stop_after_tokens or 0) == (multiplier, stop)]
-            label = f"×{multiplier:g}" + (f", first {stop} tokens" if stop else "")
+        lines = sorted({(item.multiplier, item.stop_after_tokens or 0, item.start_after_tokens or 0) for item in result.candidates[1:]})
+        for multiplier, stop, start in lines:
+            points = [item for item in result.candidates[1:] if (item.multiplier, item.stop_after_tokens or 0, item.start_after_tokens or 0) == (multiplier, stop, start)]
+            label = f"×{multiplier:g}" + (f", from token {start}" if start else "") + (f", first {stop} tokens" if stop else "")
             axis.plot([p.layer for p in points], [p.score for p in points], marker="o", label=label)
             bad = [p for p in points if p.disqualified]
             axis.scatter([p.layer for p in bad], [p.score for p in bad], marker="x", color="red", zorder=3)

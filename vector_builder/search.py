@@ -48,22 +48,26 @@ VALIDATION_PROMPTS = (WITHOUT_INSTRUCTION, WITH_INSTRUCTION_TOO)
 @dataclass(frozen=True)
 class Candidate:
     """``layer=None`` is "no steering"; otherwise the strength follows from the multiplier (:func:`strength_of`),
-    and ``stop_after_tokens`` (None: to the end) is the entry's token stop rule."""
+    ``stop_after_tokens`` (None: to the end) is the entry's token stop rule and ``start_after_tokens``
+    (None: from the prompt on) its delayed start."""
 
     layer: int | None
     multiplier: float = 0.0
     stop_after_tokens: int | None = None
+    start_after_tokens: int | None = None
 
     @property
     def label(self) -> str:
-        return candidate_label(self.layer, self.multiplier, self.stop_after_tokens)
+        return candidate_label(self.layer, self.multiplier, self.stop_after_tokens, self.start_after_tokens)
 
 
-def candidate_label(layer: int | None, multiplier: float, stop_after_tokens: int | None) -> str:
-    """``none``, ``L12x1.5``, or ``L12x1.5@64`` (steering the first 64 answer tokens only)."""
+def candidate_label(layer: int | None, multiplier: float, stop_after_tokens: int | None, start_after_tokens: int | None = None) -> str:
+    """``none``, ``L12x1.5``, ``L12x1.5@64`` (steering the first 64 answer tokens only), ``L12x1.5>4``
+    (steering from answer token 4 on) or ``L12x1.5>4@64`` (answer tokens 4 to 63)."""
     if layer is None:
         return "none"
-    return f"L{layer}x{multiplier:g}" + ("" if stop_after_tokens is None else f"@{stop_after_tokens}")
+    start = "" if start_after_tokens is None else f">{start_after_tokens}"
+    return f"L{layer}x{multiplier:g}{start}" + ("" if stop_after_tokens is None else f"@{stop_after_tokens}")
 
 
 def default_layers(num_layers: int, step: int = 2) -> list[int]:
@@ -71,12 +75,21 @@ def default_layers(num_layers: int, step: int = 2) -> list[int]:
     return list(range(max(1, round(num_layers / 5)), num_layers, step))
 
 
-def candidates(layers: Sequence[int], multipliers: Sequence[float], stop_after_tokens: Sequence[int] = ()) -> list[Candidate]:
-    """"No steering", then every layer × multiplier × token stop rule. The stop rules come shortest
-    first and "to the end" last, so that on a complete tie the earlier candidate, which steers less,
-    is chosen (as a tie with no steering goes to no steering)."""
+def candidates(layers: Sequence[int], multipliers: Sequence[float], stop_after_tokens: Sequence[int] = (), start_after_tokens: Sequence[int] = ()) -> list[Candidate]:
+    """"No steering", then every layer × multiplier × token stop rule × delayed start. The stop rules
+    come shortest first and "to the end" last, the starts latest first and "from the prompt" last, so
+    that on a complete tie the earlier candidate, which steers less, is chosen (as a tie with no
+    steering goes to no steering). A start at or after a stop would steer nothing and is left out."""
     stops: list[int | None] = [*sorted(stop_after_tokens), None]
-    return [Candidate(None)] + [Candidate(layer, float(m), stop) for layer in layers for m in multipliers for stop in stops]
+    starts: list[int | None] = [*sorted(start_after_tokens, reverse=True), None]
+    return [Candidate(None)] + [
+        Candidate(layer, float(m), stop, start)
+        for layer in layers
+        for m in multipliers
+        for stop in stops
+        for start in starts
+        if start is None or stop is None or start < stop
+    ]
 
 
 @dataclass
@@ -91,6 +104,7 @@ class CandidateResult:
     disqualified: bool = False
     lengths: list[int] = field(default_factory=list)  # answer lengths in tokens (absent in old checkpoints)
     stop_after_tokens: int | None = None  # the candidate's token stop rule (None: steered to the end)
+    start_after_tokens: int | None = None  # the candidate's delayed start (None: steered from the prompt on)
     new_looping: int = 0  # answers that loop here but not unsteered (set by the choice)
     cured_looping: int = 0  # answers that loop unsteered but not here
 
@@ -107,8 +121,8 @@ class CandidateResult:
         return sum(self.degenerate)
 
     def as_candidate(self) -> Candidate:
-        """The candidate these results are of (its layer, multiplier and token stop rule)."""
-        return Candidate(self.layer, self.multiplier, self.stop_after_tokens)
+        """The candidate these results are of (its layer, multiplier, token stop rule and delayed start)."""
+        return Candidate(self.layer, self.multiplier, self.stop_after_tokens, self.start_after_tokens)
 
 
 @dataclass
@@ -149,7 +163,8 @@ class SearchSettings:
     ``degeneracy_guard``. ``stop_after_keyword``: keyword-inclusion entries stop steering an answer once
     it contains the word (their ``stop_after``), in validation as in evaluation. ``stop_after_tokens``:
     token counts tried as every candidate's ``stop_after_tokens`` rule besides steering to the end
-    (:func:`candidates`); empty: not searched.
+    (:func:`candidates`); empty: not searched. ``start_after_tokens``: likewise, token counts tried as a
+    delayed start (the answer's first K tokens written unsteered) besides steering from the prompt on.
     """
 
     layers: tuple[int, ...] = ()
@@ -164,10 +179,11 @@ class SearchSettings:
     degeneracy_guard: str = field(init=False)
     stop_after_keyword: bool = True
     stop_after_tokens: tuple[int, ...] = ()
+    start_after_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # Tuples keep the record immutable; JSON writes them as the lists it always held.
-        for name, kind in (("layers", int), ("multipliers", float), ("token_multipliers", float), ("stop_after_tokens", int)):
+        for name, kind in (("layers", int), ("multipliers", float), ("token_multipliers", float), ("stop_after_tokens", int), ("start_after_tokens", int)):
             object.__setattr__(self, name, tuple(kind(item) for item in getattr(self, name)))
         guard = (
             f"degenerate = repetition (1 - distinct {NGRAM}-grams / {NGRAM}-grams) > {self.max_repetition}; a candidate with "
@@ -189,6 +205,8 @@ class SearchSettings:
             raise ValueError(f"--token-multipliers must be positive finite numbers, got {list(self.token_multipliers)}")
         if any(n < 1 for n in self.stop_after_tokens) or len(set(self.stop_after_tokens)) != len(self.stop_after_tokens):
             raise ValueError(f"--stop-after-tokens must be distinct positive token counts, got {list(self.stop_after_tokens)}")
+        if any(n < 1 for n in self.start_after_tokens) or len(set(self.start_after_tokens)) != len(self.start_after_tokens):
+            raise ValueError(f"--start-after-tokens must be distinct positive token counts, got {list(self.start_after_tokens)}")
 
     @property
     def with_instruction_too(self) -> bool:
@@ -250,6 +268,7 @@ def make_entry(target: Target, direction: Direction, candidate: Candidate, stren
         positions="all",
         stop_after=stop_after,
         stop_after_tokens=candidate.stop_after_tokens,
+        start_after_tokens=candidate.start_after_tokens,
     )
 
 
@@ -322,6 +341,7 @@ def pool(name: str, results: Sequence[TargetResult], settings: SearchSettings, i
             responses=[],
             lengths=[length for result in results for length in result.candidates[index].lengths],
             stop_after_tokens=first.stop_after_tokens,
+            start_after_tokens=first.start_after_tokens,
         )
         for index, first in enumerate(results[0].candidates)
     ]
@@ -367,7 +387,7 @@ class _Jobs:
         for candidate, strength in zip(task.candidates, self.strengths[target.name]):
             entries = [] if candidate.layer is None else [make_entry(target, direction, candidate, strength, stop)]
             # Two rows are the same generation when prompt, direction, layer, mode, strength and stop rules agree.
-            config = None if candidate.layer is None else (target.direction, candidate.layer, target.mode, strength, stop, candidate.stop_after_tokens)
+            config = None if candidate.layer is None else (target.direction, candidate.layer, target.mode, strength, stop, candidate.stop_after_tokens, candidate.start_after_tokens)
             row = []
             for ids in task.prompt_ids:
                 key = (tuple(ids), config)
@@ -442,6 +462,7 @@ def _score_target(
                 multiplier=candidate.multiplier,
                 strength=strength,
                 stop_after_tokens=candidate.stop_after_tokens,
+                start_after_tokens=candidate.start_after_tokens,
                 follows=[
                     scorer(target.instruction_id, prompt.kwargs, prompt.checker_prompt, response)
                     for prompt, response in zip(task.prompts, responses)

@@ -60,6 +60,10 @@ class BuildSettings:
         if too_long:
             # validation answers end there, so such a rule could not be told from steering to the end
             raise ValueError(f"--stop-after-tokens {too_long} must be below --max-new-tokens {self.generation.max_new_tokens}")
+        too_late = [n for n in self.search.start_after_tokens if n >= self.generation.max_new_tokens]
+        if too_late:
+            # validation answers end there, so such a start could not be told from not steering at all
+            raise ValueError(f"--start-after-tokens {too_late} must be below --max-new-tokens {self.generation.max_new_tokens}")
 
     @property
     def method_names(self) -> tuple[str, ...]:
