@@ -160,7 +160,8 @@ def test_targets_take_greedy_then_repaired_answers(tiny):
         calls.append(response)
         return response in accept_first_two or (response == response.lower() and response not in greedy)
 
-    found = targets.collect(_runner(model, tokenizer, 4), spec, queries, _settings(0), checker=checker)
+    found, refused = targets.collect(_runner(model, tokenizer, 4), spec, queries, _settings(0), checker=checker)
+    assert refused == 0, "without max_repetition nothing is refused for looping"
     assert [item.source for item in found[:2]] == ["greedy", "greedy"]
     assert [item.query for item in found] == queries[: len(found)] or all(item.query in queries for item in found)
     repaired = [item for item in found if item.source == "repaired"]
@@ -171,8 +172,33 @@ def test_targets_take_greedy_then_repaired_answers(tiny):
 def test_targets_without_a_passing_answer_or_repair_are_dropped(tiny):
     model, tokenizer = tiny
     spec = prompts.DirectionSpec("detectable_format:multiple_sections", "detectable_format:multiple_sections")
-    found = targets.collect(_runner(model, tokenizer, 4), spec, ["A?", "B?"], _settings(2), checker=lambda *args: False)
-    assert found == []
+    assert targets.collect(_runner(model, tokenizer, 4), spec, ["A?", "B?"], _settings(2), checker=lambda *args: False) == ([], 0)
+
+
+LOOPING = "I like cats. " * 30
+FLUENT = "Cats are small, quiet animals that many people keep as pets; they sleep much of the day and hunt at night."
+
+
+def test_looping_answers_are_refused_as_targets_at_every_source(tiny, smol_tokenizer, monkeypatch):
+    # greedy answers: one loops, one does not; the lowercase repair of the looping one loops as well
+    monkeypatch.setattr(targets, "generate_texts", lambda runner, messages, settings, sample, desc: [[LOOPING], [FLUENT]])
+    model, _ = tiny
+    spec = prompts.DirectionSpec("change_case:english_lowercase", "change_case:english_lowercase")
+    passes_all = lambda *args: True  # noqa: E731
+    runner = _runner(model, smol_tokenizer, 4)
+    strict = targets.TargetSettings(max_tokens=64, samples=0, max_repetition=0.5)
+    found, refused = targets.collect(runner, spec, ["A?", "B?"], strict, checker=passes_all)
+    assert [(item.query, item.response) for item in found] == [("B?", FLUENT)] and refused == 2
+    lenient = targets.TargetSettings(max_tokens=64, samples=0)
+    assert [item.response for item in targets.collect(runner, spec, ["A?", "B?"], lenient, checker=passes_all)[0]] == [LOOPING, FLUENT]
+    refusing = lambda instruction_id, kwargs, prompt, response: response == FLUENT  # noqa: E731
+    assert targets.collect(runner, spec, ["A?", "B?"], strict, checker=refusing)[1] == 0, "only answers that pass the checker count as refused for looping"
+
+
+def test_target_max_repetition_must_be_a_share():
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="--target-max-repetition must be a number from 0"):
+            targets.TargetSettings(max_repetition=bad)
 
 
 REPAIRABLE = {

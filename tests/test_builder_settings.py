@@ -32,7 +32,7 @@ def test_build_settings_are_the_recorded_settings():
                    "allowed_degenerate", "min_length_ratio", "degeneracy_guard", "stop_after_keyword", "stop_after_tokens",
                    "start_after_tokens"],
         "learned": ["layers", "multipliers", "steps", "lr", "batch_size", "l2", "eval_every", "patience", "heldout_fraction"],
-        "targets": ["samples", "max_tokens", "temperature"],
+        "targets": ["samples", "max_tokens", "temperature", "max_repetition"],
     }  # fmt: skip
     assert recorded["builder_version"] == 2
     assert settings.search.multipliers == (1.0, 2.0) and settings.search.with_instruction_too

@@ -95,6 +95,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--learned-l2", type=float, default=0.0, help="L2 penalty on the vector (default 0)")
     method.add_argument("--target-samples", type=int, default=4, help="sampled answers per training query whose greedy answer fails the checker (default 4)")
     method.add_argument("--target-max-tokens", type=int, default=128, help="length limit of the generated training targets (default 128)")
+    method.add_argument("--target-max-repetition", type=float, default=None, metavar="R",
+                        help="refuse training targets that loop: token 4-gram repetition above R, the guard's measure (e.g. 0.5; default: looping targets allowed)")
     method.add_argument("--token-multipliers", type=_float_list, default=[0.1, 0.2, 0.3],
                         help="token method: strengths as fractions of the residual stream's norm at the layer (default 0.1,0.2,0.3)")
 
@@ -158,7 +160,7 @@ def settings_from(args: argparse.Namespace) -> BuildSettings:
         generation=GenerationSettings(batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens, skip_first_token=not args.steer_first_token),
         search=search,
         learned=learned,
-        targets=TargetSettings(samples=args.target_samples, max_tokens=args.target_max_tokens),
+        targets=TargetSettings(samples=args.target_samples, max_tokens=args.target_max_tokens, max_repetition=args.target_max_repetition),
     )
 
 

@@ -164,6 +164,7 @@ class Checkpoint:
             "key": key,
             "targets": learned.sources,
             "targets_seconds": learned.targets_seconds,
+            "looping_refused": learned.looping_refused,
             "layers": {
                 str(layer): {"train_loss": item.train_loss, "heldout_loss": item.heldout_loss, "best_step": item.best_step, "seconds": item.seconds}
                 for layer, item in learned.trained.items()
@@ -192,7 +193,7 @@ def _read_learned(path: Path) -> tuple[str, LearnedDirection]:
         layer: TrainedVector(layer, vectors[layer], curves["train_loss"], [tuple(p) for p in curves["heldout_loss"]], curves["best_step"], curves["seconds"])
         for layer, curves in ((int(k), v) for k, v in meta["layers"].items())
     }
-    return meta["key"], LearnedDirection(None, meta["targets"], trained, meta["targets_seconds"])
+    return meta["key"], LearnedDirection(None, meta["targets"], trained, meta["targets_seconds"], meta.get("looping_refused", 0))
 
 
 def _part_scores(follows: Sequence[bool], n_without: int | None) -> dict[str, float]:

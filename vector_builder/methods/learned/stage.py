@@ -36,6 +36,7 @@ class LearnedDirection:
     sources: dict[str, int] = field(default_factory=dict)  # target source -> count
     trained: dict[int, training.TrainedVector] = field(default_factory=dict)
     targets_seconds: float = 0.0
+    looping_refused: int = 0  # answers that passed the checker but looped (with --target-max-repetition)
 
     def summary(self, timing: bool = True) -> dict[str, Any]:
         """Targets per source and each layer's norm and loss curves (and, with ``timing``, seconds:
@@ -43,6 +44,7 @@ class LearnedDirection:
         seconds = lambda value: {"seconds": round(value, 3)} if timing else {}  # noqa: E731
         return {
             "targets": dict(self.sources),
+            "looping_refused": self.looping_refused,
             **({"targets_seconds": round(self.targets_seconds, 3)} if timing else {}),
             "layers": {
                 str(layer): {
@@ -82,8 +84,10 @@ def learn_direction(
 ) -> LearnedDirection:
     """Targets for ``spec`` on the training ``queries``, then one vector per layer in ``settings.layers``."""
     begin = time.perf_counter()
-    responses = targets.collect(runner, spec, queries, target_settings)
-    outcome = LearnedDirection(direction=None, sources=dict(Counter(item.source for item in responses)), targets_seconds=time.perf_counter() - begin)
+    responses, refused = targets.collect(runner, spec, queries, target_settings)
+    outcome = LearnedDirection(
+        direction=None, sources=dict(Counter(item.source for item in responses)), targets_seconds=time.perf_counter() - begin, looping_refused=refused
+    )
     if len(responses) < MIN_TARGETS:
         return outcome
     examples = examples_from(runner.tokenizer, responses)

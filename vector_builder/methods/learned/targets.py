@@ -11,7 +11,10 @@ IFEval's **strict** checker is kept:
 3. ``repaired``: a deterministic repair of the greedy answer (:data:`REPAIRS`: case changes, commas
    removed, quotes, a ``<<title>>``, an end phrase …), re-checked after repair;
 
-and a query none of these pass gives no target. The report counts targets per source.
+and a query none of these pass gives no target. With ``max_repetition`` set, an answer that loops (the
+search guard's measure, :func:`~lm_eval_steer.core.degeneracy.is_degenerate`) does not pass either,
+so the vector is not taught to loop; the report counts targets per source and the looping answers
+refused.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from lm_eval_steer.core.degeneracy import is_degenerate
 from vector_builder import prompts
 from vector_builder.runner import Runner
 from vector_builder.scoring import Scorer, strict_follows
@@ -51,8 +55,11 @@ class TargetSettings:
     samples: int = 4  # sampled answers per query whose greedy answer fails (0: none)
     max_tokens: int = 128  # length limit of a target answer
     temperature: float = 0.8
+    max_repetition: float | None = None  # None: looping answers may be targets; else refused above this repetition
 
     def __post_init__(self) -> None:
+        if self.max_repetition is not None and not 0 <= self.max_repetition < 1:
+            raise ValueError(f"--target-max-repetition must be a number from 0 up to but not including 1, got {self.max_repetition}")
         if self.max_tokens < 1:
             raise ValueError(f"--target-max-tokens must be at least 1, got {self.max_tokens}")
         if self.samples < 0:
@@ -150,36 +157,54 @@ def generate_texts(runner: Runner, messages: Sequence[str], settings: TargetSett
     return answers
 
 
-def _sampled_passing(
-    runner: Runner, spec: prompts.DirectionSpec, instructed: Sequence[prompts.Prompt], settings: TargetSettings, checker: Scorer
-) -> list[str | None]:
-    """Per prompt, the first of ``settings.samples`` sampled answers that passes (None if none does)."""
+@dataclass(frozen=True)
+class TargetCheck:
+    """Whether an answer may be a target: it passes the checker and, with ``settings.max_repetition``,
+    does not loop. ``refused`` collects the looping answers that passed the checker (for the report)."""
+
+    runner: Runner
+    spec: prompts.DirectionSpec
+    settings: TargetSettings
+    checker: Scorer
+    refused: list[str]
+
+    def __call__(self, prompt: prompts.Prompt, answer: str) -> bool:
+        if not self.checker(self.spec.instruction_id, prompt.kwargs, prompt.checker_prompt, answer):
+            return False
+        limit = self.settings.max_repetition
+        if limit is not None and is_degenerate(self.runner.tokenizer.encode(answer, add_special_tokens=False), limit):
+            self.refused.append(answer)
+            return False
+        return True
+
+
+def _sampled_passing(runner: Runner, instructed: Sequence[prompts.Prompt], settings: TargetSettings, accept: TargetCheck) -> list[str | None]:
+    """Per prompt, the first of ``settings.samples`` sampled answers that ``accept`` takes (None if none)."""
     if not instructed:
         return []
-    sampled = generate_texts(runner, [p.checker_prompt for p in instructed], settings, sample=True, desc=f"samples {spec.key}")
-    return [
-        next((answer for answer in answers if checker(spec.instruction_id, prompt.kwargs, prompt.checker_prompt, answer)), None)
-        for prompt, answers in zip(instructed, sampled)
-    ]
+    sampled = generate_texts(runner, [p.checker_prompt for p in instructed], settings, sample=True, desc=f"samples {accept.spec.key}")
+    return [next((answer for answer in answers if accept(prompt, answer)), None) for prompt, answers in zip(instructed, sampled)]
 
 
 def collect(
     runner: Runner, spec: prompts.DirectionSpec, queries: Sequence[str], settings: TargetSettings, *, checker: Scorer = strict_follows
-) -> list[TargetResponse]:
-    """Targets for ``spec`` on ``queries`` (see the module docstring), in query order."""
+) -> tuple[list[TargetResponse], int]:
+    """Targets for ``spec`` on ``queries`` (see the module docstring), in query order, and how many
+    answers passed the checker but were refused for looping."""
     instructed = prompts.training_prompts(spec, queries, runner.settings.seed)
     messages = [p.checker_prompt for p in instructed]
     greedy = [answers[0] for answers in generate_texts(runner, messages, settings, sample=False, desc=f"targets {spec.key}")]
+    accept = TargetCheck(runner, spec, settings, checker, refused=[])
     chosen: dict[int, tuple[str, Source]] = {}
     for index, (prompt, answer) in enumerate(zip(instructed, greedy)):
-        if checker(spec.instruction_id, prompt.kwargs, prompt.checker_prompt, answer):
+        if accept(prompt, answer):
             chosen[index] = (answer, "greedy")
     failing = [index for index in range(len(instructed)) if index not in chosen]
     if failing and settings.samples > 0:
         # Sampling is the expensive step: probe a few failing queries first and go on only if that
         # finds passing answers at all (a small model told "all lowercase" may never comply).
-        probe = _sampled_passing(runner, spec, [instructed[i] for i in failing[:PROBE]], settings, checker)
-        rest = _sampled_passing(runner, spec, [instructed[i] for i in failing[PROBE:]], settings, checker) if any(a is not None for a in probe) else []
+        probe = _sampled_passing(runner, [instructed[i] for i in failing[:PROBE]], settings, accept)
+        rest = _sampled_passing(runner, [instructed[i] for i in failing[PROBE:]], settings, accept) if any(a is not None for a in probe) else []
         for index, answer in zip(failing, probe + rest):
             if answer is not None:
                 chosen[index] = (answer, "sampled")
@@ -187,9 +212,10 @@ def collect(
     for index in [i for i in range(len(instructed)) if i not in chosen and repair is not None]:
         prompt = instructed[index]
         fixed = repair(greedy[index], prompt.kwargs, prompt.text)
-        if fixed is not None and checker(spec.instruction_id, prompt.kwargs, prompt.checker_prompt, fixed):
+        if fixed is not None and accept(prompt, fixed):
             chosen[index] = (fixed, "repaired")
-    return [
+    found = [
         TargetResponse(query=instructed[index].text, kwargs=instructed[index].kwargs, response=response, source=source)
         for index, (response, source) in sorted(chosen.items())
     ]
+    return found, len(accept.refused)
