@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -166,6 +168,37 @@ def test_compressed_samples_give_the_same_breakdown(tmp_path: Path, two_runs) ->
     board = (compressed / "leaderboard.md").read_text(encoding="utf-8")
     assert "### ifeval_format · inst loose" in board
     assert board == (plain / "leaderboard.md").read_text(encoding="utf-8")
+
+
+def test_each_samples_file_is_read_once_for_every_section(tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> None:
+    """The loop shares, the per-instruction breakdown and the unserved section share one parse of each
+    samples file, though the unserved section pairs the baseline with every steered run. Opening is
+    counted where any reader opens a gzip samples file, so a section that read it itself would fail too."""
+    lower, comma = "change_case:english_lowercase", "punctuation:no_comma"
+    lines = {"ifeval_format": [ifeval_sample(0, {lower: True, comma: False}, response=FLUENT), ifeval_sample(1, {lower: False, comma: True}, response=LOOPING)]}
+    scores, model_args = {"ifeval_format": ifeval_scores(0.5, 0.5, 0.5, 0.5)}, {"pretrained": str(tiny_model_dir)}
+    results = [write_run(tmp_path / "base", scores, samples=lines, model_args=model_args)]
+    for strength in (2.0, 4.0):
+        steering = steering_config(strength=strength)
+        steering["vector_files"][0]["entries"][0]["applies_to"] = {"instruction_id": lower}  # routed: the comma goes unserved
+        results.append(write_run(tmp_path / f"steered-{strength}", scores, model_type="steered-hf", steering=steering, samples=lines, model_args=model_args))
+    sample_files = [path for result in results for path in gzip_samples(result)]
+    opened: Counter[Path] = Counter()
+    real_open = gzip.open
+
+    def counting_open(path, *args, **kwargs):
+        if Path(path).name.startswith("samples_"):
+            opened[Path(path)] += 1
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(gzip, "open", counting_open)
+    out = tmp_path / "board"
+    assert run_compare(out, *map(str, results), "--label", "base", "--label", "c=2", "--label", "c=4", "--metrics", "prompt_level_loose_acc") == 0
+    markdown = (out / "leaderboard.md").read_text(encoding="utf-8")
+    assert scores_by_header(out)["base (baseline)"]["ifeval_format · prompt loose"].endswith("· loop 50.0%")
+    assert "### ifeval_format · inst loose" in section(markdown, "Per-instruction accuracy (from logged samples)")
+    assert [row[2] for row in table_rows(section(markdown, "Instructions without an entry, in steered prompts"))[1:]] == ["c=2", "c=4"]
+    assert opened == Counter(dict.fromkeys(sample_files, 1))
 
 
 def test_csv_content(tmp_path: Path, two_runs) -> None:

@@ -29,10 +29,11 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from lm_eval_steer.analysis.fluency import Fluency, NotMeasured, Tokenizers, degenerate_rise, measure, parse_tokenizer_args, task_pass_metric
+from lm_eval_steer.analysis.fluency import Fluency, NotMeasured, ReadSamples, Tokenizers, degenerate_rise, measure, parse_tokenizer_args, task_pass_metric
 from lm_eval_steer.analysis.results import (
     MetricValue,
     ResultsError,
@@ -281,9 +282,10 @@ def breakdown_metrics(metrics: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------- measuring logged answers (I/O)
 
 
-def measure_costs(runs: Sequence[Run], columns: Sequence[Column], tokenizers: Tokenizers) -> Costs:
-    """Reads the logged answers of every run and shown task and measures them (:func:`fluency.measure`);
-    what cannot be measured becomes a warning line (one per run for a tokenizer that fails)."""
+def measure_costs(runs: Sequence[Run], columns: Sequence[Column], tokenizers: Tokenizers, samples: ReadSamples) -> Costs:
+    """Reads the logged answers of every run and shown task through ``samples`` and measures them
+    (:func:`fluency.measure`); what cannot be measured becomes a warning line (one per run for a
+    tokenizer that fails)."""
     tasks = column_tasks(columns)
     pass_metrics = {task: task_pass_metric(runs, task, [m for t, m in columns if t == task]) for task in tasks}
     measured: dict[tuple[str, str], Fluency] = {}
@@ -291,7 +293,7 @@ def measure_costs(runs: Sequence[Run], columns: Sequence[Column], tokenizers: To
     for run in runs:
         for task in (task for task in tasks if task in run.sample_files):
             try:
-                measured[(run.label, task)] = found = measure(run, task, pass_metrics[task], tokenizers)
+                measured[(run.label, task)] = found = measure(run, task, pass_metrics[task], tokenizers, samples)
             except NotMeasured as reason:
                 problems.append(f"{run.label}: {reason}")
                 continue
@@ -376,14 +378,15 @@ def costs_legend(costs: Costs) -> str:
     )
 
 
-def breakdown_section(runs: Sequence[Run], baselines: Sequence[Run], metrics: Sequence[str], tasks: Sequence[str]) -> list[str]:
-    """Markdown lines: per task (of ``tasks``) and instruction-level metric, accuracy per instruction and run."""
+def breakdown_section(runs: Sequence[Run], baselines: Sequence[Run], metrics: Sequence[str], tasks: Sequence[str], samples: ReadSamples) -> list[str]:
+    """Markdown lines: per task (of ``tasks``) and instruction-level metric, accuracy per instruction and
+    run, from the lines ``samples`` reads."""
     lines: list[str] = []
     for task in dict.fromkeys(task for run in runs for task in run.sample_files if task in tasks):
         logged = [run for run in runs if task in run.sample_files]
-        samples = {run.label: read_samples(run.sample_files[task]) for run in logged}
+        rows = {run.label: samples(run.sample_files[task]) for run in logged}
         for metric in breakdown_metrics(metrics):
-            per_run = {run.label: instruction_accuracy(samples[run.label], metric) for run in logged}
+            per_run = {run.label: instruction_accuracy(rows[run.label], metric) for run in logged}
             if any(per_run.values()):
                 table = breakdown_table(logged, baselines, per_run)
                 lines += ["", f"### {task} · {short_metric(metric)}", "", table]
@@ -405,17 +408,18 @@ def breakdown_table(logged: Sequence[Run], baselines: Sequence[Run], per_run: di
     return markdown_table(["instruction", *(f"{run.label} (n)" for run in logged)], rows)
 
 
-def unserved_section(runs: Sequence[Run], baselines: Sequence[Run], metrics: Sequence[str], tasks: Sequence[str]) -> list[str]:
+def unserved_section(runs: Sequence[Run], baselines: Sequence[Run], metrics: Sequence[str], tasks: Sequence[str], samples: ReadSamples) -> list[str]:
     """Markdown lines: per task and steered run, the instructions of its steered documents that had no
     entry of their own, followed by the run and by its baseline on the same documents
-    (:mod:`~lm_eval_steer.analysis.unserved`); nothing when no run has such instructions."""
+    (:mod:`~lm_eval_steer.analysis.unserved`), from the lines ``samples`` reads; nothing when no run
+    has such instructions."""
     rows = []
     for task in dict.fromkeys(tasks):
         for run in runs:
             baseline, routing = baseline_of(run, baselines), RecordedRouting.of(run.steering)
             if is_baseline(run, baselines) or baseline is None or routing is None or task not in run.sample_files or task not in baseline.sample_files:
                 continue
-            run_samples, baseline_samples = read_samples(run.sample_files[task]), read_samples(baseline.sample_files[task])
+            run_samples, baseline_samples = samples(run.sample_files[task]), samples(baseline.sample_files[task])
             for metric in breakdown_metrics(metrics):
                 tally = compare_unserved(unserved_outcomes(run_samples, routing, metric), outcomes_by_document(baseline_samples, metric))
                 if tally is not None:
@@ -461,9 +465,11 @@ def render_markdown(
     metrics: Sequence[str],
     columns: Sequence[Column],
     warnings: Sequence[str],
+    samples: ReadSamples,
     costs: Costs | None = None,
 ) -> str:
-    """The whole ``leaderboard.md``; with ``costs``, fluent pass rates and loop shares beside the scores."""
+    """The whole ``leaderboard.md``; with ``costs``, fluent pass rates and loop shares beside the scores;
+    the per-instruction sections from the lines ``samples`` reads."""
     cells = leaderboard_cells(runs, baselines, columns)
     if len(baselines) == 1:
         heading = f"Baseline: **{baselines[0].label}**."
@@ -490,10 +496,10 @@ def render_markdown(
     if costs and costs.warnings:
         lines += ["", "## Loop share and fluent pass not measured", "", "Shown as —:", ""]
         lines += [f"- {warning}" for warning in costs.warnings]
-    breakdown = breakdown_section(runs, baselines, metrics, [task for task, _ in columns])
+    breakdown = breakdown_section(runs, baselines, metrics, [task for task, _ in columns], samples)
     if breakdown:
         lines += ["", "## Per-instruction accuracy (from logged samples)", *breakdown]
-    lines += unserved_section(runs, baselines, metrics, [task for task, _ in columns])
+    lines += unserved_section(runs, baselines, metrics, [task for task, _ in columns], samples)
     return "\n".join(lines) + "\n"
 
 
@@ -618,6 +624,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def shared_samples() -> ReadSamples:
+    """:func:`read_samples` that parses each file once and hands every later reader the same lines
+    (which no reader modifies): the loop shares, the per-instruction breakdown and the unserved
+    section all read the same files, the unserved section the baseline's once per steered run."""
+    return cache(read_samples)
+
+
 def run(args: argparse.Namespace) -> int:
     """Exit 0 when the leaderboard was written, 2 when inputs are unreadable or unusable."""
     try:
@@ -626,11 +639,12 @@ def run(args: argparse.Namespace) -> int:
         metrics = select_metrics(runs, args.metrics)
         columns = columns_for(runs, metrics, args.tasks)
         warnings = comparison_warnings(runs, baselines, columns)
+        samples = shared_samples()
         costs = None
         if args.degeneracy:
             override = parse_tokenizer_args(args.tokenizer_args) if args.tokenizer_args else None
-            costs = measure_costs(runs, columns, Tokenizers(override))
-        markdown = render_markdown(runs, baselines, metrics, columns, warnings, costs)
+            costs = measure_costs(runs, columns, Tokenizers(override), samples)
+        markdown = render_markdown(runs, baselines, metrics, columns, warnings, samples, costs)
     except ResultsError as error:
         return fail("compare", error)
     for item in runs:

@@ -38,6 +38,10 @@ TOKENIZER_KEYS = ("pretrained", "gguf_file", "tokenizer", "revision")
 
 Tokenize = Callable[[str], list[int]]
 
+#: Reads the lines of one samples file: :func:`read_samples`, or a cache of it that lets several
+#: readers of the same file (``compare``'s sections) share one parse.
+ReadSamples = Callable[[Path], list[dict[str, Any]]]
+
 
 class NotMeasured(Exception):
     """Why a degenerate share or fluent pass rate was not computed (shown as "—" with this reason)."""
@@ -124,13 +128,14 @@ def _outcome(value: Any) -> bool | None:
     return None
 
 
-def logged_answers(sample_file: Path, metric: str | None) -> list[Answer]:
-    """The answers of one samples file, one per line of ``metric``'s filter (lm-eval logs every document
-    once per filter), with ``metric``'s outcome; ResultsError when the file cannot be read."""
+def logged_answers(sample_file: Path, metric: str | None, read: ReadSamples) -> list[Answer]:
+    """The answers of one samples file (its lines from ``read``), one per line of ``metric``'s filter
+    (lm-eval logs every document once per filter), with ``metric``'s outcome; ResultsError when the
+    file cannot be read."""
     name, _, filter_name = (metric or "").partition(",")
     wanted = filter_name or DEFAULT_FILTER
     answers = []
-    for row in read_samples(sample_file):
+    for row in read(sample_file):
         if row.get("filter", wanted) != wanted:
             continue
         text = _response(row)
@@ -219,13 +224,14 @@ class Tokenizers:
 # --------------------------------------------------------------------------- measuring
 
 
-def measure(run: Run, task: str, metric: str | None, tokenizers: Tokenizers) -> Fluency:
+def measure(run: Run, task: str, metric: str | None, tokenizers: Tokenizers, read: ReadSamples = read_samples) -> Fluency:
     """Degenerate share and fluent pass rate of ``run``'s logged answers to ``task``, ``metric``
-    deciding what passes; NotMeasured without samples, generated text or a tokenizer."""
+    deciding what passes; NotMeasured without samples, generated text or a tokenizer. ``read`` reads
+    the samples file: ``compare`` passes its cache, whose parsed lines its other sections reuse."""
     sample_file = run.sample_files.get(task)
     if sample_file is None:
         raise NotMeasured(f"no logged samples for {task}")
-    answers = logged_answers(sample_file, metric)
+    answers = logged_answers(sample_file, metric, read)
     if not answers:
         raise NotMeasured(f"{sample_file.name} logs no document under the filter of {metric or DEFAULT_FILTER}")
     tokenize = tokenizers.for_run(run)
