@@ -76,14 +76,21 @@ def finite_json(value: Any) -> Any:
 #: generated: a checkpoint stays valid when they change, and the resumed search chooses again under
 #: the new values.
 CHOICE_ONLY_SETTINGS = (("search", "allowed_degenerate"), ("search", "min_length_ratio"), ("search", "degeneracy_guard"))
+#: Settings added after builder version 2 was first recorded, with the value that builds as before:
+#: a checkpoint that lacks one was made with that value, so it stays resumable.
+ADDED_SETTINGS = {("search", "start_after_tokens"): [], ("targets", "max_repetition"): None}
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
-    """The hash a checkpoint is valid for: every setting except :data:`CHOICE_ONLY_SETTINGS`."""
+    """The hash a checkpoint is valid for: every setting except :data:`CHOICE_ONLY_SETTINGS`, with each
+    missing :data:`ADDED_SETTINGS` read as its as-before value."""
     kept = {
         part: {name: item for name, item in value.items() if (part, name) not in CHOICE_ONLY_SETTINGS} if isinstance(value, Mapping) else value
         for part, value in settings.items()
     }
+    for (part, name), as_before in ADDED_SETTINGS.items():
+        if isinstance(kept.get(part), dict):
+            kept[part].setdefault(name, as_before)
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
