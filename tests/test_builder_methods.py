@@ -11,7 +11,7 @@ from vector_builder import prompts
 from vector_builder.activations import RunningSum
 from vector_builder.methods import base_name, methods_of, pick, targets_for
 from vector_builder.methods.diffmean import build_direction, difference_of_means, mean_projection
-from vector_builder.methods.token import first_token
+from vector_builder.methods.token import first_piece, first_token
 from vector_builder.search import CandidateResult, TargetResult
 
 
@@ -88,3 +88,10 @@ def test_first_token_is_the_mid_sentence_spelling(tiny):
     for word in ("apple", "ocean", "Argentinian"):
         assert first_token(tokenizer, word) == tokenizer.encode(f"Say {word}", add_special_tokens=False)[len(tokenizer.encode("Say", add_special_tokens=False))]
     assert tokenizer.decode([first_token(tokenizer, "ocean")]).strip() == "ocean"
+
+
+def test_first_piece_is_the_pushed_token_of_a_longer_word_only(smol_tokenizer):
+    assert first_piece(smol_tokenizer, "Argentinian") == "Argent"  # " Argent" + "inian"
+    assert first_piece(smol_tokenizer, "medalist") == "medal"
+    assert first_piece(smol_tokenizer, "mother") is None, "a one-token word: the word itself is the stop string"
+    assert first_piece(smol_tokenizer, "jurgen") == "jur" and first_piece(smol_tokenizer, "le") is None

@@ -177,7 +177,7 @@ def changed_from_first_scorer():
 
 def test_token_method_steers_each_word_along_its_own_output_embedding(tiny, tmp_path):
     model, tokenizer = tiny
-    words = ["apple", "pear", "plum"]
+    words = ["apple", "pear", "medalist"]  # SmolLM2 spells "medalist" " medal" + "ist"
     settings = {**SMALL, "method": "token", "search": replace(SEARCH, token_multipliers=(0.5, 1.0), keyword_sample=2)}
     result = run_build(model, tokenizer, instructions=["keywords:existence"], keywords=words, out=tmp_path / "k.safetensors",
                        report_dir=tmp_path / "rep", model="tiny", scorer=changed_from_first_scorer(), **settings)
@@ -197,7 +197,8 @@ def test_token_method_steers_each_word_along_its_own_output_embedding(tiny, tmp_
         torch.testing.assert_close(entry.vector, row / row.norm())
         assert (entry.layer, entry.mode) == (chosen.layer, "add")
         assert entry.strength == pytest.approx(chosen.multiplier * float(norms[chosen.layer]), rel=1e-4)
-        assert entry.stop_after == (word,), "an inclusion entry stops steering once the word is written"
+        pieces = ("medal",) if word == "medalist" else ()  # the push can only write a longer word's first token
+        assert entry.stop_after == (word, *pieces), "an inclusion entry stops steering once the word (or its pushed piece) is written"
 
 
 def test_token_method_refuses_non_keyword_instructions(tiny, tmp_path):

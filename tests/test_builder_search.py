@@ -11,6 +11,7 @@ import torch
 from lm_eval_steer.core import degeneracy
 from vector_builder import prompts, search
 from vector_builder.activations import RunningSum
+from vector_builder.direction import Direction
 from vector_builder.methods.diffmean import build_direction
 
 
@@ -159,6 +160,12 @@ def test_only_keyword_inclusion_entries_stop_after_their_word():
     stops = {target.instruction_id: search.stop_strings(target, stop_after_keyword=True) for target in targets}
     assert stops == {"keywords:existence": ("apple",), "keywords:forbidden_words": (), "punctuation:no_comma": ()}
     assert all(search.stop_strings(target, stop_after_keyword=False) == () for target in targets)
+    with_piece = {target.instruction_id: search.stop_strings(target, True, first_piece="app") for target in targets}
+    assert with_piece == {"keywords:existence": ("apple", "app"), "keywords:forbidden_words": (), "punctuation:no_comma": ()}
+    direction = Direction("d", torch.zeros(2, 3), torch.zeros(2), torch.zeros(2), torch.zeros(2), 0, first_piece="app")
+    include = next(target for target in targets if target.instruction_id == "keywords:existence")
+    assert search.entry_stop_strings(include, direction, search.SearchSettings()) == ("apple", "app")
+    assert search.entry_stop_strings(include, direction, search.SearchSettings(stop_after_first_token=False)) == ("apple",)
 
 
 def test_token_stop_candidates_come_shortest_first_so_a_tie_steers_less():

@@ -72,6 +72,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steer-first-token", action="store_true", help="also steer each row's first token (the attention sink); off by default")
     parser.add_argument("--stop-after-keyword", action=argparse.BooleanOptionalAction, default=True,
                         help="keyword-inclusion entries stop steering an answer once it contains the word (their stop_after; default on)")
+    parser.add_argument("--stop-after-first-token", action=argparse.BooleanOptionalAction, default=True,
+                        help="token-method inclusion entries also stop once the first token of a longer word is written, the only piece "
+                        "their push can write (default on)")
     parser.add_argument("--stop-after-tokens", type=_int_list, default=[], metavar="N,N,...",
                         help="also try every candidate steering only the first N answer tokens (its stop_after_tokens), e.g. 32,64; "
                         "chosen on validation with layer and strength; each N must be below --max-new-tokens (default: not searched)")
@@ -139,6 +142,7 @@ def settings_from(args: argparse.Namespace) -> BuildSettings:
         allowed_degenerate=args.allowed_degenerate,
         min_length_ratio=args.min_length_ratio,
         stop_after_keyword=args.stop_after_keyword,
+        stop_after_first_token=args.stop_after_first_token,
         stop_after_tokens=tuple(args.stop_after_tokens),
         start_after_tokens=tuple(args.start_after_tokens),
     )

@@ -17,7 +17,8 @@ class Direction:
 
     ``unit[L]`` is the unit difference of means, ``strength[L]`` the paper's strength ``c`` (mean
     projection of the with-instruction activations), ``baseline[L]`` the same projection without the
-    instruction, and ``shift[L] = ‖d[L]‖ = strength[L] − baseline[L]``.
+    instruction, and ``shift[L] = ‖d[L]‖ = strength[L] − baseline[L]``. ``first_piece``: for a
+    direction that pushes one token of a longer word (the token method), that token's text.
     """
 
     key: str
@@ -26,3 +27,4 @@ class Direction:
     baseline: torch.Tensor  # [layers]
     shift: torch.Tensor  # [layers]
     count: int
+    first_piece: str | None = None

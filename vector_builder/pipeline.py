@@ -52,7 +52,7 @@ def _entry(
 ) -> SteeringEntry:
     rule = StrengthRule(target.rule_kwarg, tuple((x, s) for x, s in rule_points)) if target.rule_kwarg and rule_points else None
     applies_to = AppliesTo(target.instruction_id, dict(target.fixed_kwargs), rule)
-    stop = search.stop_strings(target, settings.stop_after_keyword)
+    stop = search.entry_stop_strings(target, direction, settings)
     return replace(search.make_entry(target, direction, candidate, strength, stop), applies_to=applies_to)
 
 

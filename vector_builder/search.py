@@ -161,7 +161,9 @@ class SearchSettings:
     that many sampled words (None: each word alone). The guards (module docstring):
     ``max_repetition``, ``allowed_degenerate`` and ``min_length_ratio``, described in the derived
     ``degeneracy_guard``. ``stop_after_keyword``: keyword-inclusion entries stop steering an answer once
-    it contains the word (their ``stop_after``), in validation as in evaluation. ``stop_after_tokens``:
+    it contains the word (their ``stop_after``), in validation as in evaluation; with
+    ``stop_after_first_token``, token-method ones also once the pushed first token of a longer word is
+    written (:func:`stop_strings`). ``stop_after_tokens``:
     token counts tried as every candidate's ``stop_after_tokens`` rule besides steering to the end
     (:func:`candidates`); empty: not searched. ``start_after_tokens``: likewise, token counts tried as a
     delayed start (the answer's first K tokens written unsteered) besides steering from the prompt on.
@@ -178,6 +180,7 @@ class SearchSettings:
     min_length_ratio: float = 0.5
     degeneracy_guard: str = field(init=False)
     stop_after_keyword: bool = True
+    stop_after_first_token: bool = True
     stop_after_tokens: tuple[int, ...] = ()
     start_after_tokens: tuple[int, ...] = ()
 
@@ -248,12 +251,21 @@ def strength_of(target: Target, direction: Direction, candidate: Candidate, base
     return float(target.sign * m * float(direction.shift[layer]))
 
 
-def stop_strings(target: Target, stop_after_keyword: bool) -> tuple[str, ...]:
+def stop_strings(target: Target, stop_after_keyword: bool, first_piece: str | None = None) -> tuple[str, ...]:
     """An entry's ``stop_after``: a keyword-inclusion target's word (once written, the vector has done
-    its job, and pushing on makes the model repeat it), when ``stop_after_keyword``; else nothing."""
+    its job, and pushing on makes the model repeat it), when ``stop_after_keyword``; else nothing.
+    ``first_piece`` (a token direction's pushed first token of a longer word, see
+    :func:`vector_builder.methods.token.first_piece`) is a stop string too: the push can write only
+    that piece, so the word itself might never be completed under it."""
     if not stop_after_keyword or target.instruction_id != "keywords:existence" or target.sign < 0:
         return ()
-    return tuple(str(word) for word in target.fixed_kwargs.get("keywords", ()))
+    words = tuple(str(word) for word in target.fixed_kwargs.get("keywords", ()))
+    return words + ((first_piece,) if first_piece else ())
+
+
+def entry_stop_strings(target: Target, direction: Direction, settings: SearchSettings) -> tuple[str, ...]:
+    """:func:`stop_strings` under ``settings`` (``stop_after_keyword``, ``stop_after_first_token``)."""
+    return stop_strings(target, settings.stop_after_keyword, direction.first_piece if settings.stop_after_first_token else None)
 
 
 def make_entry(target: Target, direction: Direction, candidate: Candidate, strength: float, stop_after: tuple[str, ...] = ()) -> SteeringEntry:
@@ -381,7 +393,7 @@ class _Jobs:
 
     def add(self, task: Task, settings: SearchSettings) -> None:
         target, direction = task.target, task.direction
-        stop = stop_strings(target, settings.stop_after_keyword)
+        stop = entry_stop_strings(target, direction, settings)
         self.strengths[target.name] = [None if c.layer is None else strength_of(target, direction, c, settings.strength_base) for c in task.candidates]
         self.grid[target.name] = []
         for candidate, strength in zip(task.candidates, self.strengths[target.name]):

@@ -12,7 +12,9 @@ strength ``m × r[L]`` then reads as a fraction ``m`` of the stream's own size, 
 one pooled choice of layer and multiplier carry across words and layers (the raw norms grow
 tenfold over SmolLM2's depth). Adding ``W_U[t]`` raises the logit of ``t`` wherever the stream is
 read out, so the model says the word; subtracting it (``keywords:forbidden_words``, sign −1) makes
-the word less likely. Only the first token of a multi-token word is pushed.
+the word less likely. Only the first token of a multi-token word is pushed, so such a direction
+records that token's text (:func:`first_piece`): once it is written, pushing on can only repeat it
+(``"Argent Argent …"``), and inclusion entries also stop there (``--stop-after-first-token``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from vector_builder.methods import twin_key
 from vector_builder.runner import Runner
 
 _PREFIX = "Say"  # a word's first token is taken as it follows this prefix (mid-sentence spelling)
+MIN_PIECE = 3  # shortest first-token text that stops an inclusion entry (see first_piece)
 
 
 class TokenDirectionError(ValueError):
@@ -44,6 +47,14 @@ def first_token(tokenizer: Any, word: str) -> int:
     if full[: len(prefix)] != prefix or len(full) == len(prefix):
         raise TokenDirectionError(f"keyword {word!r}: cannot find its first token after {_PREFIX!r} in this tokenizer")
     return full[len(prefix)]
+
+
+def first_piece(tokenizer: Any, word: str) -> str | None:
+    """The text of ``word``'s first token (:func:`first_token`, surrounding spaces removed) when the
+    word spans several tokens and that text is at least :data:`MIN_PIECE` characters (a shorter one
+    would match inside too many other words to mean the word was begun); else None."""
+    piece = tokenizer.decode([first_token(tokenizer, word)]).strip()
+    return piece if len(piece) >= MIN_PIECE and piece.lower() != word.lower() else None
 
 
 @torch.no_grad()
@@ -76,10 +87,11 @@ def residual_norms(model: nn.Module, sequences: Sequence[Sequence[int]], batch_s
     return (totals / max(count, 1)).to(torch.float32)
 
 
-def token_direction(key: str, unembedding_row: torch.Tensor, norms: torch.Tensor) -> Direction:
-    """``unit[L] = e / ‖e‖`` at every layer, ``shift[L] = strength[L] = r[L]`` (see the module docstring)."""
+def token_direction(key: str, unembedding_row: torch.Tensor, norms: torch.Tensor, piece: str | None = None) -> Direction:
+    """``unit[L] = e / ‖e‖`` at every layer, ``shift[L] = strength[L] = r[L]`` (see the module docstring);
+    ``piece``: the pushed token's text when the word is longer (its ``first_piece``)."""
     unit = (unembedding_row.float() / unembedding_row.float().norm()).expand(len(norms), -1).clone()
-    return Direction(key=key, unit=unit, strength=norms.clone(), baseline=torch.zeros_like(norms), shift=norms.clone(), count=0)
+    return Direction(key=key, unit=unit, strength=norms.clone(), baseline=torch.zeros_like(norms), shift=norms.clone(), count=0, first_piece=piece)
 
 
 def token_directions(runner: Runner, specs: Sequence[prompts.DirectionSpec], train: Sequence[str]) -> dict[str, Direction]:
@@ -91,7 +103,7 @@ def token_directions(runner: Runner, specs: Sequence[prompts.DirectionSpec], tra
     directions = {}
     for key, word in words.items():
         name = twin_key(key, "token")
-        directions[name] = token_direction(name, output[first_token(runner.tokenizer, word)], norms)
+        directions[name] = token_direction(name, output[first_token(runner.tokenizer, word)], norms, first_piece(runner.tokenizer, word))
     return directions
 
 
