@@ -100,3 +100,16 @@ def test_files_built_on_different_models_are_refused(old_and_new, tmp_path):
     with pytest.raises(VectorFileError, match="base.safetensors: built on 'tiny-llama-base', not on 'tiny-llama'"):
         merge([old, base], str(tmp_path / "merged.safetensors"))
     assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_a_packaged_file_is_named_as_vectors_show_names_it(tmp_path, capsys):
+    from lm_eval_steer.core.paths import packaged_vector_files
+
+    packaged = load_vector_file(packaged_vector_files()["smollm2-135m-instruct"])
+    out = tmp_path / "lowercase.safetensors"
+    merged, taken_from = merge(["smollm2-135m-instruct#change_case:*"], str(out))
+    expected = [e.name for e in packaged.entries if e.name.startswith("change_case:")]
+    assert [e.name for e in merged.entries] == expected and set(taken_from.values()) == {str(packaged_vector_files()["smollm2-135m-instruct"])}
+    assert main(["merge", "no-such-model", "--out", str(tmp_path / "x.safetensors")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "no-such-model" in error and "smollm2-135m-instruct" in error

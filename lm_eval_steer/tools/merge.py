@@ -11,6 +11,7 @@ its path, sha256, the entries taken from it and its own metadata (a builder's se
 curves stay with the vectors they describe).
 
     lm-eval-steer merge old.safetensors rebuilt.safetensors --out best.safetensors
+    lm-eval-steer merge smollm2-135m-instruct rebuilt.safetensors --out best.safetensors   # a packaged file by name
 
 A source may be narrowed to the entries whose names match a glob, written after ``#``: 
 ``keywords.safetensors#keywords:forbidden_words:*`` takes only that file's exclusion entries.
@@ -24,6 +25,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from lm_eval_steer.core.paths import resolve_vectors
 from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
 from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, VectorFileError, load_vector_file, save_vector_file
 
@@ -41,11 +43,12 @@ def _check_not_stacked(chosen: dict[str, tuple[SteeringEntry, VectorFile]]) -> N
 
 
 def split_source(source: str) -> tuple[str, str]:
-    """``FILE#GLOB`` -> (FILE, GLOB); a plain ``FILE`` takes every entry (``*``)."""
+    """``FILE#GLOB`` -> (FILE, GLOB); a plain ``FILE`` takes every entry (``*``). ``FILE`` may be a
+    packaged file's name (:func:`~lm_eval_steer.core.paths.resolve_vectors`)."""
     path, _, pattern = source.partition("#")
     if not path or (source.count("#") and not pattern):
         raise VectorFileError(f"{source}: write a source as FILE or FILE#GLOB (entry names matching GLOB)")
-    return path, pattern or "*"
+    return resolve_vectors(path), pattern or "*"
 
 
 def merge(sources: Sequence[str], out: str, stack: bool = False) -> tuple[VectorFile, dict[str, str]]:
