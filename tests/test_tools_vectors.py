@@ -69,7 +69,7 @@ def test_show_and_list_print_through_the_cli(capsys: pytest.CaptureFixture[str])
     assert "smollm2-135m-instruct" in listing and "| 95 " in listing
     assert main(["vectors", "show", "smollm2-135m-instruct"]) == 0
     shown = capsys.readouterr().out
-    assert "keywords:existence:Argentinian" in shown and "smollm2-keywords-token-stop.safetensors" in shown and "sha256" in shown
+    assert "keywords:existence:Argentinian" in shown and "smollm2-keywords-token-delayed-writing.safetensors" in shown and "from token 16" in shown
 
 
 def test_an_unknown_name_through_the_lm_eval_cli_is_one_line_exit_2_before_any_loading(tiny_model_dir: Path, tmp_path: Path) -> None:
