@@ -323,23 +323,29 @@ def test_resume_with_other_guards_reuses_the_checkpoint_and_equals_a_fresh_build
         run_build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True, **{**kwargs, "search": replace(SEARCH, max_repetition=0.3)})
 
 
+def windowed_build(tiny, tmp_path, **windows):
+    """A diffmean build of three format instructions searching the given answer-window axes:
+    ``(result, report payload, {entry name: its chosen candidate's report row}, written entries)``."""
+    model, tokenizer = tiny
+    out = tmp_path / "vec.safetensors"
+    result = run_build(model, tokenizer, instructions=["punctuation:no_comma", "change_case:english_lowercase", "startend:quotation"], out=out,
+                       report_dir=tmp_path / "rep", model="tiny", scorer=hash_scorer, **dict(SMALL, search=replace(SEARCH, **windows)))
+    payload = json.loads(result.report_path.read_text())
+    chosen = {t["name"]: next(c for c in t["candidates"] if c["chosen"]) for t in payload["targets"] if t["chosen"] != "none"}
+    assert chosen, "the hash scorer should make at least one candidate win"
+    return result, payload, chosen, load_vector_file(out).entries
+
+
 def test_a_build_searches_token_stop_rules_and_writes_the_chosen_one(tiny, tmp_path, capsys):
     """``--stop-after-tokens``: every candidate is also tried steering only its first N answer tokens;
     the chosen candidate's rule becomes its entry's ``stop_after_tokens``."""
-    model, tokenizer = tiny
-    out = tmp_path / "vec.safetensors"
-    settings = dict(SMALL, search=replace(SEARCH, stop_after_tokens=(2,)))
-    result = run_build(model, tokenizer, instructions=["punctuation:no_comma", "change_case:english_lowercase", "startend:quotation"], out=out,
-                       report_dir=tmp_path / "rep", model="tiny", scorer=hash_scorer, **settings)
-    payload = json.loads(result.report_path.read_text())
+    result, payload, chosen, entries = windowed_build(tiny, tmp_path, stop_after_tokens=(2,))
     assert payload["settings"]["search"]["stop_after_tokens"] == [2]
     for row in payload["targets"]:
         labels = [c["candidate"] for c in row["candidates"]]
         assert labels == ["none", "L1x1@2", "L1x1", "L1x4@2", "L1x4", "L2x1@2", "L2x1", "L2x4@2", "L2x4"]
         assert [c["stop_after_tokens"] for c in row["candidates"][1:3]] == [2, None]
-    chosen = {t["name"]: next(c for c in t["candidates"] if c["chosen"]) for t in payload["targets"] if t["chosen"] != "none"}
-    assert chosen, "the hash scorer should make at least one candidate win"
-    for entry in load_vector_file(out).entries:
+    for entry in entries:
         assert entry.stop_after_tokens == chosen[entry.name]["stop_after_tokens"]
     # the printed summary names the chosen rule beside layer and strength
     print_summary(result)
@@ -352,20 +358,13 @@ def test_a_build_searches_token_stop_rules_and_writes_the_chosen_one(tiny, tmp_p
 def test_a_build_searches_delayed_starts_and_writes_the_chosen_one(tiny, tmp_path, capsys):
     """``--start-after-tokens``: every candidate is also tried starting after the answer's first K
     tokens; the chosen candidate's start becomes its entry's ``start_after_tokens``."""
-    model, tokenizer = tiny
-    out = tmp_path / "vec.safetensors"
-    settings = dict(SMALL, search=replace(SEARCH, start_after_tokens=(2,), stop_after_tokens=(4,)))
-    result = run_build(model, tokenizer, instructions=["punctuation:no_comma", "change_case:english_lowercase", "startend:quotation"], out=out,
-                       report_dir=tmp_path / "rep", model="tiny", scorer=hash_scorer, **settings)
-    payload = json.loads(result.report_path.read_text())
+    result, payload, chosen, entries = windowed_build(tiny, tmp_path, start_after_tokens=(2,), stop_after_tokens=(4,))
     assert payload["settings"]["search"]["start_after_tokens"] == [2]
     for row in payload["targets"]:
         labels = [c["candidate"] for c in row["candidates"]]
         assert labels[:5] == ["none", "L1x1>2@4", "L1x1@4", "L1x1>2", "L1x1"] and len(labels) == 1 + 4 * 4
         assert [(c["start_after_tokens"], c["stop_after_tokens"]) for c in row["candidates"][1:5]] == [(2, 4), (None, 4), (2, None), (None, None)]
-    chosen = {t["name"]: next(c for c in t["candidates"] if c["chosen"]) for t in payload["targets"] if t["chosen"] != "none"}
-    assert chosen, "the hash scorer should make at least one candidate win"
-    for entry in load_vector_file(out).entries:
+    for entry in entries:
         assert (entry.start_after_tokens, entry.stop_after_tokens) == (chosen[entry.name]["start_after_tokens"], chosen[entry.name]["stop_after_tokens"])
     print_summary(result)
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.split()[0] in chosen}
