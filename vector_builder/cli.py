@@ -20,7 +20,7 @@ from vector_builder.methods.learned import LearnedSettings
 from vector_builder.methods.learned.targets import TargetSettings
 from vector_builder.pipeline import BuildResult, Validation, build, check_outputs
 from vector_builder.runner import GenerationSettings
-from vector_builder.search import WITH_INSTRUCTION_TOO, WITHOUT_INSTRUCTION, SearchSettings
+from vector_builder.search import WITH_INSTRUCTION_TOO, WITHOUT_INSTRUCTION, SearchSettings, window_words
 from vector_builder.settings import BuildSettings
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": "auto"}
@@ -175,9 +175,8 @@ def print_summary(result: BuildResult) -> None:
     for name, outcome in result.results.items():
         chosen = outcome.candidate(outcome.chosen) if outcome.chosen else None
         strength = f"strength {chosen.strength:.3g}" if chosen is not None and chosen.strength is not None else f"multiplier {chosen.multiplier:g}" if chosen else ""
-        start = "" if chosen is None or chosen.start_after_tokens is None else f", from token {chosen.start_after_tokens}"
-        stop = start + ("" if chosen is None or chosen.stop_after_tokens is None else f", first {chosen.stop_after_tokens} tokens")
-        summary = "no steering (left out)" if chosen is None else f"layer {chosen.layer}, {strength}{stop}, val {chosen.score:.2f}"
+        window = "" if chosen is None else window_words(chosen.start_after_tokens, chosen.stop_after_tokens)
+        summary = "no steering (left out)" if chosen is None else f"layer {chosen.layer}, {strength}{window}, val {chosen.score:.2f}"
         print(f"{name:55s} unsteered {outcome.candidates[0].score:.2f} -> {summary}")
     kept = {name: method for name, method in result.methods.items() if method is not None}
     if kept:

@@ -36,7 +36,7 @@ from lm_eval_steer.core.errors import UserError, one_line
 from vector_builder.activations import RunningSum
 from vector_builder.methods.learned.stage import LearnedDirection
 from vector_builder.methods.learned.training import TrainedVector
-from vector_builder.search import TargetResult
+from vector_builder.search import CandidateResult, TargetResult, window_words
 
 REPORT_NAME = "report.json"
 PLOT_NAME = "scores.png"
@@ -275,6 +275,11 @@ def _save(figure: Any, path: Path) -> Path:
     return path
 
 
+def _line_of(item: CandidateResult) -> tuple[float, int, int]:
+    """The plot line a candidate is drawn on: its multiplier and answer window (0: no such rule)."""
+    return item.multiplier, item.stop_after_tokens or 0, item.start_after_tokens or 0
+
+
 def write_plot(report_dir: str | Path, results: Sequence[TargetResult]) -> Path:
     """One panel per target: validation score vs layer, a line per multiplier (and answer window), dashed = no steering,
     star = chosen, x = disqualified by the degeneracy or length guard; beside each point that changes
@@ -283,10 +288,9 @@ def write_plot(report_dir: str | Path, results: Sequence[TargetResult]) -> Path:
     for axis, result in zip(axes, results):
         baseline = result.candidates[0]
         axis.axhline(baseline.score, color="grey", linestyle="--", label="no steering")
-        lines = sorted({(item.multiplier, item.stop_after_tokens or 0, item.start_after_tokens or 0) for item in result.candidates[1:]})
-        for multiplier, stop, start in lines:
-            points = [item for item in result.candidates[1:] if (item.multiplier, item.stop_after_tokens or 0, item.start_after_tokens or 0) == (multiplier, stop, start)]
-            label = f"×{multiplier:g}" + (f", from token {start}" if start else "") + (f", first {stop} tokens" if stop else "")
+        for multiplier, stop, start in sorted({_line_of(item) for item in result.candidates[1:]}):
+            points = [item for item in result.candidates[1:] if _line_of(item) == (multiplier, stop, start)]
+            label = f"×{multiplier:g}" + window_words(start or None, stop or None)
             axis.plot([p.layer for p in points], [p.score for p in points], marker="o", label=label)
             bad = [p for p in points if p.disqualified]
             axis.scatter([p.layer for p in bad], [p.score for p in bad], marker="x", color="red", zorder=3)

@@ -70,6 +70,13 @@ def candidate_label(layer: int | None, multiplier: float, stop_after_tokens: int
     return f"L{layer}x{multiplier:g}{start}" + ("" if stop_after_tokens is None else f"@{stop_after_tokens}")
 
 
+def window_words(start_after_tokens: int | None, stop_after_tokens: int | None) -> str:
+    """A candidate's answer window as the build summary and plot legend write it after layer and
+    strength: ``", from token 4, first 64 tokens"``, one part per rule it has (empty for neither)."""
+    start = "" if start_after_tokens is None else f", from token {start_after_tokens}"
+    return start + ("" if stop_after_tokens is None else f", first {stop_after_tokens} tokens")
+
+
 def default_layers(num_layers: int, step: int = 2) -> list[int]:
     """The paper's candidates: from about ``num_layers / 5`` up to the last layer, every ``step``."""
     return list(range(max(1, round(num_layers / 5)), num_layers, step))
@@ -206,10 +213,14 @@ class SearchSettings:
             raise ValueError(f"--multipliers must be finite numbers, got {list(self.multipliers)}")
         if not self.token_multipliers or not all(math.isfinite(m) and m > 0 for m in self.token_multipliers):
             raise ValueError(f"--token-multipliers must be positive finite numbers, got {list(self.token_multipliers)}")
-        if any(n < 1 for n in self.stop_after_tokens) or len(set(self.stop_after_tokens)) != len(self.stop_after_tokens):
-            raise ValueError(f"--stop-after-tokens must be distinct positive token counts, got {list(self.stop_after_tokens)}")
-        if any(n < 1 for n in self.start_after_tokens) or len(set(self.start_after_tokens)) != len(self.start_after_tokens):
-            raise ValueError(f"--start-after-tokens must be distinct positive token counts, got {list(self.start_after_tokens)}")
+        for flag, counts in self.window_axes.items():
+            if any(n < 1 for n in counts) or len(set(counts)) != len(counts):
+                raise ValueError(f"{flag} must be distinct positive token counts, got {list(counts)}")
+
+    @property
+    def window_axes(self) -> dict[str, tuple[int, ...]]:
+        """The answer-window token counts searched, by command-line flag."""
+        return {"--stop-after-tokens": self.stop_after_tokens, "--start-after-tokens": self.start_after_tokens}
 
     @property
     def with_instruction_too(self) -> bool:

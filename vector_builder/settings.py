@@ -56,14 +56,12 @@ class BuildSettings:
         object.__setattr__(self, "instructions", tuple(str(item) for item in self.instructions))
         object.__setattr__(self, "keywords", tuple(str(item) for item in self.keywords))
         methods.methods_of(self.method)  # raises for an unknown method
-        too_long = [n for n in self.search.stop_after_tokens if n >= self.generation.max_new_tokens]
-        if too_long:
-            # validation answers end there, so such a rule could not be told from steering to the end
-            raise ValueError(f"--stop-after-tokens {too_long} must be below --max-new-tokens {self.generation.max_new_tokens}")
-        too_late = [n for n in self.search.start_after_tokens if n >= self.generation.max_new_tokens]
-        if too_late:
-            # validation answers end there, so such a start could not be told from not steering at all
-            raise ValueError(f"--start-after-tokens {too_late} must be below --max-new-tokens {self.generation.max_new_tokens}")
+        for flag, counts in self.search.window_axes.items():
+            # Validation answers end at --max-new-tokens, so a stop there could not be told from steering
+            # to the end, nor a start there from not steering at all.
+            beyond = [n for n in counts if n >= self.generation.max_new_tokens]
+            if beyond:
+                raise ValueError(f"{flag} {beyond} must be below --max-new-tokens {self.generation.max_new_tokens}")
 
     @property
     def method_names(self) -> tuple[str, ...]:

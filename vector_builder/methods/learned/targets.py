@@ -157,23 +157,23 @@ def generate_texts(runner: Runner, messages: Sequence[str], settings: TargetSett
     return answers
 
 
-@dataclass(frozen=True)
+@dataclass
 class TargetCheck:
     """Whether an answer may be a target: it passes the checker and, with ``settings.max_repetition``,
-    does not loop. ``refused`` collects the looping answers that passed the checker (for the report)."""
+    does not loop. ``refused`` counts the looping answers that passed the checker (for the report)."""
 
     runner: Runner
     spec: prompts.DirectionSpec
     settings: TargetSettings
     checker: Scorer
-    refused: list[str]
+    refused: int = 0
 
     def __call__(self, prompt: prompts.Prompt, answer: str) -> bool:
         if not self.checker(self.spec.instruction_id, prompt.kwargs, prompt.checker_prompt, answer):
             return False
         limit = self.settings.max_repetition
         if limit is not None and is_degenerate(self.runner.tokenizer.encode(answer, add_special_tokens=False), limit):
-            self.refused.append(answer)
+            self.refused += 1
             return False
         return True
 
@@ -194,7 +194,7 @@ def collect(
     instructed = prompts.training_prompts(spec, queries, runner.settings.seed)
     messages = [p.checker_prompt for p in instructed]
     greedy = [answers[0] for answers in generate_texts(runner, messages, settings, sample=False, desc=f"targets {spec.key}")]
-    accept = TargetCheck(runner, spec, settings, checker, refused=[])
+    accept = TargetCheck(runner, spec, settings, checker)
     chosen: dict[int, tuple[str, Source]] = {}
     for index, (prompt, answer) in enumerate(zip(instructed, greedy)):
         if accept(prompt, answer):
@@ -218,4 +218,4 @@ def collect(
         TargetResponse(query=instructed[index].text, kwargs=instructed[index].kwargs, response=response, source=source)
         for index, (response, source) in sorted(chosen.items())
     ]
-    return found, len(accept.refused)
+    return found, accept.refused
