@@ -177,6 +177,16 @@ def test_layer_override_out_of_range_and_project_on_a_zero_add_vector(tiny_model
         SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(zero), mode="project", device="cpu")
 
 
+def test_positions_prompt_on_a_delayed_start_entry_is_refused_since_it_would_steer_nothing(tiny_model_dir, tmp_path):
+    delayed = tmp_path / "delayed.safetensors"
+    entry = SteeringEntry("late", torch.ones(64), 1, "add", 1.0, positions="generated", start_after_tokens=8)
+    save_vector_file(delayed, [entry], model="tiny-llama", hidden_size=64, num_layers=4)
+    with pytest.raises(VectorFileError, match=r"delayed.safetensors: entry 'late': positions=prompt would steer nothing.*after 8 answer tokens"):
+        SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(delayed), positions="prompt", device="cpu")
+    for positions in ("all", "generated"):  # the answer window lies in these
+        SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(delayed), positions=positions, device="cpu")
+
+
 def test_vector_files_are_checked_before_the_weights_load(tmp_path):
     """A bad vector file or argument is reported even when the model could never load."""
     with pytest.raises(VectorFileError, match="no such file"):

@@ -105,7 +105,7 @@ class SteeredHFLM(HFLM):
         check_near_misses(kwargs, HFLM_ARGS | {name for name in kwargs if early is not None and hasattr(early, name)})
         self.vector_files = [load_vector_file(path) for path in args.vector_paths]
         for vector_file in self.vector_files:
-            check_applicable(vector_file, self.overrides.mode, self.overrides.scale)
+            check_applicable(vector_file, self.overrides.mode, self.overrides.scale, self.overrides.positions)
         shape = ModelShape.of_config(early) if early is not None else None
         if shape is not None:  # before any weights load
             self._check_fits(shape)

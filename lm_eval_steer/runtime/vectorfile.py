@@ -374,12 +374,19 @@ def _file_shape(metadata: Mapping[str, str], check: _Checker) -> tuple[int, int]
     return file_hidden, file_layers
 
 
-def check_applicable(vector_file: VectorFile, mode: str | None = None, scale: float = 1.0) -> None:
+def check_applicable(vector_file: VectorFile, mode: str | None = None, scale: float = 1.0, positions: str | None = None) -> None:
     """Raises VectorFileError unless every entry can still be applied under run-wide overrides: every
-    strength times ``scale`` finite in float32, and the vector fit for ``mode`` (e.g. an ``add``
-    vector of zeros has no direction for ``mode=project``)."""
+    strength times ``scale`` finite in float32, the vector fit for ``mode`` (e.g. an ``add`` vector
+    of zeros has no direction for ``mode=project``), and no ``start_after_tokens`` entry forced to
+    ``positions=prompt`` (it would steer nothing: its window lies in the answer)."""
     check = _Checker(vector_file.path or "<vector file>")
     for entry in vector_file.entries:
+        if positions == "prompt" and entry.start_after_tokens is not None:
+            raise check.fail(
+                f"positions=prompt would steer nothing here: the entry starts after {entry.start_after_tokens} answer tokens "
+                "(start_after_tokens); leave positions= out or use 'all' or 'generated'",
+                entry.name,
+            )
         strengths = [check.number(scale * strength, "strength x scale", entry.name) for strength in _strengths(entry.strength, entry.applies_to)]
         _checked_vector(entry.vector, mode or entry.mode, strengths, check, entry.name)
 
