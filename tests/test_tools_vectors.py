@@ -47,7 +47,10 @@ def test_an_unknown_name_is_refused_in_one_line_listing_the_packaged_names(capsy
         parse_vector_paths("smollm2")
     assert main(["vectors", "show", "smollm2"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("lm-eval-steer vectors: error: vectors='smollm2'")
+    assert line.startswith("lm-eval-steer vectors: error: 'smollm2': no such file")  # a file argument, not vectors=
+    assert main(["merge", "smollm2", "other.safetensors", "--out", "merged.safetensors"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("lm-eval-steer merge: error: 'smollm2': no such file") and "packaged: " in line
 
 
 def test_show_lists_every_entry_with_its_rule_method_and_source(tmp_path: Path) -> None:

@@ -69,16 +69,17 @@ def packaged_vector_files() -> dict[str, Path]:
     return {path.name.removesuffix(VECTOR_SUFFIX): path.resolve() for path in sorted(folder.glob(f"*{VECTOR_SUFFIX}"))}
 
 
-def resolve_vectors(spec: str) -> str:
+def resolve_vectors(spec: str, argument: str = "vectors=") -> str:
     """The vector file ``spec`` stands for: itself when it exists or is written as a path (a folder
     separator or the ``.safetensors`` suffix), else the packaged file of that name. An unknown bare
-    name is refused in one line listing the packaged names."""
+    name is refused in one line listing the packaged names, prefixed with ``argument`` (how the user
+    gave it: ``vectors=`` in model args, nothing for a command's file argument)."""
     if os.path.exists(spec) or "/" in spec or os.sep in spec or spec.endswith(VECTOR_SUFFIX):
         return spec  # a path: the loader names it if it is missing or malformed
     files = packaged_vector_files()
     if spec in files:
         return str(files[spec])
-    raise UnknownVectorName(f"vectors={brief(spec)}: no such file, and no packaged vector file of that name (packaged: {', '.join(files) or 'none'})")
+    raise UnknownVectorName(f"{argument}{brief(spec)}: no such file, and no packaged vector file of that name (packaged: {', '.join(files) or 'none'})")
 
 
 def smollm2_dir() -> Path | None:

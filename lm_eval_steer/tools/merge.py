@@ -48,7 +48,7 @@ def split_source(source: str) -> tuple[str, str]:
     path, _, pattern = source.partition("#")
     if not path or (source.count("#") and not pattern):
         raise VectorFileError(f"{source}: write a source as FILE or FILE#GLOB (entry names matching GLOB)")
-    return resolve_vectors(path), pattern or "*"
+    return resolve_vectors(path, argument=""), pattern or "*"
 
 
 def merge(sources: Sequence[str], out: str, stack: bool = False) -> tuple[VectorFile, dict[str, str]]:

@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "list":
         print(list_table(packaged()))
     elif args.action == "show":
-        print(describe(load_vector_file(resolve_vectors(args.file))))
+        print(describe(load_vector_file(resolve_vectors(args.file, argument=""))))
     else:
         write_text(args.out, catalog())
         print(f"wrote {args.out}")
