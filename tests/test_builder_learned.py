@@ -232,6 +232,13 @@ def offline_scorer():
     prepare_scorer()
 
 
+def test_the_constrained_response_repair_opens_with_the_answers_own_yes_or_no():
+    repair = targets.REPAIRS["detectable_format:constrained_response"]
+    assert repair("No, a poodle is smaller.", {}, "Is a poodle bigger?") == "My answer is no. No, a poodle is smaller."
+    assert repair("  Yes! It is.", {}, "?").startswith("My answer is yes. Yes!")
+    assert repair("Nobody knows.", {}, "?").startswith("My answer is maybe. Nobody"), "a word that merely starts with 'no' is not a no"
+
+
 @settings(max_examples=30, deadline=None)
 @given(response=TEXT, instruction_id=st.sampled_from(sorted(REPAIRABLE)))
 def test_repairs_pass_the_strict_checker(offline_scorer, response, instruction_id):

@@ -98,6 +98,15 @@ def _capital_words(response: str, kwargs: Mapping[str, Any]) -> str | None:
     return "\n".join(lines) if capitals >= needed else None
 
 
+def _constrained(response: str) -> str:
+    """``My answer is yes/no/maybe.`` put first (yes or no when the answer opens with that word), so
+    the phrase is what a vector learns to write at the start, not a tail after a long answer."""
+    opening = re.match(r"\W*(\w+)", response)
+    word = opening.group(1).lower() if opening else ""
+    choice = word if word in ("yes", "no") else "maybe"
+    return f"My answer is {choice}. {response.lstrip()}"
+
+
 def _first_sentences(response: str, kwargs: Mapping[str, Any]) -> str | None:
     """Fewer than N sentences: keep the first N − 1 (split after ``.``, ``!`` or ``?``)."""
     if kwargs.get("relation") != "less than":
@@ -128,7 +137,7 @@ REPAIRS: Mapping[str, Callable[[str, Mapping[str, Any], str], str | None]] = {
     "startend:end_checker": lambda response, kwargs, query: f"{response.rstrip()}\n\n{kwargs['end_phrase']}" if kwargs.get("end_phrase") else None,
     "detectable_format:title": lambda response, kwargs, query: f"<<{_title(query)}>>\n\n{response.lstrip()}",
     "detectable_format:json_format": lambda response, kwargs, query: "```json\n" + json.dumps({"answer": response.strip()}, indent=2) + "\n```",
-    "detectable_format:constrained_response": lambda response, kwargs, query: f"{response.rstrip()}\n\nMy answer is yes.",
+    "detectable_format:constrained_response": lambda response, kwargs, query: _constrained(response),
     "detectable_format:number_highlighted_sections": lambda response, kwargs, query: _highlight(response, int(kwargs.get("num_highlights", 1))),
     "length_constraints:number_sentences": lambda response, kwargs, query: _first_sentences(response, kwargs),
     "length_constraints:number_words": lambda response, kwargs, query: _first_words(response, kwargs),
