@@ -218,14 +218,16 @@ def test_cli_build_on_saved_tiny_model(tiny_model_dir, tmp_path, capsys):
         code = main(["build", "--model_args", f"pretrained={tiny_model_dir},dtype=float32,device=cpu", "--instructions", "punctuation:no_comma",
                      "--queries", str(queries), "--out", str(tmp_path / "v.safetensors"), "--report", str(tmp_path / "rep"),
                      "--layers", "1,3", "--multipliers", "1", "--n-train", "5", "--n-val", "2", "--batch-size", "4", "--max-new-tokens", "5",
-                     "--method", "both", "--learned-layers", "2", "--learned-steps", "2", "--target-samples", "0", "--target-max-tokens", "5"])
+                     "--method", "both", "--learned-layers", "2", "--learned-steps", "2", "--target-samples", "0", "--target-max-tokens", "5",
+                     "--objective", "fluent"])
     text = capsys.readouterr().out
-    assert code in (0, 1) and "punctuation:no_comma" in text
+    assert code in (0, 1) and "punctuation:no_comma" in text and "(fluent " in text
     assert (tmp_path / "rep" / "report.json").is_file() and (tmp_path / "rep" / "scores.png").is_file()
     assert (code == 0) == (tmp_path / "v.safetensors").is_file()
     report_json = json.loads((tmp_path / "rep" / "report.json").read_text())
     # answers without commas pass no_comma (and repair removes commas): a learned vector is trained at layer 2
     assert report_json["settings"]["method"] == "both" and report_json["settings"]["learned"]["layers"] == [2]
+    assert report_json["settings"]["search"]["objective"] == "fluent" and all("fluent_score" in c for c in report_json["targets"][0]["candidates"])
     assert list(report_json["learned"]["punctuation:no_comma"]["layers"]) == ["2"]
     assert (tmp_path / "rep" / "training.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -303,7 +305,7 @@ def test_learned_build_resumes_to_the_same_file(tiny, tmp_path, monkeypatch):
 def test_resume_with_other_guards_reuses_the_checkpoint_and_equals_a_fresh_build(tiny, tmp_path, monkeypatch):
     model, tokenizer = tiny
     kwargs = dict(instructions=["punctuation:no_comma", "startend:quotation"], model="tiny", scorer=hash_scorer, **SMALL)
-    guards = dict(search=replace(SEARCH, allowed_degenerate=2, min_length_ratio=0.9))
+    guards = dict(search=replace(SEARCH, allowed_degenerate=2, min_length_ratio=0.9, objective="fluent"))
     run_build(model, tokenizer, out=tmp_path / "first.safetensors", report_dir=tmp_path / "resumed", **kwargs)
     fresh = run_build(model, tokenizer, out=tmp_path / "fresh.safetensors", report_dir=tmp_path / "fresh", **{**kwargs, **guards})
 
@@ -314,7 +316,7 @@ def test_resume_with_other_guards_reuses_the_checkpoint_and_equals_a_fresh_build
     resumed = run_build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", resume=True, **{**kwargs, **guards})
     strip = lambda r: {k: v for k, v in json.loads(r.report_path.read_text()).items() if k not in ("timing_seconds", "peak_rss_mib", "vector_file", "vector_file_sha256")}  # noqa: E731
     assert strip(resumed) == strip(fresh)
-    assert strip(resumed)["settings"]["search"]["allowed_degenerate"] == 2
+    assert strip(resumed)["settings"]["search"]["allowed_degenerate"] == 2 and strip(resumed)["settings"]["search"]["objective"] == "fluent"
     assert (fresh.vector_file is None) == (resumed.vector_file is None)
     if fresh.vector_file is not None:
         assert _file_content(tmp_path / "fresh.safetensors") == _file_content(tmp_path / "resumed.safetensors")

@@ -70,6 +70,23 @@ def test_the_guard_judges_each_answer_against_its_own_unsteered_answer():
     assert search.looping_changes(swapped, unsteered) == (1, 1)
 
 
+def test_the_fluent_objective_counts_only_passes_that_do_not_loop():
+    # unsteered: one pass, no loop. L1 passes three times, but two of those loop (both looped unsteered
+    # already, so the guard lets them through); L2 passes twice without looping.
+    unsteered = search.CandidateResult("none", None, 0.0, None, follows=[True, False, False, False], degenerate=[False, True, True, False], responses=[""] * 4)
+    looping = search.CandidateResult("L1x1", 1, 1.0, 1.0, follows=[True, True, True, False], degenerate=[False, True, True, False], responses=[""] * 4)
+    fluent = search.CandidateResult("L2x1", 2, 1.0, 1.0, follows=[True, False, False, True], degenerate=[False, True, True, False], responses=[""] * 4)
+    assert (looping.score, looping.fluent_score, fluent.score, fluent.fluent_score) == (0.75, 0.25, 0.5, 0.5)
+    result = search.TargetResult("t", [unsteered, looping, fluent])
+    assert search._choose(result, SETTINGS, FMT) == "L1x1"
+    assert search._choose(result, replace(SETTINGS, objective="fluent"), FMT) == "L2x1"
+    # no candidate beats the unsteered fluent pass rate: no steering
+    result = search.TargetResult("t", [unsteered, looping])
+    assert search._choose(result, replace(SETTINGS, objective="fluent"), FMT) is None
+    with pytest.raises(ValueError, match="--objective must be one of follows, fluent"):
+        search.SearchSettings(objective="accuracy")
+
+
 def test_candidates_that_pass_by_answering_short_are_disqualified_except_for_length_instructions():
     def result() -> search.TargetResult:
         scores = {"none": [False, False], "L1x1": [True, True], "L3x1": [True, False]}

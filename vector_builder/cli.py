@@ -20,7 +20,7 @@ from vector_builder.methods.learned import LearnedSettings
 from vector_builder.methods.learned.targets import TargetSettings
 from vector_builder.pipeline import BuildResult, Validation, build, check_outputs
 from vector_builder.runner import GenerationSettings
-from vector_builder.search import WITH_INSTRUCTION_TOO, WITHOUT_INSTRUCTION, SearchSettings, window_words
+from vector_builder.search import OBJECTIVES, WITH_INSTRUCTION_TOO, WITHOUT_INSTRUCTION, CandidateResult, SearchSettings, window_words
 from vector_builder.settings import BuildSettings
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": "auto"}
@@ -67,6 +67,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="length guard: disqualify a candidate whose mean answer length is below this fraction of the unsteered mean "
         "(default 0.5; 0 turns it off; never applied to length instructions)",
     )
+    parser.add_argument("--objective", choices=OBJECTIVES, default="follows",
+                        help="the validation score each choice maximises: follows = share of answers the checker passes (default); "
+                        "fluent = share it passes that do not loop either. --resume chooses again under another objective without generating")
     parser.add_argument("--val-with-instruction", action="store_true",
                         help="also validate on the prompts with the instruction shown (doubles validation; guards the instructed setting)")
     parser.add_argument("--steer-first-token", action="store_true", help="also steer each row's first token (the attention sink); off by default")
@@ -145,6 +148,7 @@ def settings_from(args: argparse.Namespace) -> BuildSettings:
         stop_after_first_token=args.stop_after_first_token,
         stop_after_tokens=tuple(args.stop_after_tokens),
         start_after_tokens=tuple(args.start_after_tokens),
+        objective=args.objective,
     )
     learned = LearnedSettings(
         layers=tuple(args.learned_layers or ()),
@@ -168,6 +172,10 @@ def settings_from(args: argparse.Namespace) -> BuildSettings:
     )
 
 
+def _scores(item: CandidateResult) -> str:
+    return f"val {item.score:.2f} (fluent {item.fluent_score:.2f})"
+
+
 def print_summary(result: BuildResult) -> None:
     """Per target: the unsteered validation score and what was chosen."""
     for instruction_id, words in result.pooled.items():
@@ -176,8 +184,8 @@ def print_summary(result: BuildResult) -> None:
         chosen = outcome.candidate(outcome.chosen) if outcome.chosen else None
         strength = f"strength {chosen.strength:.3g}" if chosen is not None and chosen.strength is not None else f"multiplier {chosen.multiplier:g}" if chosen else ""
         window = "" if chosen is None else window_words(chosen.start_after_tokens, chosen.stop_after_tokens)
-        summary = "no steering (left out)" if chosen is None else f"layer {chosen.layer}, {strength}{window}, val {chosen.score:.2f}"
-        print(f"{name:55s} unsteered {outcome.candidates[0].score:.2f} -> {summary}")
+        summary = "no steering (left out)" if chosen is None else f"layer {chosen.layer}, {strength}{window}, {_scores(chosen)}"
+        print(f"{name:55s} unsteered {_scores(outcome.candidates[0])} -> {summary}")
     kept = {name: method for name, method in result.methods.items() if method is not None}
     if kept:
         print("kept: " + ", ".join(f"{name} ({method})" for name, method in kept.items()))

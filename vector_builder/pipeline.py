@@ -234,7 +234,7 @@ def chosen_entries(plan: Plan, directions: Mapping[str, Direction], searched: Se
         outcomes = {
             method: searched.pooled.get((target.instruction_id, method)) if pooled else searched.results.get(twin.name) for method, twin in twins.items()
         }
-        winners[target.name] = winner = methods.pick({method: outcome for method, outcome in outcomes.items() if outcome is not None})
+        winners[target.name] = winner = methods.pick({method: outcome for method, outcome in outcomes.items() if outcome is not None}, plan.settings.search.objective)
         if winner is None:
             continue
         twin, direction = twins[winner], directions[twins[winner].direction]
@@ -388,7 +388,7 @@ def build(
     return BuildResult(
         vector_file=vector_file,
         report_path=report_path,
-        plot_path=report.write_plot(report_dir, ordered_results(plan, searched)),
+        plot_path=report.write_plot(report_dir, ordered_results(plan, searched), plan.settings.search.objective),
         results={**searched.results, **{result.name: result for result in searched.pooled.values()}},
         pooled={instruction_id: [target.name for target in group] for instruction_id, group in plan.pooling.items()},
         methods=winners,

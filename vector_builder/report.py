@@ -75,7 +75,7 @@ def finite_json(value: Any) -> Any:
 #: Settings (part, field) that only decide which validated candidate wins, never what is computed or
 #: generated: a checkpoint stays valid when they change, and the resumed search chooses again under
 #: the new values.
-CHOICE_ONLY_SETTINGS = (("search", "allowed_degenerate"), ("search", "min_length_ratio"), ("search", "degeneracy_guard"))
+CHOICE_ONLY_SETTINGS = (("search", "allowed_degenerate"), ("search", "min_length_ratio"), ("search", "degeneracy_guard"), ("search", "objective"))
 #: Settings added after builder version 2 was first recorded, with the value that builds as before:
 #: a checkpoint that lacks one was made with that value, so it stays resumable.
 ADDED_SETTINGS = {("search", "start_after_tokens"): [], ("search", "stop_after_first_token"): False, ("targets", "max_repetition"): None}
@@ -231,6 +231,7 @@ def target_summary(result: TargetResult, note: str | None, n_without: int | None
                 "stop_after_tokens": item.stop_after_tokens,
                 "start_after_tokens": item.start_after_tokens,
                 "score": item.score,
+                "fluent_score": item.fluent_score,
                 **_part_scores(item.follows, n_without),
                 "n": len(item.follows),
                 "degenerate": item.n_degenerate,
@@ -280,29 +281,29 @@ def _line_of(item: CandidateResult) -> tuple[float, int, int]:
     return item.multiplier, item.stop_after_tokens or 0, item.start_after_tokens or 0
 
 
-def write_plot(report_dir: str | Path, results: Sequence[TargetResult]) -> Path:
-    """One panel per target: validation score vs layer, a line per multiplier (and answer window), dashed = no steering,
+def write_plot(report_dir: str | Path, results: Sequence[TargetResult], objective: str = "follows") -> Path:
+    """One panel per target: the validation score the choice maximised (``objective``) vs layer, a line per multiplier (and answer window), dashed = no steering,
     star = chosen, x = disqualified by the degeneracy or length guard; beside each point that changes
     looping, ``+new/-cured`` looping answers against the unsteered ones."""
     figure, axes = _panels(len(results))
     for axis, result in zip(axes, results):
         baseline = result.candidates[0]
-        axis.axhline(baseline.score, color="grey", linestyle="--", label="no steering")
+        axis.axhline(baseline.objective(objective), color="grey", linestyle="--", label="no steering")
         for multiplier, stop, start in sorted({_line_of(item) for item in result.candidates[1:]}):
             points = [item for item in result.candidates[1:] if _line_of(item) == (multiplier, stop, start)]
             label = f"×{multiplier:g}" + window_words(start or None, stop or None)
-            axis.plot([p.layer for p in points], [p.score for p in points], marker="o", label=label)
+            axis.plot([p.layer for p in points], [p.objective(objective) for p in points], marker="o", label=label)
             bad = [p for p in points if p.disqualified]
-            axis.scatter([p.layer for p in bad], [p.score for p in bad], marker="x", color="red", zorder=3)
+            axis.scatter([p.layer for p in bad], [p.objective(objective) for p in bad], marker="x", color="red", zorder=3)
             for point in points:
                 if point.new_looping or point.cured_looping:
-                    axis.annotate(f"+{point.new_looping}/-{point.cured_looping}", (point.layer, point.score), fontsize=5, xytext=(2, 2), textcoords="offset points")
+                    axis.annotate(f"+{point.new_looping}/-{point.cured_looping}", (point.layer, point.objective(objective)), fontsize=5, xytext=(2, 2), textcoords="offset points")
         if result.chosen:
             chosen = result.candidate(result.chosen)
-            axis.scatter([chosen.layer], [chosen.score], marker="*", s=200, color="gold", edgecolor="black", zorder=4)
+            axis.scatter([chosen.layer], [chosen.objective(objective)], marker="*", s=200, color="gold", edgecolor="black", zorder=4)
         axis.set_title(result.name, fontsize=8)
         axis.set_xlabel("layer")
-        axis.set_ylabel("loose accuracy (val)")
+        axis.set_ylabel("fluent pass rate (val)" if objective == "fluent" else "loose accuracy (val)")
         axis.set_ylim(-0.05, 1.05)
     if results:
         axes[0].legend(fontsize=7)

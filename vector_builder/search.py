@@ -19,7 +19,10 @@ counts would let a model that loops in most unsteered answers hide new looping b
 and would be strict where the unsteered model never loops.
 
 Choice: the best qualified candidate by (score, fewer degenerate outputs, earlier in candidate
-order) is chosen only if its score is strictly above "no steering"; a tie goes to no steering.
+order) is chosen only if its score is strictly above "no steering"; a tie goes to no steering. The
+score is the ``objective``: ``follows``, the share of answers the checker passes, or ``fluent``, the
+share it passes that do not loop either (what a user can trust; a candidate cannot buy passes with
+looping answers, not even with answers that looped unsteered already).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ STRENGTH_BASES = ("shift", "paper")
 WITHOUT_INSTRUCTION = "without instruction"
 WITH_INSTRUCTION_TOO = "without and with instruction"
 VALIDATION_PROMPTS = (WITHOUT_INSTRUCTION, WITH_INSTRUCTION_TOO)
+OBJECTIVES = ("follows", "fluent")
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,15 @@ class CandidateResult:
         return sum(self.follows) / len(self.follows) if self.follows else 0.0
 
     @property
+    def fluent_score(self) -> float:
+        """Share of answers that follow the instruction and do not loop."""
+        return sum(ok and not bad for ok, bad in zip(self.follows, self.degenerate, strict=True)) / len(self.follows) if self.follows else 0.0
+
+    def objective(self, name: str) -> float:
+        """The score the choice maximises: ``follows`` (:attr:`score`) or ``fluent`` (:attr:`fluent_score`)."""
+        return self.fluent_score if name == "fluent" else self.score
+
+    @property
     def mean_length(self) -> float | None:
         return sum(self.lengths) / len(self.lengths) if self.lengths else None
 
@@ -167,7 +180,7 @@ class SearchSettings:
     or :data:`WITH_INSTRUCTION_TOO`; ``keyword_sample``: keyword instructions choose once, pooled over
     that many sampled words (None: each word alone). The guards (module docstring):
     ``max_repetition``, ``allowed_degenerate`` and ``min_length_ratio``, described in the derived
-    ``degeneracy_guard``. ``stop_after_keyword``: keyword-inclusion entries stop steering an answer once
+    ``degeneracy_guard``; ``objective`` (:data:`OBJECTIVES`) is the score the choice maximises. ``stop_after_keyword``: keyword-inclusion entries stop steering an answer once
     it contains the word (their ``stop_after``), in validation as in evaluation; with
     ``stop_after_first_token``, token-method ones also once the pushed first token of a longer word is
     written (:func:`stop_strings`). ``stop_after_tokens``:
@@ -190,6 +203,7 @@ class SearchSettings:
     stop_after_first_token: bool = True
     stop_after_tokens: tuple[int, ...] = ()
     start_after_tokens: tuple[int, ...] = ()
+    objective: str = "follows"
 
     def __post_init__(self) -> None:
         # Tuples keep the record immutable; JSON writes them as the lists it always held.
@@ -203,6 +217,8 @@ class SearchSettings:
         object.__setattr__(self, "degeneracy_guard", guard)
         if self.strength_base not in STRENGTH_BASES:
             raise ValueError(f"strength_base must be one of {', '.join(STRENGTH_BASES)}, got {self.strength_base!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.validation_prompts not in VALIDATION_PROMPTS:
             raise ValueError(f"validation_prompts must be one of {VALIDATION_PROMPTS}, got {self.validation_prompts!r}")
         if not (math.isfinite(self.min_length_ratio) and 0 <= self.min_length_ratio < 1):
@@ -334,10 +350,10 @@ def _choose(result: TargetResult, settings: SearchSettings, instruction_id: str)
         item.disqualified = item.new_looping > settings.allowed_degenerate or too_short(item, baseline, ratio)
         if item.disqualified:
             continue
-        key = (item.score, -item.new_looping, -item.n_degenerate, -index)
+        key = (item.objective(settings.objective), -item.new_looping, -item.n_degenerate, -index)
         if best is None or key > best:
             best, best_label = key, item.label
-    if best is None or best[0] <= baseline.score:
+    if best is None or best[0] <= baseline.objective(settings.objective):
         return None  # ties (and losses) go to no steering
     return best_label
 

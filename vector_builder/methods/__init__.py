@@ -57,15 +57,16 @@ def base_name(name: str) -> str:
     return name
 
 
-def pick(results: Mapping[str, TargetResult]) -> str | None:
-    """The winning method among ``{method: result}`` (None: every method chose no steering)."""
+def pick(results: Mapping[str, TargetResult], objective: str = "follows") -> str | None:
+    """The winning method among ``{method: result}`` by their chosen candidates' ``objective``
+    (:meth:`~vector_builder.search.CandidateResult.objective`; None: every method chose no steering)."""
     best: tuple[float, int, int] | None = None
     winner = None
     for order, (method, result) in enumerate(sorted(results.items(), key=lambda item: item[0] != "diffmean")):
         if result.chosen is None:
             continue
         chosen = result.candidate(result.chosen)
-        key = (chosen.score, -chosen.n_degenerate, -order)
+        key = (chosen.objective(objective), -chosen.n_degenerate, -order)
         if best is None or key > best:
             best, winner = key, method
     return winner
