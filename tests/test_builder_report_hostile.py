@@ -38,11 +38,15 @@ def test_other_settings_are_still_refused_under_resume(tmp_path):
 
 
 def test_a_checkpoint_from_before_a_setting_was_added_resumes_only_at_its_as_before_value(tmp_path):
-    current = {**SETTINGS, "search": {"layers": [1], "start_after_tokens": []}, "targets": {"samples": 4, "max_repetition": None}}
+    current = {**SETTINGS, "search": {"layers": [1], "start_after_tokens": [], "stop_once_followed": False}, "targets": {"samples": 4, "max_repetition": None}}
     older = {**SETTINGS, "search": {"layers": [1]}, "targets": {"samples": 4}}
     Checkpoint(tmp_path, older, resume=False)
     Checkpoint(tmp_path, current, resume=True)  # the missing settings were their as-before values
-    for changed in ({"search": {"layers": [1], "start_after_tokens": [4]}}, {"targets": {"samples": 4, "max_repetition": 0.5}}):
+    for changed in (
+        {"search": {"layers": [1], "start_after_tokens": [4], "stop_once_followed": False}},
+        {"search": {"layers": [1], "start_after_tokens": [], "stop_once_followed": True}},  # a stop rule changes what is generated
+        {"targets": {"samples": 4, "max_repetition": 0.5}},
+    ):
         with pytest.raises(CheckpointError, match="other settings"):
             Checkpoint(tmp_path, {**current, **changed}, resume=True)
 

@@ -185,6 +185,30 @@ def test_only_keyword_inclusion_entries_stop_after_their_word():
     assert search.entry_stop_strings(include, direction, search.SearchSettings(stop_after_first_token=False)) == ("apple",)
 
 
+def test_title_and_constrained_response_entries_stop_once_what_their_checker_asks_for_is_written():
+    _, targets = prompts.plan(["detectable_format:title", "detectable_format:constrained_response", "punctuation:no_comma"])
+    stops = {target.instruction_id: search.stop_strings(target, True, stop_once_followed=True) for target in targets}
+    assert stops == {
+        "detectable_format:title": (">>",),
+        "detectable_format:constrained_response": ("My answer is yes.", "My answer is no.", "My answer is maybe."),
+        "punctuation:no_comma": (),  # a comma later would still fail it: steered to the end
+    }
+    assert all(search.stop_strings(target, True, stop_once_followed=False) == () for target in targets)
+    direction = Direction("d", torch.zeros(2, 3), torch.zeros(2), torch.zeros(2), torch.zeros(2), 0)
+    assert search.entry_stop_strings(targets[0], direction, search.SearchSettings()) == (">>",), "on by default"
+    assert search.entry_stop_strings(targets[0], direction, search.SearchSettings(stop_once_followed=False)) == ()
+    # each stop string really satisfies the harness's own checker, whatever follows it
+    from lm_eval_steer.core.ifeval import prepare_scorer
+
+    prepare_scorer()
+    from vector_builder.scoring import strict_follows
+
+    for instruction_id, strings in search.FOLLOWED_ONCE_WRITTEN.items():
+        for string in strings:
+            answer = ("<<A title" if instruction_id.endswith("title") else "Well. ") + string + " and then anything, at all"
+            assert strict_follows(instruction_id, {}, "q", answer), (instruction_id, answer)
+
+
 def test_token_stop_candidates_come_shortest_first_so_a_tie_steers_less():
     grid = search.candidates([3], [1.0], stop_after_tokens=[64, 16])
     assert [c.label for c in grid] == ["none", "L3x1@16", "L3x1@64", "L3x1"]

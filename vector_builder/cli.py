@@ -78,6 +78,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-after-first-token", action=argparse.BooleanOptionalAction, default=True,
                         help="token-method inclusion entries also stop once the first token of a longer word is written, the only piece "
                         "their push can write (default on)")
+    parser.add_argument("--stop-once-followed", action=argparse.BooleanOptionalAction, default=True,
+                        help="title and constrained-response entries stop steering an answer once it holds what their checker asks "
+                        "for (a '>>' closing the title; 'My answer is yes./no./maybe.'), since nothing after it can fail the instruction (default on)")
     parser.add_argument("--stop-after-tokens", type=_int_list, default=[], metavar="N,N,...",
                         help="also try every candidate steering only the first N answer tokens (its stop_after_tokens), e.g. 32,64; "
                         "chosen on validation with layer and strength; each N must be below --max-new-tokens (default: not searched)")
@@ -149,6 +152,7 @@ def settings_from(args: argparse.Namespace) -> BuildSettings:
         stop_after_tokens=tuple(args.stop_after_tokens),
         start_after_tokens=tuple(args.start_after_tokens),
         objective=args.objective,
+        stop_once_followed=args.stop_once_followed,
     )
     learned = LearnedSettings(
         layers=tuple(args.learned_layers or ()),

@@ -78,7 +78,12 @@ def finite_json(value: Any) -> Any:
 CHOICE_ONLY_SETTINGS = (("search", "allowed_degenerate"), ("search", "min_length_ratio"), ("search", "degeneracy_guard"), ("search", "objective"))
 #: Settings added after builder version 2 was first recorded, with the value that builds as before:
 #: a checkpoint that lacks one was made with that value, so it stays resumable.
-ADDED_SETTINGS = {("search", "start_after_tokens"): [], ("search", "stop_after_first_token"): False, ("targets", "max_repetition"): None}
+ADDED_SETTINGS = {
+    ("search", "start_after_tokens"): [],
+    ("search", "stop_after_first_token"): False,
+    ("search", "stop_once_followed"): False,
+    ("targets", "max_repetition"): None,
+}
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:

@@ -48,6 +48,15 @@ WITH_INSTRUCTION_TOO = "without and with instruction"
 VALIDATION_PROMPTS = (WITHOUT_INSTRUCTION, WITH_INSTRUCTION_TOO)
 OBJECTIVES = ("follows", "fluent")
 
+#: Instructions that a string, once written, satisfies whatever the answer says after it: IFEval's title
+#: checker asks for one ``<<…>>``, its constrained-response checker for one of three phrases anywhere.
+#: Their entries stop steering there (``--stop-once-followed``): steering on only bends the rest of the
+#: answer, where looping starts (``<<poem of joy>>`` followed by a loop).
+FOLLOWED_ONCE_WRITTEN: Mapping[str, tuple[str, ...]] = {
+    "detectable_format:title": (">>",),
+    "detectable_format:constrained_response": ("My answer is yes.", "My answer is no.", "My answer is maybe."),
+}
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -183,7 +192,8 @@ class SearchSettings:
     ``degeneracy_guard``; ``objective`` (:data:`OBJECTIVES`) is the score the choice maximises. ``stop_after_keyword``: keyword-inclusion entries stop steering an answer once
     it contains the word (their ``stop_after``), in validation as in evaluation; with
     ``stop_after_first_token``, token-method ones also once the pushed first token of a longer word is
-    written (:func:`stop_strings`). ``stop_after_tokens``:
+    written; with ``stop_once_followed``, entries of :data:`FOLLOWED_ONCE_WRITTEN` once the string that
+    satisfies their instruction is (:func:`stop_strings`). ``stop_after_tokens``:
     token counts tried as every candidate's ``stop_after_tokens`` rule besides steering to the end
     (:func:`candidates`); empty: not searched. ``start_after_tokens``: likewise, token counts tried as a
     delayed start (the answer's first K tokens written unsteered) besides steering from the prompt on.
@@ -204,6 +214,7 @@ class SearchSettings:
     stop_after_tokens: tuple[int, ...] = ()
     start_after_tokens: tuple[int, ...] = ()
     objective: str = "follows"
+    stop_once_followed: bool = True
 
     def __post_init__(self) -> None:
         # Tuples keep the record immutable; JSON writes them as the lists it always held.
@@ -278,21 +289,26 @@ def strength_of(target: Target, direction: Direction, candidate: Candidate, base
     return float(target.sign * m * float(direction.shift[layer]))
 
 
-def stop_strings(target: Target, stop_after_keyword: bool, first_piece: str | None = None) -> tuple[str, ...]:
+def stop_strings(target: Target, stop_after_keyword: bool, first_piece: str | None = None, stop_once_followed: bool = False) -> tuple[str, ...]:
     """An entry's ``stop_after``: a keyword-inclusion target's word (once written, the vector has done
-    its job, and pushing on makes the model repeat it), when ``stop_after_keyword``; else nothing.
-    ``first_piece`` (a token direction's pushed first token of a longer word, see
+    its job, and pushing on makes the model repeat it), when ``stop_after_keyword``; with
+    ``stop_once_followed``, the strings of :data:`FOLLOWED_ONCE_WRITTEN` for its instruction; else
+    nothing. ``first_piece`` (a token direction's pushed first token of a longer word, see
     :func:`vector_builder.methods.token.first_piece`) is a stop string too: the push can write only
     that piece, so the word itself might never be completed under it."""
-    if not stop_after_keyword or target.instruction_id != "keywords:existence" or target.sign < 0:
+    if target.sign < 0:
+        return ()
+    if stop_once_followed and target.instruction_id in FOLLOWED_ONCE_WRITTEN:
+        return FOLLOWED_ONCE_WRITTEN[target.instruction_id]
+    if not stop_after_keyword or target.instruction_id != "keywords:existence":
         return ()
     words = tuple(str(word) for word in target.fixed_kwargs.get("keywords", ()))
     return words + ((first_piece,) if first_piece else ())
 
 
 def entry_stop_strings(target: Target, direction: Direction, settings: SearchSettings) -> tuple[str, ...]:
-    """:func:`stop_strings` under ``settings`` (``stop_after_keyword``, ``stop_after_first_token``)."""
-    return stop_strings(target, settings.stop_after_keyword, direction.first_piece if settings.stop_after_first_token else None)
+    """:func:`stop_strings` under ``settings`` (``stop_after_keyword``, ``stop_after_first_token``, ``stop_once_followed``)."""
+    return stop_strings(target, settings.stop_after_keyword, direction.first_piece if settings.stop_after_first_token else None, settings.stop_once_followed)
 
 
 def make_entry(target: Target, direction: Direction, candidate: Candidate, strength: float, stop_after: tuple[str, ...] = ()) -> SteeringEntry:
