@@ -98,6 +98,8 @@ def test_candidates_that_pass_by_answering_short_are_disqualified_except_for_len
     assert guarded.candidate("L1x1").disqualified and not guarded.candidate("L3x1").disqualified
     # A length vector shortens answers on purpose; 0 turns the guard off.
     assert search._choose(result(), SETTINGS, "length_constraints:number_words") == "L1x1"
+    # "My answer is yes." is the whole answer a constrained-response prompt asks for
+    assert search._choose(result(), SETTINGS, "detectable_format:constrained_response") == "L1x1"
     assert search._choose(result(), replace(SETTINGS, min_length_ratio=0.0), "keywords:forbidden_words") == "L1x1"
     # Results read from an old checkpoint have no lengths: the guard cannot judge them and lets them pass.
     assert search._choose(_result({"none": [False, False], "L1x1": [True, True]}), SETTINGS, FMT) == "L1x1"

@@ -65,7 +65,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.5,
         help="length guard: disqualify a candidate whose mean answer length is below this fraction of the unsteered mean "
-        "(default 0.5; 0 turns it off; never applied to length instructions)",
+        "(default 0.5; 0 turns it off; never applied to length instructions or constrained_response, whose answer may be one phrase)",
     )
     parser.add_argument("--objective", choices=OBJECTIVES, default="follows",
                         help="the validation score each choice maximises: follows = share of answers the checker passes (default); "

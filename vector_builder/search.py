@@ -223,7 +223,7 @@ class SearchSettings:
         guard = (
             f"degenerate = repetition (1 - distinct {NGRAM}-grams / {NGRAM}-grams) > {self.max_repetition}; a candidate with "
             f"more than {self.allowed_degenerate} answers that are degenerate where the unsteered answer to the same prompt is not is "
-            f"disqualified, and so is one whose mean answer length is below {self.min_length_ratio} x the unsteered mean (length instructions excepted)"
+            f"disqualified, and so is one whose mean answer length is below {self.min_length_ratio} x the unsteered mean (length and constrained-response instructions excepted)"
         )
         object.__setattr__(self, "degeneracy_guard", guard)
         if self.strength_base not in STRENGTH_BASES:
@@ -334,9 +334,15 @@ def generate(runner: Runner, prompts: Sequence[Sequence[int]], rows: Sequence[Se
         return runner.continuations(prompts, runner.settings.max_new_tokens, do_sample=False)
 
 
+#: Instructions whose answer may rightly be a few words, so the length guard does not apply: IFEval's
+#: constrained-response prompts ask for one of three phrases ("You should just say …").
+SHORT_ANSWER_INSTRUCTIONS = frozenset({"detectable_format:constrained_response"})
+
+
 def guards_length(instruction_id: str) -> bool:
-    """Whether the length guard applies: not to length instructions, whose vectors shorten on purpose."""
-    return not instruction_id.startswith("length_constraints:")
+    """Whether the length guard applies: not to length instructions, whose vectors shorten on purpose,
+    nor to :data:`SHORT_ANSWER_INSTRUCTIONS`."""
+    return not instruction_id.startswith("length_constraints:") and instruction_id not in SHORT_ANSWER_INSTRUCTIONS
 
 
 def too_short(item: CandidateResult, baseline: CandidateResult, ratio: float) -> bool:
