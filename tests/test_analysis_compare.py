@@ -390,6 +390,28 @@ def test_reuse_is_shown_and_a_run_that_reused_another_baseline_is_flagged(tmp_pa
     assert "fair vs baseline" not in warnings.replace("unfair vs baseline", "")
 
 
+def test_steered_reuse_is_shown_and_unsteered_answers_it_passed_on_are_checked(tmp_path: Path) -> None:
+    from lm_eval_steer.core.digest import file_sha256
+
+    scores = {"ifeval_format": ifeval_scores(0.5, 0.5, 0.5, 0.5)}
+    base = write_run(tmp_path / "base", scores)
+    other = write_run(tmp_path / "other", {"ifeval_format": ifeval_scores(0.4, 0.5, 0.5, 0.5)})
+    earlier = write_run(tmp_path / "earlier", scores, model_type="steered-hf", steering=steering_config())
+
+    def record(source: Path, reused: int, **extra: object) -> dict:
+        return {"results_file": str(source), "sha256": file_sha256(source), "reused_requests": {"ifeval_format": reused}, "missing_requests": {}, **extra}
+
+    # the earlier steered run had reused its unsteered answers from "other", not from the baseline
+    steered = {**steering_config(), "steered_from": record(earlier, 150, unsteered_from=record(other, 120))}
+    run = write_run(tmp_path / "next", scores, model_type="steered-hf", steering=steered)
+    out = tmp_path / "board"
+    assert run_compare(out, str(base), str(run), "--label", "base", "--label", "next") == 0
+    markdown = (out / "leaderboard.md").read_text(encoding="utf-8")
+    assert f"reused 150 answers of unchanged steering from {earlier.name}" in section(markdown, "Runs")
+    assert "unsteered answers from" not in section(markdown, "Runs")  # the earlier run's reuse is not this run's
+    assert f"next vs baseline: reused unsteered answers from {other}" in section(markdown, "Warnings")
+
+
 # --------------------------------------------------------------------------- several models
 
 

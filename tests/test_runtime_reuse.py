@@ -1,4 +1,5 @@
-"""``unsteered_from=``: a steered run answers unsteered documents from an earlier unsteered run.
+"""``unsteered_from=``: a steered run answers unsteered documents from an earlier unsteered run;
+``steered_from=``: it answers the documents whose steering is unchanged from an earlier steered run.
 
 Runs lm-eval's own CLI in-process on the tiny model with two local tasks (generation and multiple
 choice, some documents routed to a vector and some not): reuse must equal a full steered run, only
@@ -378,3 +379,90 @@ def test_each_refusal_is_one_line_and_exit_status_2_through_the_cli(tmp_path, ti
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
     assert errors[0].startswith(f"lm-eval-steer: error: unsteered_from={spec}: ") and problem in errors[0], errors[0]
+
+
+# ------------------------------------------------------------------------------------- steered_from=
+
+NO_COMMA = "punctuation:no_comma"  # documents 1, 3, 5
+
+
+def two_entry_file(path: Path, comma_seed: int) -> Path:
+    """The lowercase entry of :func:`vectors` plus a no-comma entry whose vector ``comma_seed`` draws."""
+    lower = SteeringEntry(LOWER, torch.randn(64, generator=torch.Generator().manual_seed(5)), 2, "project", 6.0, "all", AppliesTo(LOWER))
+    comma = SteeringEntry(NO_COMMA, torch.randn(64, generator=torch.Generator().manual_seed(comma_seed)), 1, "add", 8.0, "all", AppliesTo(NO_COMMA))
+    save_vector_file(path, [lower, comma], model="tiny-llama", hidden_size=64, num_layers=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def steered_run(tmp_path_factory, tiny_model_dir, tasks) -> tuple[Path, Path]:
+    """A steered run of a two-entry file, and the file."""
+    folder = tmp_path_factory.mktemp("steered-a")
+    vector_file = two_entry_file(folder / "a.safetensors", comma_seed=7)
+    return evaluate(folder / "out", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={vector_file}"), vector_file
+
+
+def test_steered_reuse_of_the_same_file_reaches_the_model_for_nothing(tmp_path, tiny_model_dir, tasks, steered_run, monkeypatch):
+    results, vector_file = steered_run
+    copy = tmp_path / "renamed.safetensors"  # the same vectors under another path still match
+    shutil.copy(vector_file, copy)
+    seen = count_model_requests(monkeypatch)
+    reused = evaluate(tmp_path / "again", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={copy},steered_from={results}")
+    assert seen == []
+    assert_same_answers(reused, results)
+    record = json.loads(reused.read_text())["config"]["steering"]["steered_from"]
+    assert record["results_file"] == str(results) and record["reused_requests"] == {"reuse_choice": 18, "reuse_gen": 6}
+
+
+def test_steered_reuse_generates_only_documents_whose_steering_changed(tmp_path, tiny_model_dir, tasks, steered_run, monkeypatch):
+    results, _ = steered_run
+    changed = two_entry_file(tmp_path / "b.safetensors", comma_seed=8)  # same lowercase entry, another no-comma vector
+    full = evaluate(tmp_path / "full", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={changed}")
+    seen = count_model_requests(monkeypatch)
+    reused = evaluate(tmp_path / "reused", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={changed},steered_from={results}")
+    assert_same_answers(reused, full)
+    assert {prompt for _, prompt in seen} == {PROMPTS[i] for i in (1, 3, 5)}
+    assert logged(full)["reuse_gen"] != logged(results)["reuse_gen"], "the changed vector must change something"
+
+
+def test_a_stronger_scale_is_a_changed_steering_and_unsteered_documents_come_from_unsteered_from(tmp_path, tiny_model_dir, tasks, vectors, baseline, steered_run, monkeypatch):
+    results, _ = steered_run
+    seen = count_model_requests(monkeypatch)
+    # vectors= has only the lowercase entry: documents 1, 3, 5 are unsteered here but were steered in
+    # the steered run, so they come from the unsteered baseline; documents 0, 2, 4 are steered alike.
+    both = f"steered_from={results},unsteered_from={baseline}"
+    reused = evaluate(tmp_path / "both", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={vectors},{both}")
+    assert seen == []
+    steering = json.loads(reused.read_text())["config"]["steering"]
+    assert steering["steered_from"]["reused_requests"] == {"reuse_choice": 9, "reuse_gen": 3}
+    assert steering["unsteered_from"]["reused_requests"] == {"reuse_choice": 9, "reuse_gen": 3}
+    stronger = evaluate(tmp_path / "stronger", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={vectors},scale=2,steered_from={results}", task_names="reuse_gen")
+    assert {prompt for _, prompt in seen} == set(PROMPTS)  # the scaled documents, and the unsteered ones the steered run only has steered
+    assert json.loads(stronger.read_text())["config"]["steering"]["steered_from"]["reused_requests"] == {}
+
+
+def test_a_steered_baseline_whose_vector_file_changed_is_refused(tmp_path, tiny_model_dir, tasks, vectors, steered_run):
+    results, vector_file = steered_run
+    copy = tmp_path / "copy"
+    shutil.copytree(results.parent, copy)
+    moved = tmp_path / "a.safetensors"
+    two_entry_file(moved, comma_seed=9)  # another file where the recorded one should be
+    data = json.loads((copy / results.name).read_text())
+    data["config"]["steering"]["vector_files"][0]["path"] = str(moved)
+    (copy / results.name).write_text(json.dumps(data))
+    with pytest.raises(ReuseError, match=f"steered_from={copy}: .*its vector file {moved} has changed since .*no packaged file has its recorded sha256"):
+        SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(vectors), steered_from=str(copy))
+    data["config"]["steering"]["vector_files"][0]["path"] = str(tmp_path / "gone.safetensors")
+    (copy / results.name).write_text(json.dumps(data))
+    with pytest.raises(ReuseError, match="its vector file .*gone.safetensors is gone, and no packaged file"):
+        SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(vectors), steered_from=str(copy))
+
+
+def test_a_packaged_vector_file_is_found_by_its_sha256_wherever_it_was_recorded(tmp_path):
+    from lm_eval_steer.core.paths import packaged_vector_files
+    from lm_eval_steer.runtime.reuse import _file_with_digest
+
+    packaged = packaged_vector_files()["smollm2-135m-instruct"]
+    elsewhere = "/another/machine/vectors/smollm2-135m-instruct.safetensors"
+    assert _file_with_digest(elsewhere, file_sha256(packaged)) == packaged
+    assert _file_with_digest(elsewhere, "0" * 64) is None

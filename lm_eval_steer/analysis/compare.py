@@ -487,7 +487,7 @@ def render_markdown(
         "",
         markdown_table(
             ["run", "results file", "steering", "reuse"],
-            [[run.label, results_files(run), steering_description(run.steering), reuse_description(run.reused_from) or "—"] for run in runs],
+            [[run.label, results_files(run), steering_description(run.steering), reuse_description(run.reused_from, run.steered_from) or "—"] for run in runs],
         ),
     ]
     if warnings:

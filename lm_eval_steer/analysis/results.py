@@ -68,8 +68,11 @@ class Run:
     chat_template_sha: str | None
     sample_files: dict[str, Path] = field(default_factory=dict)  # task -> samples_*.jsonl
     unreadable: dict[str, list[str]] = field(default_factory=dict)  # task -> metric ids whose value is not a finite number
-    # config.steering.unsteered_from of each results file that reused a baseline's answers
+    # config.steering.unsteered_from of each results file that reused a baseline's unsteered answers
+    # (directly, or through a steered_from= baseline that had reused them)
     reused_from: tuple[dict[str, Any], ...] = ()
+    # config.steering.steered_from of each results file that reused an earlier steered run's answers
+    steered_from: tuple[dict[str, Any], ...] = ()
     # config.model_args: where the run's model (and so its tokenizer) came from
     model_args: dict[str, Any] = field(default_factory=dict)
 
@@ -207,13 +210,19 @@ def steering_description(steering: Mapping[str, Any] | None) -> str:
     return " ".join(part for part in parts if part)
 
 
-def reuse_description(records: Sequence[Mapping[str, Any]]) -> str:
-    """``reused 662 unsteered answers from results_x.json`` for the runs table; ``""`` without reuse."""
-    if not records:
-        return ""
-    reused = sum(sum((record.get("reused_requests") or {}).values()) for record in records)
-    files = ", ".join(dict.fromkeys(Path(str(record.get("results_file", "?"))).name for record in records))
-    return f"reused {reused} unsteered answers from {files}"
+def reuse_description(records: Sequence[Mapping[str, Any]], steered: Sequence[Mapping[str, Any]] = ()) -> str:
+    """``reused 662 unsteered answers from results_x.json`` for the runs table (and, for ``steered_from=``
+    records, ``; 417 answers of unchanged steering from results_y.json``); ``""`` without reuse."""
+
+    def described(group: Sequence[Mapping[str, Any]], what: str) -> str:
+        reused = sum(sum((record.get("reused_requests") or {}).values()) for record in group)
+        files = ", ".join(dict.fromkeys(Path(str(record.get("results_file", "?"))).name for record in group))
+        return f"{reused} {what} from {files}"
+
+    # A steered_from= record's nested unsteered_from is the earlier run's reuse, not this run's.
+    direct = [record for record in records if not any(record is (each.get("unsteered_from")) for each in steered)]
+    parts = ([described(direct, "unsteered answers")] if direct else []) + ([described(steered, "answers of unchanged steering")] if steered else [])
+    return f"reused {'; '.join(parts)}" if parts else ""
 
 
 def reuse_mismatches(run: Run, baseline: Run) -> list[str]:
@@ -312,7 +321,8 @@ def load_run(path: Path) -> Run:
         chat_template_sha=data.get("chat_template_sha"),
         sample_files=find_sample_files(path, metrics),
         unreadable={task: bad for task, values in data["results"].items() if (bad := unreadable_metrics(values))},
-        reused_from=tuple(record for record in [(steering or {}).get("unsteered_from")] if record),
+        reused_from=tuple(record for record in [(steering or {}).get("unsteered_from"), ((steering or {}).get("steered_from") or {}).get("unsteered_from")] if record),
+        steered_from=tuple(record for record in [(steering or {}).get("steered_from")] if record),
         model_args=parse_model_args(config.get("model_args")),
     )
 
@@ -371,7 +381,7 @@ def _configuration(run: Run) -> str:
     if run.steering is not None:
         files = [{k: v for k, v in file.items() if k != "path"} for file in run.steering.get("vector_files") or []]
         # how many answers a part reused is not configuration: parts reuse different documents
-        steering = {key: value for key, value in run.steering.items() if key != "unsteered_from"} | {"vector_files": files}
+        steering = {key: value for key, value in run.steering.items() if key not in ("unsteered_from", "steered_from")} | {"vector_files": files}
     setup = [run.label, run.model, steering, run.gen_kwargs, run.limit, run.chat_template_sha]
     return json.dumps(setup, sort_keys=True, default=str)
 
@@ -387,6 +397,7 @@ def _merge(first: Run, second: Run) -> Run:
         sample_files={**first.sample_files, **second.sample_files},
         unreadable={**first.unreadable, **second.unreadable},
         reused_from=first.reused_from + second.reused_from,
+        steered_from=first.steered_from + second.steered_from,
     )
 
 

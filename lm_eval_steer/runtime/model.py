@@ -10,6 +10,7 @@ in :mod:`lm_eval_steer.runtime.harness`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -26,7 +27,7 @@ from lm_eval_steer.runtime.harness import generation_group
 from lm_eval_steer.runtime.hooks import steering, text_config
 from lm_eval_steer.runtime.modelargs import check_layer_override, check_local_model, check_near_misses, parse_steering_args
 from lm_eval_steer.runtime.reuse import Reuse, weights_identity
-from lm_eval_steer.runtime.routing import entries_for_document, route_key
+from lm_eval_steer.runtime.routing import entries_for_document, route_key, route_signature
 from lm_eval_steer.runtime.rows import Entries, RequestRows
 from lm_eval_steer.runtime.vectorfile import check_applicable, load_vector_file
 
@@ -75,10 +76,10 @@ def prompt_passes(requests: Sequence[Instance], label: Callable[[Instance], Hash
 
 class SteeredHFLM(HFLM):
     """HFLM plus ``vectors``, ``layer``, ``scale``, ``mode``, ``positions``, ``stop_rules``, ``route``,
-    ``skip_first_token`` and ``unsteered_from`` model args (see the README; the steering arguments
-    are parsed by :mod:`lm_eval_steer.runtime.modelargs`).
+    ``skip_first_token``, ``unsteered_from`` and ``steered_from`` model args (see the README; the
+    steering arguments are parsed by :mod:`lm_eval_steer.runtime.modelargs`).
 
-    Every steering argument, vector file and ``unsteered_from=`` baseline is checked before the
+    Every steering argument, vector file and reused baseline is checked before the
     model weights load: against the model config, read first (only the loaded dtype is compared
     after loading)."""
 
@@ -94,6 +95,7 @@ class SteeredHFLM(HFLM):
         route: str | None = "auto",
         skip_first_token: bool | int | str = True,
         unsteered_from: str | None = None,
+        steered_from: str | None = None,
         device: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -110,14 +112,16 @@ class SteeredHFLM(HFLM):
         if shape is not None:  # before any weights load
             self._check_fits(shape)
         self.weights = weights_identity(pretrained, kwargs.get("gguf_file"))
-        # unsteered_from=: unsteered requests are answered from that run's logged samples.
-        self._reuse = Reuse.load(str(unsteered_from), {"pretrained": pretrained, **kwargs}, self.weights) if unsteered_from else None
+        # steered_from= answers the documents steered as that run steered them, then unsteered_from=
+        # the unsteered ones, each from its run's logged samples.
+        reused = {"steered_from": steered_from, "unsteered_from": unsteered_from}
+        self._reuses = [Reuse.load(str(spec), {"pretrained": pretrained, **kwargs}, self.weights, argument) for argument, spec in reused.items() if spec]
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(pretrained=pretrained, device=device, **kwargs)
 
-        if self._reuse is not None:
-            self._reuse.check_dtype(self.model.dtype)  # the dtype is known only once loaded
+        for reuse in self._reuses:
+            reuse.check_dtype(self.model.dtype)  # the dtype is known only once loaded
         config = text_config(self.model)
         # A GGUF load is named after its folder; its file name carries the model's name.
         model_name = " ".join(
@@ -163,15 +167,20 @@ class SteeredHFLM(HFLM):
     def get_model_info(self) -> dict[str, Any]:
         # The reuse record is not part of steering_config: the --use_cache key space must not change
         # with how many answers a run reused.
-        reuse = {"unsteered_from": self._reuse.record()} if self._reuse else {}
+        reuse = {reuse.argument: reuse.record() for reuse in self._reuses}
         weights = {"weights": self.weights} if self.weights else {}
         return {**super().get_model_info(), "steering": {**self.steering_config(), **weights, **reuse}}
 
+    def route_signature(self, request: Instance) -> tuple[Any, ...]:
+        """How this run steers the request's document, as reuse compares it with a baseline's."""
+        return route_signature(self.rows_for(request), self.skip_first_token)
+
     def _reusing(self, requests: list[Instance], run: Callable[[list[Instance]], list[Any]]) -> list[Any]:
-        """``run(requests)``, except for the unsteered requests ``unsteered_from=`` answers."""
-        if self._reuse is None:
-            return run(requests)
-        return self._reuse.answer(requests, lambda request: bool(self.rows_for(request)), run)
+        """``run(requests)``, except for the requests a reused baseline answers (``steered_from=``
+        first, then ``unsteered_from=``; each passes what it cannot answer on)."""
+        for reuse in reversed(self._reuses):
+            run = functools.partial(reuse.answer, route=self.route_signature, run=run)
+        return run(requests)
 
     def set_cache_hook(self, cache_hook: Any) -> None:
         # lm-eval's --use_cache keys answers by request only; give steered runs their own key space

@@ -35,7 +35,7 @@ VECTOR_FILE_SEPARATOR = "+"
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 _INTEGER = re.compile(r"^[+-]?\d{1,9}$")
 #: The model arguments ``steered-hf`` adds to ``HFLM``'s.
-STEERING_ARGS = ("vectors", "layer", "scale", "mode", "positions", "stop_rules", "route", "skip_first_token", "unsteered_from")
+STEERING_ARGS = ("vectors", "layer", "scale", "mode", "positions", "stop_rules", "route", "skip_first_token", "unsteered_from", "steered_from")
 #: Old spellings of steering arguments -> their names now (refused with the new name, never guessed).
 RENAMED_ARGS = {"stop_after": "stop_rules"}
 

@@ -1,19 +1,27 @@
-"""``unsteered_from=``: answer the requests a route leaves unsteered from an earlier unsteered run.
+"""``unsteered_from=`` and ``steered_from=``: answer requests from an earlier run's logged samples.
 
 A steered run differs from the unsteered one only on the documents it steers, so the answers of the
 other documents are already in an unsteered run's ``--log_samples`` output (``samples_*.jsonl``, or
-``.jsonl.gz``). :class:`Reuse` loads such a baseline (made by ``hf`` or ``steered-hf route=none``),
-refuses it when it could hold different answers (:class:`ReuseError`, one line), and then serves
-each unsteered request whose task, document and exact arguments (prompt and generation kwargs;
-context and continuation) it logged. Everything else (steered requests, documents the baseline
-lacks) goes to the model.
+``.jsonl.gz``). Likewise a run with a changed vector file differs from an earlier steered run only on
+the documents whose steering changed. :class:`Reuse` loads such a baseline (``unsteered_from=``: made
+by ``hf`` or ``steered-hf route=none``; ``steered_from=``: any ``steered-hf`` run), refuses it when
+it could hold different answers (:class:`ReuseError`, one line), and then serves each request whose
+document the baseline steered exactly as this run does (the same :func:`route_signature`: vectors
+compared by content; an unsteered baseline steered nothing) and whose task, document and exact
+arguments (prompt and generation kwargs; context and continuation) it logged. Everything else
+(documents steered otherwise, documents the baseline lacks) goes to the model.
+
+A steered baseline's routes are recomputed from what its results JSON recorded (route, overrides,
+``skip_first_token`` and each vector file), with the vector files read again: each from its recorded
+path, or else the packaged file with its recorded sha256; without either, the baseline is refused.
 
 Documents are recognised by their content hash, never by a logged ``doc_id`` alone: lm-eval 0.4.13
 labels logged ``doc_id`` by position in an unsorted ``--samples`` list, not by the document.
 
 What reuse detects, and refuses:
 
-- a baseline of another model or harness: another model type, a steered run, other weights (path,
+- a baseline of another model or harness: another model type, a steered run given as
+  ``unsteered_from=``, a steered run whose vector files are gone or changed, other weights (path,
   revision, GGUF file or its recorded sha256, PEFT adapter ...), another dtype as loaded, another
   lm-eval version; checked before the weights load, except the dtype (known only once loaded);
 - other run settings: another task version, ``--apply_chat_template``, ``--system_instruction``;
@@ -60,6 +68,7 @@ from lm_eval.utils import simple_parse_args_string
 from lm_eval_steer.core.digest import file_sha256
 from lm_eval_steer.core.errors import MAX_VALUE, UserError, brief
 from lm_eval_steer.core.outputs import OutputError, find_results_files, find_sample_files, read_results_json, read_samples
+from lm_eval_steer.core.paths import packaged_vector_files
 from lm_eval_steer.runtime.harness import (
     Evaluation,
     document_requests,
@@ -71,9 +80,13 @@ from lm_eval_steer.runtime.harness import (
     running_evaluation,
     sample_arguments,
 )
+from lm_eval_steer.runtime.routing import ROUTES, Overrides, entries_for_document, route_signature
+from lm_eval_steer.runtime.vectorfile import VectorFile, VectorFileError, load_vector_file
 
 logger = logging.getLogger(__name__)
 Answer = TypeVar("Answer")
+#: What :func:`route_signature` returns for a document: equal signatures, equal steering.
+Signature = tuple[Any, ...]
 
 #: Models whose logged answers are unsteered (``steered-hf`` only with ``route=none`` or no vectors).
 UNSTEERED_MODELS = ("hf", "hf-auto", "huggingface", "steered-hf")
@@ -152,8 +165,9 @@ def _logged_documents(path: Path) -> dict[str, LoggedDocument]:
     return documents
 
 
-def load_baseline(spec: str) -> Baseline:
-    """Reads the run ``spec`` names (a results file, or an ``--output_path`` holding one model's run)."""
+def load_baseline(spec: str, argument: str = "unsteered_from") -> Baseline:
+    """Reads the run ``spec`` names (a results file, or an ``--output_path`` holding one model's run);
+    ``argument`` names the model arg it was given as, for messages."""
     try:
         files = find_results_files(Path(spec))
         if len(files) > 1:
@@ -165,7 +179,7 @@ def load_baseline(spec: str) -> Baseline:
             raise OutputError(f"{files[0]}: no samples_*.jsonl(.gz) next to it; run the baseline with --log_samples")
         documents = {task: _logged_documents(path) for task, path in sample_files.items()}
     except OutputError as error:
-        raise ReuseError(f"unsteered_from={spec}: {error}") from error
+        raise ReuseError(f"{argument}={spec}: {error}") from error
     digests = {task: (path, file_sha256(path)) for task, path in sample_files.items()}
     return Baseline(files[0], file_sha256(files[0]), results, documents, digests)
 
@@ -188,10 +202,13 @@ def dtype_mismatches(baseline: Mapping[str, Any], dtype: Any) -> list[str]:
     return [] if here == there else [f"dtype {here} here, {there} in the baseline"]
 
 
-def model_mismatches(baseline: Mapping[str, Any], model_args: Mapping[str, Any], dtype: Any = None, weights: Mapping[str, str] | None = None) -> list[str]:
+def model_mismatches(
+    baseline: Mapping[str, Any], model_args: Mapping[str, Any], dtype: Any = None, weights: Mapping[str, str] | None = None, steered: bool = False
+) -> list[str]:
     """Why the run in ``baseline`` (its results JSON) could have answered differently from a model made
     with ``model_args`` whose weights are ``dtype`` (empty when it could not; None: the dtype is not
-    compared, as before the weights load).
+    compared, as before the weights load). ``steered``: the baseline may be a steered run (its
+    routes are compared per document instead).
 
     ``weights`` is this model's :func:`weights_identity`: when the baseline recorded one too, the two
     sha256 decide whether the weights are the same, and the folders they were loaded from do not."""
@@ -200,8 +217,8 @@ def model_mismatches(baseline: Mapping[str, Any], model_args: Mapping[str, Any],
     if model not in UNSTEERED_MODELS:
         return [f"made by model {model!r}; reuse needs one of {', '.join(UNSTEERED_MODELS)}"]
     steering = config.get("steering") or {}
-    if steering.get("route", "none") != "none" and steering.get("vector_files"):
-        return [f"a steered run (route={steering['route']}); reuse needs hf or steered-hf route=none"]
+    if not steered and steering.get("route", "none") != "none" and steering.get("vector_files"):
+        return [f"a steered run (route={steering['route']}); unsteered_from= needs hf or steered-hf route=none (give a steered run as steered_from=)"]
     given = config.get("model_args") or {}
     given = simple_parse_args_string(given) if isinstance(given, str) else given
     problems = []
@@ -255,12 +272,56 @@ def _shown(value: Any) -> str:
     return text if len(text) <= MAX_VALUE else text[: MAX_VALUE - 1] + "…"
 
 
+def _unsteered(doc: Mapping[str, Any] | None) -> Signature:
+    return ()
+
+
+def _file_with_digest(path: str, digest: Any) -> Path | None:
+    """The recorded vector file, or else the packaged file with its sha256 (a packaged file is
+    recorded by its absolute path, which differs on every installation); None when neither is there."""
+    for candidate in [Path(path), *packaged_vector_files().values()]:
+        if candidate.is_file() and file_sha256(candidate) == digest:
+            return candidate
+    return None
+
+
+def recorded_routes(argument: str, spec: str, baseline: Baseline) -> Callable[[Mapping[str, Any] | None], Signature]:
+    """The :func:`route_signature` a baseline gave each document, recomputed from the steering its
+    results JSON recorded, with its vector files read again (each must match its recorded sha256)."""
+    steering = (baseline.results.get("config") or {}).get("steering") or {}
+    where = f"{argument}={spec}: {baseline.results_file}"
+    route = steering.get("route", "none")
+    if route not in ROUTES:
+        raise ReuseError(f"{where}: records route {brief(route)}, which this version does not know")
+    try:
+        overrides = Overrides(**(steering.get("overrides") or {}))
+    except TypeError:
+        raise ReuseError(f"{where}: records overrides {brief(steering.get('overrides'))}, which this version does not know") from None
+    files: list[VectorFile] = []
+    for record in steering.get("vector_files") or []:
+        path, digest = (record.get("path"), record.get("sha256")) if isinstance(record, Mapping) else (None, None)
+        found = _file_with_digest(str(path), digest)
+        if found is None:
+            state = "is gone" if not Path(str(path)).is_file() else f"has changed since (sha256 {file_sha256(Path(str(path)))[:12]}… now)"
+            raise ReuseError(
+                f"{where}: its vector file {path} {state}, and no packaged file has its recorded sha256 {brief(digest)[:14]}…, so its routes cannot be recomputed"
+            )
+        try:
+            files.append(load_vector_file(found))
+        except VectorFileError as error:
+            raise ReuseError(f"{where}: its vector file cannot be read again, so its routes cannot be recomputed ({error})") from None
+    skip_first_token = bool(steering.get("skip_first_token", True))
+    return lambda doc: route_signature(entries_for_document(doc, files, route, overrides), skip_first_token)
+
+
 @dataclass
 class Reuse:
     """The baseline of one ``steered-hf`` model, and what it served so far."""
 
-    spec: str  # the unsteered_from= value, for messages
+    spec: str  # the model arg's value, for messages
     baseline: Baseline
+    argument: str = "unsteered_from"  # the model arg it was given as
+    route_there: Callable[[Mapping[str, Any] | None], Signature] = _unsteered  # how the baseline steered each document
     reused: Counter[str] = field(default_factory=Counter)  # task -> requests answered from the baseline
     missing: Counter[str] = field(default_factory=Counter)  # task -> unsteered requests the baseline lacks
     verified: set[tuple[str, str]] = field(default_factory=set)  # (task, document hash) re-scored
@@ -268,39 +329,48 @@ class Reuse:
     _requests: dict[str, tuple[Any, dict[Any, list[Instance]]]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, spec: str, model_args: Mapping[str, Any], weights: Mapping[str, str] | None = None) -> Reuse:
+    def load(cls, spec: str, model_args: Mapping[str, Any], weights: Mapping[str, str] | None = None, argument: str = "unsteered_from") -> Reuse:
         """The baseline ``spec`` names, checked against the model made with ``model_args`` (before
-        the weights load; :meth:`check_dtype` compares the dtype once they have)."""
-        baseline = load_baseline(spec)
-        cls._refuse_if(spec, baseline, model_mismatches(baseline.results, model_args, None, weights))
-        return cls(spec, baseline)
+        the weights load; :meth:`check_dtype` compares the dtype once they have). ``argument`` is
+        ``unsteered_from`` (an unsteered run) or ``steered_from`` (any run; its routes are recomputed)."""
+        baseline = load_baseline(spec, argument)
+        steered = argument == "steered_from"
+        cls._refuse_if(f"{argument}={spec}", baseline, model_mismatches(baseline.results, model_args, None, weights, steered=steered))
+        return cls(spec, baseline, argument, recorded_routes(argument, spec, baseline) if steered else _unsteered)
+
+    @property
+    def given_as(self) -> str:
+        """``unsteered_from=<spec>``, as messages name it."""
+        return f"{self.argument}={self.spec}"
 
     def check_dtype(self, dtype: Any) -> None:
         """Refuses the baseline when the loaded model's dtype differs from the one it was made with."""
-        self._refuse_if(self.spec, self.baseline, dtype_mismatches(self.baseline.results, dtype))
+        self._refuse_if(self.given_as, self.baseline, dtype_mismatches(self.baseline.results, dtype))
 
     @staticmethod
-    def _refuse_if(spec: str, baseline: Baseline, problems: Sequence[str]) -> None:
+    def _refuse_if(given_as: str, baseline: Baseline, problems: Sequence[str]) -> None:
         if problems:
-            raise ReuseError(f"unsteered_from={spec}: {baseline.results_file} cannot stand in for this run: {'; '.join(problems)}")
+            raise ReuseError(f"{given_as}: {baseline.results_file} cannot stand in for this run: {'; '.join(problems)}")
 
     def _refuse(self, request: Instance, problem: str) -> ReuseError:
-        return ReuseError(f"unsteered_from={self.spec}: task {request.task_name} doc_id {request.doc_id}: {problem}")
+        return ReuseError(f"{self.given_as}: task {request.task_name} doc_id {request.doc_id}: {problem}")
 
-    def answer(self, requests: list[Instance], steered: Callable[[Instance], bool], run: Callable[[list[Instance]], list[Answer]]) -> list[Answer]:
-        """The answers to ``requests``: logged ones for unsteered requests the baseline has, ``run``'s
-        for the rest (in one call, so the harness still batches them together)."""
+    def answer(self, requests: list[Instance], route: Callable[[Instance], Signature], run: Callable[[list[Instance]], list[Answer]]) -> list[Answer]:
+        """The answers to ``requests``: logged ones for requests the baseline has and steered as this run
+        does (``route(request)`` equals the baseline's signature for the document), ``run``'s for the
+        rest (in one call, so the harness still batches them together)."""
         # Checked on every call: one model object may serve several evaluations.
         evaluation = running_evaluation()
         if evaluation is not None:
-            self._refuse_if(self.spec, self.baseline, evaluation_mismatches(self.baseline.results, evaluation))
+            self._refuse_if(self.given_as, self.baseline, evaluation_mismatches(self.baseline.results, evaluation))
         answers: list[Any] = [None] * len(requests)
         to_run: list[int] = []
         repeat: Counter[int] = Counter()  # the harness passes a request once per repeat
         for index, request in enumerate(requests):
             if is_sampled(request):
-                raise ReuseError(f"unsteered_from={self.spec}: task {request.task_name} samples (do_sample/temperature), and sampled answers cannot be reused")
-            logged = None if steered(request) else self._logged(request, repeat[id(request)], evaluation)
+                raise ReuseError(f"{self.given_as}: task {request.task_name} samples (do_sample/temperature), and sampled answers cannot be reused")
+            same_steering = route(request) == self.route_there(request.doc)
+            logged = self._logged(request, repeat[id(request)], evaluation) if same_steering else None
             repeat[id(request)] += 1
             if logged is None:
                 to_run.append(index)
@@ -312,7 +382,7 @@ class Reuse:
         return answers
 
     def _logged(self, request: Instance, repeat: int, evaluation: Evaluation | None) -> Any:
-        """The baseline's answer to an unsteered request; None (and counted) when it lacks the document."""
+        """The baseline's answer to a request it steered alike; None (and counted) when it lacks the document."""
         task = str(request.task_name)
         document_hash = logged_doc_hash(request.doc)
         document = self.baseline.documents.get(task, {}).get(document_hash)
@@ -321,7 +391,7 @@ class Reuse:
             raise self._refuse(request, self._difference(request, list(document.responses)))
         if document is None or responses is None or repeat >= len(responses):
             if not self.missing[task]:
-                logger.warning("unsteered_from=%s: %s has documents the baseline lacks; they are generated", self.spec, task)
+                logger.warning("%s: %s has documents the baseline lacks; they are generated", self.given_as, task)
             self.missing[task] += 1
             return None
         if (task, document_hash) not in self.verified:
@@ -380,11 +450,15 @@ class Reuse:
         return f"the prompt differs from the baseline's ({_first_difference(here[0], there[0][0])}); check --apply_chat_template, --system_instruction, --num_fewshot"
 
     def record(self) -> dict[str, Any]:
-        """What ``config.steering.unsteered_from`` records in the results JSON."""
+        """What ``config.steering.<argument>`` records in the results JSON. A steered baseline's own
+        ``unsteered_from`` record is kept with it: the unsteered answers served from that baseline
+        may have come from there."""
+        baseline_reuse = ((self.baseline.results.get("config") or {}).get("steering") or {}).get("unsteered_from")
         return {
             "results_file": str(self.baseline.results_file),
             "sha256": self.baseline.sha256,
             "samples": {task: {"file": str(path), "sha256": digest} for task, (path, digest) in sorted(self.baseline.sample_files.items())},
             "reused_requests": dict(sorted(self.reused.items())),
             "missing_requests": dict(sorted(self.missing.items())),
+            **({"unsteered_from": baseline_reuse} if self.argument == "steered_from" and baseline_reuse else {}),
         }

@@ -9,9 +9,12 @@ entry without ``applies_to`` serves every document. ``route="all"``: every entry
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, VectorFile
 
@@ -114,3 +117,22 @@ def route_key(entries: Sequence[SteeringEntry]) -> tuple[tuple[Any, ...], ...]:
     their file's tensor).
     """
     return tuple((id(entry.vector), entry.name, entry.layer, entry.mode, entry.strength, entry.positions, entry.stop_after, entry.stop_after_tokens, entry.start_after_tokens) for entry in entries)
+
+
+def vector_digest(vector: torch.Tensor) -> str:
+    """sha256 of the vector's float32 values (the form the hooks apply it in)."""
+    return hashlib.sha256(vector.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def route_signature(entries: Sequence[SteeringEntry], skip_first_token: bool) -> tuple[Any, ...]:
+    """Everything about a document's resolved entries that decides its answers, with each vector
+    identified by its content (:func:`vector_digest`), not by the file or name it came from: two runs
+    whose signatures for a document are equal steer it alike. ``()`` for an unsteered document, and
+    ``skip_first_token`` counts only when something is steered."""
+    if not entries:
+        return ()
+    applied = tuple(
+        (vector_digest(entry.vector), entry.layer, entry.mode, entry.strength, entry.positions, entry.stop_after, entry.stop_after_tokens, entry.start_after_tokens)
+        for entry in entries
+    )
+    return (skip_first_token, applied)
