@@ -1,4 +1,5 @@
-"""Benchmark of answer reuse: a steered run with ``unsteered_from=`` against the same run without it.
+"""Benchmark of answer reuse: a steered run with ``unsteered_from=`` (and ``steered_from=``) against
+the same run without it.
 
 Starts two ``lm_eval`` processes side by side, each with ``--threads`` threads (one each by default,
 so that on a 2-core machine they do not fight over cores): the steered run as it is, and the same
@@ -16,6 +17,10 @@ a result when they are (otherwise the exit status is 1).
     python benchmarks/bench_reuse.py --baseline results/smollm2-135m-instruct/baseline/without-instruction \\
       --tasks ifeval_format_noinst,ifeval_keywords_include_noinst
     python benchmarks/bench_reuse.py --baseline runs/baseline-8 --limit 8   # a smoke check
+    # a changed vector file, reusing the answers of an earlier steered run where steering is unchanged
+    python benchmarks/bench_reuse.py --baseline results/smollm2-135m-instruct/baseline/without-instruction \
+      --steered-from results/smollm2-135m-instruct/recommended/without-instruction \
+      --vectors changed.safetensors --tasks ifeval_format_noinst --label smollm2-steered
 
 Prints a table and writes ``benchmarks/results/reuse-<label>.json``.
 """
@@ -105,16 +110,19 @@ def differences(full: Path, reuse: Path) -> list[str]:
 
 
 def request_counts(results_file: Path) -> dict[str, dict[str, int]]:
-    """Per task: documents evaluated, requests reused from the baseline, requests the baseline lacked."""
+    """Per task: documents evaluated, requests reused (from either baseline), and requests the
+    unsteered baseline lacked."""
     data = read_results_json(results_file)
-    record = data["config"]["steering"]["unsteered_from"]
+    steering = data["config"]["steering"]
     documents = {task: counts["effective"] for task, counts in data["n-samples"].items()}
-    return {"documents": documents, "reused": record["reused_requests"], "missing": record["missing_requests"]}
+    reused = {task: sum((steering.get(kind) or {}).get("reused_requests", {}).get(task, 0) for kind in ("unsteered_from", "steered_from")) for task in documents}
+    return {"documents": documents, "reused": reused, "missing": steering["unsteered_from"]["missing_requests"]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", required=True, type=Path, help="the unsteered run's --output_path (made with --log_samples)")
+    parser.add_argument("--steered-from", type=Path, default=None, help="an earlier steered run (--log_samples) for steered_from= as well")
     parser.add_argument("--vectors", default=RECOMMENDED, help="vector files or packaged names, joined with '+' (default: SmolLM2's recommended file)")
     parser.add_argument("--model-args", default=None, help="default: the packaged SmolLM2 GGUF")
     parser.add_argument("--tasks", default="ifeval_steer,ifeval_steer_noinst")
@@ -128,10 +136,11 @@ def main() -> int:
 
     model_args = args.model_args or f"pretrained={smollm2_dir()},gguf_file={SMOLLM2_GGUF}"
     base = f"{model_args},vectors={args.vectors}"
+    steered_from = f",steered_from={args.steered_from.resolve()}" if args.steered_from else ""
     args.out_dir.mkdir(parents=True, exist_ok=True)
     commands = {
         "full": lm_eval_command(base, args, args.out_dir / "full"),
-        "reuse": lm_eval_command(f"{base},unsteered_from={args.baseline.resolve()}", args, args.out_dir / "reuse"),
+        "reuse": lm_eval_command(f"{base},unsteered_from={args.baseline.resolve()}{steered_from}", args, args.out_dir / "reuse"),
     }
     finished = run_side_by_side(commands, args.out_dir, args.threads)
     failed = [f"{run.name} exited with {run.returncode} (see {args.out_dir / run.name}.log)" for run in finished.values() if run.returncode]
@@ -142,12 +151,13 @@ def main() -> int:
     found = differences(full.results_file, reuse.results_file)
     counts = request_counts(reuse.results_file)
     ratio = reuse.seconds / full.seconds
-    print(f"| run | wall time | vs full |\n|---|---:|---:|\n| steered, full | {full.seconds:.0f} s | 1.00× |\n| steered, `unsteered_from=` | {reuse.seconds:.0f} s | {ratio:.2f}× |")
+    reuse_label = "`unsteered_from=`, `steered_from=`" if args.steered_from else "`unsteered_from=`"
+    print(f"| run | wall time | vs full |\n|---|---:|---:|\n| steered, full | {full.seconds:.0f} s | 1.00× |\n| steered, {reuse_label} | {reuse.seconds:.0f} s | {ratio:.2f}× |")
     print(f"documents: {sum(counts['documents'].values())}, requests reused: {sum(counts['reused'].values())}, "
           f"generated because the baseline lacked them: {sum(counts['missing'].values())}")
     print("identical metrics and logged responses" if not found else "NOT IDENTICAL, the ratio is not a result:\n  " + "\n  ".join(found))
     write_json(REPO / "benchmarks" / "results" / f"reuse-{args.label}.json", {
-        "tasks": args.tasks, "vectors": args.vectors, "limit": args.limit, "threads_per_process": args.threads,
+        "tasks": args.tasks, "vectors": args.vectors, "steered_from": str(args.steered_from) if args.steered_from else None, "limit": args.limit, "threads_per_process": args.threads,
         "batch_size": args.batch_size, "max_gen_toks": args.max_gen_toks,
         "seconds": {"full": round(full.seconds, 1), "reuse": round(reuse.seconds, 1)},
         "ratio": round(ratio, 3) if not found else None, "requests": counts, "identical": not found, "differences": found,

@@ -17,7 +17,7 @@ from lm_eval_steer.runtime.vectorfile import load_vector_file
 from vector_builder import BuildSettings, Validation, build, report, search
 from vector_builder.cli import print_summary
 from vector_builder.methods import pick
-from vector_builder.methods.learned import LearnedSettings, stage
+from vector_builder.methods.learned import LearnedSettings, stage, training
 from vector_builder.methods.learned.targets import TargetSettings
 from vector_builder.methods.token import TokenDirectionError, first_token
 from vector_builder.prompts import chat_ids, split_queries
@@ -260,6 +260,32 @@ def test_both_methods_keep_the_better_method_per_instruction(tiny, tmp_path):
             assert any(abs(entry.strength - m * norm) < 1e-3 for m in (1.0, 8.0))
         else:
             assert entry.mode == "project"
+
+
+def test_a_layer_where_training_learned_nothing_is_not_validated_and_a_warning_says_so(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    real = training.train_vector
+
+    def idle_at_layer_1(runner, train, heldout, layer, settings, desc=""):
+        trained = real(runner, train, heldout, layer, settings, desc=desc)
+        # the held-out loss never fell below its start: the kept vector is the zero start
+        return replace(trained, vector=torch.zeros_like(trained.vector), best_step=0) if layer == 1 else trained
+
+    monkeypatch.setattr(training, "train_vector", idle_at_layer_1)
+    settings = {**SMALL, **TINY_LEARNED, "n_train": 6, "method": "learned", "learned": replace(TINY_LEARNED["learned"], layers=(1, 2))}
+    with pytest.warns(UserWarning, match=r"punctuation:no_comma: the learned vector at layer\(s\) 1 never lowered its held-out loss"):
+        result = run_build(model, tokenizer, instructions=["punctuation:no_comma"], out=tmp_path / "v.safetensors", report_dir=tmp_path / "rep",
+                           model="tiny", scorer=hash_scorer, **settings)
+    assert [item.label for item in result.results["punctuation:no_comma@learned"].candidates] == ["none", "L2x1"]
+
+    monkeypatch.setattr(training, "train_vector", lambda runner, train, heldout, layer, settings, desc="": replace(
+        real(runner, train, heldout, layer, settings, desc=desc), vector=torch.zeros(64), best_step=0))
+    with pytest.warns(UserWarning, match=r"layer\(s\) 1, 2 never lowered"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no entry beat")
+        result = run_build(model, tokenizer, instructions=["punctuation:no_comma"], out=tmp_path / "w.safetensors", report_dir=tmp_path / "rep2",
+                           model="tiny", scorer=hash_scorer, **settings)
+    assert "punctuation:no_comma@learned" not in result.results  # nothing left to validate
+    assert result.vector_file is None and result.plot_path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_learned_build_resumes_to_the_same_file(tiny, tmp_path, monkeypatch):

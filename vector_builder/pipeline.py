@@ -177,12 +177,32 @@ def method_targets(plan: Plan, learned: Mapping[str, LearnedDirection]) -> tuple
     searched, per_target = [], {}
     for method in settings.method_names:
         for target in plan.searched:
-            if method == "learned" and learned[target.direction].direction is None:
-                continue  # too few training targets passed the checker
+            candidates = candidate_lists[method]
+            if method == "learned":
+                outcome = learned[target.direction]
+                if outcome.direction is None:
+                    continue  # too few training targets passed the checker
+                candidates = [item for item in candidates if item.layer is None or outcome.learned_at(item.layer)]
+                if len(candidates) == 1:
+                    continue  # nothing learned at any layer: only "no steering" would be validated
             twin = methods.targets_for(target, method)
             searched.append(twin)
-            per_target[twin.name] = candidate_lists[method]
+            per_target[twin.name] = candidates
     return searched, per_target
+
+
+def warn_unlearned(learned: Mapping[str, LearnedDirection]) -> None:
+    """One warning per learned direction that training did not move at some layer (those layers are
+    not validated)."""
+    for key, outcome in learned.items():
+        idle = sorted(layer for layer in outcome.trained if not outcome.learned_at(layer))
+        if idle:
+            warnings.warn(
+                f"{key}: the learned vector at layer(s) {', '.join(map(str, idle))} never lowered its held-out loss below the "
+                "start (best step 0), so it is zero and is not validated; try another layer, more --n-train or --learned-lr",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 def search_layers(
@@ -376,6 +396,7 @@ def build(
         directions = {**collect_directions(runner, plan, checkpoint, resume), **token_method_directions(runner, plan)}
     with _timed(timing, "learning"):
         learned = learn_directions(runner, plan, checkpoint, resume)
+        warn_unlearned(learned)
         directions.update({item.direction.key: item.direction for item in learned.values() if item.direction is not None})
     with _timed(timing, "search"):
         searched = search_layers(replace(runner, model=validation_model), plan, directions, learned, checkpoint, resume, validation.scorer)

@@ -265,7 +265,7 @@ def _panels(count: int) -> tuple[Any, list[Any]]:
     import matplotlib.pyplot as plt
 
     columns = min(4, max(1, count))
-    rows = math.ceil(count / columns)
+    rows = max(1, math.ceil(count / columns))  # an empty figure still gets one (blank) panel
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
     for axis in list(axes.flat)[count:]:
         axis.axis("off")
@@ -312,6 +312,8 @@ def write_plot(report_dir: str | Path, results: Sequence[TargetResult], objectiv
         axis.set_ylim(-0.05, 1.05)
     if results:
         axes[0].legend(fontsize=7)
+    else:
+        axes[0].text(0.5, 0.5, "nothing was validated (see report.json)", ha="center", va="center", transform=axes[0].transAxes)
     return _save(figure, Path(report_dir) / PLOT_NAME)
 
 

@@ -38,6 +38,13 @@ class LearnedDirection:
     targets_seconds: float = 0.0
     looping_refused: int = 0  # answers that passed the checker but looped (with --target-max-repetition)
 
+    def learned_at(self, layer: int) -> bool:
+        """Whether training moved the vector at ``layer`` at all: when the held-out loss never fell
+        below its value at step 0, the kept vector is the zero start, and steering with it would
+        change nothing (so it is not worth validating)."""
+        item = self.trained.get(layer)
+        return item is not None and item.norm > 0.0
+
     def summary(self, timing: bool = True) -> dict[str, Any]:
         """Targets per source and each layer's norm and loss curves (and, with ``timing``, seconds:
         the vector file leaves them out so that a resumed build writes the same bytes)."""
