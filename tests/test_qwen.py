@@ -65,15 +65,16 @@ def test_steered_greedy_generation_is_the_same_with_and_without_kv_cache(qwen):
 
 
 def test_the_recommended_file_steers_only_the_instructions_it_has_vectors_for(qwen, plain):
-    # The packaged file (found by name) has learned (add-mode) entries for english_lowercase and title,
-    # difference-of-means (project-mode) ones for end_checker, and none for constrained_response.
+    # The packaged file (found by name) has learned (add-mode) entries for english_lowercase, title and
+    # constrained_response, difference-of-means (project-mode) ones for end_checker, and none for
+    # response_language.
     shipped = SteeredHFLM(pretrained=qwen.model, tokenizer=qwen.tokenizer, vectors="qwen2.5-coder-0.5b-instruct", batch_size=4)
     prompt = chat(shipped, "Write a short note to a friend.")
     generation = {"until": [], "max_gen_toks": 12, "do_sample": False}
-    docs = [{"instruction_id_list": [ids], "kwargs": [{}]} for ids in ("change_case:english_lowercase", "detectable_format:title", "startend:end_checker", "detectable_format:constrained_response")]
+    docs = [{"instruction_id_list": [ids], "kwargs": [{}]} for ids in ("change_case:english_lowercase", "detectable_format:title", "startend:end_checker", "detectable_format:constrained_response", "language:response_language")]
 
     def requests() -> list[Instance]:
         return [Instance("generate_until", doc, (prompt, dict(generation)), i) for i, doc in enumerate(docs)]
 
     steered, unsteered = shipped.generate_until(requests()), plain.generate_until(requests())
-    assert [s != u for s, u in zip(steered, unsteered)] == [True, True, True, False]
+    assert [s != u for s, u in zip(steered, unsteered)] == [True, True, True, True, False]
