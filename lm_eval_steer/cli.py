@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -76,6 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_subcommand(name, argv[1:]) if name else run_harness(argv)
     except UserError as error:
         return fail(name, error)
+    except BrokenPipeError:
+        # The reader went away (`lm-eval-steer vectors show ... | head`): stop quietly, as other
+        # command-line tools do. Python's recipe: point stdout at devnull so that the final flush at
+        # exit cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

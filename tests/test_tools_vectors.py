@@ -94,3 +94,16 @@ def test_the_window_rule_column_names_strings_and_token_counts():
     assert window_rule(SteeringEntry("b", vector, 1, stop_after=("mom", "dad"))) == "mom, dad"
     assert window_rule(SteeringEntry("c", vector, 1, stop_after=("mom",), stop_after_tokens=40)) == "mom; after 40 tokens"
     assert window_rule(SteeringEntry("d", vector, 1, stop_after_tokens=40, start_after_tokens=4)) == "from token 4; after 40 tokens"
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly() -> None:
+    # `lm-eval-steer vectors show ... | head`: stdout is a pipe whose reader has gone.
+    script = (
+        "import os, sys\n"
+        "read, write = os.pipe(); os.close(read); os.dup2(write, 1)\n"
+        "from lm_eval_steer.cli import main\n"
+        "sys.exit(main(['vectors', 'show', 'smollm2-135m-instruct']))\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 1
+    assert "Traceback" not in finished.stderr and "BrokenPipeError" not in finished.stderr, finished.stderr
