@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO_ROOT
 from lm_eval_steer.core import paths
-from lm_eval_steer.tools.vectors import catalog, entry_rows
+from lm_eval_steer.tools.vectors import catalog, describe, entry_rows
 from lm_eval_steer.cli import main
 from lm_eval_steer.tools.merge import merge
 from lm_eval_steer.runtime.modelargs import parse_vector_paths
@@ -64,6 +64,13 @@ def test_show_lists_every_entry_with_its_rule_method_and_source(tmp_path: Path) 
     merged, _ = merge([str(built)], str(tmp_path / "merged.safetensors"))
     assert [row[7:9] for row in entry_rows(load_vector_file(tmp_path / "merged.safetensors"))] == [["diffmean", "built.safetensors"], ["token", "built.safetensors"]]
     assert len({row[9] for row in rows}) == 1  # same tensor, same sha256
+    # merged again with a rebuilt entry: each entry still names the file it was built in
+    rebuilt = tmp_path / "rebuilt.safetensors"
+    save_vector_file(rebuilt, [SteeringEntry("lower", torch.full((8,), 2.0), 2, "add", 1.0, "all", AppliesTo("change_case:english_lowercase"))], model="tiny", hidden_size=8, num_layers=4)
+    merge([str(tmp_path / "merged.safetensors"), str(rebuilt)], str(tmp_path / "again.safetensors"))
+    again = load_vector_file(tmp_path / "again.safetensors")
+    assert {row[0]: row[8] for row in entry_rows(again)} == {"keywords:existence:pie": "built.safetensors", "lower": "rebuilt.safetensors"}
+    assert "merged from built.safetensors, rebuilt.safetensors" in describe(again)
 
 
 def test_show_and_list_print_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:

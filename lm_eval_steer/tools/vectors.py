@@ -57,11 +57,15 @@ def entry_methods(metadata: Mapping[str, str]) -> dict[str, str]:
 
 
 def entry_sources(metadata: Mapping[str, str]) -> dict[str, str]:
-    """Entry name -> file name it was merged from (empty for a file that is not a merge)."""
+    """Entry name -> name of the file it was built in: the file it was merged from, or, when that file
+    was itself a merge, the file that merge took it from, and so on (empty for a file that is not a
+    merge). A file merged in steps thus still names where each entry came from."""
     sources: dict[str, str] = {}
     for source in _json(metadata, "merged_from") or []:
         if isinstance(source, dict):
-            sources.update({name: Path(str(source.get("path", "?"))).name for name in source.get("entries") or []})
+            earlier = entry_sources({key: value for key, value in (source.get("metadata") or {}).items() if isinstance(value, str)})
+            name = Path(str(source.get("path", "?"))).name
+            sources.update({entry: earlier.get(entry, name) for entry in source.get("entries") or []})
     return sources
 
 
