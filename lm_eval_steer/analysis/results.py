@@ -69,7 +69,6 @@ class Run:
     sample_files: dict[str, Path] = field(default_factory=dict)  # task -> samples_*.jsonl
     unreadable: dict[str, list[str]] = field(default_factory=dict)  # task -> metric ids whose value is not a finite number
     # config.steering.unsteered_from of each results file that reused a baseline's unsteered answers
-    # (directly, or through a steered_from= baseline that had reused them)
     reused_from: tuple[dict[str, Any], ...] = ()
     # config.steering.steered_from of each results file that reused an earlier steered run's answers
     steered_from: tuple[dict[str, Any], ...] = ()
@@ -219,21 +218,22 @@ def reuse_description(records: Sequence[Mapping[str, Any]], steered: Sequence[Ma
         files = ", ".join(dict.fromkeys(Path(str(record.get("results_file", "?"))).name for record in group))
         return f"{reused} {what} from {files}"
 
-    # A steered_from= record's nested unsteered_from is the earlier run's reuse, not this run's.
-    direct = [record for record in records if not any(record is (each.get("unsteered_from")) for each in steered)]
-    parts = ([described(direct, "unsteered answers")] if direct else []) + ([described(steered, "answers of unchanged steering")] if steered else [])
+    parts = ([described(records, "unsteered answers")] if records else []) + ([described(steered, "answers of unchanged steering")] if steered else [])
     return f"reused {'; '.join(parts)}" if parts else ""
 
 
 def reuse_mismatches(run: Run, baseline: Run) -> list[str]:
-    """The baselines ``run`` reused answers from (``unsteered_from=``) that are not ``baseline``'s
-    results file(s): its unsteered documents then come from another run than the one it is compared with."""
-    if run is baseline or not run.reused_from:
+    """The baselines ``run`` reused unsteered answers from that are not ``baseline``'s results file(s):
+    its unsteered documents then come from another run than the one it is compared with. Those are its
+    ``unsteered_from=`` baselines and, through each ``steered_from=`` run, that run's own (recorded in
+    its record): the unsteered answers served from an earlier steered run may have come from there."""
+    records = [*run.reused_from, *(nested for record in run.steered_from if (nested := record.get("unsteered_from")))]
+    if run is baseline or not records:
         return []
     hashes = {file_sha256(path) for path in baseline.paths if path.is_file()}
     return [
         f"reused unsteered answers from {record.get('results_file')} (sha256 {str(record.get('sha256'))[:12]}), not from the baseline it is compared with"
-        for record in run.reused_from
+        for record in records
         if record.get("sha256") not in hashes
     ]
 
@@ -321,7 +321,7 @@ def load_run(path: Path) -> Run:
         chat_template_sha=data.get("chat_template_sha"),
         sample_files=find_sample_files(path, metrics),
         unreadable={task: bad for task, values in data["results"].items() if (bad := unreadable_metrics(values))},
-        reused_from=tuple(record for record in [(steering or {}).get("unsteered_from"), ((steering or {}).get("steered_from") or {}).get("unsteered_from")] if record),
+        reused_from=tuple(record for record in [(steering or {}).get("unsteered_from")] if record),
         steered_from=tuple(record for record in [(steering or {}).get("steered_from")] if record),
         model_args=parse_model_args(config.get("model_args")),
     )

@@ -13,7 +13,6 @@ its metadata records (``merged_from`` for a merge, ``builder``/``methods`` for a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 from lm_eval_steer.analysis.tables import markdown_table
 from lm_eval_steer.core.atomic import write_text
 from lm_eval_steer.core.paths import packaged_vector_files, resolve_vectors
+from lm_eval_steer.runtime.routing import vector_digest
 from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, load_vector_file
 
 ENTRY_HEADERS = ("entry", "instruction", "layer", "mode", "strength", "positions", "answer window", "method", "from", "sha256")
@@ -108,7 +108,7 @@ def entry_rows(vector_file: VectorFile) -> list[list[str]]:
             window_rule(entry),
             methods.get(entry.name, methods.get("*", "")) or "—",
             sources.get(entry.name, "this file"),
-            hashlib.sha256(entry.vector.float().numpy().tobytes()).hexdigest()[:12],
+            vector_digest(entry.vector)[:12],
         ]
         for entry in vector_file.entries
     ]
