@@ -81,6 +81,24 @@ def test_harness_scorer_equals_direct_perplexity(tiny_model_dir):
     assert tokenize(" there") == tokenizer(" there", add_special_tokens=False).input_ids
 
 
+def test_harness_scorer_scores_each_pair_once(tiny_model_dir, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    asked: list[tuple[str, str]] = []
+    original = HFLM.loglikelihood
+
+    def counting(self, requests, *args, **kwargs):
+        asked.extend(request.args for request in requests)
+        return original(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "loglikelihood", counting)
+    score, _ = quality.harness_scorer(f"pretrained={tiny_model_dir}", "cpu", 2)
+    first = score([("Hi", " there"), ("Hi", " you"), ("Hi", " there")])
+    second = score([("Hi", " you"), ("Bye", " now"), ("Bye", "")])
+    assert asked == [("Hi", " there"), ("Hi", " you"), ("Bye", " now")]
+    assert first[0] == first[2] and second[0] == first[1] and second[2] == (0.0, 0)
+
+
 def test_cli_writes_markdown_and_json(tmp_path, tiny_model_dir, capsys):
     base = write_run(tmp_path / "base", SCORES, samples={TASK: [sample(0, " one two"), sample(1, " three")]})
     steered = write_run(tmp_path / "steer", SCORES, samples={TASK: [sample(0, " one two"), sample(1, " four five six")]}, model_type="steered-hf")

@@ -133,14 +133,19 @@ def harness_scorer(model_args: str, device: str | None, batch_size: int) -> tupl
     if device:
         extra["device"] = device
     lm = get_model("hf").create_from_arg_string(model_args, extra)
+    # A steered run shares every unsteered document's response with its baseline, and the baseline's
+    # changed responses were already scored with the baseline: each (prompt, response) pair is scored
+    # once, which spares the slow part for every response two runs share.
+    known: dict[tuple[str, str], tuple[float, int]] = {}
 
     def score(pairs: Sequence[tuple[str, str]]) -> list[tuple[float, int]]:
         # an empty response has no tokens and contributes nothing (the harness refuses empty continuations)
-        scored = [index for index, (_, text) in enumerate(pairs) if text]
-        requests = [Instance("loglikelihood", {}, pairs[index], position) for position, index in enumerate(scored)]
+        new = list(dict.fromkeys(pair for pair in pairs if pair[1] and pair not in known))
+        requests = [Instance("loglikelihood", {}, pair, position) for position, pair in enumerate(new)]
         logprobs = lm.loglikelihood(requests) if requests else []
-        found = {index: (logprob, len(lm._encode_pair(*pairs[index])[1])) for index, (logprob, _) in zip(scored, logprobs)}
-        return [found.get(index, (0.0, 0)) for index in range(len(pairs))]
+        for pair, (logprob, _) in zip(new, logprobs):
+            known[pair] = (logprob, len(lm._encode_pair(*pair)[1]))
+        return [known.get(pair, (0.0, 0)) for pair in pairs]
 
     return score, lambda text: lm.tok_encode(text)
 
