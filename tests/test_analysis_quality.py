@@ -125,3 +125,18 @@ def test_baseline_is_scored_only_on_the_tasks_the_other_runs_logged(tmp_path):
     assert quality.tasks_to_score(base, [base, steered], base) == [TASK]
     assert quality.tasks_to_score(steered, [base, steered], base) == [TASK]
     assert quality.tasks_to_score(base, [base], base) == [TASK, other]  # the baseline alone: every task
+
+
+def test_cli_parses_each_samples_file_once(tmp_path, monkeypatch):
+    # Two steered runs compared with one baseline: the baseline's file serves both without a re-read.
+    base = write_run(tmp_path / "base", SCORES, samples={TASK: [sample(0, " one"), sample(1, " two")]})
+    steered = [write_run(tmp_path / f"s{i}", SCORES, samples={TASK: [sample(0, " one"), sample(1, f" new {i}")]}, model_type="steered-hf") for i in range(2)]
+    reads: list[str] = []
+    real_read = quality.read_samples
+    monkeypatch.setattr(quality, "read_samples", lambda path: (reads.append(str(path)), real_read(path))[1])
+    monkeypatch.setattr(quality, "harness_scorer", lambda *args: (fake_scorer, char_tokens))
+    argv = ["quality", str(base), *map(str, steered), "--baseline", str(base), "--model_args", "pretrained=unused", "--out", str(tmp_path / "q")]
+    assert main(argv) == 0
+    assert len(reads) == 3 and len(set(reads)) == 3
+    payload = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert [row["changed"] and row["changed"]["docs"] for row in payload["rows"]] == [None, 1, 1]

@@ -90,18 +90,25 @@ def responses(sample_file: Path) -> dict[int, Response]:
 
 
 def task_quality(
-    task: str, run: Run, baseline: Run | None, score: Scorer, tokenize: Callable[[str], list[int]], max_repetition: float = 0.5
+    task: str,
+    run: Run,
+    baseline: Run | None,
+    score: Scorer,
+    tokenize: Callable[[str], list[int]],
+    max_repetition: float = 0.5,
+    read: Callable[[Path], dict[int, Response]] = responses,
 ) -> TaskQuality:
     """Perplexity, length and degeneracy of ``run``'s responses for ``task``; with ``baseline``, also
-    on the documents whose response changed, for both runs."""
-    mine = responses(run.sample_files[task])
+    on the documents whose response changed, for both runs. ``read`` gives a samples file's responses
+    (:func:`responses`, or the ones already parsed)."""
+    mine = read(run.sample_files[task])
     ids = sorted(mine)
     scored = dict(zip(ids, score([(mine[i].prompt, mine[i].text) for i in ids])))
     degenerate = {i: is_degenerate(tokenize(mine[i].text), max_repetition) for i in ids}
     overall = Stats.of([scored[i] for i in ids], [degenerate[i] for i in ids])
     if baseline is None or baseline is run or task not in baseline.sample_files:
         return TaskQuality(task, run.label, overall)
-    theirs = responses(baseline.sample_files[task])
+    theirs = read(baseline.sample_files[task])
     changed = [i for i in ids if i in theirs and theirs[i].text != mine[i].text]
     if any(theirs[i].prompt != mine[i].prompt for i in changed):
         raise ResultsError(f"{task}: {run.label} and {baseline.label} saw different prompts for the same documents")
@@ -194,10 +201,13 @@ def run(args: argparse.Namespace) -> int:
         missing = [run.label for run in runs if not run.sample_files]
         if missing:
             raise ResultsError(f"no logged samples for {', '.join(missing)}: rerun lm_eval with --log_samples")
-        for sample_file in {file for run in runs for file in run.sample_files.values()}:
-            responses(sample_file)  # every input readable before the scoring model loads
+        # Every input is parsed (so checked) once, before the scoring model loads; the baseline's
+        # files then serve every run they are compared with.
+        parsed = {sample_file: responses(sample_file) for run in runs for sample_file in run.sample_files.values()}
         score, tokenize = harness_scorer(args.model_args, args.device, args.batch_size)
-        rows = [task_quality(task, run, baseline, score, tokenize) for run in runs for task in tasks_to_score(run, runs, baseline)]
+        rows = [
+            task_quality(task, run, baseline, score, tokenize, read=parsed.__getitem__) for run in runs for task in tasks_to_score(run, runs, baseline)
+        ]
     except ResultsError as error:
         return fail("quality", error)
     out = Path(args.out)
