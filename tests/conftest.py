@@ -86,3 +86,39 @@ def tiny(smol_tokenizer):
     model = build_tiny_llama(len(smol_tokenizer))
     model.config.pad_token_id = smol_tokenizer.pad_token_id
     return model, smol_tokenizer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def builtin_task_index_parsed_once():
+    """lm-eval parses all of its own task YAML files (thousands) for every ``TaskManager``: about 6 s,
+    most of an in-process ``lm_eval`` run on the tiny model. They cannot change during the session, so
+    the first parse of that folder serves every later run; every other folder (ours, a test's
+    ``--include_path``) is still parsed each time, and later folders override earlier ones as in
+    :meth:`TaskIndex.build`. Runs in a subprocess parse everything as a user's would."""
+    from lm_eval.tasks import _index
+    from lm_eval.tasks._index import TaskIndex
+
+    builtin = Path(_index.__file__).parent.resolve()
+    original = TaskIndex.__dict__["build"]
+    parsed: dict[bool, dict] = {}
+
+    def build(paths, *, resolve_includes=True):  # type: ignore[no-untyped-def]
+        index: dict = {}
+        for root in paths:
+            if Path(root).resolve() == builtin:
+                if resolve_includes not in parsed:
+                    parsed[resolve_includes] = original.__func__([root], resolve_includes=resolve_includes)
+                part = parsed[resolve_includes]
+            else:
+                part = original.__func__([root], resolve_includes=resolve_includes)
+            for name, entry in part.items():
+                if name in index:
+                    _index.log.warning("Task '%s' from %s overrides existing task from %s", name, entry.yaml_path, index[name].yaml_path)
+                index[name] = entry
+        return index
+
+    TaskIndex.build = staticmethod(build)
+    try:
+        yield
+    finally:
+        TaskIndex.build = original
