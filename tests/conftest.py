@@ -89,36 +89,30 @@ def tiny(smol_tokenizer):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def builtin_task_index_parsed_once():
+def builtin_task_yaml_parsed_once():
     """lm-eval parses all of its own task YAML files (thousands) for every ``TaskManager``: about 6 s,
     most of an in-process ``lm_eval`` run on the tiny model. They cannot change during the session, so
-    the first parse of that folder serves every later run; every other folder (ours, a test's
-    ``--include_path``) is still parsed each time, and later folders override earlier ones as in
-    :meth:`TaskIndex.build`. Runs in a subprocess parse everything as a user's would."""
+    the index builder's parse of each of them is kept and handed out again; lm-eval still builds every
+    index itself, every other file (ours, a test's ``--include_path``) is parsed each time, and tasks
+    are made from deep copies of the kept configs (``TaskFactory``). Runs in a subprocess parse
+    everything as a user's would."""
     from lm_eval.tasks import _index
-    from lm_eval.tasks._index import TaskIndex
 
     builtin = Path(_index.__file__).parent.resolve()
-    original = TaskIndex.__dict__["build"]
-    parsed: dict[bool, dict] = {}
+    original = _index.load_yaml
+    parsed: dict[tuple[Path, bool, bool], dict] = {}
 
-    def build(paths, *, resolve_includes=True):  # type: ignore[no-untyped-def]
-        index: dict = {}
-        for root in paths:
-            if Path(root).resolve() == builtin:
-                if resolve_includes not in parsed:
-                    parsed[resolve_includes] = original.__func__([root], resolve_includes=resolve_includes)
-                part = parsed[resolve_includes]
-            else:
-                part = original.__func__([root], resolve_includes=resolve_includes)
-            for name, entry in part.items():
-                if name in index:
-                    _index.log.warning("Task '%s' from %s overrides existing task from %s", name, entry.yaml_path, index[name].yaml_path)
-                index[name] = entry
-        return index
+    def load_yaml(path, *, resolve_func=True, recursive=True, **rest):  # type: ignore[no-untyped-def]
+        resolved = Path(path).expanduser().resolve()
+        if rest or not resolved.is_relative_to(builtin):
+            return original(path, resolve_func=resolve_func, recursive=recursive, **rest)
+        key = (resolved, resolve_func, recursive)
+        if key not in parsed:
+            parsed[key] = original(path, resolve_func=resolve_func, recursive=recursive)
+        return parsed[key]
 
-    TaskIndex.build = staticmethod(build)
+    _index.load_yaml = load_yaml
     try:
         yield
     finally:
-        TaskIndex.build = original
+        _index.load_yaml = original
