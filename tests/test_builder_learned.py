@@ -40,23 +40,27 @@ def test_batch_tensors_label_only_the_responses_under_left_padding():
     assert scored == 3
 
 
-def _manual_loss(model, example: training.Example, vector: torch.Tensor, layer: int, skip_first: bool) -> torch.Tensor:
-    """The objective written out with a plain forward hook: ``h_L += v`` at every position but the first."""
+def _manual_loss(model, example: training.Example, vectors: dict[int, torch.Tensor], skip_first: bool) -> torch.Tensor:
+    """The objective written out with plain forward hooks: ``h_L += v_L`` at every position but the first."""
     sequence = torch.tensor([list(example.prompt) + list(example.response)])
 
-    def hook(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        delta = vector.expand_as(hidden).clone()
-        if skip_first:
-            delta[:, 0] = 0
-        steered = hidden + delta
-        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+    def hook_for(vector):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            delta = vector.expand_as(hidden).clone()
+            if skip_first:
+                delta[:, 0] = 0
+            steered = hidden + delta
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
-    handle = model.model.layers[layer].register_forward_hook(hook)
+        return hook
+
+    handles = [model.model.layers[layer].register_forward_hook(hook_for(vector)) for layer, vector in vectors.items()]
     try:
         logits = model(input_ids=sequence, use_cache=False).logits[0]
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     start = len(example.prompt)
     return torch.nn.functional.cross_entropy(logits[start - 1 : -1], sequence[0, start:])
 
@@ -66,20 +70,41 @@ def test_training_objective_steers_like_the_runtime(tiny, skip_first):
     model, tokenizer = tiny
     example = _examples(tokenizer, 1)[0]
     vector = torch.randn(64, generator=torch.Generator().manual_seed(0))
-    ours = training.response_loss(model, [example], vector, LAYER, tokenizer.pad_token_id, skip_first)
-    torch.testing.assert_close(ours, _manual_loss(model, example, vector, LAYER, skip_first))
+    ours = training.response_loss(model, [example], vector[None], [LAYER], tokenizer.pad_token_id, skip_first)
+    torch.testing.assert_close(ours, _manual_loss(model, example, {LAYER: vector}, skip_first))
     # and the vector matters: a different vector gives a different loss
-    assert not torch.isclose(ours, training.response_loss(model, [example], torch.zeros(64), LAYER, tokenizer.pad_token_id, skip_first))
+    assert not torch.isclose(ours, training.response_loss(model, [example], torch.zeros(1, 64), [LAYER], tokenizer.pad_token_id, skip_first))
 
+
+def test_a_jointly_trained_set_steers_every_layer_at_once(tiny):
+    model, tokenizer = tiny
+    example = _examples(tokenizer, 1)[0]
+    vectors = torch.randn(2, 64, generator=torch.Generator().manual_seed(2))
+    ours = training.response_loss(model, [example], vectors, [1, 2], tokenizer.pad_token_id, True)
+    torch.testing.assert_close(ours, _manual_loss(model, example, {1: vectors[0], 2: vectors[1]}, True))
+    for alone in ({1: vectors[0]}, {2: vectors[1]}):  # the set is not either of its vectors
+        assert not torch.isclose(ours, _manual_loss(model, example, alone, True))
+
+
+def test_joint_training_moves_every_vector_of_the_set_in_one_run(tiny):
+    model, tokenizer = tiny
+    examples = _examples(tokenizer)
+    config = LearnedSettings(layers=(1, 2), steps=6, lr=0.05, batch_size=2, eval_every=2, patience=5, joint=True)
+    trained = training.train_vectors(_runner(model, tokenizer), examples[2:], examples[:2], [1, 2], config)
+    assert sorted(trained) == [1, 2] and all(item.norm > 0 for item in trained.values())
+    assert trained[1].train_loss == trained[2].train_loss and trained[1].best_step == trained[2].best_step
+    assert not torch.equal(trained[1].vector, trained[2].vector)
+    with pytest.raises(ValueError, match="distinct layers"):
+        training.train_vectors(_runner(model, tokenizer), examples[2:], examples[:2], [1, 1], config)
 
 def test_padding_does_not_change_the_loss(tiny):
     model, tokenizer = tiny
     short, long = training.Example((1, 5, 6), (7, 8)), training.Example((1, 5, 6, 9, 9, 9, 9), (7, 8, 3))
     vector = torch.randn(64, generator=torch.Generator().manual_seed(1))
     pad = tokenizer.pad_token_id
-    alone = training.response_loss(model, [short], vector, LAYER, pad, True)
-    batched_tokens = training.response_loss(model, [short, long], vector, LAYER, pad, True) * 5
-    long_alone = training.response_loss(model, [long], vector, LAYER, pad, True) * 3
+    alone = training.response_loss(model, [short], vector[None], [LAYER], pad, True)
+    batched_tokens = training.response_loss(model, [short, long], vector[None], [LAYER], pad, True) * 5
+    long_alone = training.response_loss(model, [long], vector[None], [LAYER], pad, True) * 3
     torch.testing.assert_close(batched_tokens - long_alone, alone * 2, atol=1e-4, rtol=1e-4)
 
 
@@ -89,7 +114,7 @@ def test_training_lowers_the_loss_and_leaves_the_model_untouched(tiny):
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     config = LearnedSettings(steps=12, lr=0.05, batch_size=2, eval_every=4, patience=5)
-    result = training.train_vector(_runner(model, tokenizer), examples[2:], examples[:2], LAYER, config)
+    result = training.train_vectors(_runner(model, tokenizer), examples[2:], examples[:2], [LAYER], config)[LAYER]
     assert result.heldout_loss[0][0] == 0 and result.norm > 0
     assert min(loss for _, loss in result.heldout_loss[1:]) < result.heldout_loss[0][1]
     assert result.best_step == min(result.heldout_loss, key=lambda item: item[1])[0]
@@ -107,12 +132,12 @@ def test_early_stopping_keeps_the_best_heldout_vector(tiny, monkeypatch):
     seen: dict[int, torch.Tensor] = {}
 
     def fake_heldout(runner, heldout, vector, *args):
-        seen[len(seen) * 2] = vector.clone()
+        seen[len(seen) * 2] = vector[0].clone()
         return next(scripted)
 
     monkeypatch.setattr(training, "_heldout_loss", fake_heldout)
     config = LearnedSettings(steps=50, lr=0.1, batch_size=2, eval_every=2, patience=2)
-    result = training.train_vector(_runner(model, tokenizer), examples[2:], examples[:2], LAYER, config)
+    result = training.train_vectors(_runner(model, tokenizer), examples[2:], examples[:2], [LAYER], config)[LAYER]
     assert len(result.train_loss) == 8  # two evaluations (steps 6 and 8) without improvement
     assert result.best_step == 4
     assert [step for step, _ in result.heldout_loss] == [0, 2, 4, 6, 8]
@@ -123,7 +148,7 @@ def test_early_stopping_keeps_the_best_heldout_vector(tiny, monkeypatch):
 def test_training_refuses_empty_sets(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="held-out"):
-        training.train_vector(_runner(model, tokenizer), _examples(tokenizer), [], LAYER, LearnedSettings())
+        training.train_vectors(_runner(model, tokenizer), _examples(tokenizer), [], [LAYER], LearnedSettings())
 
 
 def test_learned_direction_adds_exactly_the_trained_vector():

@@ -264,28 +264,66 @@ def test_both_methods_keep_the_better_method_per_instruction(tiny, tmp_path):
 
 def test_a_layer_where_training_learned_nothing_is_not_validated_and_a_warning_says_so(tiny, tmp_path, monkeypatch):
     model, tokenizer = tiny
-    real = training.train_vector
+    real = training.train_vectors
 
-    def idle_at_layer_1(runner, train, heldout, layer, settings, desc=""):
-        trained = real(runner, train, heldout, layer, settings, desc=desc)
+    def idle_at_layer_1(runner, train, heldout, layers, settings, desc=""):
+        trained = real(runner, train, heldout, layers, settings, desc=desc)
         # the held-out loss never fell below its start: the kept vector is the zero start
-        return replace(trained, vector=torch.zeros_like(trained.vector), best_step=0) if layer == 1 else trained
+        return {layer: replace(item, vector=torch.zeros_like(item.vector), best_step=0) if layer == 1 else item for layer, item in trained.items()}
 
-    monkeypatch.setattr(training, "train_vector", idle_at_layer_1)
+    monkeypatch.setattr(training, "train_vectors", idle_at_layer_1)
     settings = {**SMALL, **TINY_LEARNED, "n_train": 6, "method": "learned", "learned": replace(TINY_LEARNED["learned"], layers=(1, 2))}
     with pytest.warns(UserWarning, match=r"punctuation:no_comma: the learned vector at layer\(s\) 1 never lowered its held-out loss"):
         result = run_build(model, tokenizer, instructions=["punctuation:no_comma"], out=tmp_path / "v.safetensors", report_dir=tmp_path / "rep",
                            model="tiny", scorer=hash_scorer, **settings)
     assert [item.label for item in result.results["punctuation:no_comma@learned"].candidates] == ["none", "L2x1"]
 
-    monkeypatch.setattr(training, "train_vector", lambda runner, train, heldout, layer, settings, desc="": replace(
-        real(runner, train, heldout, layer, settings, desc=desc), vector=torch.zeros(64), best_step=0))
+    monkeypatch.setattr(training, "train_vectors", lambda runner, train, heldout, layers, settings, desc="": {
+        layer: replace(item, vector=torch.zeros(64), best_step=0) for layer, item in real(runner, train, heldout, layers, settings, desc=desc).items()})
     with pytest.warns(UserWarning, match=r"layer\(s\) 1, 2 never lowered"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="no entry beat")
         result = run_build(model, tokenizer, instructions=["punctuation:no_comma"], out=tmp_path / "w.safetensors", report_dir=tmp_path / "rep2",
                            model="tiny", scorer=hash_scorer, **settings)
     assert "punctuation:no_comma@learned" not in result.results  # nothing left to validate
     assert result.vector_file is None and result.plot_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_joint_build_trains_one_set_and_writes_an_entry_per_layer(tiny, tmp_path, capsys):
+    """--learned-joint: the vectors at layers 1 and 2 are trained as one set, every candidate steers
+    with both, and the chosen set becomes two entries routed to the instruction, each adding its own
+    trained vector times the chosen multiplier."""
+    model, tokenizer = tiny
+    learned = replace(TINY_LEARNED["learned"], layers=(1, 2), multipliers=(1.0, 2.0), joint=True)
+    settings = {**SMALL, **TINY_LEARNED, "n_train": 6, "method": "learned", "learned": learned}
+    name = "punctuation:no_comma"
+    result = run_build(model, tokenizer, instructions=[name], out=tmp_path / "j.safetensors", report_dir=tmp_path / "rep", model="tiny",
+                       scorer=changed_from_first_scorer(), **settings)
+    searched = result.results[f"{name}@learned"]
+    assert [item.label for item in searched.candidates] == ["none", "L1+2x1", "L1+2x2"]
+    assert searched.chosen is not None
+    chosen = searched.candidate(searched.chosen)
+    report_json = json.loads(result.report_path.read_text())
+    layers = report_json["learned"][name]["layers"]
+    assert layers["1"]["train_loss"] == layers["2"]["train_loss"] and layers["1"]["best_step"] == layers["2"]["best_step"]  # one training run
+    assert report_json["targets"][0]["joint_layers"] == [1, 2]
+    vector_file = load_vector_file(tmp_path / "j.safetensors")
+    entries = vector_file.entries
+    assert [(entry.name, entry.layer) for entry in entries] == [(name, 1), (f"{name}@L2", 2)]
+    for entry in entries:
+        assert entry.mode == "add" and entry.applies_to is not None and entry.applies_to.instruction_id == name
+        assert entry.strength == pytest.approx(chosen.multiplier * layers[str(entry.layer)]["norm"], rel=1e-3)
+    assert entries[0].strength != pytest.approx(entries[1].strength)  # each layer at its own trained norm
+    document = {"instruction_id_list": [name], "kwargs": [{}]}
+    assert [entry.name for entry in entries_for_document(document, [vector_file], "auto")] == [name, f"{name}@L2"]
+    print_summary(result)
+    assert f"layers 1+2 (joint), strength {chosen.strength:.3g}" in capsys.readouterr().out
+
+
+def test_joint_training_needs_two_layers():
+    with pytest.raises(ValueError, match="--learned-joint .* at least two distinct --learned-layers, got \\[3, 3\\]"):
+        LearnedSettings(layers=(3, 3), joint=True)
+    with pytest.raises(ValueError, match="--learned-joint"):
+        LearnedSettings(joint=True)  # the default is one layer
 
 
 def test_learned_build_resumes_to_the_same_file(tiny, tmp_path, monkeypatch):

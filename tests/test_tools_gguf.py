@@ -47,6 +47,21 @@ def test_round_trip_through_gguf_steers_the_same(vector_file, tmp_path):
     assert load_vector_file(tmp_path / "back.safetensors").model == "tiny-llama"
 
 
+def test_an_entry_name_exports_its_jointly_trained_set_whole(tmp_path):
+    lower = AppliesTo("change_case:english_lowercase")
+    entries = [
+        SteeringEntry("lower", torch.ones(8), 1, "add", 2.0, "all", lower),
+        SteeringEntry("lower@L3", torch.arange(8, dtype=torch.float32), 3, "add", 0.5, "all", lower),
+        SteeringEntry("title", torch.ones(8), 2, "add", 1.0, "all", AppliesTo("detectable_format:title")),
+    ]
+    save_vector_file(tmp_path / "set.safetensors", entries, model="tiny-llama", hidden_size=8, num_layers=4)
+    export_gguf(tmp_path / "set.safetensors", tmp_path / "set.gguf", ["lower"])
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / "set.gguf")).tensors}
+    assert sorted(tensors) == ["direction.1", "direction.3"]
+    np.testing.assert_allclose(tensors["direction.3"], 0.5 * np.arange(8))
+    export_gguf(tmp_path / "set.safetensors", tmp_path / "one.gguf", ["lower@L3"])  # a member by its own name: that layer only
+    assert [t.name for t in gguf.GGUFReader(str(tmp_path / "one.gguf")).tensors] == ["direction.3"]
+
 def test_project_mode_and_bad_gguf_are_refused(vector_file, tmp_path):
     with pytest.raises(VectorFileError, match="'project' mode cannot be exported"):
         export_gguf(vector_file, tmp_path / "x.gguf")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lm_eval_steer.cli import main
+from lm_eval_steer.runtime.entrysets import member_name, set_name
 from lm_eval_steer.tools.merge import merge
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, VectorFileError, load_vector_file, save_vector_file
 
@@ -60,6 +61,30 @@ def test_two_names_for_the_same_documents_are_refused_unless_stacked(old_and_new
         merge([old, twin], str(tmp_path / "merged.safetensors"))
     merged, _ = merge([old, twin], str(tmp_path / "merged.safetensors"), stack=True)
     assert {e.name for e in merged.entries} == {"title", "lowercase", "title-v2"}
+
+
+def test_a_jointly_trained_set_is_merged_and_replaced_as_one_unit(old_and_new, tmp_path):
+    """A set (``lowercase``, ``lowercase@L2``, ``lowercase@L3``: one instruction's vectors trained
+    together) merges without --stack, and a later single ``lowercase`` removes the whole old set."""
+    old, new = old_and_new
+    joint = write(tmp_path / "joint.safetensors", [entry("lowercase", 5), entry("lowercase@L2", 6, layer=2, instruction="lowercase"),
+                                                    entry("lowercase@L3", 7, layer=3, instruction="lowercase")])
+    merged, taken_from = merge([old, joint], str(tmp_path / "a.safetensors"))
+    assert {e.name: e.vector[0].item() for e in merged.entries} == {"title": 1.0, "lowercase": 5.0, "lowercase@L2": 6.0, "lowercase@L3": 7.0}
+    merged, taken_from = merge([joint, new], str(tmp_path / "b.safetensors"))
+    assert {e.name: (e.layer, e.vector[0].item()) for e in merged.entries} == {"lowercase": (2, 3.0), "quotation": (1, 4.0)}
+    # a set still may not stack onto another name for the same documents
+    stray = write(tmp_path / "stray.safetensors", [entry("lower-v2", 8, instruction="lowercase")])
+    with pytest.raises(VectorFileError, match="'lowercase' and 'lower-v2' are routed to the same documents"):
+        merge([joint, stray], str(tmp_path / "c.safetensors"))
+
+
+@pytest.mark.parametrize(("name", "expected"), [("lowercase@L6", "lowercase"), ("keywords:existence:pie@L12", "keywords:existence:pie"),
+                                                ("lowercase", "lowercase"), ("x@L", "x@L"), ("x@Lfour", "x@Lfour"), ("@L3", "@L3")])
+def test_set_names_strip_only_a_layer_suffix(name, expected):
+    assert set_name(name) == expected
+    if expected != name:
+        assert member_name(expected, int(name.rsplit("@L", 1)[1])) == name
 
 
 def test_cli_merges_and_refuses_bad_input_in_one_line(old_and_new, tmp_path, capsys):

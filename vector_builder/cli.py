@@ -102,6 +102,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--learned-lr", type=float, default=0.08, help="Adam learning rate (default 0.08)")
     method.add_argument("--learned-batch-size", type=int, default=4, help="training examples per step (default 4)")
     method.add_argument("--learned-l2", type=float, default=0.0, help="L2 penalty on the vector (default 0)")
+    method.add_argument(
+        "--learned-joint",
+        action="store_true",
+        help="train the vectors at all --learned-layers together as one set (each candidate steers with the whole set, one entry per layer; "
+        "entries past the first are named <name>@L<layer>). Default: one vector per layer, each validated alone",
+    )
     method.add_argument("--target-samples", type=int, default=4, help="sampled answers per training query whose greedy answer fails the checker (default 4)")
     method.add_argument("--target-max-tokens", type=int, default=128, help="length limit of the generated training targets (default 128)")
     method.add_argument("--target-max-repetition", type=float, default=None, metavar="R",
@@ -161,6 +167,7 @@ def settings_from(args: argparse.Namespace) -> BuildSettings:
         lr=args.learned_lr,
         batch_size=args.learned_batch_size,
         l2=args.learned_l2,
+        joint=args.learned_joint,
     )
     return BuildSettings(
         model="",
@@ -188,7 +195,8 @@ def print_summary(result: BuildResult) -> None:
         chosen = outcome.candidate(outcome.chosen) if outcome.chosen else None
         strength = f"strength {chosen.strength:.3g}" if chosen is not None and chosen.strength is not None else f"multiplier {chosen.multiplier:g}" if chosen else ""
         window = "" if chosen is None else window_words(chosen.start_after_tokens, chosen.stop_after_tokens)
-        summary = "no steering (left out)" if chosen is None else f"layer {chosen.layer}, {strength}{window}, {_scores(chosen)}"
+        where = "" if chosen is None else f"layers {'+'.join(map(str, [chosen.layer, *chosen.also]))} (joint)" if chosen.also else f"layer {chosen.layer}"
+        summary = "no steering (left out)" if chosen is None else f"{where}, {strength}{window}, {_scores(chosen)}"
         print(f"{name:55s} unsteered {_scores(outcome.candidates[0])} -> {summary}")
     kept = {name: method for name, method in result.methods.items() if method is not None}
     if kept:

@@ -20,6 +20,7 @@ from torch import nn
 
 from lm_eval_steer.core.atomic import check_writable, remove_leftovers
 from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
+from lm_eval_steer.runtime.entrysets import member_name
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
 from vector_builder import activations, methods, prompts, report, search
 from vector_builder.direction import Direction
@@ -42,35 +43,41 @@ class BuildResult:
     training_plot_path: Path | None = None  # loss curves of the learned vectors (None: nothing trained)
 
 
-def _entry(
+def _entries(
     target: prompts.Target,
     direction: Direction,
     candidate: search.Candidate,
     strength: float,
     settings: search.SearchSettings,
     rule_points: Sequence[Sequence[float]] = (),
-) -> SteeringEntry:
-    rule = StrengthRule(target.rule_kwarg, tuple((x, s) for x, s in rule_points)) if target.rule_kwarg and rule_points else None
-    applies_to = AppliesTo(target.instruction_id, dict(target.fixed_kwargs), rule)
+) -> list[SteeringEntry]:
+    """The candidate's entries (one, or one per layer of a jointly trained set), routed to the
+    target's instruction; a strength rule, fitted at the first layer, scales with the set."""
+    assert candidate.layer is not None
     stop = search.entry_stop_strings(target, direction, settings)
-    return replace(search.make_entry(target, direction, candidate, strength, stop), applies_to=applies_to)
+    entries = []
+    for entry in search.make_entries(target, direction, candidate, strength, stop):
+        scale = 1.0 if entry.layer == candidate.layer else search.joint_scale(direction, entry.layer, candidate.layer)
+        rule = StrengthRule(target.rule_kwarg, tuple((x, s * scale) for x, s in rule_points)) if target.rule_kwarg and rule_points else None
+        entries.append(replace(entry, applies_to=AppliesTo(target.instruction_id, dict(target.fixed_kwargs), rule)))
+    return entries
 
 
-def _chosen_entry(target: prompts.Target, direction: Direction, result: search.TargetResult, settings: search.SearchSettings) -> SteeringEntry | None:
+def _chosen_entries(target: prompts.Target, direction: Direction, result: search.TargetResult, settings: search.SearchSettings) -> list[SteeringEntry]:
     if result.chosen is None:
-        return None
+        return []
     chosen = result.candidate(result.chosen)
-    assert chosen.layer is not None and chosen.strength is not None
-    return _entry(target, direction, chosen.as_candidate(), chosen.strength, settings, result.rule_points)
+    assert chosen.strength is not None
+    return _entries(target, direction, chosen.as_candidate(), chosen.strength, settings, result.rule_points)
 
 
-def _pooled_entry(target: prompts.Target, direction: Direction, pooled: search.TargetResult, settings: search.SearchSettings) -> SteeringEntry | None:
+def _pooled_entries(target: prompts.Target, direction: Direction, pooled: search.TargetResult, settings: search.SearchSettings) -> list[SteeringEntry]:
     """The pooled choice's layer and multiplier, at the strength of this target's own direction."""
     if pooled.chosen is None:
-        return None
+        return []
     candidate = pooled.candidate(pooled.chosen).as_candidate()
     assert candidate.layer is not None
-    return _entry(target, direction, candidate, search.strength_of(target, direction, candidate, settings.strength_base), settings)
+    return _entries(target, direction, candidate, search.strength_of(target, direction, candidate, settings.strength_base), settings)
 
 
 def _pooling_plan(targets: Sequence[prompts.Target], per_instruction: int | None, seed: int) -> dict[str, list[prompts.Target]]:
@@ -166,12 +173,13 @@ def learn_directions(runner: Runner, plan: Plan, checkpoint: report.Checkpoint, 
 def method_targets(plan: Plan, learned: Mapping[str, LearnedDirection]) -> tuple[list[prompts.Target], dict[str, list[search.Candidate]]]:
     """Every searched target under each method (a learned twin only where its direction was trained)
     and each one's candidates: the search's ``layers`` × ``multipliers`` (token method:
-    ``token_multipliers``), or the learned method's ``layers × multipliers``."""
+    ``token_multipliers``), or the learned method's ``layers × multipliers`` (jointly trained: its
+    set × ``multipliers``)."""
     settings = plan.settings
     windows = (settings.search.stop_after_tokens, settings.search.start_after_tokens)
     candidate_lists = {
         "diffmean": search.candidates(settings.search.layers, settings.search.multipliers, *windows),
-        "learned": search.candidates(settings.learned.layers, settings.learned.multipliers, *windows),
+        "learned": search.candidates(settings.learned.layers, settings.learned.multipliers, *windows, joint=settings.learned.joint),
         "token": search.candidates(settings.search.layers, settings.search.token_multipliers, *windows),
     }
     searched, per_target = [], {}
@@ -245,8 +253,9 @@ def _pool(plan: Plan, results: dict[str, search.TargetResult]) -> dict[tuple[str
 
 def chosen_entries(plan: Plan, directions: Mapping[str, Direction], searched: Searched) -> tuple[list[SteeringEntry], dict[str, str | None]]:
     """Stage 4: per target, the method whose choice validated best (:func:`methods.pick`) and its
-    entry, named like the target; nothing where every method chose "no steering". Pooled words take
-    their instruction's pooled choice at their own direction's strength."""
+    entry, named like the target (a jointly trained set: an entry per layer, the further ones named
+    :func:`~lm_eval_steer.runtime.entrysets.member_name`); nothing where every method chose "no steering". Pooled words
+    take their instruction's pooled choice at their own direction's strength."""
     entries, winners = [], {}
     for target in plan.targets:
         twins = {method: twin for method in plan.settings.method_names if (twin := methods.targets_for(target, method)).direction in directions}
@@ -258,10 +267,9 @@ def chosen_entries(plan: Plan, directions: Mapping[str, Direction], searched: Se
         if winner is None:
             continue
         twin, direction = twins[winner], directions[twins[winner].direction]
-        choose = _pooled_entry if pooled else _chosen_entry
-        entry = choose(twin, direction, outcomes[winner], plan.settings.search)
-        if entry is not None:
-            entries.append(replace(entry, name=target.name))
+        choose = _pooled_entries if pooled else _chosen_entries
+        for index, entry in enumerate(choose(twin, direction, outcomes[winner], plan.settings.search)):
+            entries.append(replace(entry, name=target.name if index == 0 else member_name(target.name, entry.layer)))
     return entries, winners
 
 

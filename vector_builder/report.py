@@ -224,6 +224,7 @@ def target_summary(result: TargetResult, note: str | None, n_without: int | None
         "name": result.name,
         "chosen": result.chosen or "none",
         "layer": None if chosen is None else chosen.layer,
+        "joint_layers": None if chosen is None or not chosen.also else [chosen.layer, *chosen.also],
         "strength": None if chosen is None else chosen.strength,
         "strength_rule": result.rule_points or None,
         "note": note,
@@ -231,6 +232,7 @@ def target_summary(result: TargetResult, note: str | None, n_without: int | None
             {
                 "candidate": item.label,
                 "layer": item.layer,
+                "joint_layers": [item.layer, *item.also] if item.also else None,
                 "multiplier": item.multiplier,
                 "strength": item.strength,
                 "stop_after_tokens": item.stop_after_tokens,
@@ -319,16 +321,21 @@ def write_plot(report_dir: str | Path, results: Sequence[TargetResult], objectiv
 
 def write_training_plot(report_dir: str | Path, learned: Mapping[str, LearnedDirection]) -> Path | None:
     """One panel per learned direction: training loss per step (thin) and held-out loss (markers)
-    per layer, star = the kept step. Drawn next to ``scores.png``; None when nothing was trained."""
+    per layer (one pair of lines for a jointly trained set, labelled with all its layers), star = the
+    kept step. Drawn next to ``scores.png``; None when nothing was trained."""
     trained = {key: item for key, item in learned.items() if item.trained}
     if not trained:
         return None
     figure, axes = _panels(len(trained))
     for axis, (key, item) in zip(axes, trained.items()):
+        runs: dict[tuple, list[int]] = {}  # layers trained jointly share their curves: one line per training run
         for layer, curves in sorted(item.trained.items()):
-            line = axis.plot(range(1, len(curves.train_loss) + 1), curves.train_loss, linewidth=0.8, alpha=0.6, label=f"L{layer} train")[0]
+            runs.setdefault((tuple(curves.train_loss), tuple(curves.heldout_loss)), []).append(layer)
+        for layers in runs.values():
+            curves, name = item.trained[layers[0]], "L" + "+".join(map(str, layers))
+            line = axis.plot(range(1, len(curves.train_loss) + 1), curves.train_loss, linewidth=0.8, alpha=0.6, label=f"{name} train")[0]
             steps, losses = zip(*curves.heldout_loss)
-            axis.plot(steps, losses, marker="o", color=line.get_color(), label=f"L{layer} held-out")
+            axis.plot(steps, losses, marker="o", color=line.get_color(), label=f"{name} held-out")
             best = dict(curves.heldout_loss).get(curves.best_step)
             axis.scatter([curves.best_step], [best], marker="*", s=150, color="gold", edgecolor="black", zorder=4)
         axis.set_title(f"{key} ({sum(item.sources.values())} targets)", fontsize=8)

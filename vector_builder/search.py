@@ -35,6 +35,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lm_eval_steer.core.degeneracy import NGRAM, is_degenerate
+from lm_eval_steer.runtime.entrysets import member_name
 from lm_eval_steer.runtime.hooks import steering
 from lm_eval_steer.runtime.vectorfile import SteeringEntry
 from vector_builder.direction import Direction
@@ -62,25 +63,29 @@ FOLLOWED_ONCE_WRITTEN: Mapping[str, tuple[str, ...]] = {
 class Candidate:
     """``layer=None`` is "no steering"; otherwise the strength follows from the multiplier (:func:`strength_of`),
     ``stop_after_tokens`` (None: to the end) is the entry's token stop rule and ``start_after_tokens``
-    (None: from the prompt on) its delayed start."""
+    (None: from the prompt on) its delayed start. ``also``: the further layers of a jointly trained
+    set of vectors, steered together with ``layer`` at the same multiplier (:func:`make_entries`)."""
 
     layer: int | None
     multiplier: float = 0.0
     stop_after_tokens: int | None = None
     start_after_tokens: int | None = None
+    also: tuple[int, ...] = ()
 
     @property
     def label(self) -> str:
-        return candidate_label(self.layer, self.multiplier, self.stop_after_tokens, self.start_after_tokens)
+        return candidate_label(self.layer, self.multiplier, self.stop_after_tokens, self.start_after_tokens, self.also)
 
 
-def candidate_label(layer: int | None, multiplier: float, stop_after_tokens: int | None, start_after_tokens: int | None = None) -> str:
+def candidate_label(layer: int | None, multiplier: float, stop_after_tokens: int | None, start_after_tokens: int | None = None, also: Sequence[int] = ()) -> str:
     """``none``, ``L12x1.5``, ``L12x1.5@64`` (steering the first 64 answer tokens only), ``L12x1.5>4``
-    (steering from answer token 4 on) or ``L12x1.5>4@64`` (answer tokens 4 to 63)."""
+    (steering from answer token 4 on), ``L12x1.5>4@64`` (answer tokens 4 to 63) or ``L2+6+10x1`` (a
+    set trained jointly at layers 2, 6 and 10)."""
     if layer is None:
         return "none"
     start = "" if start_after_tokens is None else f">{start_after_tokens}"
-    return f"L{layer}x{multiplier:g}{start}" + ("" if stop_after_tokens is None else f"@{stop_after_tokens}")
+    layers = "+".join(str(item) for item in (layer, *also))
+    return f"L{layers}x{multiplier:g}{start}" + ("" if stop_after_tokens is None else f"@{stop_after_tokens}")
 
 
 def window_words(start_after_tokens: int | None, stop_after_tokens: int | None) -> str:
@@ -95,16 +100,20 @@ def default_layers(num_layers: int, step: int = 2) -> list[int]:
     return list(range(max(1, round(num_layers / 5)), num_layers, step))
 
 
-def candidates(layers: Sequence[int], multipliers: Sequence[float], stop_after_tokens: Sequence[int] = (), start_after_tokens: Sequence[int] = ()) -> list[Candidate]:
-    """"No steering", then every layer × multiplier × token stop rule × delayed start. The stop rules
+def candidates(
+    layers: Sequence[int], multipliers: Sequence[float], stop_after_tokens: Sequence[int] = (), start_after_tokens: Sequence[int] = (), *, joint: bool = False
+) -> list[Candidate]:
+    """"No steering", then every layer × multiplier × token stop rule × delayed start (``joint``: the
+    set trained jointly at all ``layers`` in place of each layer). The stop rules
     come shortest first and "to the end" last, the starts latest first and "from the prompt" last, so
     that on a complete tie the earlier candidate, which steers less, is chosen (as a tie with no
     steering goes to no steering). A start at or after a stop would steer nothing and is left out."""
     stops: list[int | None] = [*sorted(stop_after_tokens), None]
     starts: list[int | None] = [*sorted(start_after_tokens, reverse=True), None]
+    steered = [(layers[0], tuple(layers[1:]))] if joint else [(layer, ()) for layer in layers]
     return [Candidate(None)] + [
-        Candidate(layer, float(m), stop, start)
-        for layer in layers
+        Candidate(layer, float(m), stop, start, also)
+        for layer, also in steered
         for m in multipliers
         for stop in stops
         for start in starts
@@ -127,6 +136,7 @@ class CandidateResult:
     start_after_tokens: int | None = None  # the candidate's delayed start (None: steered from the prompt on)
     new_looping: int = 0  # answers that loop here but not unsteered (set by the choice)
     cured_looping: int = 0  # answers that loop unsteered but not here
+    also: list[int] = field(default_factory=list)  # further layers of a jointly trained set (absent in old checkpoints)
 
     @property
     def score(self) -> float:
@@ -150,8 +160,8 @@ class CandidateResult:
         return sum(self.degenerate)
 
     def as_candidate(self) -> Candidate:
-        """The candidate these results are of (its layer, multiplier, token stop rule and delayed start)."""
-        return Candidate(self.layer, self.multiplier, self.stop_after_tokens, self.start_after_tokens)
+        """The candidate these results are of (its layer, multiplier, token stop rule, delayed start and joint layers)."""
+        return Candidate(self.layer, self.multiplier, self.stop_after_tokens, self.start_after_tokens, tuple(self.also))
 
 
 @dataclass
@@ -311,20 +321,33 @@ def entry_stop_strings(target: Target, direction: Direction, settings: SearchSet
     return stop_strings(target, settings.stop_after_keyword, direction.first_piece if settings.stop_after_first_token else None, settings.stop_once_followed)
 
 
-def make_entry(target: Target, direction: Direction, candidate: Candidate, strength: float, stop_after: tuple[str, ...] = ()) -> SteeringEntry:
-    """The entry a steered ``candidate`` applies: the direction's unit vector at its layer."""
+def joint_scale(direction: Direction, layer: int, anchor: int) -> float:
+    """How a jointly trained set scales as one: the strength at ``layer`` is the strength at its first
+    layer ``anchor`` times ``shift[layer] / shift[anchor]`` (at multiplier ``m``, every layer adds
+    ``m × v_layer``)."""
+    return float(direction.shift[layer] / direction.shift[anchor])
+
+
+def make_entries(target: Target, direction: Direction, candidate: Candidate, strength: float, stop_after: tuple[str, ...] = ()) -> list[SteeringEntry]:
+    """The entries a steered ``candidate`` applies: the direction's unit vector at its layer at
+    ``strength``, then one entry per further layer of a jointly trained set (``candidate.also``,
+    named :func:`~lm_eval_steer.runtime.entrysets.member_name`, strength scaled by :func:`joint_scale`)."""
     assert candidate.layer is not None
-    return SteeringEntry(
-        name=target.name,
-        vector=direction.unit[candidate.layer].clone(),
-        layer=candidate.layer,
-        mode=target.mode,
-        strength=strength,
-        positions="all",
-        stop_after=stop_after,
-        stop_after_tokens=candidate.stop_after_tokens,
-        start_after_tokens=candidate.start_after_tokens,
-    )
+    anchor = candidate.layer
+    return [
+        SteeringEntry(
+            name=target.name if layer == anchor else member_name(target.name, layer),
+            vector=direction.unit[layer].clone(),
+            layer=layer,
+            mode=target.mode,
+            strength=strength * joint_scale(direction, layer, anchor) if layer != anchor else strength,
+            positions="all",
+            stop_after=stop_after,
+            stop_after_tokens=candidate.stop_after_tokens,
+            start_after_tokens=candidate.start_after_tokens,
+        )
+        for layer in (anchor, *candidate.also)
+    ]
 
 
 def generate(runner: Runner, prompts: Sequence[Sequence[int]], rows: Sequence[Sequence[SteeringEntry]]) -> list[list[int]]:
@@ -403,6 +426,7 @@ def pool(name: str, results: Sequence[TargetResult], settings: SearchSettings, i
             lengths=[length for result in results for length in result.candidates[index].lengths],
             stop_after_tokens=first.stop_after_tokens,
             start_after_tokens=first.start_after_tokens,
+            also=list(first.also),
         )
         for index, first in enumerate(results[0].candidates)
     ]
@@ -446,9 +470,9 @@ class _Jobs:
         self.strengths[target.name] = [None if c.layer is None else strength_of(target, direction, c, settings.strength_base) for c in task.candidates]
         self.grid[target.name] = []
         for candidate, strength in zip(task.candidates, self.strengths[target.name]):
-            entries = [] if candidate.layer is None else [make_entry(target, direction, candidate, strength, stop)]
-            # Two rows are the same generation when prompt, direction, layer, mode, strength and stop rules agree.
-            config = None if candidate.layer is None else (target.direction, candidate.layer, target.mode, strength, stop, candidate.stop_after_tokens, candidate.start_after_tokens)
+            entries = [] if candidate.layer is None else make_entries(target, direction, candidate, strength, stop)
+            # Two rows are the same generation when prompt, direction, layers, mode, strength and stop rules agree.
+            config = None if candidate.layer is None else (target.direction, candidate.layer, candidate.also, target.mode, strength, stop, candidate.stop_after_tokens, candidate.start_after_tokens)
             row = []
             for ids in task.prompt_ids:
                 key = (tuple(ids), config)
@@ -524,6 +548,7 @@ def _score_target(
                 strength=strength,
                 stop_after_tokens=candidate.stop_after_tokens,
                 start_after_tokens=candidate.start_after_tokens,
+                also=list(candidate.also),
                 follows=[
                     scorer(target.instruction_id, prompt.kwargs, prompt.checker_prompt, response)
                     for prompt, response in zip(task.prompts, responses)

@@ -11,6 +11,8 @@ position, so only ``add``-mode entries at layers >= 1 with ``positions=all`` and
 export, with their strength folded in. What would silently change meaning needs an explicit choice: an entry with a
 ``strength_rule`` needs ``--strength S``; several entries (summed per layer, as llama.cpp sums
 several files) need ``--sum`` when they share a layer or are routed to different documents.
+``--entry NAME`` takes a set of vectors trained jointly whole: ``NAME`` and its ``NAME@L<layer>``
+entries (:mod:`lm_eval_steer.runtime.entrysets`), one layer each.
 (``steered-hf`` leaves each row's first token alone by default; llama.cpp steers it too.)
 
 Import is at least as strict as llama.cpp: ``direction.<L>`` names with ``L >= 1`` only, 1-D float32
@@ -38,6 +40,7 @@ from lm_eval_steer.core.atomic import atomic_write
 from lm_eval_steer.core.console import fail
 from lm_eval_steer.core.errors import brief
 from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
+from lm_eval_steer.runtime.entrysets import set_name
 from lm_eval_steer.runtime.vectorfile import (
     FLOAT32_MAX,
     AppliesTo,
@@ -58,7 +61,11 @@ def _chosen(vector_file: VectorFile, names: Sequence[str] | None) -> list[Steeri
     unknown = [name for name in names or () if name not in known]
     if unknown:
         raise VectorFileError(f"{where}: no entry named {brief(unknown[0])} (it has {len(known)}: {brief(list(known), 120)})")
-    return [known[name] for name in dict.fromkeys(names)] if names else list(vector_file.entries)
+    if not names:
+        return list(vector_file.entries)
+    # a name takes its entry and, for a jointly trained set, the set's further layers
+    picked = {entry.name: entry for name in names for entry in vector_file.entries if name in (entry.name, set_name(entry.name))}
+    return list(picked.values())
 
 
 def control_vectors(vector_file: VectorFile, names: Sequence[str] | None = None, strength: float | None = None, sum_entries: bool = False) -> dict[int, np.ndarray]:

@@ -1,10 +1,14 @@
 """Merge vector files into one: keep the best entries of several builds.
 
 Files are read in order; an entry of a later file replaces the earlier file's entry of the same
-name (a rebuild of some instructions overrides the old vectors for exactly those). All files must
-be for the same model, hidden size and layer count. Entries with different names that are routed to
-the same documents (the same ``applies_to``) would both steer those documents, which is almost
-never what a merge means, so that is refused unless ``--stack`` allows it.
+name (a rebuild of some instructions overrides the old vectors for exactly those). A set of vectors
+trained jointly (entries ``<name>``, ``<name>@L<layer>`` ..., see
+:mod:`lm_eval_steer.runtime.entrysets`) is replaced as one unit: a later file's ``<name>`` or
+``<name>@L<layer>`` removes every earlier entry of the set, so no stale layer of an old set is left
+beside a new vector. All files must be for the same model, hidden size and layer count. Entries with
+different names that are routed to the same documents (the same ``applies_to``) would both steer
+those documents, which is almost never what a merge means, so that is refused unless ``--stack``
+allows it (the entries of one set are meant to steer together and pass).
 
 The merged file records where each entry came from, as ``merged_from`` metadata: per source file
 its path, sha256, the entries taken from it and its own metadata (a builder's settings and training
@@ -26,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lm_eval_steer.core.paths import resolve_vectors
+from lm_eval_steer.runtime.entrysets import set_name
 from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
 from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, VectorFileError, load_vector_file, save_vector_file
 
@@ -34,12 +39,12 @@ def _check_not_stacked(chosen: dict[str, tuple[SteeringEntry, VectorFile]]) -> N
     routed: dict[str, str] = {}
     for name, (entry, _) in chosen.items():
         key = json.dumps(None if entry.applies_to is None else entry.applies_to.to_json(), sort_keys=True)
-        if key in routed:
+        if key in routed and set_name(routed[key]) != set_name(name):
             raise VectorFileError(
                 f"entries {routed[key]!r} and {name!r} are routed to the same documents ({key}) and would both steer them; "
                 "give them the same name to replace one with the other, or pass --stack"
             )
-        routed[key] = name
+        routed.setdefault(key, name)
 
 
 def split_source(source: str) -> tuple[str, str]:
@@ -62,9 +67,10 @@ def merge(sources: Sequence[str], out: str, stack: bool = False) -> tuple[Vector
         taken = [entry for entry in vector_file.entries if fnmatch.fnmatchcase(entry.name, pattern)]
         if not taken:
             raise VectorFileError(f"{vector_file.path}: no entry name matches {pattern!r}")
-        for entry in taken:
-            chosen.pop(entry.name, None)  # a replaced entry moves to its new file's place in the order
-            chosen[entry.name] = (entry, vector_file)
+        replaced = {set_name(entry.name) for entry in taken}
+        for name in [name for name in chosen if set_name(name) in replaced]:
+            del chosen[name]  # a replaced entry (or set) moves to its new file's place in the order
+        chosen.update((entry.name, (entry, vector_file)) for entry in taken)
     if not stack:
         _check_not_stacked(chosen)
     sources = [

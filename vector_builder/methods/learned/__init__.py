@@ -18,7 +18,9 @@ class LearnedSettings:
     """The learned method's candidates and training (recorded as ``learned``; the command line's
     ``--learned-<field>``).
 
-    ``layers`` (empty = about ``n_layers / 5``) × ``multipliers`` are its candidates. Adam at learning
+    ``layers`` (empty = about ``n_layers / 5``) × ``multipliers`` are its candidates, a vector per
+    layer; with ``joint``, the vectors at all of ``layers`` are trained together as one set and every
+    candidate steers with the whole set (one candidate per multiplier). Adam at learning
     rate ``lr`` takes at most ``steps`` steps of ``batch_size`` examples, with the L2 penalty ``l2``
     (λ in the objective); the loss on ``heldout_fraction`` of the targets, every ``eval_every`` steps,
     stops training after ``patience`` evaluations without improvement.
@@ -33,6 +35,7 @@ class LearnedSettings:
     eval_every: int = 10
     patience: int = 2
     heldout_fraction: float = 0.25
+    joint: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
@@ -43,3 +46,5 @@ class LearnedSettings:
         for name, value in (("lr", self.lr), ("l2", self.l2), *(("multipliers", m) for m in self.multipliers)):
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
                 raise ValueError(f"--learned-{name} must be a finite {'positive' if name == 'lr' else 'non-negative'} number, got {value}")
+        if self.joint and len(set(self.layers)) < 2:
+            raise ValueError(f"--learned-joint trains a set of vectors together: it needs at least two distinct --learned-layers, got {list(self.layers)}")

@@ -1,9 +1,11 @@
-"""The learned method's build stage: per direction, training targets → one vector per learned layer.
+"""The learned method's build stage: per direction, training targets → one vector per learned layer
+(or, with ``joint``, one set of vectors trained together at all of them).
 
 The result is a :class:`~vector_builder.direction.Direction` like the difference-of-means one, so the
 layer/strength search treats both methods alike: at a learned layer ``L``, ``unit[L] = v_L / ‖v_L‖``
 and ``shift[L] = strength[L] = ‖v_L‖`` (so the ``add`` strength ``m × ‖v_L‖`` at multiplier ``m = 1``
 adds exactly the trained ``v_L``); rows of layers that were not trained are zero and never searched.
+A jointly trained set fills a row per layer the same way; its candidates steer with every row at once.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ def as_direction(key: str, trained: Mapping[int, training.TrainedVector], num_la
 def learn_direction(
     runner: Runner, spec: prompts.DirectionSpec, queries: Sequence[str], settings: LearnedSettings, target_settings: targets.TargetSettings
 ) -> LearnedDirection:
-    """Targets for ``spec`` on the training ``queries``, then one vector per layer in ``settings.layers``."""
+    """Targets for ``spec`` on the training ``queries``, then one vector per layer in ``settings.layers``
+    (with ``settings.joint``, the vectors at all those layers trained as one set)."""
     begin = time.perf_counter()
     responses, refused = targets.collect(runner, spec, queries, target_settings)
     outcome = LearnedDirection(
@@ -100,8 +103,8 @@ def learn_direction(
     examples = examples_from(runner.tokenizer, responses)
     held = max(1, math.ceil(len(examples) * settings.heldout_fraction))
     heldout, train = examples[:held], examples[held:]
-    for layer in settings.layers:
-        outcome.trained[layer] = training.train_vector(runner, train, heldout, layer, settings, desc=f"train {spec.key} L{layer}")
+    for layers in [settings.layers] if settings.joint else [(layer,) for layer in settings.layers]:
+        outcome.trained.update(training.train_vectors(runner, train, heldout, layers, settings, desc=f"train {spec.key} L{'+'.join(map(str, layers))}"))
     return _with_direction(runner.model, spec.key, outcome)
 
 

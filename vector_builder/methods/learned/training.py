@@ -1,17 +1,19 @@
-"""The learned method's optimisation: one additive vector at one layer, trained with the model frozen.
+"""The learned method's optimisation: additive vectors trained with the model frozen.
 
 Difference-of-means directions describe where the *prompt* representation moves when an instruction
-is added; on small models that direction often does not carry the behaviour. A learned vector is
+is added; on small models that direction often does not carry the behaviour. Learned vectors are
 optimised for the behaviour itself (context distillation into a vector, cf. BiPO and ReFT): given
-examples ``(p, r)`` of a prompt *without* the instruction and a response ``r`` that follows it,
+examples ``(p, r)`` of a prompt *without* the instruction and a response ``r`` that follows it, and a
+set of layers ``S`` (one layer, or several trained jointly),
 
-    L(v) = − (1 / Σ|r|) Σ_(p, r) Σ_t log P(r_t | p, r_<t ; h_L ← h_L + v)  +  λ ‖v‖²
+    L(v) = − (1 / Σ|r|) Σ_(p, r) Σ_t log P(r_t | p, r_<t ; h_L ← h_L + v_L for every L in S)  +  λ Σ_L ‖v_L‖²
 
-where ``h_L ← h_L + v`` is exactly the runtime's ``add`` intervention (:func:`lm_eval_steer.runtime.hooks.steering`:
+where ``h_L ← h_L + v_L`` is exactly the runtime's ``add`` intervention (:func:`lm_eval_steer.runtime.hooks.steering`:
 the output of decoder layer ``L``, every real position but, with ``skip_first_token``, each row's
-first one). Only ``v`` receives gradients; the model's parameters are frozen for the duration and
+first one). Only the ``v_L`` receive gradients; the model's parameters are frozen for the duration and
 keep no gradient buffers. Training stops early when the loss on held-out examples stops improving,
-and the vector of the best held-out step is kept.
+and the vectors of the best held-out step are kept. Vectors trained jointly share their optimisation
+(one loss, one early stop): each alone is not meant to steer, the set is.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class Example:
 
 @dataclass
 class TrainedVector:
-    """The kept vector (best held-out step) and the curves that led to it."""
+    """The kept vector at one layer (best held-out step) and the curves that led to it (a jointly
+    trained set's vectors each carry the set's curves)."""
 
     layer: int
     vector: torch.Tensor  # [hidden] float32
@@ -72,13 +75,15 @@ def batch_tensors(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tenso
     return ids, mask, labels, max(len(example.response) for example in examples)
 
 
-def response_loss(model: nn.Module, examples: Sequence[Example], vector: torch.Tensor, layer: int, pad_id: int, skip_first_token: bool) -> torch.Tensor:
-    """Mean token cross-entropy of the responses given their prompts, with ``vector`` added at ``layer``
-    exactly as ``steered-hf`` adds an ``add``-mode entry of strength 1."""
+def response_loss(
+    model: nn.Module, examples: Sequence[Example], vectors: torch.Tensor, layers: Sequence[int], pad_id: int, skip_first_token: bool
+) -> torch.Tensor:
+    """Mean token cross-entropy of the responses given their prompts, with ``vectors[i]`` added at
+    ``layers[i]`` exactly as ``steered-hf`` adds ``add``-mode entries of strength 1."""
     ids, mask, labels, scored = batch_tensors(examples, pad_id)
     device = model_device(model)
-    entry = SteeringEntry(name="learned", vector=vector, layer=layer, mode="add", strength=1.0, positions="all")
-    with steering(model, [[entry]] * len(examples), skip_first_token=skip_first_token):
+    entries = [SteeringEntry(name=f"learned L{layer}", vector=vector, layer=layer, mode="add", strength=1.0, positions="all") for vector, layer in zip(vectors, layers, strict=True)]
+    with steering(model, [entries] * len(examples), skip_first_token=skip_first_token):
         # Under left padding every response ends the row, so the logits of the last scored + 1
         # positions cover all of them; the LM head over the prompt would be wasted work.
         logits = model(
@@ -105,32 +110,36 @@ def frozen(model: nn.Module) -> Iterator[None]:
             parameter.requires_grad_(flag)
 
 
-def _heldout_loss(runner: Runner, examples: Sequence[Example], vector: torch.Tensor, layer: int, batch_size: int) -> float:
+def _heldout_loss(runner: Runner, examples: Sequence[Example], vectors: torch.Tensor, layers: Sequence[int], batch_size: int) -> float:
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             count = sum(len(example.response) for example in chunk)
-            total += float(response_loss(runner.model, chunk, vector, layer, runner.pad_id, runner.settings.skip_first_token)) * count
+            total += float(response_loss(runner.model, chunk, vectors, layers, runner.pad_id, runner.settings.skip_first_token)) * count
             tokens += count
     return total / tokens
 
 
-def train_vector(
-    runner: Runner, train: Sequence[Example], heldout: Sequence[Example], layer: int, settings: LearnedSettings, *, desc: str = "train vector"
-) -> TrainedVector:
-    """Adam on ``v`` (initialised at zero) over mini-batches of ``train`` shuffled with the build's seed;
-    held-out loss every ``eval_every`` steps (and at the end) decides early stopping and which step's
-    vector is kept. ``runner`` gives the model, its pad id and whether the first token is steered."""
+def train_vectors(
+    runner: Runner, train: Sequence[Example], heldout: Sequence[Example], layers: Sequence[int], settings: LearnedSettings, *, desc: str = "train vectors"
+) -> dict[int, TrainedVector]:
+    """Adam on the vectors at ``layers`` (one layer, or a set trained jointly; initialised at zero) over
+    mini-batches of ``train`` shuffled with the build's seed; held-out loss every ``eval_every`` steps
+    (and at the end) decides early stopping and which step's vectors are kept. ``runner`` gives the
+    model, its pad id and whether the first token is steered."""
     if not train or not heldout:
         raise ValueError(f"{desc}: training needs examples to train on and held-out examples (got {len(train)} and {len(heldout)})")
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"{desc}: training needs distinct layers, got {list(layers)}")
     started = time.perf_counter()
     model, pad_id, skip_first_token = runner.model, runner.pad_id, runner.settings.skip_first_token
-    vector = torch.zeros(int(text_config(model).hidden_size), device=model_device(model), requires_grad=True)
-    optimizer = torch.optim.Adam([vector], lr=settings.lr)
-    result = TrainedVector(layer=layer, vector=vector.detach().clone().cpu())
-    best = _heldout_loss(runner, heldout, vector.detach(), layer, settings.batch_size)
-    result.heldout_loss.append((0, best))
+    vectors = torch.zeros(len(layers), int(text_config(model).hidden_size), device=model_device(model), requires_grad=True)
+    optimizer = torch.optim.Adam([vectors], lr=settings.lr)
+    kept, best_step = vectors.detach().clone().cpu(), 0
+    best = _heldout_loss(runner, heldout, vectors.detach(), layers, settings.batch_size)
+    train_loss: list[float] = []
+    heldout_loss = [(0, best)]
     order: list[int] = []
     shuffler = random.Random(runner.settings.seed)
     stale = 0
@@ -140,23 +149,26 @@ def train_vector(
                 order += shuffler.sample(range(len(train)), len(train))
             batch = [train[index] for index in order[: settings.batch_size]]
             del order[: settings.batch_size]
-            loss = response_loss(model, batch, vector, layer, pad_id, skip_first_token) + settings.l2 * vector.pow(2).sum()
+            loss = response_loss(model, batch, vectors, layers, pad_id, skip_first_token) + settings.l2 * vectors.pow(2).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            result.train_loss.append(loss.item())
+            train_loss.append(loss.item())
             bar.update(1)
-            bar.set_postfix(loss=f"{result.train_loss[-1]:.3f}")
+            bar.set_postfix(loss=f"{train_loss[-1]:.3f}")
             if step % settings.eval_every and step != settings.steps:
                 continue
-            current = _heldout_loss(runner, heldout, vector.detach(), layer, settings.batch_size)
-            result.heldout_loss.append((step, current))
+            current = _heldout_loss(runner, heldout, vectors.detach(), layers, settings.batch_size)
+            heldout_loss.append((step, current))
             if current < best:
                 best, stale = current, 0
-                result.vector, result.best_step = vector.detach().clone().cpu(), step
+                kept, best_step = vectors.detach().clone().cpu(), step
             else:
                 stale += 1
                 if stale >= settings.patience:
                     break
-    result.seconds = time.perf_counter() - started
-    return result
+    seconds = time.perf_counter() - started
+    return {
+        layer: TrainedVector(layer=layer, vector=kept[index].clone(), train_loss=list(train_loss), heldout_loss=list(heldout_loss), best_step=best_step, seconds=seconds)
+        for index, layer in enumerate(layers)
+    }
