@@ -313,6 +313,7 @@ def test_a_joint_build_trains_one_set_and_writes_an_entry_per_layer(tiny, tmp_pa
         assert entry.mode == "add" and entry.applies_to is not None and entry.applies_to.instruction_id == name
         assert entry.strength == pytest.approx(chosen.multiplier * layers[str(entry.layer)]["norm"], rel=1e-3)
     assert entries[0].strength != pytest.approx(entries[1].strength)  # each layer at its own trained norm
+    assert json.loads(vector_file.extra_metadata["methods"]) == {name: "learned", f"{name}@L2": "learned"}
     document = {"instruction_id_list": [name], "kwargs": [{}]}
     assert [entry.name for entry in entries_for_document(document, [vector_file], "auto")] == [name, f"{name}@L2"]
     print_summary(result)

@@ -20,7 +20,7 @@ from torch import nn
 
 from lm_eval_steer.core.atomic import check_writable, remove_leftovers
 from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
-from lm_eval_steer.runtime.entrysets import member_name
+from lm_eval_steer.runtime.entrysets import member_name, set_name
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
 from vector_builder import activations, methods, prompts, report, search
 from vector_builder.direction import Direction
@@ -276,9 +276,9 @@ def chosen_entries(plan: Plan, directions: Mapping[str, Direction], searched: Se
 def method_metadata(entries: Sequence[SteeringEntry], winners: Mapping[str, str | None], learned: Mapping[str, LearnedDirection]) -> dict[str, str]:
     """Vector-file metadata beside the settings: which method made each entry, and each learned
     direction's training targets and loss curves."""
-    written = {entry.name for entry in entries}
     return {
-        "methods": json.dumps({name: method for name, method in winners.items() if name in written}, sort_keys=True),
+        # every entry of a jointly trained set was made by its set's method
+        "methods": json.dumps({entry.name: winners.get(entry.name) or winners[set_name(entry.name)] for entry in entries}, sort_keys=True),
         **({"learned": json.dumps({key: item.summary(timing=False) for key, item in learned.items()}, sort_keys=True)} if learned else {}),
     }
 
