@@ -9,12 +9,18 @@ answers to the plain questions. Training as the builder's (Adam, lr 0.08, batche
 every 10 steps, patience 2, the best held-out step kept), with up to 60 steps. Vectors are saved as
 ``OUT.<variant>.safetensors`` (tensor name = layer).
 
+With ``KL=beta`` in the environment (session 17), training adds a fluency term: beta times the mean
+KL(p_unsteered || p_steered) of the next-token distributions at the response positions the target does
+not constrain (where the unsteered model's own greedy choice, given the same prefix, is the target's
+token), to the loss and to the held-out loss that picks the kept step.
+
 usage: python joint_layers.py MODEL_ARGS INSTRUCTION_ID OUT_JSON [JOINT_LAYERS [own]]
        (VARIANTS=joint in the environment skips the one-layer vector)
 """
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -69,14 +75,25 @@ held = max(1, math.ceil(len(examples) * 0.25))
 heldout, train_set = examples[:held], examples[held:]
 
 
+KL_WEIGHT = float(os.environ.get("KL", "0"))
+
+
 def loss_of(batch, vectors, layers):
     ids, mask, labels, scored = batch_tensors(batch, runner.pad_id)
     entries = [SteeringEntry(name=f"v{L}", vector=vectors[i], layer=L, mode="add", strength=1.0, positions="all") for i, L in enumerate(layers)]
+    forward = lambda: model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False, logits_to_keep=scored + 1).logits  # noqa: E731
     with steering(model, [entries] * len(batch), skip_first_token=True):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False, logits_to_keep=scored + 1).logits
+        logits = forward()
     predicted = logits[:, :-1].float()
     wanted = labels[:, -scored:]
-    return nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), wanted.reshape(-1), ignore_index=IGNORE)
+    loss = nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), wanted.reshape(-1), ignore_index=IGNORE)
+    if not KL_WEIGHT:
+        return loss
+    with torch.no_grad():
+        unsteered = forward()[:, :-1].float().log_softmax(-1)
+    free = (wanted != IGNORE) & (unsteered.argmax(-1) == wanted)  # the target does not constrain these tokens
+    kl = (unsteered.exp() * (unsteered - predicted.log_softmax(-1))).sum(-1)
+    return loss + KL_WEIGHT * (kl * free).sum() / free.sum().clamp(min=1)
 
 
 def heldout_loss(vectors, layers):
@@ -143,12 +160,11 @@ def validate(vectors, layers, multiplier):
             "told_fluent": sum(f and not d for f, d in zip(follows[8:], loops[8:])), "loops": loops, "follows": follows, "texts": texts}
 
 
-results = {"instruction": instruction, "targets": len(examples), "sources": {}}
+results = {"instruction": instruction, "targets": len(examples), "sources": {}, "kl_weight": KL_WEIGHT}
 for r in responses:
     results["sources"][r.source] = results["sources"].get(r.source, 0) + 1
 results["none"] = validate(None, [], 0)
 print("none", results["none"]["untold"], results["none"]["told"], flush=True)
-import os
 from safetensors.torch import save_file
 variants = [v for v in (("single", [6]), ("joint", joint_layers)) if v[0] in os.environ.get("VARIANTS", "single,joint").split(",")]
 for name, layers in variants:
