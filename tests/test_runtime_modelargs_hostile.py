@@ -20,7 +20,7 @@ from lm_eval_steer.runtime.model import HFLM_ARGS, SteeredHFLM
 from lm_eval_steer.runtime.modelargs import STEERING_ARGS, ModelArgError, SteeringArgs, check_near_misses, edit_distance, near_miss, parse_steering_args
 from lm_eval_steer.runtime.reuse import ReuseError
 from lm_eval_steer.runtime.routing import Overrides
-from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFileError, save_vector_file
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, VectorFileError, save_vector_file
 
 DEFAULTS = {"vectors": None, "layer": None, "scale": 1.0, "mode": None, "positions": None, "route": "auto", "skip_first_token": True, "stop_rules": True}
 
@@ -186,6 +186,19 @@ def test_positions_prompt_on_a_delayed_start_entry_is_refused_since_it_would_ste
     for positions in ("all", "generated"):  # the answer window lies in these
         SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(delayed), positions=positions, device="cpu")
 
+
+def test_a_layer_override_on_a_jointly_trained_set_is_warned_about(tiny_model_dir, tmp_path, caplog):
+    lower = AppliesTo("change_case:english_lowercase")
+    entries = [SteeringEntry(name, torch.ones(64), layer, "add", 1.0, "all", lower) for name, layer in (("lower", 1), ("lower@L3", 3))]
+    save_vector_file(tmp_path / "set.safetensors", [*entries, SteeringEntry("other", torch.ones(64), 2, "add", 1.0)], model="tiny-llama", hidden_size=64, num_layers=4)
+    with caplog.at_level("WARNING", logger=model_module.__name__):
+        SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(tmp_path / "set.safetensors"), layer=2, device="cpu")
+    (warning,) = [record.getMessage() for record in caplog.records if "layer=2" in record.getMessage()]
+    assert "sets trained jointly at several layers: 'lower' (layers 1, 3)" in warning and "other" not in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=model_module.__name__):
+        SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(tmp_path / "set.safetensors"), device="cpu")  # no override: nothing to say
+    assert not [record for record in caplog.records if "trained jointly" in record.getMessage()]
 
 def test_vector_files_are_checked_before_the_weights_load(tmp_path):
     """A bad vector file or argument is reported even when the model could never load."""

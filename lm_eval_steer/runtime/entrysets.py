@@ -10,6 +10,9 @@ replace entries by name (``merge``) replace a set as one unit (:func:`set_name`)
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+
+from lm_eval_steer.runtime.vectorfile import SteeringEntry
 
 _MEMBER = re.compile(r"(?P<set>.+)@L(?P<layer>[0-9]+)")
 
@@ -23,3 +26,11 @@ def set_name(entry_name: str) -> str:
     """The set an entry belongs to: ``<name>`` for ``<name>@L<layer>``, else the entry's own name."""
     match = _MEMBER.fullmatch(entry_name)
     return match["set"] if match else entry_name
+
+
+def joint_sets(entries: Iterable[SteeringEntry]) -> dict[str, list[int]]:
+    """Set name -> its layers, for every set of two or more entries among ``entries``."""
+    layers: dict[str, list[int]] = {}
+    for entry in entries:
+        layers.setdefault(set_name(entry.name), []).append(entry.layer)
+    return {name: sorted(found) for name, found in layers.items() if len(found) > 1}

@@ -22,7 +22,9 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
+from lm_eval_steer.core.errors import brief
 from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
+from lm_eval_steer.runtime.entrysets import joint_sets
 from lm_eval_steer.runtime.harness import generation_group
 from lm_eval_steer.runtime.hooks import steering, text_config
 from lm_eval_steer.runtime.modelargs import check_layer_override, check_local_model, check_near_misses, parse_steering_args
@@ -108,6 +110,7 @@ class SteeredHFLM(HFLM):
         self.vector_files = [load_vector_file(path) for path in args.vector_paths]
         for vector_file in self.vector_files:
             check_applicable(vector_file, self.overrides.mode, self.overrides.scale, self.overrides.positions)
+        self._warn_sets_moved()
         shape = ModelShape.of_config(early) if early is not None else None
         if shape is not None:  # before any weights load
             self._check_fits(shape)
@@ -132,6 +135,22 @@ class SteeredHFLM(HFLM):
         if self.route != "none" and not self.vector_files:
             logger.warning("steered-hf: no vectors= given, so nothing is steered")
         self._rows = RequestRows()
+
+    def _warn_sets_moved(self) -> None:
+        """``layer=`` puts every entry at one layer; a jointly trained set was trained to steer at its
+        own layers together, so moving it is most likely not what the user meant: say so."""
+        if self.overrides.layer is None:
+            return
+        sets = joint_sets(entry for vector_file in self.vector_files for entry in vector_file.entries)
+        if sets:
+            shown = [f"{brief(name, 80)} (layers {', '.join(map(str, layers))})" for name, layers in list(sets.items())[:3]]
+            more = f" and {len(sets) - 3} more" if len(sets) > 3 else ""
+            logger.warning(
+                "steered-hf: layer=%s moves every entry to that layer, also the vectors of sets trained jointly at several layers: %s%s",
+                self.overrides.layer,
+                "; ".join(shown),
+                more,
+            )
 
     def _check_fits(self, model: ModelShape) -> None:
         """Every vector file and ``layer=`` against the model's decoder shape."""
