@@ -195,7 +195,7 @@ def print_summary(result: BuildResult) -> None:
         chosen = outcome.candidate(outcome.chosen) if outcome.chosen else None
         strength = f"strength {chosen.strength:.3g}" if chosen is not None and chosen.strength is not None else f"multiplier {chosen.multiplier:g}" if chosen else ""
         window = "" if chosen is None else window_words(chosen.start_after_tokens, chosen.stop_after_tokens)
-        where = "" if chosen is None else f"layers {'+'.join(map(str, [chosen.layer, *chosen.also]))} (joint)" if chosen.also else f"layer {chosen.layer}"
+        where = "" if chosen is None else f"layers {'+'.join(map(str, chosen.joint_layers))} (joint)" if chosen.joint_layers else f"layer {chosen.layer}"
         summary = "no steering (left out)" if chosen is None else f"{where}, {strength}{window}, {_scores(chosen)}"
         print(f"{name:55s} unsteered {_scores(outcome.candidates[0])} -> {summary}")
     kept = {name: method for name, method in result.methods.items() if method is not None}

@@ -57,7 +57,7 @@ def _entries(
     stop = search.entry_stop_strings(target, direction, settings)
     entries = []
     for entry in search.make_entries(target, direction, candidate, strength, stop):
-        scale = 1.0 if entry.layer == candidate.layer else search.joint_scale(direction, entry.layer, candidate.layer)
+        scale = search.joint_scale(direction, entry.layer, candidate.layer)
         rule = StrengthRule(target.rule_kwarg, tuple((x, s * scale) for x, s in rule_points)) if target.rule_kwarg and rule_points else None
         entries.append(replace(entry, applies_to=AppliesTo(target.instruction_id, dict(target.fixed_kwargs), rule)))
     return entries

@@ -224,7 +224,7 @@ def target_summary(result: TargetResult, note: str | None, n_without: int | None
         "name": result.name,
         "chosen": result.chosen or "none",
         "layer": None if chosen is None else chosen.layer,
-        "joint_layers": None if chosen is None or not chosen.also else [chosen.layer, *chosen.also],
+        "joint_layers": None if chosen is None else chosen.joint_layers,
         "strength": None if chosen is None else chosen.strength,
         "strength_rule": result.rule_points or None,
         "note": note,
@@ -232,7 +232,7 @@ def target_summary(result: TargetResult, note: str | None, n_without: int | None
             {
                 "candidate": item.label,
                 "layer": item.layer,
-                "joint_layers": [item.layer, *item.also] if item.also else None,
+                "joint_layers": item.joint_layers,
                 "multiplier": item.multiplier,
                 "strength": item.strength,
                 "stop_after_tokens": item.stop_after_tokens,

@@ -152,6 +152,11 @@ class CandidateResult:
         return self.fluent_score if name == "fluent" else self.score
 
     @property
+    def joint_layers(self) -> list[int] | None:
+        """All layers of a jointly trained set, first layer first (None: not a set)."""
+        return [self.layer, *self.also] if self.also and self.layer is not None else None
+
+    @property
     def mean_length(self) -> float | None:
         return sum(self.lengths) / len(self.lengths) if self.lengths else None
 
@@ -324,8 +329,8 @@ def entry_stop_strings(target: Target, direction: Direction, settings: SearchSet
 def joint_scale(direction: Direction, layer: int, anchor: int) -> float:
     """How a jointly trained set scales as one: the strength at ``layer`` is the strength at its first
     layer ``anchor`` times ``shift[layer] / shift[anchor]`` (at multiplier ``m``, every layer adds
-    ``m × v_layer``)."""
-    return float(direction.shift[layer] / direction.shift[anchor])
+    ``m × v_layer``); 1 at the anchor itself, whatever its shift (a one-layer candidate)."""
+    return 1.0 if layer == anchor else float(direction.shift[layer] / direction.shift[anchor])
 
 
 def make_entries(target: Target, direction: Direction, candidate: Candidate, strength: float, stop_after: tuple[str, ...] = ()) -> list[SteeringEntry]:
@@ -340,7 +345,7 @@ def make_entries(target: Target, direction: Direction, candidate: Candidate, str
             vector=direction.unit[layer].clone(),
             layer=layer,
             mode=target.mode,
-            strength=strength * joint_scale(direction, layer, anchor) if layer != anchor else strength,
+            strength=strength * joint_scale(direction, layer, anchor),
             positions="all",
             stop_after=stop_after,
             stop_after_tokens=candidate.stop_after_tokens,
