@@ -20,7 +20,7 @@ from torch import nn
 
 from lm_eval_steer.core.atomic import check_writable, remove_leftovers
 from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
-from lm_eval_steer.runtime.entrysets import member_name, set_name
+from lm_eval_steer.runtime.entrysets import set_name
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFile, save_vector_file
 from vector_builder import activations, methods, prompts, report, search
 from vector_builder.direction import Direction
@@ -268,8 +268,8 @@ def chosen_entries(plan: Plan, directions: Mapping[str, Direction], searched: Se
             continue
         twin, direction = twins[winner], directions[twins[winner].direction]
         choose = _pooled_entries if pooled else _chosen_entries
-        for index, entry in enumerate(choose(twin, direction, outcomes[winner], plan.settings.search)):
-            entries.append(replace(entry, name=target.name if index == 0 else member_name(target.name, entry.layer)))
+        # the twin under the target's own name, so search.make_entries names the entries (and a set's members)
+        entries += choose(replace(twin, name=target.name), direction, outcomes[winner], plan.settings.search)
     return entries, winners
 
 
