@@ -16,7 +16,7 @@ from lm_eval_steer.runtime.routing import entries_for_document
 from lm_eval_steer.runtime.vectorfile import load_vector_file
 from vector_builder import BuildSettings, Validation, build, report, search
 from vector_builder.cli import print_summary
-from vector_builder.methods import pick
+from vector_builder.methods import diffmean, pick
 from vector_builder.methods.learned import LearnedSettings, stage, training
 from vector_builder.methods.learned.targets import TargetSettings
 from vector_builder.methods.token import TokenDirectionError, first_token
@@ -388,6 +388,35 @@ def test_resume_with_other_guards_reuses_the_checkpoint_and_equals_a_fresh_build
     # the repetition threshold decides which answers count as degenerate: a checkpoint is not valid for another one
     with pytest.raises(report.CheckpointError, match="other settings"):
         run_build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True, **{**kwargs, "search": replace(SEARCH, max_repetition=0.3)})
+
+
+def test_resume_with_other_multipliers_keeps_the_training_and_validates_again(tiny, tmp_path, monkeypatch):
+    """Offering another strength after a build (here × 2 beside × 1) needs no training: the checkpoint's
+    vectors and sums are kept, every candidate is validated again, and the result is a fresh build's."""
+    model, tokenizer = tiny
+    kwargs = dict(SMALL, **TINY_LEARNED, method="both", instructions=["punctuation:no_comma", "startend:quotation"], model="tiny", scorer=hash_scorer)
+    wider = dict(kwargs, search=replace(SEARCH, multipliers=(1.0, 4.0, 8.0)), learned=replace(TINY_LEARNED["learned"], multipliers=(1.0, 2.0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_build(model, tokenizer, out=tmp_path / "first.safetensors", report_dir=tmp_path / "resumed", **kwargs)
+        fresh = run_build(model, tokenizer, out=tmp_path / "fresh.safetensors", report_dir=tmp_path / "fresh", **wider)
+        validated = []
+        monkeypatch.setattr(stage, "learn_direction", lambda *a, **k: pytest.fail("a resumed build must not train again"))
+        monkeypatch.setattr(diffmean, "collect_sums", lambda *a, **k: pytest.fail("a resumed build must not collect activations again"))
+        original_generate = search.generate
+        monkeypatch.setattr(search, "generate", lambda *a, **k: validated.append(1) or original_generate(*a, **k))
+        resumed = run_build(model, tokenizer, out=tmp_path / "resumed.safetensors", report_dir=tmp_path / "resumed", resume=True, **wider)
+    assert validated, "the stored validation answers belong to other candidates: validation must run again"
+    labels = {c["candidate"] for t in json.loads(resumed.report_path.read_text())["targets"] for c in t["candidates"]}
+    assert {"L1x2", "L1x8"} <= labels
+    assert {name: r.to_json() for name, r in resumed.results.items()} == {name: r.to_json() for name, r in fresh.results.items()}
+    assert (fresh.vector_file is None) == (resumed.vector_file is None)
+    if fresh.vector_file is not None:
+        assert _file_content(tmp_path / "fresh.safetensors")[1] == _file_content(tmp_path / "resumed.safetensors")[1]
+    # anything that changes what is trained still refuses the checkpoint
+    with pytest.raises(report.CheckpointError, match="other settings"):
+        run_build(model, tokenizer, out=tmp_path / "x.safetensors", report_dir=tmp_path / "resumed", resume=True,
+                  **dict(wider, learned=replace(wider["learned"], steps=5)))
 
 
 def windowed_build(tiny, tmp_path, **windows):

@@ -86,11 +86,17 @@ ADDED_SETTINGS = {
 }
 
 
-def fingerprint(settings: Mapping[str, Any]) -> str:
-    """The hash a checkpoint is valid for: every setting except :data:`CHOICE_ONLY_SETTINGS`, with each
-    missing :data:`ADDED_SETTINGS` read as its as-before value."""
+#: Settings (part, field) that only decide which candidates are validated, never what is trained or
+#: collected: when they change, a resumed build keeps the checkpoint's trained vectors and activation
+#: sums and validates again, since its stored validation answers belong to the other candidates.
+CANDIDATE_GRID_SETTINGS = (("search", "multipliers"), ("search", "token_multipliers"), ("learned", "multipliers"))
+
+
+def fingerprint(settings: Mapping[str, Any], ignored: Sequence[tuple[str, str]] = CHOICE_ONLY_SETTINGS) -> str:
+    """The hash a checkpoint is valid for: every setting except the ``ignored`` ones (by default
+    :data:`CHOICE_ONLY_SETTINGS`), with each missing :data:`ADDED_SETTINGS` read as its as-before value."""
     kept = {
-        part: {name: item for name, item in value.items() if (part, name) not in CHOICE_ONLY_SETTINGS} if isinstance(value, Mapping) else value
+        part: {name: item for name, item in value.items() if (part, name) not in ignored} if isinstance(value, Mapping) else value
         for part, value in settings.items()
     }
     for (part, name), as_before in ADDED_SETTINGS.items():
@@ -99,17 +105,22 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
-def _check_resumable(path: Path, stored: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
-    """Refuses, in one line, a checkpoint written by another builder version or with other settings."""
+def _check_resumable(path: Path, stored: Mapping[str, Any], settings: Mapping[str, Any]) -> bool:
+    """Refuses, in one line, a checkpoint written by another builder version or with other settings;
+    True when only :data:`CANDIDATE_GRID_SETTINGS` differ (its validation results are then stale)."""
     if stored.get("builder_version") != settings.get("builder_version"):
         raise CheckpointError(
             f"{path}: written by builder version {stored.get('builder_version', '?')}, whose settings have another layout; this builder "
             f"(version {settings.get('builder_version', '?')}) cannot resume it: rebuild without --resume (or with a fresh --report directory)"
         )
-    if fingerprint(stored) != fingerprint(settings):
+    if fingerprint(stored) == fingerprint(settings):
+        return False
+    grid_free = (*CHOICE_ONLY_SETTINGS, *CANDIDATE_GRID_SETTINGS)
+    if fingerprint(stored, grid_free) != fingerprint(settings, grid_free):
         raise CheckpointError(
             f"{path}: the checkpoint was made with other settings or data; rerun without --resume (or with a fresh --report directory)"
         )
+    return True
 
 
 def _safe_name(name: str) -> str:
@@ -133,7 +144,10 @@ class Checkpoint:
             # The fingerprint is recomputed from the stored settings, so that checkpoints written with
             # other values of a choice-only setting stay valid.
             stored = _read(self.settings_path, lambda path: dict(json.loads(path.read_text())["settings"]))
-            _check_resumable(self.settings_path, stored, settings)
+            if _check_resumable(self.settings_path, stored, settings):
+                # Other multipliers: the trained vectors and sums still hold; the validation answers do not.
+                for stale in self.targets_dir.glob("*.json"):
+                    stale.unlink()
         elif not resume:
             # A fresh build must not pick up stale results.
             for stale in [self.sums_path, *self.targets_dir.glob("*.json"), *self.learned_dir.glob("*.safetensors")]:
