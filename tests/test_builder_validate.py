@@ -1,0 +1,138 @@
+"""vector_builder.validate (``lm-eval-steer validate``) on the tiny random Llama: candidates parsed as
+LABEL=FILE[*SCALE], the questions that follow a build's, entries routed and scaled as ``steered-hf``
+routes them, the counts of passes and looping answers, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, save_vector_file
+from vector_builder import prompts
+from vector_builder.runner import GenerationSettings, Runner
+from vector_builder.search import generate
+from vector_builder.validate import CandidateError, Outcome, load_candidate, parse_candidate, questions_after_build, rows_for, validate
+
+INSTRUCTION = "punctuation:no_comma"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@given(
+    label=st.text(st.characters(blacklist_characters="=", blacklist_categories=("Cs",)), min_size=1).filter(lambda s: s.strip() and s.strip() != "unsteered"),
+    path=st.text(st.characters(blacklist_characters="*", blacklist_categories=("Cs",)), min_size=1).filter(str.strip),
+    scale=st.floats(min_value=1e-6, max_value=1e6, allow_nan=False),
+)
+def test_a_candidate_reads_back_its_label_file_and_scale(label, path, scale):
+    assert parse_candidate(f"{label}={path}*{scale!r}") == (label.strip(), path, scale)
+    assert parse_candidate(f"{label}={path}") == (label.strip(), path, 1.0)
+
+
+@pytest.mark.parametrize("text", ["noequals.safetensors", "=v.safetensors", "a=", "a=v.safetensors*", "a=v.safetensors*x", "a=v.safetensors*0",
+                                  "a=v.safetensors*-1", "a=v.safetensors*nan", "a=v.safetensors*inf", "a=*2", "unsteered=v.safetensors"])
+def test_a_malformed_candidate_is_refused_in_one_line(text):
+    with pytest.raises(CandidateError) as error:
+        parse_candidate(text)
+    assert "\n" not in str(error.value) and repr(text) in str(error.value)
+
+
+def test_the_questions_are_the_ones_after_the_builds_and_none_it_saw():
+    queries = [f"question {i}" for i in range(60)]
+    train, seen = prompts.split_queries(queries, 32, 8, 0)
+    later = questions_after_build(queries, 32, 8, 12, 0)
+    assert len(later) == 12 and not set(later) & (set(train) | set(seen))
+    # a longer validation list of the same split starts with the build's questions, then these
+    assert prompts.split_queries(queries, 32, 20, 0)[1] == seen + later
+    with pytest.raises(ValueError, match="need 32 \\+ 100 queries"):
+        questions_after_build(queries, 32, 8, 92, 0)
+
+
+def test_counts_compare_each_answer_with_the_unsteered_answer_to_the_same_prompt():
+    outcome = Outcome("x", follows=[True, False, True, True], loops=[True, False, False, True], texts=["a", "b", "c", "d"])
+    assert outcome.counts([False, False, True, True]) == {
+        "passes_untold": 1, "passes_told": 2,   # the first half is untold
+        "fluent_untold": 0, "fluent_told": 1,   # a pass that loops is not fluent
+        "looping": 2, "new_looping": 1, "cured_looping": 1,
+    }
+
+
+@pytest.fixture
+def vector_path(tiny, tmp_path):
+    """One entry routed to no_comma (layer 1, strength 4) and one routed to another instruction."""
+    model, _ = tiny
+    torch.manual_seed(1)
+    entries = [
+        SteeringEntry(name=INSTRUCTION, vector=torch.randn(64), layer=1, mode="add", strength=4.0, applies_to=AppliesTo(INSTRUCTION)),
+        SteeringEntry(name="startend:quotation", vector=torch.randn(64), layer=2, mode="add", strength=3.0, applies_to=AppliesTo("startend:quotation")),
+    ]
+    path = tmp_path / "v.safetensors"
+    save_vector_file(path, entries, model="tiny", hidden_size=64, num_layers=model.config.num_hidden_layers)
+    return path
+
+
+def test_candidates_are_routed_and_scaled_as_steered_hf_does_and_answer_like_generate(tiny, vector_path):
+    model, tokenizer = tiny
+    strong = load_candidate(f"strong={vector_path}*8", INSTRUCTION)
+    questions = ["What is a cat?", "Name a colour."]
+    _, targets = prompts.plan([INSTRUCTION])
+    items = prompts.validation_prompts(targets[0], questions, 0, also_with_instruction=True)
+    rows = rows_for(strong, items, INSTRUCTION)
+    assert [[(e.name, e.layer, e.strength) for e in row] for row in rows] == [[(INSTRUCTION, 1, 32.0)]] * 4  # only its own entry, × 8
+    assert rows_for(None, items, INSTRUCTION) == [()] * 4
+
+    runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=3, seed=0, max_new_tokens=6))
+    scorer = lambda instruction_id, kwargs, prompt, response: "," not in response  # noqa: E731
+    outcomes = validate(runner, INSTRUCTION, [strong], questions, 0, scorer=scorer)
+    assert [o.label for o in outcomes] == ["unsteered", "strong"] and all(len(o.texts) == 4 for o in outcomes)
+    ids = [prompts.chat_ids(tokenizer, item.text) for item in items]
+    # batches of 3 here against one call of 4 there: same answers (left padding is masked)
+    assert outcomes[0].texts == [runner.decode(a) for a in generate(runner, ids, [()] * 4)]
+    assert outcomes[1].texts == [runner.decode(a) for a in generate(runner, ids, rows)]
+    assert outcomes[1].texts != outcomes[0].texts  # steering at × 8 changes the tiny model's answers
+    assert outcomes[1].follows == ["," not in text for text in outcomes[1].texts]
+
+
+def test_a_file_without_an_entry_for_the_instruction_is_named(vector_path):
+    with pytest.raises(CandidateError, match=f"{vector_path}: no entry is routed to change_case:english_lowercase"):
+        load_candidate(f"c={vector_path}", "change_case:english_lowercase")
+
+
+def test_the_command_writes_every_answer_and_prints_the_table(tiny_model_dir, tmp_path, capsys):
+    from lm_eval_steer.cli import main
+
+    model_dir = str(tiny_model_dir)
+    torch.manual_seed(2)
+    entry = SteeringEntry(name=INSTRUCTION, vector=torch.randn(64), layer=1, mode="add", strength=20.0, applies_to=AppliesTo(INSTRUCTION))
+    save_vector_file(tmp_path / "v.safetensors", [entry], model="tiny", hidden_size=64, num_layers=4)
+    out = tmp_path / "answers.json"
+    code = main(["validate", "--model_args", f"pretrained={model_dir},dtype=float32,device=cpu,name=tiny", "--instruction", INSTRUCTION,
+                 "--questions", "2", "--max-new-tokens", "4", "--batch-size", "4", f"one={tmp_path / 'v.safetensors'}", "--out", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| unsteered | " in table and "| one | " in table and "of 4 |" in table
+    saved = json.loads(out.read_text())
+    assert [c["label"] for c in saved["candidates"]] == ["unsteered", "one"]
+    assert all(len(c["texts"]) == 4 and set(c["counts"]) >= {"new_looping", "fluent_told"} for c in saved["candidates"])
+    assert saved["settings"]["instruction"] == INSTRUCTION and math.isclose(saved["settings"]["questions"], 2)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--instruction", "no:such_id", "a=x.safetensors"], "--instruction 'no:such_id': not an IFEval instruction id"),
+        (["--instruction", INSTRUCTION, "a=x.safetensors*0"], "finite scale above 0"),
+        (["--instruction", INSTRUCTION, "--questions", "0", "a=x.safetensors"], "--questions, --max-new-tokens and --batch-size must be at least 1"),
+        (["--instruction", INSTRUCTION, "a=no-such-name"], "no packaged vector file of that name"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, arguments, message):
+    from lm_eval_steer.cli import main
+
+    code = main(["validate", "--model_args", f"pretrained={tiny_model_dir},dtype=float32,device=cpu", "--out", str(tmp_path / "o.json"), *arguments])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and message in error and "\n" not in error and "Traceback" not in error
+    assert not (tmp_path / "o.json").exists()

@@ -1,0 +1,206 @@
+"""``lm-eval-steer validate``: vector files side by side on validation questions a build did not use.
+
+A build chooses each entry on ``--n-val`` questions (8 by default; 16 answers with
+``--val-with-instruction``), which decides coarsely: one answer more or less changes the choice. This
+command answers the questions that *follow* the build's validation questions in the same split (so
+no build with those ``--n-train`` / ``--n-val`` / ``--seed`` saw them), without and with the
+instruction, greedily at the evaluation's length, once unsteered and once per candidate file, each
+candidate's entries routed to the instruction exactly as ``steered-hf`` routes them (``route=auto``;
+``FILE*M`` scales their strengths as the ``scale=`` model argument does). Per candidate it reports
+passes (IFEval's loose checker), fluent passes (passes whose answer does not loop) and answers that
+loop where the unsteered answer to the same prompt does not (``new_looping``) or the reverse
+(``cured_looping``); the JSON keeps every answer.
+
+    lm-eval-steer validate --model_args $M --instruction startend:quotation \\
+      packaged=smollm2-135m-instruct "joint x0.75=build.safetensors*0.75" --out quotation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from lm_eval_steer.core.atomic import check_writable, write_json
+from lm_eval_steer.core.console import fail
+from lm_eval_steer.core.degeneracy import is_degenerate
+from lm_eval_steer.core.errors import UserError
+from lm_eval_steer.core.paths import resolve_vectors
+from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
+from lm_eval_steer.runtime.routing import Overrides, entries_for_document
+from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, load_vector_file
+from vector_builder import prompts
+from vector_builder.runner import GenerationSettings, Runner
+from vector_builder.scoring import Scorer, loose_follows
+from vector_builder.search import generate
+
+
+class CandidateError(UserError, ValueError):
+    """A candidate argument that cannot be used (its text, its file, or no entry for the instruction)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """``label=file[*scale]`` from the command line, its file loaded."""
+
+    label: str
+    path: str
+    scale: float
+    vectors: VectorFile
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One candidate's answers to the untold prompts, then the told ones, and how they score."""
+
+    label: str
+    follows: list[bool]
+    loops: list[bool]
+    texts: list[str]
+
+    def counts(self, unsteered_loops: Sequence[bool]) -> dict[str, int]:
+        """Passes and fluent passes, untold and told; looping answers, new and cured against ``unsteered_loops``."""
+        half = len(self.follows) // 2
+        fluent = [follows and not loops for follows, loops in zip(self.follows, self.loops)]
+        return {
+            "passes_untold": sum(self.follows[:half]),
+            "passes_told": sum(self.follows[half:]),
+            "fluent_untold": sum(fluent[:half]),
+            "fluent_told": sum(fluent[half:]),
+            "looping": sum(self.loops),
+            "new_looping": sum(loops and not before for loops, before in zip(self.loops, unsteered_loops)),
+            "cured_looping": sum(before and not loops for loops, before in zip(self.loops, unsteered_loops)),
+        }
+
+
+def parse_candidate(text: str) -> tuple[str, str, float]:
+    """``label=file[*scale]`` → ``(label, file, scale)``; the scale a finite positive number (default 1)."""
+    label, separator, source = text.partition("=")
+    if not separator or not label.strip() or not source.strip():
+        raise CandidateError(f"candidate {text!r}: expected LABEL=FILE or LABEL=FILE*SCALE")
+    path, star, scale_text = source.rpartition("*") if "*" in source else (source, "", "1")
+    try:
+        scale = float(scale_text)
+    except ValueError:
+        raise CandidateError(f"candidate {text!r}: scale {scale_text!r} is not a number") from None
+    if not (math.isfinite(scale) and scale > 0) or (star and not path):
+        raise CandidateError(f"candidate {text!r}: expected LABEL=FILE*SCALE with a finite scale above 0")
+    if label.strip() == "unsteered":
+        raise CandidateError(f"candidate {text!r}: the label 'unsteered' is taken by the unsteered answers")
+    return label.strip(), path, scale
+
+
+def load_candidate(text: str, instruction_id: str) -> Candidate:
+    """The candidate's file (a path or a packaged name), checked to route at least one entry to
+    ``instruction_id``; whether it fits the model is checked once the model has loaded."""
+    label, spec, scale = parse_candidate(text)
+    path = resolve_vectors(spec, "")
+    vectors = load_vector_file(path)
+    if not any(entry.applies_to is None or entry.applies_to.instruction_id == instruction_id for entry in vectors.entries):
+        raise CandidateError(f"{path}: no entry is routed to {instruction_id}")
+    return Candidate(label, path, scale, vectors)
+
+
+def questions_after_build(queries: Sequence[str], n_train: int, n_val: int, count: int, seed: int) -> list[str]:
+    """The ``count`` questions that follow a build's ``n_val`` validation questions in its split
+    (:func:`~vector_builder.prompts.split_queries` with the same ``n_train`` and ``seed``)."""
+    _, validation = prompts.split_queries(queries, n_train, n_val + count, seed)
+    return validation[n_val:]
+
+
+def rows_for(candidate: Candidate | None, items: Sequence[prompts.Prompt], instruction_id: str) -> list[tuple[SteeringEntry, ...]]:
+    """Per prompt, the entries ``steered-hf`` would apply to an IFEval document with this one
+    instruction and the prompt's kwargs (none for the unsteered answers)."""
+    if candidate is None:
+        return [() for _ in items]
+    overrides = Overrides(scale=candidate.scale)
+    documents = [{"instruction_id_list": [instruction_id], "kwargs": [dict(item.kwargs)]} for item in items]
+    return [entries_for_document(document, [candidate.vectors], "auto", overrides) for document in documents]
+
+
+def answer(runner: Runner, ids: Sequence[Sequence[int]], rows: Sequence[tuple[SteeringEntry, ...]]) -> list[list[int]]:
+    """Greedy answers, ``runner.settings.batch_size`` prompts per ``generate`` call."""
+    size = runner.settings.batch_size
+    return [tokens for start in range(0, len(ids), size) for tokens in generate(runner, ids[start : start + size], rows[start : start + size])]
+
+
+def validate(
+    runner: Runner,
+    instruction_id: str,
+    candidates: Sequence[Candidate],
+    questions: Sequence[str],
+    seed: int,
+    scorer: Scorer = loose_follows,
+) -> list[Outcome]:
+    """The unsteered answers (label ``unsteered``), then each candidate's, to ``questions`` without and
+    then with the instruction (the build's validation prompts and kwargs for these questions)."""
+    _, targets = prompts.plan([instruction_id])
+    if len(targets) != 1:
+        raise CandidateError(f"--instruction {instruction_id}: only instructions a build gives one entry can be validated here")
+    items = prompts.validation_prompts(targets[0], questions, seed, also_with_instruction=True)
+    ids = [prompts.chat_ids(runner.tokenizer, item.text) for item in items]
+    outcomes = []
+    for label, candidate in [("unsteered", None), *((c.label, c) for c in candidates)]:
+        answers = answer(runner, ids, rows_for(candidate, items, instruction_id))
+        texts = [runner.decode(tokens) for tokens in answers]
+        follows = [bool(scorer(instruction_id, item.kwargs, item.checker_prompt, text)) for item, text in zip(items, texts)]
+        outcomes.append(Outcome(label, follows, [is_degenerate(tokens) for tokens in answers], texts))
+    return outcomes
+
+
+def summary_table(outcomes: Sequence[Outcome]) -> str:
+    """One Markdown row per outcome: passes, fluent passes (untold + told), looping answers."""
+    unsteered = outcomes[0].loops
+    lines = ["| candidate | passes untold + told | fluent passes | looping answers | new looping | cured looping |", "|---|---|---|---|---|---|"]
+    for outcome in outcomes:
+        c = outcome.counts(unsteered)
+        lines.append(
+            f"| {outcome.label} | {c['passes_untold']} + {c['passes_told']} | {c['fluent_untold']} + {c['fluent_told']} | "
+            f"{c['looping']} of {len(outcome.loops)} | {c['new_looping']} | {c['cured_looping']} |"
+        )
+    return "\n".join(lines)
+
+
+def report(outcomes: Sequence[Outcome], settings: Mapping[str, object]) -> dict[str, object]:
+    unsteered = outcomes[0].loops
+    return {"settings": dict(settings), "candidates": [{**asdict(outcome), "counts": outcome.counts(unsteered)} for outcome in outcomes]}
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("candidates", nargs="+", metavar="LABEL=FILE[*SCALE]", help="vector files (or packaged names) to compare; *SCALE multiplies their strengths")
+    parser.add_argument("--model_args", required=True, help="the model, as for lm_eval --model hf (pretrained=...,gguf_file=...,dtype=...)")
+    parser.add_argument("--instruction", required=True, help="the IFEval instruction id whose entries are compared, e.g. startend:quotation")
+    parser.add_argument("--out", required=True, help="JSON file with every answer and the counts (written atomically)")
+    parser.add_argument("--questions", type=int, default=24, help="questions to answer, each without and with the instruction (default 24)")
+    parser.add_argument("--n-train", type=int, default=32, help="the build's --n-train, which fixes its split (default 32)")
+    parser.add_argument("--n-val", type=int, default=8, help="the build's --n-val: its validation questions are skipped (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="the build's --seed (default 0)")
+    parser.add_argument("--queries", help="the build's --queries JSONL (default: the packaged questions)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length (default 256, the evaluation's)")
+    parser.add_argument("--batch-size", type=int, default=16)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vector_builder.cli import load_model
+
+    try:
+        check_writable(args.out)
+        if args.questions < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+            raise CandidateError("--questions, --max-new-tokens and --batch-size must be at least 1")
+        if args.instruction not in prompts.instruction_registry():  # fail before the model loads
+            raise CandidateError(f"--instruction {args.instruction!r}: not an IFEval instruction id")
+        questions = questions_after_build(prompts.load_queries(args.queries), args.n_train, args.n_val, args.questions, args.seed)
+        candidates = [load_candidate(text, args.instruction) for text in args.candidates]  # bad files fail before the model loads
+        model, tokenizer, name = load_model(args.model_args)
+        for candidate in candidates:
+            check_compatible(candidate.vectors, ModelShape.of_model(model, name))
+        runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens))
+        outcomes = validate(runner, args.instruction, candidates, questions, args.seed)
+        settings = {key: value for key, value in vars(args).items() if key != "out"}
+        write_json(args.out, report(outcomes, settings))
+    except (UserError, ValueError, OSError) as error:
+        return fail("validate", error)
+    print(summary_table(outcomes))
+    print(f"answers: {args.out}")
+    return 0
