@@ -67,7 +67,7 @@ def test_the_guard_judges_each_answer_against_its_own_unsteered_answer():
     assert (cured.new_looping, cured.cured_looping, cured.disqualified) == (0, 1, False)
     # the budget is in answers
     assert search._choose(result, replace(SETTINGS, allowed_degenerate=1), FMT) == "L1x1"
-    assert search.looping_changes(swapped, unsteered) == (1, 1)
+    assert search.looping_changes(swapped.degenerate, unsteered.degenerate) == (1, 1)
 
 
 def test_the_fluent_objective_counts_only_passes_that_do_not_loop():

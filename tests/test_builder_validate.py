@@ -86,7 +86,7 @@ def test_candidates_are_routed_and_scaled_as_steered_hf_does_and_answer_like_gen
 
     runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=3, seed=0, max_new_tokens=6))
     scorer = lambda instruction_id, kwargs, prompt, response: "," not in response  # noqa: E731
-    outcomes = validate(runner, INSTRUCTION, [strong], questions, 0, scorer=scorer)
+    outcomes = validate(runner, targets[0], [strong], questions, 0, scorer=scorer)
     assert [o.label for o in outcomes] == ["unsteered", "strong"] and all(len(o.texts) == 4 for o in outcomes)
     ids = [prompts.chat_ids(tokenizer, item.text) for item in items]
     # batches of 3 here against one call of 4 there: same answers (left padding is masked)
@@ -124,6 +124,7 @@ def test_the_command_writes_every_answer_and_prints_the_table(tiny_model_dir, tm
     "arguments, message",
     [
         (["--instruction", "no:such_id", "a=x.safetensors"], "--instruction 'no:such_id': not an IFEval instruction id"),
+        (["--instruction", "keywords:existence", "a=x.safetensors"], "keywords:existence needs keywords"),
         (["--instruction", INSTRUCTION, "a=x.safetensors*0"], "finite scale above 0"),
         (["--instruction", INSTRUCTION, "--questions", "0", "a=x.safetensors"], "--questions, --max-new-tokens and --batch-size must be at least 1"),
         (["--instruction", INSTRUCTION, "a=no-such-name"], "no packaged vector file of that name"),

@@ -382,11 +382,10 @@ def too_short(item: CandidateResult, baseline: CandidateResult, ratio: float) ->
     return steered is not None and unsteered is not None and steered < ratio * unsteered
 
 
-def looping_changes(item: CandidateResult, baseline: CandidateResult) -> tuple[int, int]:
-    """``(new, cured)``: answers of ``item`` that loop where the unsteered answer to the same prompt
-    does not, and answers that loop unsteered but not under ``item`` (answer ``j`` of every candidate
-    answers prompt ``j``)."""
-    pairs = list(zip(item.degenerate, baseline.degenerate, strict=True))
+def looping_changes(steered: Sequence[bool], unsteered: Sequence[bool]) -> tuple[int, int]:
+    """``(new, cured)``: answers that loop steered where the unsteered answer to the same prompt does
+    not, and answers that loop unsteered but not steered (answer ``j`` of both answers prompt ``j``)."""
+    pairs = list(zip(steered, unsteered, strict=True))
     return sum(steered and not unsteered for steered, unsteered in pairs), sum(unsteered and not steered for steered, unsteered in pairs)
 
 
@@ -396,7 +395,7 @@ def _choose(result: TargetResult, settings: SearchSettings, instruction_id: str)
     best: tuple[float, int, int, int] | None = None
     best_label = None
     for index, item in enumerate(result.candidates[1:], 1):
-        item.new_looping, item.cured_looping = looping_changes(item, baseline)
+        item.new_looping, item.cured_looping = looping_changes(item.degenerate, baseline.degenerate)
         item.disqualified = item.new_looping > settings.allowed_degenerate or too_short(item, baseline, ratio)
         if item.disqualified:
             continue

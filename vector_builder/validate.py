@@ -33,7 +33,7 @@ from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, load_vec
 from vector_builder import prompts
 from vector_builder.runner import GenerationSettings, Runner
 from vector_builder.scoring import Scorer, loose_follows
-from vector_builder.search import generate
+from vector_builder.search import generate, looping_changes
 
 
 class CandidateError(UserError, ValueError):
@@ -45,7 +45,6 @@ class Candidate:
     """``label=file[*scale]`` from the command line, its file loaded."""
 
     label: str
-    path: str
     scale: float
     vectors: VectorFile
 
@@ -63,14 +62,15 @@ class Outcome:
         """Passes and fluent passes, untold and told; looping answers, new and cured against ``unsteered_loops``."""
         half = len(self.follows) // 2
         fluent = [follows and not loops for follows, loops in zip(self.follows, self.loops)]
+        new, cured = looping_changes(self.loops, unsteered_loops)
         return {
             "passes_untold": sum(self.follows[:half]),
             "passes_told": sum(self.follows[half:]),
             "fluent_untold": sum(fluent[:half]),
             "fluent_told": sum(fluent[half:]),
             "looping": sum(self.loops),
-            "new_looping": sum(loops and not before for loops, before in zip(self.loops, unsteered_loops)),
-            "cured_looping": sum(before and not loops for loops, before in zip(self.loops, unsteered_loops)),
+            "new_looping": new,
+            "cured_looping": cured,
         }
 
 
@@ -99,7 +99,7 @@ def load_candidate(text: str, instruction_id: str) -> Candidate:
     vectors = load_vector_file(path)
     if not any(entry.applies_to is None or entry.applies_to.instruction_id == instruction_id for entry in vectors.entries):
         raise CandidateError(f"{path}: no entry is routed to {instruction_id}")
-    return Candidate(label, path, scale, vectors)
+    return Candidate(label, scale, vectors)
 
 
 def questions_after_build(queries: Sequence[str], n_train: int, n_val: int, count: int, seed: int) -> list[str]:
@@ -125,9 +125,20 @@ def answer(runner: Runner, ids: Sequence[Sequence[int]], rows: Sequence[tuple[St
     return [tokens for start in range(0, len(ids), size) for tokens in generate(runner, ids[start : start + size], rows[start : start + size])]
 
 
+def target_for(instruction_id: str) -> prompts.Target:
+    """The build's one target for ``instruction_id``, whose validation prompts are answered; refused
+    for an unknown id and for instructions a build gives an entry per word (keywords)."""
+    if instruction_id not in prompts.instruction_registry():
+        raise CandidateError(f"--instruction {instruction_id!r}: not an IFEval instruction id")
+    _, targets = prompts.plan([instruction_id])
+    if len(targets) != 1:
+        raise CandidateError(f"--instruction {instruction_id}: only instructions a build gives one entry can be validated here")
+    return targets[0]
+
+
 def validate(
     runner: Runner,
-    instruction_id: str,
+    target: prompts.Target,
     candidates: Sequence[Candidate],
     questions: Sequence[str],
     seed: int,
@@ -135,10 +146,8 @@ def validate(
 ) -> list[Outcome]:
     """The unsteered answers (label ``unsteered``), then each candidate's, to ``questions`` without and
     then with the instruction (the build's validation prompts and kwargs for these questions)."""
-    _, targets = prompts.plan([instruction_id])
-    if len(targets) != 1:
-        raise CandidateError(f"--instruction {instruction_id}: only instructions a build gives one entry can be validated here")
-    items = prompts.validation_prompts(targets[0], questions, seed, also_with_instruction=True)
+    instruction_id = target.instruction_id
+    items = prompts.validation_prompts(target, questions, seed, also_with_instruction=True)
     ids = [prompts.chat_ids(runner.tokenizer, item.text) for item in items]
     outcomes = []
     for label, candidate in [("unsteered", None), *((c.label, c) for c in candidates)]:
@@ -188,15 +197,15 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.out)
         if args.questions < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
             raise CandidateError("--questions, --max-new-tokens and --batch-size must be at least 1")
-        if args.instruction not in prompts.instruction_registry():  # fail before the model loads
-            raise CandidateError(f"--instruction {args.instruction!r}: not an IFEval instruction id")
+        target = target_for(args.instruction)  # fails before the model loads
         questions = questions_after_build(prompts.load_queries(args.queries), args.n_train, args.n_val, args.questions, args.seed)
         candidates = [load_candidate(text, args.instruction) for text in args.candidates]  # bad files fail before the model loads
         model, tokenizer, name = load_model(args.model_args)
+        shape = ModelShape.of_model(model, name)
         for candidate in candidates:
-            check_compatible(candidate.vectors, ModelShape.of_model(model, name))
+            check_compatible(candidate.vectors, shape)
         runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens))
-        outcomes = validate(runner, args.instruction, candidates, questions, args.seed)
+        outcomes = validate(runner, target, candidates, questions, args.seed)
         settings = {key: value for key, value in vars(args).items() if key != "out"}
         write_json(args.out, report(outcomes, settings))
     except (UserError, ValueError, OSError) as error:
