@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -112,8 +113,10 @@ def test_the_command_writes_every_answer_and_prints_the_table(tiny_model_dir, tm
     code = main(["validate", "--model_args", f"pretrained={model_dir},dtype=float32,device=cpu,name=tiny", "--instruction", INSTRUCTION,
                  "--questions", "2", "--max-new-tokens", "4", "--batch-size", "4", f"one={tmp_path / 'v.safetensors'}", "--out", str(out)])
     assert code == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "| unsteered | " in table and "| one | " in table and "of 4 |" in table
+    assert re.search(r"validate: 100%\|.*\| 8/8 ", captured.err)  # the progress bar counted every answer of both runs
     saved = json.loads(out.read_text())
     assert [c["label"] for c in saved["candidates"]] == ["unsteered", "one"]
     assert all(len(c["texts"]) == 4 and set(c["counts"]) >= {"new_looping", "fluent_told"} for c in saved["candidates"])

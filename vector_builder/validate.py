@@ -22,6 +22,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from tqdm.auto import tqdm
+
 from lm_eval_steer.core.atomic import check_writable, write_json
 from lm_eval_steer.core.console import fail
 from lm_eval_steer.core.degeneracy import is_degenerate
@@ -119,10 +121,16 @@ def rows_for(candidate: Candidate | None, items: Sequence[prompts.Prompt], instr
     return [entries_for_document(document, [candidate.vectors], "auto", overrides) for document in documents]
 
 
-def answer(runner: Runner, ids: Sequence[Sequence[int]], rows: Sequence[tuple[SteeringEntry, ...]]) -> list[list[int]]:
-    """Greedy answers, ``runner.settings.batch_size`` prompts per ``generate`` call."""
+def answer(runner: Runner, ids: Sequence[Sequence[int]], rows: Sequence[tuple[SteeringEntry, ...]], bar: tqdm | None = None) -> list[list[int]]:
+    """Greedy answers, ``runner.settings.batch_size`` prompts per ``generate`` call; ``bar`` (if
+    given) advances by each call's prompts."""
     size = runner.settings.batch_size
-    return [tokens for start in range(0, len(ids), size) for tokens in generate(runner, ids[start : start + size], rows[start : start + size])]
+    answers: list[list[int]] = []
+    for start in range(0, len(ids), size):
+        answers.extend(generate(runner, ids[start : start + size], rows[start : start + size]))
+        if bar is not None:
+            bar.update(len(ids[start : start + size]))
+    return answers
 
 
 def target_for(instruction_id: str) -> prompts.Target:
@@ -150,11 +158,15 @@ def validate(
     items = prompts.validation_prompts(target, questions, seed, also_with_instruction=True)
     ids = [prompts.chat_ids(runner.tokenizer, item.text) for item in items]
     outcomes = []
-    for label, candidate in [("unsteered", None), *((c.label, c) for c in candidates)]:
-        answers = answer(runner, ids, rows_for(candidate, items, instruction_id))
-        texts = [runner.decode(tokens) for tokens in answers]
-        follows = [bool(scorer(instruction_id, item.kwargs, item.checker_prompt, text)) for item, text in zip(items, texts)]
-        outcomes.append(Outcome(label, follows, [is_degenerate(tokens) for tokens in answers], texts))
+    runs = [("unsteered", None), *((c.label, c) for c in candidates)]
+    # Each run takes minutes on a CPU; the bar counts answers over all of them.
+    with tqdm(total=len(runs) * len(ids), desc="validate", unit="answer") as bar:
+        for label, candidate in runs:
+            bar.set_postfix_str(label)
+            answers = answer(runner, ids, rows_for(candidate, items, instruction_id), bar)
+            texts = [runner.decode(tokens) for tokens in answers]
+            follows = [bool(scorer(instruction_id, item.kwargs, item.checker_prompt, text)) for item, text in zip(items, texts)]
+            outcomes.append(Outcome(label, follows, [is_degenerate(tokens) for tokens in answers], texts))
     return outcomes
 
 
