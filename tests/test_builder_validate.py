@@ -128,7 +128,7 @@ def test_the_command_writes_every_answer_and_prints_the_table(tiny_model_dir, tm
     [
         (["--instruction", "no:such_id", "a=x.safetensors"], "--instruction 'no:such_id': not an IFEval instruction id"),
         (["--instruction", "keywords:existence", "a=x.safetensors"], "keywords:existence needs keywords"),
-        (["--instruction", INSTRUCTION, "a=x.safetensors*0"], "finite scale above 0"),
+        (["--instruction", INSTRUCTION, "a=x.safetensors*0"], "finite number above 0"),
         (["--instruction", INSTRUCTION, "--questions", "0", "a=x.safetensors"], "--questions, --max-new-tokens and --batch-size must be at least 1"),
         (["--instruction", INSTRUCTION, "a=no-such-name"], "no packaged vector file of that name"),
     ],

@@ -6,11 +6,14 @@ import json
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lm_eval_steer.cli import main
 from lm_eval_steer.runtime.entrysets import member_name, set_name
 from lm_eval_steer.tools.merge import merge
-from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, VectorFileError, load_vector_file, save_vector_file
+from lm_eval_steer.runtime.routing import resolve_strength
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, StrengthRule, VectorFileError, load_vector_file, save_vector_file, split_scale
 
 
 def write(path, entries, model="tiny-llama", num_layers=4, **metadata):
@@ -138,3 +141,47 @@ def test_a_packaged_file_is_named_as_vectors_show_names_it(tmp_path, capsys):
     assert main(["merge", "no-such-model", "--out", str(tmp_path / "x.safetensors")]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "no-such-model" in error and "smollm2-135m-instruct" in error
+
+
+def test_a_scaled_source_takes_its_entries_at_that_strength_and_records_the_scale(old_and_new, tmp_path, capsys):
+    old, new = old_and_new
+    rule = AppliesTo("number_sentences", {"relation": "less than"}, StrengthRule("num_sentences", ((2.0, 10.0), (20.0, 4.0))))
+    ruled = write(tmp_path / "ruled.safetensors", [SteeringEntry("number_sentences", torch.ones(8), 2, "add", 3.0, "all", rule)])
+    merged, taken_from = merge([old, f"{new}#quot**1.5", f"{ruled}*0.5"], str(tmp_path / "merged.safetensors"))
+    strengths = {e.name: e.strength for e in merged.entries}
+    assert strengths == {"title": 1.0, "lowercase": 1.0, "quotation": 1.5, "number_sentences": 1.5}
+    assert merged.entry("number_sentences").applies_to.strength_rule.points == ((2.0, 5.0), (20.0, 2.0))
+    assert torch.equal(merged.entry("quotation").vector, load_vector_file(new).entry("quotation").vector)  # the vector itself is unchanged
+    assert taken_from["quotation"] == f"{new} ×1.5" and taken_from["title"] == old
+    records = json.loads(merged.extra_metadata["merged_from"])
+    assert [record.get("scale") for record in records] == [None, 1.5, 0.5]
+    assert main(["merge", old, f"{new}*2", "--out", str(tmp_path / "cli.safetensors")]) == 0
+    assert f"lowercase\t<- {new} ×2\n" in capsys.readouterr().out
+    # a number after a glob's last * is a scale: the message says so when the rest matches nothing
+    with pytest.raises(VectorFileError, match=r"no entry name matches 'quot' \(the number after the last \* was read as a scale; write #GLOB\*\*SCALE"):
+        merge([old, f"{new}#quot*1.5"], str(tmp_path / "m.safetensors"))
+
+
+@given(strength=st.floats(-1e3, 1e3, allow_nan=False), factor=st.floats(1e-3, 1e3), count=st.floats(0, 40, allow_nan=False))
+def test_a_scaled_entry_steers_as_the_scale_argument_does(strength, factor, count):
+    """``entry.scaled(m)`` at ``scale=1`` gets the strength ``entry`` gets at the runtime's ``scale=m``,
+    for a plain strength and for a strength rule over a document's kwarg."""
+    rule = AppliesTo("number_sentences", {}, StrengthRule("num_sentences", ((2.0, strength), (20.0, -strength / 2))))
+    for original in (entry("title", 1), SteeringEntry("n", torch.ones(8), 1, "add", strength, "all", rule)):
+        kwargs = {"num_sentences": count}
+        assert resolve_strength(original.scaled(factor), kwargs, 1.0) == pytest.approx(resolve_strength(original, kwargs, factor), rel=1e-12, abs=1e-9)
+
+
+@given(source=st.text(st.characters(blacklist_characters="*", blacklist_categories=("Cs",)), min_size=1), factor=st.floats(1e-6, 1e6))
+def test_a_scale_suffix_reads_back_and_a_glob_star_is_left_alone(source, factor):
+    assert split_scale(f"{source}*{factor!r}") == (source, factor)
+    assert split_scale(source) == (source, None)
+    assert split_scale(f"{source}#keywords:*") == (f"{source}#keywords:*", None)
+
+
+@pytest.mark.parametrize("suffix", ["*0", "*-1", "*nan", "*inf"])
+def test_a_scale_that_is_not_above_zero_is_refused_in_one_line(old_and_new, tmp_path, capsys, suffix):
+    old, new = old_and_new
+    assert main(["merge", old, new + suffix, "--out", str(tmp_path / "m.safetensors")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"new.safetensors{suffix}" in line and "finite number above 0" in line and not (tmp_path / "m.safetensors").exists()

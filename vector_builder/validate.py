@@ -18,7 +18,6 @@ loop where the unsteered answer to the same prompt does not (``new_looping``) or
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -31,7 +30,7 @@ from lm_eval_steer.core.errors import UserError
 from lm_eval_steer.core.paths import resolve_vectors
 from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
 from lm_eval_steer.runtime.routing import Overrides, entries_for_document
-from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, load_vector_file
+from lm_eval_steer.runtime.vectorfile import ScaleError, SteeringEntry, VectorFile, load_vector_file, split_scale
 from vector_builder import prompts
 from vector_builder.runner import GenerationSettings, Runner
 from vector_builder.scoring import Scorer, loose_follows
@@ -81,16 +80,17 @@ def parse_candidate(text: str) -> tuple[str, str, float]:
     label, separator, source = text.partition("=")
     if not separator or not label.strip() or not source.strip():
         raise CandidateError(f"candidate {text!r}: expected LABEL=FILE or LABEL=FILE*SCALE")
-    path, star, scale_text = source.rpartition("*") if "*" in source else (source, "", "1")
     try:
-        scale = float(scale_text)
-    except ValueError:
-        raise CandidateError(f"candidate {text!r}: scale {scale_text!r} is not a number") from None
-    if not (math.isfinite(scale) and scale > 0) or (star and not path):
-        raise CandidateError(f"candidate {text!r}: expected LABEL=FILE*SCALE with a finite scale above 0")
+        path, scale = split_scale(source)
+    except ScaleError as error:
+        raise CandidateError(f"candidate {text!r}: {error}") from None
+    if scale is None and "*" in source:
+        raise CandidateError(f"candidate {text!r}: scale {source.rpartition('*')[2]!r} is not a number")
+    if not path:
+        raise CandidateError(f"candidate {text!r}: expected LABEL=FILE*SCALE")
     if label.strip() == "unsteered":
         raise CandidateError(f"candidate {text!r}: the label 'unsteered' is taken by the unsteered answers")
-    return label.strip(), path, scale
+    return label.strip(), path, 1.0 if scale is None else scale
 
 
 def load_candidate(text: str, instruction_id: str) -> Candidate:

@@ -25,7 +25,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -68,6 +68,10 @@ class VectorFileError(UserError, ValueError):
     """A vector file (or one of its entries) is malformed; the message names file, entry and problem."""
 
 
+class ScaleError(UserError, ValueError):
+    """A ``*SCALE`` suffix that is not a finite number above 0."""
+
+
 @dataclass(frozen=True)
 class StrengthRule:
     """Strength as a function of one numeric kwarg of the document (e.g. the requested sentence count).
@@ -91,6 +95,10 @@ class StrengthRule:
 
     def to_json(self) -> dict[str, Any]:
         return {"kwarg": self.kwarg, "points": [list(point) for point in self.points]}
+
+    def scaled(self, factor: float) -> StrengthRule:
+        """Every point's strength times ``factor``: ``(x, s) → (x, factor·s)``."""
+        return StrengthRule(self.kwarg, tuple((x, factor * s) for x, s in self.points))
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,15 @@ class SteeringEntry:
             out["start_after_tokens"] = self.start_after_tokens
         return out
 
+    def scaled(self, factor: float) -> SteeringEntry:
+        """This entry with ``factor`` times its strength: ``s → factor·s``, and a strength rule's
+        points ``(x, s) → (x, factor·s)``; it steers at ``scale=1`` as this entry does at the runtime's
+        ``scale=factor``."""
+        applies_to = self.applies_to
+        if applies_to is not None and applies_to.strength_rule is not None:
+            applies_to = replace(applies_to, strength_rule=applies_to.strength_rule.scaled(factor))
+        return replace(self, strength=factor * self.strength, applies_to=applies_to)
+
     @property
     def can_stop(self) -> bool:
         """Whether a stop rule (``stop_after`` strings or ``stop_after_tokens``) may end its steering early."""
@@ -176,6 +193,24 @@ class VectorFile:
             if entry.name == name:
                 return entry
         raise KeyError(f"{self.path or '<vector file>'}: no entry named {name!r}")
+
+
+def split_scale(text: str) -> tuple[str, float | None]:
+    """``SOURCE*M`` → ``(SOURCE, M)`` when the text after the last ``*`` is a number, else ``(text, None)``.
+
+    ``M`` must be finite and above 0 (:class:`ScaleError` otherwise), so a glob that merely ends in
+    ``*`` (``keywords:*``) is left whole.
+    """
+    source, star, suffix = text.rpartition("*")
+    if not star:
+        return text, None
+    try:
+        factor = float(suffix)
+    except ValueError:
+        return text, None
+    if not (math.isfinite(factor) and factor > 0):
+        raise ScaleError(f"scale {suffix!r}: expected a finite number above 0")
+    return source, factor
 
 
 # ----------------------------------------------------------------------------------------- reading

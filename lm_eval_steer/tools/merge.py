@@ -17,8 +17,14 @@ curves stay with the vectors they describe).
     lm-eval-steer merge old.safetensors rebuilt.safetensors --out best.safetensors
     lm-eval-steer merge smollm2-135m-instruct rebuilt.safetensors --out best.safetensors   # a packaged file by name
 
-A source may be narrowed to the entries whose names match a glob, written after ``#``: 
-``keywords.safetensors#keywords:forbidden_words:*`` takes only that file's exclusion entries.
+A source may be narrowed to the entries whose names match a glob, written after ``#``:
+``keywords.safetensors#keywords:forbidden_words:*`` takes only that file's exclusion entries. A
+source ending in ``*M`` (a number above 0; after a glob that ends in ``*``, write ``#GLOB**M``) takes its
+entries at ``M`` times their strength
+(:meth:`~lm_eval_steer.runtime.vectorfile.SteeringEntry.scaled`: what the runtime's ``scale=M`` does,
+made permanent for those entries only); ``merged_from`` records the scale.
+
+    lm-eval-steer merge smollm2-135m-instruct 'lowercase.safetensors*1.25' --out stronger.safetensors
 """
 
 from __future__ import annotations
@@ -27,15 +33,16 @@ import argparse
 import fnmatch
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from lm_eval_steer.core.paths import resolve_vectors
 from lm_eval_steer.runtime.entrysets import set_name
 from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
-from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, VectorFileError, load_vector_file, save_vector_file
+from lm_eval_steer.runtime.vectorfile import ScaleError, SteeringEntry, VectorFile, VectorFileError, load_vector_file, save_vector_file, split_scale
 
 
-def _check_not_stacked(chosen: dict[str, tuple[SteeringEntry, VectorFile]]) -> None:
+def _check_not_stacked(chosen: dict[str, tuple[SteeringEntry, int]]) -> None:
     routed: dict[str, str] = {}
     for name, (entry, _) in chosen.items():
         key = json.dumps(None if entry.applies_to is None else entry.applies_to.to_json(), sort_keys=True)
@@ -47,40 +54,64 @@ def _check_not_stacked(chosen: dict[str, tuple[SteeringEntry, VectorFile]]) -> N
         routed.setdefault(key, name)
 
 
-def split_source(source: str) -> tuple[str, str]:
-    """``FILE#GLOB`` -> (FILE, GLOB); a plain ``FILE`` takes every entry (``*``). ``FILE`` may be a
-    packaged file's name (:func:`~lm_eval_steer.core.paths.resolve_vectors`)."""
-    path, _, pattern = source.partition("#")
-    if not path or (source.count("#") and not pattern):
-        raise VectorFileError(f"{source}: write a source as FILE or FILE#GLOB (entry names matching GLOB)")
-    return resolve_vectors(path, argument=""), pattern or "*"
+@dataclass(frozen=True)
+class Source:
+    """One command-line source: ``FILE[#GLOB][*SCALE]``."""
+
+    path: str
+    pattern: str = "*"
+    scale: float | None = None
+
+    @property
+    def label(self) -> str:
+        """The path, with `` ×SCALE`` when the source is scaled."""
+        return self.path if self.scale is None else f"{self.path} ×{self.scale:g}"
+
+
+def split_source(source: str) -> Source:
+    """``FILE#GLOB*SCALE`` -> Source(FILE, GLOB, SCALE); without ``#GLOB`` every entry is taken (``*``),
+    without ``*SCALE`` (a number) each at its own strength. ``FILE`` may be a packaged file's name
+    (:func:`~lm_eval_steer.core.paths.resolve_vectors`)."""
+    try:
+        rest, scale = split_scale(source)
+    except ScaleError as error:
+        raise VectorFileError(f"{source}: {error}") from None
+    path, _, pattern = rest.partition("#")
+    if not path or (rest.count("#") and not pattern):
+        raise VectorFileError(f"{source}: write a source as FILE, FILE#GLOB (entry names matching GLOB) or either with *SCALE")
+    return Source(resolve_vectors(path, argument=""), pattern or "*", scale)
 
 
 def merge(sources: Sequence[str], out: str, stack: bool = False) -> tuple[VectorFile, dict[str, str]]:
-    """Writes the merged file; returns it and, per entry name, the source path it was taken from."""
+    """Writes the merged file; returns it and, per entry name, the source it was taken from (its path,
+    and its scale if it has one)."""
     selected = [split_source(source) for source in sources]
-    files = [load_vector_file(path) for path, _ in selected]
+    files = [load_vector_file(source.path) for source in selected]
     for other in files[1:]:  # the merged file records one model
         check_compatible(other, ModelShape.of_file(files[0]), same_name=True)
-    chosen: dict[str, tuple[SteeringEntry, VectorFile]] = {}
-    for vector_file, (_, pattern) in zip(files, selected):
-        taken = [entry for entry in vector_file.entries if fnmatch.fnmatchcase(entry.name, pattern)]
+    chosen: dict[str, tuple[SteeringEntry, int]] = {}  # name -> (entry, index of its source)
+    for index, (vector_file, source) in enumerate(zip(files, selected)):
+        taken = [entry for entry in vector_file.entries if fnmatch.fnmatchcase(entry.name, source.pattern)]
         if not taken:
-            raise VectorFileError(f"{vector_file.path}: no entry name matches {pattern!r}")
+            hint = "" if source.scale is None else " (the number after the last * was read as a scale; write #GLOB**SCALE for a glob ending in *)"
+            raise VectorFileError(f"{vector_file.path}: no entry name matches {source.pattern!r}{hint}")
+        if source.scale is not None:
+            taken = [entry.scaled(source.scale) for entry in taken]
         replaced = {set_name(entry.name) for entry in taken}
         for name in [name for name in chosen if set_name(name) in replaced]:
             del chosen[name]  # a replaced entry (or set) moves to its new file's place in the order
-        chosen.update((entry.name, (entry, vector_file)) for entry in taken)
+        chosen.update((entry.name, (entry, index)) for entry in taken)
     if not stack:
         _check_not_stacked(chosen)
-    sources = [
+    records = [
         {
             "path": vector_file.path,
             "sha256": vector_file.sha256,
-            "entries": [name for name, (_, source) in chosen.items() if source is vector_file],
+            "entries": [name for name, (_, taken_from) in chosen.items() if taken_from == index],
+            **({} if source.scale is None else {"scale": source.scale}),  # unscaled merges record what they always did
             "metadata": dict(vector_file.extra_metadata),
         }
-        for vector_file in files
+        for index, (vector_file, source) in enumerate(zip(files, selected))
     ]
     merged = save_vector_file(
         out,
@@ -88,19 +119,19 @@ def merge(sources: Sequence[str], out: str, stack: bool = False) -> tuple[Vector
         model=files[0].model,
         hidden_size=files[0].hidden_size,
         num_layers=files[0].num_layers,
-        extra_metadata={"merged_from": json.dumps(sources)},
+        extra_metadata={"merged_from": json.dumps(records)},
     )
-    return merged, {name: str(source.path) for name, (_, source) in chosen.items()}
+    return merged, {name: selected[index].label for name, (_, index) in chosen.items()}
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="+", help="vector files (.safetensors), each optionally FILE#GLOB to take only the entries whose names match; a later file's entry replaces an earlier one of the same name")
+    parser.add_argument("files", nargs="+", help="vector files (.safetensors) or packaged names, each optionally FILE#GLOB to take only the entries whose names match, and/or ending in *SCALE to take them at SCALE times their strength; a later file's entry replaces an earlier one of the same name")
     parser.add_argument("--out", required=True, help="merged vector file to write (atomically)")
     parser.add_argument("--stack", action="store_true", help="allow differently named entries routed to the same documents (they add up)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if Path(args.out).resolve() in {Path(split_source(source)[0]).resolve() for source in args.files}:
+    if Path(args.out).resolve() in {Path(split_source(source).path).resolve() for source in args.files}:
         raise VectorFileError(f"--out {args.out}: is one of the input files; write the merge to a new file")
     merged, taken_from = merge(args.files, args.out, args.stack)
     for name, source in taken_from.items():
