@@ -17,7 +17,18 @@ from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, save_vect
 from vector_builder import prompts
 from vector_builder.runner import GenerationSettings, Runner
 from vector_builder.search import generate
-from vector_builder.validate import CandidateError, Outcome, load_candidate, parse_candidate, questions_after_build, rows_for, validate
+from vector_builder.validate import (
+    CandidateError,
+    Outcome,
+    load_candidate,
+    parse_candidate,
+    questions_after_build,
+    report,
+    rows_for,
+    shipping_problems,
+    summary_table,
+    validate,
+)
 
 INSTRUCTION = "punctuation:no_comma"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,3 +151,42 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, argu
     error = capsys.readouterr().err.strip()
     assert code == 2 and message in error and "\n" not in error and "Traceback" not in error
     assert not (tmp_path / "o.json").exists()
+
+
+def counts(fluent_untold=0, fluent_told=0, new_looping=0, passes_told=0):
+    return {"passes_untold": 0, "passes_told": passes_told, "fluent_untold": fluent_untold, "fluent_told": fluent_told,
+            "looping": 0, "new_looping": new_looping, "cured_looping": 0}
+
+
+def test_the_shipping_rule_names_every_reason_a_candidate_does_not_replace_the_reference():
+    reference = counts(fluent_untold=10, fluent_told=11, new_looping=10, passes_told=14)
+    assert shipping_problems(counts(12, 10, 9, 14), reference) == []  # 22 fluent > 21, fewer new loops, as many told passes
+    assert shipping_problems(counts(11, 10, 9, 14), reference) == ["fluent passes 21 not above 21"]
+    assert shipping_problems(counts(12, 10, 11, 9), reference) == ["new looping 11 above 10", "told passes 9 below 14"]
+
+
+def test_against_judges_every_other_candidate_in_the_table_and_the_json():
+    unsteered = Outcome("unsteered", [False] * 4, [False, False, True, True], ["a"] * 4)
+    packaged = Outcome("packaged", [True, False, True, False], [False] * 4, ["b"] * 4)  # 2 fluent, 1 told pass
+    better = Outcome("better", [True, True, True, False], [False] * 4, ["c"] * 4)       # 3 fluent, 1 told pass
+    worse = Outcome("worse", [True, True, False, False], [True, False, False, False], ["d"] * 4)  # 1 fluent, 1 new loop, 0 told
+    outcomes = [unsteered, packaged, better, worse]
+    table = summary_table(outcomes, "packaged").splitlines()
+    assert table[0].endswith("| replaces packaged? |")
+    assert table[2].endswith("| — |") and table[3].endswith("| — |") and table[4].endswith("| yes |")
+    assert table[5].endswith("| no: fluent passes 1 not above 2; new looping 1 above 0; told passes 0 below 1 |")
+    saved = report(outcomes, {}, "packaged")["candidates"]
+    assert [c.get("replaces", {}).get("yes") for c in saved] == [None, None, True, False]
+    assert "replaces" not in report(outcomes, {})["candidates"][2] and "replaces" not in summary_table(outcomes)
+
+
+@pytest.mark.parametrize(("extra", "message"), [(["--against", "nope"], "--against 'nope': not a candidate label (a, b)"),
+                                                ([], "candidate labels must differ")])
+def test_a_twice_given_label_or_an_unknown_against_is_refused_before_the_model_loads(tmp_path, capsys, vector_path, extra, message):
+    from lm_eval_steer.cli import main
+
+    second = "b" if extra else "a"
+    code = main(["validate", "--model_args", f"pretrained={tmp_path / 'no-model'}", "--out", str(tmp_path / "o.json"),
+                 "--instruction", INSTRUCTION, f"a={vector_path}", f"{second}={vector_path}*0.5", *extra])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and message in error and "\n" not in error

@@ -9,9 +9,10 @@ candidate's entries routed to the instruction exactly as ``steered-hf`` routes t
 ``FILE*M`` scales their strengths as the ``scale=`` model argument does). Per candidate it reports
 passes (IFEval's loose checker), fluent passes (passes whose answer does not loop) and answers that
 loop where the unsteered answer to the same prompt does not (``new_looping``) or the reverse
-(``cured_looping``); the JSON keeps every answer.
+(``cured_looping``); the JSON keeps every answer. ``--against LABEL`` judges every other candidate
+against that one by :func:`shipping_problems`.
 
-    lm-eval-steer validate --model_args $M --instruction startend:quotation \\
+    lm-eval-steer validate --model_args $M --instruction startend:quotation --against packaged \\
       packaged=smollm2-135m-instruct "joint x0.75=build.safetensors*0.75" --out quotation.json
 """
 
@@ -170,22 +171,60 @@ def validate(
     return outcomes
 
 
-def summary_table(outcomes: Sequence[Outcome]) -> str:
-    """One Markdown row per outcome: passes, fluent passes (untold + told), looping answers."""
+def shipping_problems(candidate: Mapping[str, int], reference: Mapping[str, int]) -> list[str]:
+    """Why ``candidate`` should not replace ``reference`` (both :meth:`Outcome.counts`); empty when it should.
+
+    The rule: more fluent passes (untold + told), no more new looping answers, and no fewer told
+    passes (a vector that helps the untold model must not cost the told one).
+    """
+    problems = []
+    fluent, reference_fluent = candidate["fluent_untold"] + candidate["fluent_told"], reference["fluent_untold"] + reference["fluent_told"]
+    if fluent <= reference_fluent:
+        problems.append(f"fluent passes {fluent} not above {reference_fluent}")
+    if candidate["new_looping"] > reference["new_looping"]:
+        problems.append(f"new looping {candidate['new_looping']} above {reference['new_looping']}")
+    if candidate["passes_told"] < reference["passes_told"]:
+        problems.append(f"told passes {candidate['passes_told']} below {reference['passes_told']}")
+    return problems
+
+
+def verdicts(outcomes: Sequence[Outcome], against: str) -> dict[str, list[str]]:
+    """Per candidate other than ``against`` (and the unsteered answers): :func:`shipping_problems` against it."""
     unsteered = outcomes[0].loops
-    lines = ["| candidate | passes untold + told | fluent passes | looping answers | new looping | cured looping |", "|---|---|---|---|---|---|"]
+    counts = {outcome.label: outcome.counts(unsteered) for outcome in outcomes[1:]}
+    return {label: shipping_problems(c, counts[against]) for label, c in counts.items() if label != against}
+
+
+def summary_table(outcomes: Sequence[Outcome], against: str | None = None) -> str:
+    """One Markdown row per outcome: passes, fluent passes (untold + told), looping answers, and with
+    ``against`` whether each other candidate should replace that one (:func:`shipping_problems`)."""
+    unsteered = outcomes[0].loops
+    judged = verdicts(outcomes, against) if against else {}
+    header = "| candidate | passes untold + told | fluent passes | looping answers | new looping | cured looping |"
+    lines = [header + (f" replaces {against}? |" if against else ""), "|---|---|---|---|---|---|" + ("---|" if against else "")]
     for outcome in outcomes:
         c = outcome.counts(unsteered)
-        lines.append(
+        row = (
             f"| {outcome.label} | {c['passes_untold']} + {c['passes_told']} | {c['fluent_untold']} + {c['fluent_told']} | "
             f"{c['looping']} of {len(outcome.loops)} | {c['new_looping']} | {c['cured_looping']} |"
         )
+        if against:
+            problems = judged.get(outcome.label)
+            row += " — |" if problems is None else (" yes |" if not problems else f" no: {'; '.join(problems)} |")
+        lines.append(row)
     return "\n".join(lines)
 
 
-def report(outcomes: Sequence[Outcome], settings: Mapping[str, object]) -> dict[str, object]:
+def report(outcomes: Sequence[Outcome], settings: Mapping[str, object], against: str | None = None) -> dict[str, object]:
     unsteered = outcomes[0].loops
-    return {"settings": dict(settings), "candidates": [{**asdict(outcome), "counts": outcome.counts(unsteered)} for outcome in outcomes]}
+    judged = verdicts(outcomes, against) if against else {}
+    candidates = []
+    for outcome in outcomes:
+        entry: dict[str, object] = {**asdict(outcome), "counts": outcome.counts(unsteered)}
+        if outcome.label in judged:
+            entry["replaces"] = {"against": against, "yes": not judged[outcome.label], "problems": judged[outcome.label]}
+        candidates.append(entry)
+    return {"settings": dict(settings), "candidates": candidates}
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -200,6 +239,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", help="the build's --queries JSONL (default: the packaged questions)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length (default 256, the evaluation's)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--against",
+        metavar="LABEL",
+        help="a candidate (e.g. the packaged file) to judge the others against: a candidate should replace it with more fluent passes, "
+        "no more new looping answers and no fewer told passes",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -212,6 +257,11 @@ def run(args: argparse.Namespace) -> int:
         target = target_for(args.instruction)  # fails before the model loads
         questions = questions_after_build(prompts.load_queries(args.queries), args.n_train, args.n_val, args.questions, args.seed)
         candidates = [load_candidate(text, args.instruction) for text in args.candidates]  # bad files fail before the model loads
+        labels = [candidate.label for candidate in candidates]
+        if len(set(labels)) < len(labels):
+            raise CandidateError(f"candidate labels must differ: {sorted({label for label in labels if labels.count(label) > 1})} given twice")
+        if args.against is not None and args.against not in labels:
+            raise CandidateError(f"--against {args.against!r}: not a candidate label ({', '.join(labels)})")
         model, tokenizer, name = load_model(args.model_args)
         shape = ModelShape.of_model(model, name)
         for candidate in candidates:
@@ -219,9 +269,9 @@ def run(args: argparse.Namespace) -> int:
         runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens))
         outcomes = validate(runner, target, candidates, questions, args.seed)
         settings = {key: value for key, value in vars(args).items() if key != "out"}
-        write_json(args.out, report(outcomes, settings))
+        write_json(args.out, report(outcomes, settings, args.against))
     except (UserError, ValueError, OSError) as error:
         return fail("validate", error)
-    print(summary_table(outcomes))
+    print(summary_table(outcomes, args.against))
     print(f"answers: {args.out}")
     return 0
