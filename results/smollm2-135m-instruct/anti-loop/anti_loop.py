@@ -12,6 +12,7 @@
 
     OMP_NUM_THREADS=1 python anti_loop.py "$M" OUT_DIR 6,12,18,24
     OMP_NUM_THREADS=1 python anti_loop.py "$M" OUT_DIR 12,18 add 0.5,1   # then: x <- x - m·d, answer tokens only
+    OMP_NUM_THREADS=1 python anti_loop.py "$M" OUT_DIR 10,14,18 noclamp  # directions and unsteered answers only
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def main() -> None:
     train_q, test_q = tasks[:64], tasks[64:96]
     train_ids = [prompts.chat_ids(tokenizer, q) for q in train_q]
     test_ids = [prompts.chat_ids(tokenizer, q) for q in test_q]
-    if len(sys.argv) > 4:  # "add 0.5,1": the subtraction variants of already saved directions
+    if sys.argv[4:5] == ["add"]:  # "add 0.5,1": the subtraction variants of already saved directions
         variants(runner, model, test_ids, out_dir, layers, [float(x) for x in sys.argv[5].split(",")])
         return
 
@@ -143,7 +144,8 @@ def main() -> None:
                          num_layers=model.config.num_hidden_layers, extra_metadata={"provenance": "anti_loop.py: repeating minus fluent tokens, writing tasks 0-63"})
     print(json.dumps(summary, indent=1), flush=True)
 
-    summary["held_out"] = held_out(runner, model, test_ids, [("unsteered", None)] + [(f"L{layer}", entries[layer]) for layer in layers])
+    clamps = [] if sys.argv[4:] == ["noclamp"] else [(f"L{layer}", entries[layer]) for layer in layers]
+    summary["held_out"] = held_out(runner, model, test_ids, [("unsteered", None), *clamps])
     summary["train_texts"] = [runner.decode(a) for a in answers]
     (out_dir / "anti-loop.json").write_text(json.dumps(summary, indent=1))
 
