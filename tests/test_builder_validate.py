@@ -24,6 +24,8 @@ from vector_builder.validate import (
     parse_candidate,
     questions_after_build,
     report,
+    checks_for,
+    paired_instruction,
     rows_for,
     shipping_problems,
     summary_table,
@@ -92,9 +94,11 @@ def test_candidates_are_routed_and_scaled_as_steered_hf_does_and_answer_like_gen
     questions = ["What is a cat?", "Name a colour."]
     _, targets = prompts.plan([INSTRUCTION])
     items = prompts.validation_prompts(targets[0], questions, 0, also_with_instruction=True)
-    rows = rows_for(strong, items, INSTRUCTION)
+    checks = checks_for(targets[0], questions, 0)
+    assert [(c.text, c.instructions, c.checker_prompt) for c in checks] == [(i.text, ((INSTRUCTION, i.kwargs),), i.checker_prompt) for i in items]
+    rows = rows_for(strong, checks)
     assert [[(e.name, e.layer, e.strength) for e in row] for row in rows] == [[(INSTRUCTION, 1, 32.0)]] * 4  # only its own entry, × 8
-    assert rows_for(None, items, INSTRUCTION) == [()] * 4
+    assert rows_for(None, checks) == [()] * 4
 
     runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=3, seed=0, max_new_tokens=6))
     scorer = lambda instruction_id, kwargs, prompt, response: "," not in response  # noqa: E731
@@ -188,5 +192,42 @@ def test_a_twice_given_label_or_an_unknown_against_is_refused_before_the_model_l
     second = "b" if extra else "a"
     code = main(["validate", "--model_args", f"pretrained={tmp_path / 'no-model'}", "--out", str(tmp_path / "o.json"),
                  "--instruction", INSTRUCTION, f"a={vector_path}", f"{second}={vector_path}*0.5", *extra])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and message in error and "\n" not in error
+
+
+def test_paired_prompts_ask_a_second_instruction_and_pass_only_when_both_hold(tiny, vector_path):
+    model, tokenizer = tiny
+    questions = ["What is a cat?", "Name a colour."]
+    _, (target,) = prompts.plan([INSTRUCTION])
+    single = checks_for(target, questions, 0)
+    paired = checks_for(target, questions, 0, paired_with="startend:quotation")
+    sentences = [two.text[len(one.text) + 1 :] for one, two in zip(single, paired)]
+    assert sentences[:2] == sentences[2:] and all("quot" in sentence for sentence in sentences)  # drawn once per question
+    for one, two, sentence in zip(single, paired, sentences):
+        assert two.text == f"{one.text} {sentence}" and two.checker_prompt == f"{one.checker_prompt} {sentence}"  # untold and told
+        assert [i for i, _ in two.instructions] == [INSTRUCTION, "startend:quotation"] and two.instructions[0] == one.instructions[0]
+    both = load_candidate(f"both={vector_path}", INSTRUCTION)
+    assert [sorted(e.name for e in row) for row in rows_for(both, paired)] == [[INSTRUCTION, "startend:quotation"]] * 4  # its quotation entry applies too
+
+    runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=4, seed=0, max_new_tokens=4))
+    seen = []
+
+    def scorer(instruction_id, kwargs, prompt, response):
+        seen.append(instruction_id)
+        return instruction_id == INSTRUCTION  # the target always holds, the paired one never
+    outcomes = validate(runner, target, [both], questions, 0, scorer=scorer, paired_with="startend:quotation")
+    assert all(not any(o.follows) for o in outcomes) and seen.count("startend:quotation") == 8
+
+
+@pytest.mark.parametrize(("paired", "message"), [("no:such_id", "--paired-with 'no:such_id': not an IFEval instruction id"),
+                                                 (INSTRUCTION, f"--paired-with {INSTRUCTION}: conflicts with --instruction {INSTRUCTION}"),
+                                                 ("change_case:english_capital", "conflicts with --instruction change_case:english_lowercase")])
+def test_a_paired_instruction_that_cannot_be_asked_is_refused_before_the_model_loads(tmp_path, capsys, vector_path, paired, message):
+    from lm_eval_steer.cli import main
+
+    instruction = "change_case:english_lowercase" if paired.startswith("change_case") else INSTRUCTION
+    code = main(["validate", "--model_args", f"pretrained={tmp_path / 'no-model'}", "--out", str(tmp_path / "o.json"),
+                 "--instruction", instruction, "--paired-with", paired, f"a={vector_path}"])
     error = capsys.readouterr().err.strip()
     assert code == 2 and message in error and "\n" not in error

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -112,13 +113,59 @@ def questions_after_build(queries: Sequence[str], n_train: int, n_val: int, coun
     return validation[n_val:]
 
 
-def rows_for(candidate: Candidate | None, items: Sequence[prompts.Prompt], instruction_id: str) -> list[tuple[SteeringEntry, ...]]:
-    """Per prompt, the entries ``steered-hf`` would apply to an IFEval document with this one
-    instruction and the prompt's kwargs (none for the unsteered answers)."""
+@dataclass(frozen=True)
+class Check:
+    """One validation prompt: the text the model is shown, the instructions its answer must follow
+    (id and kwargs, as an IFEval document lists them) and the full prompt their checkers read."""
+
+    text: str
+    instructions: tuple[tuple[str, Mapping[str, Any]], ...]
+    checker_prompt: str
+
+    @classmethod
+    def of(cls, instruction_id: str, item: prompts.Prompt) -> Check:
+        return cls(item.text, ((instruction_id, item.kwargs),), item.checker_prompt)
+
+
+def checks_for(target: prompts.Target, questions: Sequence[str], seed: int, paired_with: str | None = None) -> list[Check]:
+    """The build's validation prompts for ``questions``, untold then told; with ``paired_with``, each
+    also asks that second instruction (its sentence appended after the target's, shown untold too,
+    drawn once per question) and passes only when both hold, as a two-instruction IFEval prompt does."""
+    items = prompts.validation_prompts(target, questions, seed, also_with_instruction=True)
+    if paired_with is None:
+        return [Check.of(target.instruction_id, item) for item in items]
+    checks = []
+    for index, item in enumerate(items):
+        text, kwargs = prompts.describe(paired_with, {}, f"{seed}:val:paired:{paired_with}:{index % len(questions)}")
+        checks.append(
+            Check(
+                prompts.with_instruction(item.text, text),
+                ((target.instruction_id, item.kwargs), (paired_with, kwargs)),
+                prompts.with_instruction(item.checker_prompt, text),
+            )
+        )
+    return checks
+
+
+def paired_instruction(target: prompts.Target, paired_with: str) -> str:
+    """``--paired-with``, checked: an IFEval id other than the target's that IFEval does not list as
+    conflicting with it (a lowercase answer cannot also be in capitals)."""
+    if paired_with not in prompts.instruction_registry():
+        raise CandidateError(f"--paired-with {paired_with!r}: not an IFEval instruction id")
+    from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_CONFLICTS  # after the registry's offline setup
+
+    if paired_with in INSTRUCTION_CONFLICTS.get(target.instruction_id, set()) | {target.instruction_id}:
+        raise CandidateError(f"--paired-with {paired_with}: conflicts with --instruction {target.instruction_id} (IFEval never asks both)")
+    return paired_with
+
+
+def rows_for(candidate: Candidate | None, checks: Sequence[Check]) -> list[tuple[SteeringEntry, ...]]:
+    """Per prompt, the entries ``steered-hf`` would apply to an IFEval document with the prompt's
+    instructions and kwargs (none for the unsteered answers)."""
     if candidate is None:
-        return [() for _ in items]
+        return [() for _ in checks]
     overrides = Overrides(scale=candidate.scale)
-    documents = [{"instruction_id_list": [instruction_id], "kwargs": [dict(item.kwargs)]} for item in items]
+    documents = [{"instruction_id_list": [i for i, _ in check.instructions], "kwargs": [dict(k) for _, k in check.instructions]} for check in checks]
     return [entries_for_document(document, [candidate.vectors], "auto", overrides) for document in documents]
 
 
@@ -152,21 +199,22 @@ def validate(
     questions: Sequence[str],
     seed: int,
     scorer: Scorer = loose_follows,
+    paired_with: str | None = None,
 ) -> list[Outcome]:
     """The unsteered answers (label ``unsteered``), then each candidate's, to ``questions`` without and
-    then with the instruction (the build's validation prompts and kwargs for these questions)."""
-    instruction_id = target.instruction_id
-    items = prompts.validation_prompts(target, questions, seed, also_with_instruction=True)
-    ids = [prompts.chat_ids(runner.tokenizer, item.text) for item in items]
+    then with the instruction (the build's validation prompts and kwargs for these questions; with
+    ``paired_with``, :func:`checks_for`'s two-instruction prompts)."""
+    checks = checks_for(target, questions, seed, paired_with)
+    ids = [prompts.chat_ids(runner.tokenizer, check.text) for check in checks]
     outcomes = []
     runs = [("unsteered", None), *((c.label, c) for c in candidates)]
     # Each run takes minutes on a CPU; the bar counts answers over all of them.
     with tqdm(total=len(runs) * len(ids), desc="validate", unit="answer") as bar:
         for label, candidate in runs:
             bar.set_postfix_str(label)
-            answers = answer(runner, ids, rows_for(candidate, items, instruction_id), bar)
+            answers = answer(runner, ids, rows_for(candidate, checks), bar)
             texts = [runner.decode(tokens) for tokens in answers]
-            follows = [bool(scorer(instruction_id, item.kwargs, item.checker_prompt, text)) for item, text in zip(items, texts)]
+            follows = [all(scorer(i, kwargs, check.checker_prompt, text) for i, kwargs in check.instructions) for check, text in zip(checks, texts)]
             outcomes.append(Outcome(label, follows, [is_degenerate(tokens) for tokens in answers], texts))
     return outcomes
 
@@ -240,6 +288,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length (default 256, the evaluation's)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
+        "--paired-with",
+        metavar="INSTRUCTION_ID",
+        help="also ask this second IFEval instruction in every prompt (shown untold too) and count a pass only when both hold, "
+        "as in IFEval's two-instruction prompts; entries the candidates route to it apply as well",
+    )
+    parser.add_argument(
         "--against",
         metavar="LABEL",
         help="a candidate (e.g. the packaged file) to judge the others against: a candidate should replace it with more fluent passes, "
@@ -255,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
         if args.questions < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
             raise CandidateError("--questions, --max-new-tokens and --batch-size must be at least 1")
         target = target_for(args.instruction)  # fails before the model loads
+        paired_with = None if args.paired_with is None else paired_instruction(target, args.paired_with)
         questions = questions_after_build(prompts.load_queries(args.queries), args.n_train, args.n_val, args.questions, args.seed)
         candidates = [load_candidate(text, args.instruction) for text in args.candidates]  # bad files fail before the model loads
         labels = [candidate.label for candidate in candidates]
@@ -267,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
         for candidate in candidates:
             check_compatible(candidate.vectors, shape)
         runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens))
-        outcomes = validate(runner, target, candidates, questions, args.seed)
+        outcomes = validate(runner, target, candidates, questions, args.seed, paired_with=paired_with)
         settings = {key: value for key, value in vars(args).items() if key != "out"}
         write_json(args.out, report(outcomes, settings, args.against))
     except (UserError, ValueError, OSError) as error:
