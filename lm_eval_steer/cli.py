@@ -3,6 +3,7 @@
     lm-eval-steer --model steered-hf --model_args ... --tasks ...   # same as lm_eval
     lm-eval-steer run --model steered-hf ...                         # lm_eval's own subcommands too
     lm-eval-steer build   ...   # vector_builder: build vectors, choose layers and strengths
+    lm-eval-steer anti-looping ... # an entry against looping, from the model's own answers
     lm-eval-steer validate ...  # vector files side by side on validation questions a build did not use
     lm-eval-steer compare ...   # leaderboard from results files
     lm-eval-steer check   ...   # CI regression gate (exit 0 ok, 1 regression, 2 not comparable)
@@ -30,6 +31,7 @@ from lm_eval_steer.core.errors import UserError
 
 SUBCOMMANDS = {
     "build": ("vector_builder.cli", "build steering vectors and choose their layers on validation data"),
+    "anti-looping": ("vector_builder.antiloop", "build an entry against looping from the model's own answers; choose its layer and strength on held-out requests"),
     "validate": ("vector_builder.validate", "compare vector files' entries for one instruction on validation questions a build did not use"),
     "compare": ("lm_eval_steer.analysis.compare", "leaderboard (Markdown, CSV, PNG) from lm-eval results"),
     "check": ("lm_eval_steer.analysis.check", "fail when instruction following regressed against a baseline"),

@@ -31,7 +31,7 @@ def smol_tokenizer():
     return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOL_GGUF)
 
 
-def build_tiny_llama(vocab_size: int, num_layers: int = 4, seed: int = 0):
+def build_tiny_llama(vocab_size: int, num_layers: int = 4, seed: int = 0, weight_std: float = 0.15):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -50,11 +50,11 @@ def build_tiny_llama(vocab_size: int, num_layers: int = 4, seed: int = 0):
     )
     model = LlamaForCausalLM(config)
     # Larger random weights than the default init make greedy outputs depend visibly on the input
-    # (and so on steering) instead of collapsing onto one token.
+    # (and so on steering) instead of collapsing onto one token; at 0.1 about half the answers loop.
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() > 1:
-                parameter.normal_(0.0, 0.15)
+                parameter.normal_(0.0, weight_std)
     return model.eval()
 
 

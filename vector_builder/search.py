@@ -362,6 +362,18 @@ def generate(runner: Runner, prompts: Sequence[Sequence[int]], rows: Sequence[Se
         return runner.continuations(prompts, runner.settings.max_new_tokens, do_sample=False)
 
 
+def generate_in_batches(runner: Runner, prompts: Sequence[Sequence[int]], rows: Sequence[Sequence[SteeringEntry]], bar: tqdm | None = None) -> list[list[int]]:
+    """:func:`generate`, ``runner.settings.batch_size`` prompts per call; ``bar`` (if given) advances
+    by each call's prompts."""
+    size = runner.settings.batch_size
+    answers: list[list[int]] = []
+    for start in range(0, len(prompts), size):
+        answers.extend(generate(runner, prompts[start : start + size], rows[start : start + size]))
+        if bar is not None:
+            bar.update(len(prompts[start : start + size]))
+    return answers
+
+
 #: Instructions whose answer may rightly be a few words, so the length guard does not apply: IFEval's
 #: constrained-response prompts ask for one of three phrases ("You should just say …").
 SHORT_ANSWER_INSTRUCTIONS = frozenset({"detectable_format:constrained_response"})

@@ -36,7 +36,7 @@ from lm_eval_steer.runtime.vectorfile import ScaleError, SteeringEntry, VectorFi
 from vector_builder import prompts
 from vector_builder.runner import GenerationSettings, Runner
 from vector_builder.scoring import Scorer, loose_follows
-from vector_builder.search import generate, looping_changes
+from vector_builder.search import generate_in_batches, looping_changes
 
 
 class CandidateError(UserError, ValueError):
@@ -169,18 +169,6 @@ def rows_for(candidate: Candidate | None, checks: Sequence[Check]) -> list[tuple
     return [entries_for_document(document, [candidate.vectors], "auto", overrides) for document in documents]
 
 
-def answer(runner: Runner, ids: Sequence[Sequence[int]], rows: Sequence[tuple[SteeringEntry, ...]], bar: tqdm | None = None) -> list[list[int]]:
-    """Greedy answers, ``runner.settings.batch_size`` prompts per ``generate`` call; ``bar`` (if
-    given) advances by each call's prompts."""
-    size = runner.settings.batch_size
-    answers: list[list[int]] = []
-    for start in range(0, len(ids), size):
-        answers.extend(generate(runner, ids[start : start + size], rows[start : start + size]))
-        if bar is not None:
-            bar.update(len(ids[start : start + size]))
-    return answers
-
-
 def target_for(instruction_id: str) -> prompts.Target:
     """The build's one target for ``instruction_id``, whose validation prompts are answered; refused
     for an unknown id and for instructions a build gives an entry per word (keywords)."""
@@ -212,7 +200,7 @@ def validate(
     with tqdm(total=len(runs) * len(ids), desc="validate", unit="answer") as bar:
         for label, candidate in runs:
             bar.set_postfix_str(label)
-            answers = answer(runner, ids, rows_for(candidate, checks), bar)
+            answers = generate_in_batches(runner, ids, rows_for(candidate, checks), bar)
             texts = [runner.decode(tokens) for tokens in answers]
             follows = [all(scorer(i, kwargs, check.checker_prompt, text) for i, kwargs in check.instructions) for check, text in zip(checks, texts)]
             outcomes.append(Outcome(label, follows, [is_degenerate(tokens) for tokens in answers], texts))

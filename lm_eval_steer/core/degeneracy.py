@@ -22,3 +22,19 @@ def is_degenerate(token_ids: Sequence[int], max_repetition: float = 0.5) -> bool
     """At least ``MIN_DEGENERATE_TOKENS`` long and ``repetition > max_repetition`` (by default: more
     than half of its token 4-grams are repeats)."""
     return len(token_ids) >= MIN_DEGENERATE_TOKENS and repetition(token_ids) > max_repetition
+
+
+def repeated_ngram_ends(token_ids: Sequence[int], n: int = NGRAM) -> list[bool]:
+    """Per token: whether the n-gram ending at it already ended at an earlier token of the sequence.
+
+    The tokens of a loop after its first pass are exactly these; the first ``n − 1`` tokens (no full
+    n-gram yet) are never repeats. ``repetition`` counts the same repeats over the whole sequence.
+    """
+    seen: set[tuple[int, ...]] = set()
+    flags = []
+    for end in range(len(token_ids)):
+        gram = tuple(token_ids[end - n + 1 : end + 1]) if end >= n - 1 else None
+        flags.append(gram is not None and gram in seen)
+        if gram is not None:
+            seen.add(gram)
+    return flags
