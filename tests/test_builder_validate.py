@@ -29,6 +29,7 @@ from vector_builder.validate import (
     rows_for,
     shipping_problems,
     summary_table,
+    targets_for,
     validate,
 )
 
@@ -94,7 +95,7 @@ def test_candidates_are_routed_and_scaled_as_steered_hf_does_and_answer_like_gen
     questions = ["What is a cat?", "Name a colour."]
     _, targets = prompts.plan([INSTRUCTION])
     items = prompts.validation_prompts(targets[0], questions, 0, also_with_instruction=True)
-    checks = checks_for(targets[0], questions, 0)
+    checks = checks_for(targets[:1], questions, 0)
     assert [(c.text, c.instructions, c.checker_prompt) for c in checks] == [(i.text, ((INSTRUCTION, i.kwargs),), i.checker_prompt) for i in items]
     rows = rows_for(strong, checks)
     assert [[(e.name, e.layer, e.strength) for e in row] for row in rows] == [[(INSTRUCTION, 1, 32.0)]] * 4  # only its own entry, × 8
@@ -102,7 +103,7 @@ def test_candidates_are_routed_and_scaled_as_steered_hf_does_and_answer_like_gen
 
     runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=3, seed=0, max_new_tokens=6))
     scorer = lambda instruction_id, kwargs, prompt, response: "," not in response  # noqa: E731
-    outcomes = validate(runner, targets[0], [strong], questions, 0, scorer=scorer)
+    outcomes = validate(runner, targets[:1], [strong], questions, 0, scorer=scorer)
     assert [o.label for o in outcomes] == ["unsteered", "strong"] and all(len(o.texts) == 4 for o in outcomes)
     ids = [prompts.chat_ids(tokenizer, item.text) for item in items]
     # batches of 3 here against one call of 4 there: same answers (left padding is masked)
@@ -142,7 +143,7 @@ def test_the_command_writes_every_answer_and_prints_the_table(tiny_model_dir, tm
     "arguments, message",
     [
         (["--instruction", "no:such_id", "a=x.safetensors"], "--instruction 'no:such_id': not an IFEval instruction id"),
-        (["--instruction", "keywords:existence", "a=x.safetensors"], "keywords:existence needs keywords"),
+        (["--instruction", "keywords:existence", "a=x.safetensors"], "--instruction keywords:existence: give the words to ask for with --keywords"),
         (["--instruction", INSTRUCTION, "a=x.safetensors*0"], "finite number above 0"),
         (["--instruction", INSTRUCTION, "--questions", "0", "a=x.safetensors"], "--questions, --max-new-tokens and --batch-size must be at least 1"),
         (["--instruction", INSTRUCTION, "a=no-such-name"], "no packaged vector file of that name"),
@@ -200,8 +201,8 @@ def test_paired_prompts_ask_a_second_instruction_and_pass_only_when_both_hold(ti
     model, tokenizer = tiny
     questions = ["What is a cat?", "Name a colour."]
     _, (target,) = prompts.plan([INSTRUCTION])
-    single = checks_for(target, questions, 0)
-    paired = checks_for(target, questions, 0, paired_with="startend:quotation")
+    single = checks_for([target], questions, 0)
+    paired = checks_for([target], questions, 0, paired_with="startend:quotation")
     sentences = [two.text[len(one.text) + 1 :] for one, two in zip(single, paired)]
     assert sentences[:2] == sentences[2:] and all("quot" in sentence for sentence in sentences)  # drawn once per question
     for one, two, sentence in zip(single, paired, sentences):
@@ -216,7 +217,7 @@ def test_paired_prompts_ask_a_second_instruction_and_pass_only_when_both_hold(ti
     def scorer(instruction_id, kwargs, prompt, response):
         seen.append(instruction_id)
         return instruction_id == INSTRUCTION  # the target always holds, the paired one never
-    outcomes = validate(runner, target, [both], questions, 0, scorer=scorer, paired_with="startend:quotation")
+    outcomes = validate(runner, [target], [both], questions, 0, scorer=scorer, paired_with="startend:quotation")
     assert all(not any(o.follows) for o in outcomes) and seen.count("startend:quotation") == 8
 
 
@@ -231,3 +232,32 @@ def test_a_paired_instruction_that_cannot_be_asked_is_refused_before_the_model_l
                  "--instruction", instruction, "--paired-with", paired, f"a={vector_path}"])
     error = capsys.readouterr().err.strip()
     assert code == 2 and message in error and "\n" not in error
+
+
+def test_keyword_questions_take_the_words_in_turn_and_route_each_words_entry(tmp_path):
+    questions = ["What is a cat?", "Name a colour.", "Why is the sky blue?"]
+    targets = targets_for("keywords:existence", ["river", "moon"])
+    checks = checks_for(targets, questions, 0)
+    words = [dict(check.instructions[0][1])["keywords"] for check in checks]
+    assert words == [["river"], ["moon"], ["river"]] * 2  # untold, then told: the same word per question
+    assert [c.text for c in checks[:3]] == questions and all("river" in c.checker_prompt or "moon" in c.checker_prompt for c in checks)
+    # the build words question i for a word as it would in that word's own validation
+    assert checks[4].text == prompts.validation_prompts(targets[1], questions, 0, also_with_instruction=True)[4].text
+    entries = [
+        SteeringEntry(f"keywords:existence:{word}", torch.ones(64), 1, "add", 1.0, applies_to=AppliesTo("keywords:existence", {"keywords": [word]}))
+        for word in ("river", "sun")
+    ]
+    path = tmp_path / "k.safetensors"
+    save_vector_file(path, entries, model="tiny", hidden_size=64, num_layers=4)
+    rows = rows_for(load_candidate(f"k={path}", "keywords:existence"), checks)
+    assert [[e.name for e in row] for row in rows] == [["keywords:existence:river"], [], ["keywords:existence:river"]] * 2  # no entry for "moon"
+
+
+def test_keywords_are_refused_for_an_instruction_without_words(tmp_path, capsys, vector_path):
+    from lm_eval_steer.cli import main
+
+    code = main(["validate", "--model_args", f"pretrained={tmp_path / 'no-model'}", "--out", str(tmp_path / "o.json"),
+                 "--instruction", INSTRUCTION, "--keywords", "river", f"a={vector_path}"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in error
+    assert f"--keywords: only for the keyword instructions (keywords:existence, keywords:forbidden_words), not {INSTRUCTION}" in error

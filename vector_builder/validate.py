@@ -10,7 +10,8 @@ candidate's entries routed to the instruction exactly as ``steered-hf`` routes t
 passes (IFEval's loose checker), fluent passes (passes whose answer does not loop) and answers that
 loop where the unsteered answer to the same prompt does not (``new_looping``) or the reverse
 (``cured_looping``); the JSON keeps every answer. ``--against LABEL`` judges every other candidate
-against that one by :func:`shipping_problems`.
+against that one by :func:`shipping_problems`. For a keyword instruction, ``--keywords`` gives the
+words, which the questions take in turn, each answer scored for its word and steered by that word's entry.
 
     lm-eval-steer validate --model_args $M --instruction startend:quotation --against packaged \\
       packaged=smollm2-135m-instruct "joint x0.75=build.safetensors*0.75" --out quotation.json
@@ -127,20 +128,25 @@ class Check:
         return cls(item.text, ((instruction_id, item.kwargs),), item.checker_prompt)
 
 
-def checks_for(target: prompts.Target, questions: Sequence[str], seed: int, paired_with: str | None = None) -> list[Check]:
-    """The build's validation prompts for ``questions``, untold then told; with ``paired_with``, each
-    also asks that second instruction (its sentence appended after the target's, shown untold too,
-    drawn once per question) and passes only when both hold, as a two-instruction IFEval prompt does."""
-    items = prompts.validation_prompts(target, questions, seed, also_with_instruction=True)
+def checks_for(targets: Sequence[prompts.Target], questions: Sequence[str], seed: int, paired_with: str | None = None) -> list[Check]:
+    """The build's validation prompts for ``questions``, untold then told. Question ``i`` is asked for
+    ``targets[i % len(targets)]`` (a keyword instruction has one target per word, so the words take
+    turns), worded as the build words it for that target. With ``paired_with``, each prompt also asks
+    that second instruction (its sentence appended after the target's, shown untold too, drawn once
+    per question) and passes only when both hold, as a two-instruction IFEval prompt does."""
+    per_target = [prompts.validation_prompts(target, questions, seed, also_with_instruction=True) for target in targets]
+    count = len(questions)
+    items = [per_target[i % len(targets)][i] for i in range(count)] + [per_target[i % len(targets)][count + i] for i in range(count)]
+    instruction_id = targets[0].instruction_id
     if paired_with is None:
-        return [Check.of(target.instruction_id, item) for item in items]
+        return [Check.of(instruction_id, item) for item in items]
     checks = []
     for index, item in enumerate(items):
         text, kwargs = prompts.describe(paired_with, {}, f"{seed}:val:paired:{paired_with}:{index % len(questions)}")
         checks.append(
             Check(
                 prompts.with_instruction(item.text, text),
-                ((target.instruction_id, item.kwargs), (paired_with, kwargs)),
+                ((instruction_id, item.kwargs), (paired_with, kwargs)),
                 prompts.with_instruction(item.checker_prompt, text),
             )
         )
@@ -169,20 +175,22 @@ def rows_for(candidate: Candidate | None, checks: Sequence[Check]) -> list[tuple
     return [entries_for_document(document, [candidate.vectors], "auto", overrides) for document in documents]
 
 
-def target_for(instruction_id: str) -> prompts.Target:
-    """The build's one target for ``instruction_id``, whose validation prompts are answered; refused
-    for an unknown id and for instructions a build gives an entry per word (keywords)."""
+def targets_for(instruction_id: str, keywords: Sequence[str] = ()) -> list[prompts.Target]:
+    """The build's targets for ``instruction_id``, whose validation prompts are answered: one, or for a
+    keyword instruction one per word of ``keywords`` (required there, refused elsewhere)."""
     if instruction_id not in prompts.instruction_registry():
         raise CandidateError(f"--instruction {instruction_id!r}: not an IFEval instruction id")
-    _, targets = prompts.plan([instruction_id])
-    if len(targets) != 1:
-        raise CandidateError(f"--instruction {instruction_id}: only instructions a build gives one entry can be validated here")
-    return targets[0]
+    if instruction_id not in prompts.KEYWORD_IDS and keywords:
+        raise CandidateError(f"--keywords: only for the keyword instructions ({', '.join(sorted(prompts.KEYWORD_IDS))}), not {instruction_id}")
+    if instruction_id in prompts.KEYWORD_IDS and not keywords:
+        raise CandidateError(f"--instruction {instruction_id}: give the words to ask for with --keywords word1,word2 or a file with one word per line")
+    _, targets = prompts.plan([instruction_id], keywords)
+    return targets
 
 
 def validate(
     runner: Runner,
-    target: prompts.Target,
+    targets: Sequence[prompts.Target],
     candidates: Sequence[Candidate],
     questions: Sequence[str],
     seed: int,
@@ -192,7 +200,7 @@ def validate(
     """The unsteered answers (label ``unsteered``), then each candidate's, to ``questions`` without and
     then with the instruction (the build's validation prompts and kwargs for these questions; with
     ``paired_with``, :func:`checks_for`'s two-instruction prompts)."""
-    checks = checks_for(target, questions, seed, paired_with)
+    checks = checks_for(targets, questions, seed, paired_with)
     ids = [prompts.chat_ids(runner.tokenizer, check.text) for check in checks]
     outcomes = []
     runs = [("unsteered", None), *((c.label, c) for c in candidates)]
@@ -267,6 +275,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("candidates", nargs="+", metavar="LABEL=FILE[*SCALE]", help="vector files (or packaged names) to compare; *SCALE multiplies their strengths")
     parser.add_argument("--model_args", required=True, help="the model, as for lm_eval --model hf (pretrained=...,gguf_file=...,dtype=...)")
     parser.add_argument("--instruction", required=True, help="the IFEval instruction id whose entries are compared, e.g. startend:quotation")
+    parser.add_argument("--keywords", metavar="WORDS",
+                        help="keyword instructions: the words to ask for, word1,word2 or a file with one word per line; the questions take them in turn")
     parser.add_argument("--out", required=True, help="JSON file with every answer and the counts (written atomically)")
     parser.add_argument("--questions", type=int, default=24, help="questions to answer, each without and with the instruction (default 24)")
     parser.add_argument("--n-train", type=int, default=32, help="the build's --n-train, which fixes its split (default 32)")
@@ -296,8 +306,8 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.out)
         if args.questions < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
             raise CandidateError("--questions, --max-new-tokens and --batch-size must be at least 1")
-        target = target_for(args.instruction)  # fails before the model loads
-        paired_with = None if args.paired_with is None else paired_instruction(target, args.paired_with)
+        targets = targets_for(args.instruction, prompts.parse_keywords(args.keywords))  # fails before the model loads
+        paired_with = None if args.paired_with is None else paired_instruction(targets[0], args.paired_with)
         questions = questions_after_build(prompts.load_queries(args.queries), args.n_train, args.n_val, args.questions, args.seed)
         candidates = [load_candidate(text, args.instruction) for text in args.candidates]  # bad files fail before the model loads
         labels = [candidate.label for candidate in candidates]
@@ -310,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
         for candidate in candidates:
             check_compatible(candidate.vectors, shape)
         runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens))
-        outcomes = validate(runner, target, candidates, questions, args.seed, paired_with=paired_with)
+        outcomes = validate(runner, targets, candidates, questions, args.seed, paired_with=paired_with)
         settings = {key: value for key, value in vars(args).items() if key != "out"}
         write_json(args.out, report(outcomes, settings, args.against))
     except (UserError, ValueError, OSError) as error:
