@@ -228,17 +228,19 @@ def summary_table(unsteered: HeldOut, candidates: Sequence[HeldOut], chosen: Hel
     return "\n".join(lines)
 
 
-def write_plot(path: Path, unsteered: HeldOut, candidates: Sequence[HeldOut], bound: float) -> None:
-    """Two panels: looping answers and perplexity per candidate, the unsteered values as lines."""
+def write_plot(path: Path, unsteered: HeldOut, candidates: Sequence[HeldOut], chosen: HeldOut | None, bound: float) -> None:
+    """Two panels: looping answers and perplexity per candidate (the chosen one in orange), the
+    unsteered values and the perplexity bound as lines."""
     from matplotlib.figure import Figure
 
     labels = [c.label for c in candidates]
     figure = Figure(figsize=(max(5.0, 1.2 * len(labels) + 2), 3.5), layout="constrained")
     loops, ppl = figure.subplots(1, 2)
-    loops.bar(labels, [c.looping_answers for c in candidates])
+    colours = ["tab:orange" if c is chosen else "tab:blue" for c in candidates]
+    loops.bar(labels, [c.looping_answers for c in candidates], color=colours)
     loops.axhline(unsteered.looping_answers, color="black", linestyle="--", label="unsteered")
     loops.set_title(f"looping answers of {len(unsteered.looping)}")
-    ppl.bar(labels, [c.perplexity or 0.0 for c in candidates])
+    ppl.bar(labels, [c.perplexity or 0.0 for c in candidates], color=colours)
     if unsteered.perplexity is not None:
         ppl.axhline(unsteered.perplexity, color="black", linestyle="--", label="unsteered")
         ppl.axhline(unsteered.perplexity + bound, color="red", linestyle=":", label="bound")
@@ -333,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
             "chosen": None if chosen is None else chosen.label,
         }
         write_json(Path(args.report) / REPORT_NAME, report)
-        write_plot(Path(args.report) / PLOT_NAME, unsteered, candidates, settings.max_perplexity_rise)
+        write_plot(Path(args.report) / PLOT_NAME, unsteered, candidates, chosen, settings.max_perplexity_rise)
         if chosen is not None:
             direction = next(d for d in found if d.layer == chosen.layer)
             record = {"settings": asdict(settings), "chosen": chosen.label, "queries": args.queries or WRITING_TASKS.name,
