@@ -4,6 +4,7 @@ Llama whose greedy answers loop for about half the requests."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from unittest import mock
@@ -18,7 +19,7 @@ from lm_eval_steer.cli import main
 from lm_eval_steer.core.degeneracy import NGRAM, is_degenerate, repeated_ngram_ends, repetition
 from lm_eval_steer.runtime.vectorfile import load_vector_file
 from vector_builder.activations import RunningSum, left_pad, positions_from_mask
-from vector_builder.antiloop import FLUENT, REPEATING, AntiLoopingError, HeldOut, LayerDirection, choose, default_layers, directions, token_groups
+from vector_builder.antiloop import FLUENT, REPEATING, AntiLoopingError, HeldOut, LayerDirection, choose, default_layers, directions, settings_from, token_groups
 from vector_builder.teacher_forcing import answer_logprobs, answer_state_sums
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,6 +91,14 @@ def test_choose_takes_the_fewest_loops_within_the_perplexity_bound():
 
 def test_default_layers_sit_at_40_and_60_percent_of_the_depth():
     assert default_layers(30) == (12, 18) and default_layers(24) == (10, 14) and default_layers(4) == (2,)
+
+
+def test_options_given_twice_make_one_candidate():
+    args = argparse.Namespace(layers=(3, 1, 3), multipliers=(0.5, 1.0, 0.5), n_train=8, n_val=4, skip_tokens=2, max_new_tokens=16,
+                              batch_size=4, max_perplexity_rise=0.5, route="detectable_format:title,detectable_format:title")
+    chosen = settings_from(args, num_layers=4)
+    assert (chosen.layers, chosen.multipliers, chosen.routes) == ((3, 1), (0.5, 1.0), ("detectable_format:title",))
+    assert settings_from(argparse.Namespace(**{**vars(args), "layers": None}), num_layers=30).layers == (12, 18)
 
 
 # --------------------------------------------------------------------------- teacher-forced passes

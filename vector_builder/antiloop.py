@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -212,7 +212,7 @@ def entries_for(direction: LayerDirection, multiplier: float, routes: Sequence[s
     entry = direction.entry(multiplier)
     if not routes:
         return [entry]
-    return [SteeringEntry(f"{route}:{ENTRY_NAME}", entry.vector, entry.layer, entry.mode, entry.strength, entry.positions, AppliesTo(route)) for route in routes]
+    return [replace(entry, name=f"{route}:{ENTRY_NAME}", applies_to=AppliesTo(route)) for route in routes]
 
 
 def summary_table(unsteered: HeldOut, candidates: Sequence[HeldOut], chosen: HeldOut | None, bound: float) -> str:
@@ -286,11 +286,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace, num_layers: int) -> Settings:
-    layers = args.layers or default_layers(num_layers)
+    layers = tuple(dict.fromkeys(args.layers)) if args.layers else default_layers(num_layers)  # a layer given twice is one candidate set
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad:
         raise AntiLoopingError(f"--layers {','.join(map(str, bad))}: the model has layers 0-{num_layers - 1}")
-    return Settings(tuple(layers), tuple(args.multipliers), args.n_train, args.n_val, args.skip_tokens, args.max_new_tokens, args.batch_size,
+    return Settings(layers, tuple(dict.fromkeys(args.multipliers)), args.n_train, args.n_val, args.skip_tokens, args.max_new_tokens, args.batch_size,
                     args.max_perplexity_rise, parse_routes(args.route))
 
 
