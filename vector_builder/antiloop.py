@@ -280,7 +280,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-val", type=int, default=32, help="the next requests, on which layer and strength are chosen (default 32)")
     parser.add_argument("--skip-tokens", type=int, default=16, help="answer tokens left out of both means at the start of each answer (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length (default 256, the evaluation's)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="requests per generate call and forward pass (default 16; batching changes float rounding, so it is part of the result)")
     parser.add_argument("--max-perplexity-rise", type=float, default=0.5,
                         help="a candidate's answers may raise the perplexity under the unsteered model by at most this much (default 0.5)")
 
