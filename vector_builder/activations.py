@@ -63,24 +63,28 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def forward_for_hooks(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+def forward_for_hooks(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
     """One forward pass of a left-padded batch whose activations hooks read: positions as ``generate``
-    computes them, no cache, and logits only at the last position (the LM head over every position
-    would cost more than the activations wanted)."""
+    computes them, no cache, and logits only at the last ``logits_to_keep`` positions (returned; the LM
+    head over every position would cost more than the activations wanted)."""
     device = model_device(model)
-    model(
+    output = model(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         position_ids=positions_from_mask(attention_mask).to(device),
         use_cache=False,
-        logits_to_keep=1,
+        logits_to_keep=logits_to_keep,
     )
+    return output.logits
 
 
 @torch.no_grad()
-def last_token_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
-    """``[batch, len(layers), hidden]``: output of each decoder layer at the last column (the last
-    prompt token under left padding), from ONE forward pass. ``layers`` defaults to all of them."""
+def last_columns_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int] | None = None, columns: int = 1
+) -> torch.Tensor:
+    """``[batch, columns, len(layers), hidden]``: output of each decoder layer at the last ``columns``
+    columns (under left padding, every row's last tokens), from ONE forward pass. ``layers`` defaults
+    to all of them."""
     decoder_layers = find_decoder_layers(model)
     wanted = list(range(len(decoder_layers))) if layers is None else list(layers)
     captured: dict[int, torch.Tensor] = {}
@@ -88,7 +92,7 @@ def last_token_states(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     def make_hook(index: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            captured[index] = hidden[:, -1, :].detach().to("cpu", torch.float32)
+            captured[index] = hidden[:, -columns:, :].detach().to("cpu", torch.float32)
 
         return hook
 
@@ -98,7 +102,13 @@ def last_token_states(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     finally:
         for handle in handles:
             handle.remove()
-    return torch.stack([captured[index] for index in wanted], dim=1)
+    return torch.stack([captured[index] for index in wanted], dim=2)
+
+
+def last_token_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+    """``[batch, len(layers), hidden]``: output of each decoder layer at the last column (the last
+    prompt token under left padding), from ONE forward pass. ``layers`` defaults to all of them."""
+    return last_columns_states(model, input_ids, attention_mask, layers)[:, -1]
 
 
 def collect(

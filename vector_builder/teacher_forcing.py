@@ -2,21 +2,20 @@
 answer's log-likelihood under the model.
 
 Every batch is left-padded, so each row's answer fills its last ``len(answer)`` columns; positions
-are computed as ``generate`` computes them (:func:`~vector_builder.activations.positions_from_mask`),
+are computed as ``generate`` computes them (:func:`~vector_builder.activations.forward_for_hooks`),
 so a row sees what it would see alone. Nothing is steered here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lm_eval_steer.runtime.hooks import find_decoder_layers, text_config
-from vector_builder.activations import RunningSum, left_pad, model_device, positions_from_mask
+from lm_eval_steer.runtime.hooks import text_config
+from vector_builder.activations import RunningSum, forward_for_hooks, last_columns_states, left_pad
 
 #: ``groups[i][j]``: the group whose sum answer ``i``'s token ``j`` is added to, or None to leave it out.
 TokenGroups = Sequence[Sequence[str | None]]
@@ -49,29 +48,14 @@ def answer_state_sums(
 
     Running sums in float64, so memory depends on ``len(layers) × hidden`` and the batch, never on
     how many tokens are summed."""
-    decoder_layers = find_decoder_layers(model)
     hidden_size = int(text_config(model).hidden_size)
     names = sorted({group for row in groups for group in row if group is not None})
     sums = {name: RunningSum.zeros(len(layers), hidden_size) for name in names}
     for start, stop in _batches(len(answers), batch_size, desc):
         chunk = answers[start:stop]
         tail = max(1, max(len(answer) for answer in chunk))
-        captured: dict[int, torch.Tensor] = {}
-
-        def make_hook(index: int) -> Any:
-            def hook(module: nn.Module, args: tuple, output: Any) -> None:
-                hidden = output[0] if isinstance(output, tuple) else output
-                captured[index] = hidden[:, -tail:, :].detach().to("cpu", torch.float32)
-
-            return hook
-
-        handles = [decoder_layers[layer].register_forward_hook(make_hook(k)) for k, layer in enumerate(layers)]
-        try:
-            _forward(model, [list(p) + list(a) for p, a in zip(prompts[start:stop], chunk)], pad_id, keep=1)
-        finally:
-            for handle in handles:
-                handle.remove()
-        states = torch.stack([captured[k] for k in range(len(layers))], dim=2)  # [batch, tail, layers, hidden]
+        ids, mask = left_pad([list(p) + list(a) for p, a in zip(prompts[start:stop], chunk)], pad_id)
+        states = last_columns_states(model, ids, mask, layers, columns=tail)  # [batch, tail, layers, hidden]
         for row, answer in enumerate(chunk):
             row_groups = groups[start + row]
             if len(row_groups) != len(answer):
@@ -101,7 +85,8 @@ def answer_logprobs(
     for start, stop in _batches(len(answers), batch_size, desc):
         chunk = answers[start:stop]
         tail = max(len(answer) for answer in chunk) + 1
-        logits = _forward(model, [list(p) + list(a) for p, a in zip(prompts[start:stop], chunk)], pad_id, keep=tail)
+        ids, mask = left_pad([list(p) + list(a) for p, a in zip(prompts[start:stop], chunk)], pad_id)
+        logits = forward_for_hooks(model, ids, mask, logits_to_keep=tail)
         for row, answer in enumerate(chunk):
             if not answer:
                 scored.append((0.0, 0))
@@ -112,16 +97,3 @@ def answer_logprobs(
             scored.append((float(predictions.gather(-1, targets).sum()), len(answer)))
     return scored
 
-
-def _forward(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int, keep: int) -> torch.Tensor:
-    """Logits at the last ``keep`` columns of one left-padded batch, positions as ``generate`` has them."""
-    ids, mask = left_pad(sequences, pad_id)
-    device = model_device(model)
-    output = model(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions_from_mask(mask).to(device),
-        use_cache=False,
-        logits_to_keep=keep,
-    )
-    return output.logits
