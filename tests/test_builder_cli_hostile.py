@@ -67,7 +67,13 @@ def test_non_finite_multipliers_are_refused(tmp_path, capsys, value):
     assert "--multipliers" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--min-length-ratio", "1.5"), ("--min-length-ratio", "nan"), ("--learned-steps", "0")])
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--min-length-ratio", "1.5"), ("--min-length-ratio", "nan"), ("--learned-steps", "0"), ("--learned-fluency", "-1"),
+        ("--learned-fluency", "nan"),
+    ],
+)  # fmt: skip
 def test_bad_build_options_fail_before_the_model_loads(tmp_path, capsys, flag, value):
     with mock.patch("vector_builder.cli.load_model", side_effect=AssertionError("model loaded before the options were checked")):
         assert main(["build", "--model_args", "pretrained=/x", "--instructions", "format", "--out", str(tmp_path / "v.safetensors"), f"{flag}={value}"]) == 2

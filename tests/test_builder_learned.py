@@ -97,6 +97,60 @@ def test_joint_training_moves_every_vector_of_the_set_in_one_run(tiny):
     with pytest.raises(ValueError, match="distinct layers"):
         training.train_vectors(_runner(model, tokenizer), examples[2:], examples[:2], [1, 1], config)
 
+def test_unconstrained_kl_counts_only_tokens_the_unsteered_model_would_write():
+    unsteered = torch.tensor([[[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0]]])  # argmax 0, 1, 2
+    steered = torch.tensor([[[0.0, 4.0, 0.0], [0.0, 0.0, 4.0], [4.0, 0.0, 0.0]]])
+    labels = torch.tensor([[0, 2, training.IGNORE]])  # only position 0 is free: the target agrees with argmax there
+    p = torch.softmax(unsteered[0, 0], -1)
+    expected = (p * (p.log() - torch.log_softmax(steered[0, 0], -1))).sum()
+    torch.testing.assert_close(training.unconstrained_kl(unsteered, steered, labels), expected)
+    assert float(training.unconstrained_kl(unsteered, unsteered, labels)) == pytest.approx(0.0, abs=1e-6)
+    nothing_free = training.unconstrained_kl(unsteered, steered.requires_grad_(), torch.tensor([[1, 0, training.IGNORE]]))
+    assert float(nothing_free.detach()) == 0.0 and nothing_free.requires_grad
+
+
+def _own_words_then_target(model, tokenizer, count: int = 6) -> list[training.Example]:
+    """Examples whose responses open with the unsteered model's own greedy tokens (free for the fluency
+    term) and end with the example's target words (constrained)."""
+    examples = []
+    for example in _examples(tokenizer, count):
+        prompt = torch.tensor([example.prompt])
+        own = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[1] :]
+        examples.append(training.Example(example.prompt, tuple(own.tolist()) + example.response))
+    return examples
+
+
+def test_the_fluency_term_is_zero_unsteered_and_grows_with_the_vector(tiny):
+    model, tokenizer = tiny
+    examples = _own_words_then_target(model, tokenizer, 3)
+    pad = tokenizer.pad_token_id
+    zero = torch.zeros(1, 64)
+    torch.testing.assert_close(
+        training.response_loss(model, examples, zero, [LAYER], pad, True, fluency=5.0), training.response_loss(model, examples, zero, [LAYER], pad, True)
+    )
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(3))[None] * 4
+    plain = training.response_loss(model, examples, vector, [LAYER], pad, True)
+    assert training.response_loss(model, examples, vector, [LAYER], pad, True, fluency=1.0) > plain + 1e-3
+
+
+def test_a_fluency_weight_keeps_the_trained_vector_closer_to_the_unsteered_model(tiny):
+    model, tokenizer = tiny
+    examples = _own_words_then_target(model, tokenizer)
+    pad = tokenizer.pad_token_id
+
+    def divergence(vector: torch.Tensor) -> float:
+        with torch.no_grad():
+            both = training.response_loss(model, examples, vector[None], [LAYER], pad, True, fluency=1.0)
+            return float(both - training.response_loss(model, examples, vector[None], [LAYER], pad, True))
+
+    trained = {}
+    for weight in (0.0, 20.0):
+        config = LearnedSettings(steps=12, lr=0.05, batch_size=2, eval_every=4, patience=5, fluency=weight)
+        trained[weight] = training.train_vectors(_runner(model, tokenizer), examples[2:], examples[:2], [LAYER], config)[LAYER].vector
+    assert trained[0.0].norm() > 0 and trained[20.0].norm() > 0
+    assert divergence(trained[20.0]) < divergence(trained[0.0])
+
+
 def test_padding_does_not_change_the_loss(tiny):
     model, tokenizer = tiny
     short, long = training.Example((1, 5, 6), (7, 8)), training.Example((1, 5, 6, 9, 9, 9, 9), (7, 8, 3))

@@ -31,7 +31,7 @@ def test_build_settings_are_the_recorded_settings():
         "search": ["layers", "multipliers", "token_multipliers", "strength_base", "validation_prompts", "keyword_sample", "max_repetition",
                    "allowed_degenerate", "min_length_ratio", "degeneracy_guard", "stop_after_keyword", "stop_after_first_token", "stop_after_tokens",
                    "start_after_tokens", "objective", "stop_once_followed"],
-        "learned": ["layers", "multipliers", "steps", "lr", "batch_size", "l2", "eval_every", "patience", "heldout_fraction", "joint"],
+        "learned": ["layers", "multipliers", "steps", "lr", "batch_size", "l2", "fluency", "eval_every", "patience", "heldout_fraction", "joint"],
         "targets": ["samples", "max_tokens", "temperature", "max_repetition"],
     }  # fmt: skip
     assert recorded["builder_version"] == 2

@@ -103,6 +103,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--learned-batch-size", type=int, default=4, help="training examples per step (default 4)")
     method.add_argument("--learned-l2", type=float, default=0.0, help="L2 penalty on the vector (default 0)")
     method.add_argument(
+        "--learned-fluency",
+        type=float,
+        default=0.0,
+        metavar="MU",
+        help="weight of the fluency term: KL from the unsteered model's next-token distribution at the target tokens it would have "
+        "written itself (e.g. 1; default 0: off). Costs one unsteered forward pass per training batch",
+    )
+    method.add_argument(
         "--learned-joint",
         action="store_true",
         help="train the vectors at all --learned-layers together as one set (each candidate steers with the whole set, one entry per layer; "
@@ -167,6 +175,7 @@ def settings_from(args: argparse.Namespace) -> BuildSettings:
         lr=args.learned_lr,
         batch_size=args.learned_batch_size,
         l2=args.learned_l2,
+        fluency=args.learned_fluency,
         joint=args.learned_joint,
     )
     return BuildSettings(

@@ -83,6 +83,7 @@ ADDED_SETTINGS = {
     ("search", "stop_after_first_token"): False,
     ("search", "stop_once_followed"): False,
     ("targets", "max_repetition"): None,
+    ("learned", "fluency"): 0.0,
 }
 
 

@@ -22,7 +22,8 @@ class LearnedSettings:
     layer; with ``joint``, the vectors at all of ``layers`` are trained together as one set and every
     candidate steers with the whole set (one candidate per multiplier). Adam at learning
     rate ``lr`` takes at most ``steps`` steps of ``batch_size`` examples, with the L2 penalty ``l2``
-    (λ in the objective); the loss on ``heldout_fraction`` of the targets, every ``eval_every`` steps,
+    (λ in the objective) and the fluency weight ``fluency`` (μ: the divergence from the unsteered
+    model at the target tokens it would have written itself; 0 = off); the loss on ``heldout_fraction`` of the targets, every ``eval_every`` steps,
     stops training after ``patience`` evaluations without improvement.
     """
 
@@ -32,6 +33,7 @@ class LearnedSettings:
     lr: float = 0.08
     batch_size: int = 4
     l2: float = 0.0
+    fluency: float = 0.0
     eval_every: int = 10
     patience: int = 2
     heldout_fraction: float = 0.25
@@ -43,7 +45,7 @@ class LearnedSettings:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--learned-{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name, value in (("lr", self.lr), ("l2", self.l2), *(("multipliers", m) for m in self.multipliers)):
+        for name, value in (("lr", self.lr), ("l2", self.l2), ("fluency", self.fluency), *(("multipliers", m) for m in self.multipliers)):
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
                 raise ValueError(f"--learned-{name} must be a finite {'positive' if name == 'lr' else 'non-negative'} number, got {value}")
         if self.joint and len(set(self.layers)) < 2:

@@ -14,6 +14,12 @@ first one). Only the ``v_L`` receive gradients; the model's parameters are froze
 keep no gradient buffers. Training stops early when the loss on held-out examples stops improving,
 and the vectors of the best held-out step are kept. Vectors trained jointly share their optimisation
 (one loss, one early stop): each alone is not meant to steer, the set is.
+
+With a fluency weight ``μ > 0`` the objective adds ``μ · KL_U`` (:func:`unconstrained_kl`): the
+divergence of the steered from the unsteered next-token distribution at the response tokens the
+unsteered model would have written itself. Those tokens are not what the instruction changes, so the
+term asks the vector to leave the model's distribution alone there and to change only what the target
+adds (a comma left out, a bullet, the end phrase), rather than also how the model writes the rest.
 """
 
 from __future__ import annotations
@@ -75,27 +81,52 @@ def batch_tensors(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tenso
     return ids, mask, labels, max(len(example.response) for example in examples)
 
 
+def unconstrained_kl(unsteered_logits: torch.Tensor, steered_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean divergence of the steered from the unsteered next-token distribution where the target
+    agrees with the unsteered model::
+
+        KL_U = (1 / |U|) Σ_(t ∈ U) Σ_w P_0(w | t) · (log P_0(w | t) − log P_v(w | t))
+        U    = {t : labels_t ≠ IGNORE and argmax_w P_0(w | t) = labels_t}
+
+    ``P_0`` / ``P_v`` are the softmax of ``unsteered_logits`` / ``steered_logits`` (``[..., vocab]``,
+    aligned with ``labels``). An empty ``U`` gives 0 (still part of the steered logits' graph)."""
+    free = (labels != IGNORE) & (unsteered_logits.argmax(dim=-1) == labels)
+    if not bool(free.any()):
+        return steered_logits.sum() * 0.0
+    reference = nn.functional.log_softmax(unsteered_logits[free].float(), dim=-1)
+    steered = nn.functional.log_softmax(steered_logits[free].float(), dim=-1)
+    return nn.functional.kl_div(steered, reference, log_target=True, reduction="batchmean")
+
+
 def response_loss(
-    model: nn.Module, examples: Sequence[Example], vectors: torch.Tensor, layers: Sequence[int], pad_id: int, skip_first_token: bool
+    model: nn.Module,
+    examples: Sequence[Example],
+    vectors: torch.Tensor,
+    layers: Sequence[int],
+    pad_id: int,
+    skip_first_token: bool,
+    fluency: float = 0.0,
 ) -> torch.Tensor:
     """Mean token cross-entropy of the responses given their prompts, with ``vectors[i]`` added at
-    ``layers[i]`` exactly as ``steered-hf`` adds ``add``-mode entries of strength 1."""
+    ``layers[i]`` exactly as ``steered-hf`` adds ``add``-mode entries of strength 1; with ``fluency``
+    μ > 0, plus ``μ ·`` :func:`unconstrained_kl` against the same forward pass unsteered (no gradient)."""
     ids, mask, labels, scored = batch_tensors(examples, pad_id)
     device = model_device(model)
+    # Under left padding every response ends the row, so the logits of the last scored + 1
+    # positions cover all of them; the LM head over the prompt would be wasted work.
+    inputs = dict(
+        input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions_from_mask(mask).to(device), use_cache=False, logits_to_keep=scored + 1
+    )
     entries = [SteeringEntry(name=f"learned L{layer}", vector=vector, layer=layer, mode="add", strength=1.0, positions="all") for vector, layer in zip(vectors, layers, strict=True)]
     with steering(model, [entries] * len(examples), skip_first_token=skip_first_token):
-        # Under left padding every response ends the row, so the logits of the last scored + 1
-        # positions cover all of them; the LM head over the prompt would be wasted work.
-        logits = model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions_from_mask(mask).to(device),
-            use_cache=False,
-            logits_to_keep=scored + 1,
-        ).logits
-    predicted = logits[:, :-1].float()
+        predicted = model(**inputs).logits[:, :-1].float()
     wanted = labels[:, -scored:].to(device)
-    return nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), wanted.reshape(-1), ignore_index=IGNORE)
+    loss = nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), wanted.reshape(-1), ignore_index=IGNORE)
+    if not fluency:
+        return loss
+    with torch.no_grad():
+        unsteered = model(**inputs).logits[:, :-1]
+    return loss + fluency * unconstrained_kl(unsteered, predicted, wanted)
 
 
 @contextmanager
@@ -110,13 +141,13 @@ def frozen(model: nn.Module) -> Iterator[None]:
             parameter.requires_grad_(flag)
 
 
-def _heldout_loss(runner: Runner, examples: Sequence[Example], vectors: torch.Tensor, layers: Sequence[int], batch_size: int) -> float:
+def _heldout_loss(runner: Runner, examples: Sequence[Example], vectors: torch.Tensor, layers: Sequence[int], batch_size: int, fluency: float) -> float:
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             count = sum(len(example.response) for example in chunk)
-            total += float(response_loss(runner.model, chunk, vectors, layers, runner.pad_id, runner.settings.skip_first_token)) * count
+            total += float(response_loss(runner.model, chunk, vectors, layers, runner.pad_id, runner.settings.skip_first_token, fluency)) * count
             tokens += count
     return total / tokens
 
@@ -137,7 +168,7 @@ def train_vectors(
     vectors = torch.zeros(len(layers), int(text_config(model).hidden_size), device=model_device(model), requires_grad=True)
     optimizer = torch.optim.Adam([vectors], lr=settings.lr)
     kept, best_step = vectors.detach().clone().cpu(), 0
-    best = _heldout_loss(runner, heldout, vectors.detach(), layers, settings.batch_size)
+    best = _heldout_loss(runner, heldout, vectors.detach(), layers, settings.batch_size, settings.fluency)
     train_loss: list[float] = []
     heldout_loss = [(0, best)]
     order: list[int] = []
@@ -149,7 +180,7 @@ def train_vectors(
                 order += shuffler.sample(range(len(train)), len(train))
             batch = [train[index] for index in order[: settings.batch_size]]
             del order[: settings.batch_size]
-            loss = response_loss(model, batch, vectors, layers, pad_id, skip_first_token) + settings.l2 * vectors.pow(2).sum()
+            loss = response_loss(model, batch, vectors, layers, pad_id, skip_first_token, settings.fluency) + settings.l2 * vectors.pow(2).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -158,7 +189,7 @@ def train_vectors(
             bar.set_postfix(loss=f"{train_loss[-1]:.3f}")
             if step % settings.eval_every and step != settings.steps:
                 continue
-            current = _heldout_loss(runner, heldout, vectors.detach(), layers, settings.batch_size)
+            current = _heldout_loss(runner, heldout, vectors.detach(), layers, settings.batch_size, settings.fluency)
             heldout_loss.append((step, current))
             if current < best:
                 best, stale = current, 0
