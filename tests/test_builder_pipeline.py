@@ -219,7 +219,7 @@ def test_cli_build_on_saved_tiny_model(tiny_model_dir, tmp_path, capsys):
                      "--queries", str(queries), "--out", str(tmp_path / "v.safetensors"), "--report", str(tmp_path / "rep"),
                      "--layers", "1,3", "--multipliers", "1", "--n-train", "5", "--n-val", "2", "--batch-size", "4", "--max-new-tokens", "5",
                      "--method", "both", "--learned-layers", "2", "--learned-steps", "2", "--target-samples", "0", "--target-max-tokens", "5",
-                     "--objective", "fluent"])
+                     "--objective", "fluent", "--learned-fluency", "0.5"])
     text = capsys.readouterr().out
     assert code in (0, 1) and "punctuation:no_comma" in text and "(fluent " in text
     assert (tmp_path / "rep" / "report.json").is_file() and (tmp_path / "rep" / "scores.png").is_file()
@@ -227,6 +227,7 @@ def test_cli_build_on_saved_tiny_model(tiny_model_dir, tmp_path, capsys):
     report_json = json.loads((tmp_path / "rep" / "report.json").read_text())
     # answers without commas pass no_comma (and repair removes commas): a learned vector is trained at layer 2
     assert report_json["settings"]["method"] == "both" and report_json["settings"]["learned"]["layers"] == [2]
+    assert report_json["settings"]["learned"]["fluency"] == 0.5
     assert report_json["settings"]["search"]["objective"] == "fluent" and all("fluent_score" in c for c in report_json["targets"][0]["candidates"])
     assert list(report_json["learned"]["punctuation:no_comma"]["layers"]) == ["2"]
     assert (tmp_path / "rep" / "training.png").read_bytes()[:4] == b"\x89PNG"

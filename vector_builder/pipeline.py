@@ -421,5 +421,5 @@ def build(
         results={**searched.results, **{result.name: result for result in searched.pooled.values()}},
         pooled={instruction_id: [target.name for target in group] for instruction_id, group in plan.pooling.items()},
         methods=winners,
-        training_plot_path=report.write_training_plot(report_dir, learned),
+        training_plot_path=report.write_training_plot(report_dir, learned, plan.settings.learned.fluency),
     )

@@ -334,10 +334,11 @@ def write_plot(report_dir: str | Path, results: Sequence[TargetResult], objectiv
     return _save(figure, Path(report_dir) / PLOT_NAME)
 
 
-def write_training_plot(report_dir: str | Path, learned: Mapping[str, LearnedDirection]) -> Path | None:
+def write_training_plot(report_dir: str | Path, learned: Mapping[str, LearnedDirection], fluency: float = 0.0) -> Path | None:
     """One panel per learned direction: training loss per step (thin) and held-out loss (markers)
     per layer (one pair of lines for a jointly trained set, labelled with all its layers), star = the
-    kept step. Drawn next to ``scores.png``; None when nothing was trained."""
+    kept step; with a ``fluency`` weight μ the loss is the cross-entropy plus μ times the fluency term.
+    Drawn next to ``scores.png``; None when nothing was trained."""
     trained = {key: item for key, item in learned.items() if item.trained}
     if not trained:
         return None
@@ -355,6 +356,6 @@ def write_training_plot(report_dir: str | Path, learned: Mapping[str, LearnedDir
             axis.scatter([curves.best_step], [best], marker="*", s=150, color="gold", edgecolor="black", zorder=4)
         axis.set_title(f"{key} ({sum(item.sources.values())} targets)", fontsize=8)
         axis.set_xlabel("step")
-        axis.set_ylabel("response cross-entropy")
+        axis.set_ylabel(f"response cross-entropy + {fluency:g} KL_U" if fluency else "response cross-entropy")
         axis.legend(fontsize=6)
     return _save(figure, Path(report_dir) / TRAINING_PLOT_NAME)
