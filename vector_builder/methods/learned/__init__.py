@@ -23,8 +23,9 @@ class LearnedSettings:
     candidate steers with the whole set (one candidate per multiplier). Adam at learning
     rate ``lr`` takes at most ``steps`` steps of ``batch_size`` examples, with the L2 penalty ``l2``
     (λ in the objective) and the fluency weight ``fluency`` (μ: the divergence from the unsteered
-    model at the target tokens it would have written itself; 0 = off); the loss on ``heldout_fraction`` of the targets, every ``eval_every`` steps,
-    stops training after ``patience`` evaluations without improvement.
+    model at the target tokens it would have written itself; 0 = off); the loss on
+    ``heldout_fraction`` of the targets, every ``eval_every`` steps, stops training after
+    ``patience`` evaluations without improvement.
     """
 
     layers: tuple[int, ...] = ()
