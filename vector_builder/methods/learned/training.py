@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from lm_eval_steer.runtime.hooks import steering, text_config
 from lm_eval_steer.runtime.vectorfile import SteeringEntry
-from vector_builder.activations import left_pad, model_device, positions_from_mask
+from vector_builder.activations import forward_for_hooks, left_pad, model_device
 from vector_builder.methods.learned import LearnedSettings
 from vector_builder.runner import Runner
 
@@ -111,21 +111,17 @@ def response_loss(
     ``layers[i]`` exactly as ``steered-hf`` adds ``add``-mode entries of strength 1; with ``fluency``
     μ > 0, plus ``μ ·`` :func:`unconstrained_kl` against the same forward pass unsteered (no gradient)."""
     ids, mask, labels, scored = batch_tensors(examples, pad_id)
-    device = model_device(model)
     # Under left padding every response ends the row, so the logits of the last scored + 1
     # positions cover all of them; the LM head over the prompt would be wasted work.
-    inputs = dict(
-        input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions_from_mask(mask).to(device), use_cache=False, logits_to_keep=scored + 1
-    )
     entries = [SteeringEntry(name=f"learned L{layer}", vector=vector, layer=layer, mode="add", strength=1.0, positions="all") for vector, layer in zip(vectors, layers, strict=True)]
     with steering(model, [entries] * len(examples), skip_first_token=skip_first_token):
-        predicted = model(**inputs).logits[:, :-1].float()
-    wanted = labels[:, -scored:].to(device)
+        predicted = forward_for_hooks(model, ids, mask, logits_to_keep=scored + 1)[:, :-1].float()
+    wanted = labels[:, -scored:].to(model_device(model))
     loss = nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), wanted.reshape(-1), ignore_index=IGNORE)
     if not fluency:
         return loss
     with torch.no_grad():
-        unsteered = model(**inputs).logits[:, :-1]
+        unsteered = forward_for_hooks(model, ids, mask, logits_to_keep=scored + 1)[:, :-1]
     return loss + fluency * unconstrained_kl(unsteered, predicted, wanted)
 
 
