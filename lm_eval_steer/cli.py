@@ -11,7 +11,7 @@
     lm-eval-steer gguf    ...   # llama.cpp control-vector GGUF export / import
     lm-eval-steer merge   ...   # merge vector files (keep the best entries of several builds)
     lm-eval-steer models  ...   # list the known models; fetch one (prints its --model_args)
-    lm-eval-steer vectors ...   # list the packaged vector files; show what a vector file holds
+    lm-eval-steer vectors ...   # list the packaged vector files; show what a vector file holds; keep entries off other instructions
 
 Each subcommand lives in its own module exposing ``configure_parser(parser)`` and ``run(args) -> int``;
 modules are imported only when their subcommand is used. An input error
@@ -39,7 +39,7 @@ SUBCOMMANDS = {
     "gguf": ("lm_eval_steer.tools.gguf", "export to / import from llama.cpp control-vector GGUF"),
     "merge": ("lm_eval_steer.tools.merge", "merge vector files: a later file's entry replaces an earlier one of the same name"),
     "models": ("lm_eval_steer.tools.models", "list the known models; fetch one and print its --model_args"),
-    "vectors": ("lm_eval_steer.tools.vectors", "list the packaged vector files; show what a vector file holds"),
+    "vectors": ("lm_eval_steer.tools.vectors", "list the packaged vector files; show what a vector file holds; keep entries off other instructions"),
 }
 
 

@@ -47,6 +47,18 @@ def test_served_and_unserved_instructions_follow_the_runtime_routing() -> None:
     assert served_instructions(doc((LOWER, {})), RecordedRouting.of(steering({"instruction_id": LOWER}, route="none"))) is None
 
 
+def test_an_entry_kept_off_a_document_by_not_with_serves_none_of_its_instructions() -> None:
+    routing = RecordedRouting.of(steering({"instruction_id": WORD, "not_with": [COMMA]}, {"instruction_id": LOWER}))
+    assert routing is not None and routing.applies[0].not_with == (COMMA,)
+    assert served_instructions(doc((WORD, {}), (LOWER, {})), routing) == [True, True]
+    # the word entry stays off: only the lowercase entry steers, and the word instruction is unserved
+    assert served_instructions(doc((WORD, {}), (COMMA, {}), (LOWER, {})), routing) == [False, False, True]
+    assert served_instructions(doc((WORD, {}), (COMMA, {})), routing) is None  # nothing applies: not steered
+    # route=all applies every entry to every document, so not_with does not keep it off there
+    everywhere = RecordedRouting.of(steering({"instruction_id": WORD, "not_with": [COMMA]}, route="all"))
+    assert served_instructions(doc((WORD, {}), (COMMA, {})), everywhere) == [True, False]
+
+
 def sample(doc_id: int, outcomes: dict[str, bool]) -> dict[str, Any]:
     return ifeval_sample(doc_id, outcomes)
 

@@ -24,6 +24,7 @@ from vector_builder.teacher_forcing import answer_logprobs, answer_state_sums
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROUTES = "detectable_format:title,punctuation:no_comma"
+LOWER = "change_case:english_lowercase"
 
 
 @given(st.lists(st.integers(0, 3), max_size=60))
@@ -95,9 +96,11 @@ def test_default_layers_sit_at_40_and_60_percent_of_the_depth():
 
 def test_options_given_twice_make_one_candidate():
     args = argparse.Namespace(layers=(3, 1, 3), multipliers=(0.5, 1.0, 0.5), n_train=8, n_val=4, skip_tokens=2, max_new_tokens=16,
-                              batch_size=4, max_perplexity_rise=0.5, route="detectable_format:title,detectable_format:title")
+                              batch_size=4, max_perplexity_rise=0.5, route="detectable_format:title,detectable_format:title",
+                              not_with=" punctuation:no_comma,punctuation:no_comma ")
     chosen = settings_from(args, num_layers=4)
     assert (chosen.layers, chosen.multipliers, chosen.routes) == ((3, 1), (0.5, 1.0), ("detectable_format:title",))
+    assert chosen.not_with == ("punctuation:no_comma",)
     assert settings_from(argparse.Namespace(**{**vars(args), "layers": None}), num_layers=30).layers == (12, 18)
 
 
@@ -157,7 +160,7 @@ def command(model_dir, tmp_path, *extra: str) -> list[str]:
 
 
 def test_the_command_writes_the_chosen_entry_routed_to_each_instruction(looping_model_dir, tmp_path, capsys):
-    assert main(command(looping_model_dir, tmp_path, "--route", ROUTES, "--max-perplexity-rise", "1e9")) == 0
+    assert main(command(looping_model_dir, tmp_path, "--route", ROUTES, "--not-with", LOWER, "--max-perplexity-rise", "1e9")) == 0
     report = json.loads((tmp_path / "report" / "anti-looping.json").read_text())
     assert (tmp_path / "report" / "anti-looping.png").stat().st_size > 0
     unsteered, *candidates = report["held_out"]
@@ -173,6 +176,7 @@ def test_the_command_writes_the_chosen_entry_routed_to_each_instruction(looping_
     assert [e.name for e in vectors.entries] == [f"{route}:anti-looping" for route in ROUTES.split(",")]
     for entry in vectors.entries:
         assert entry.applies_to.instruction_id == entry.name.removesuffix(":anti-looping")
+        assert entry.applies_to.not_with == (LOWER,)  # kept off prompts that also ask for lowercase
         assert (entry.layer, entry.mode, entry.positions) == (chosen["layer"], "add", "generated")
         assert math.isclose(entry.strength, -chosen["multiplier"] * direction["norm"], rel_tol=1e-5)
     assert json.loads(vectors.extra_metadata["anti_looping"])["chosen"] == report["chosen"]
@@ -198,6 +202,9 @@ def one_error_line(capsys) -> str:
     ("extra", "named"),
     [
         (["--route", "detectable_format:titles"], "--route 'detectable_format:titles'"),
+        (["--route", "detectable_format:title", "--not-with", "no_comma"], "--not-with 'no_comma': not an IFEval instruction id"),
+        (["--not-with", "punctuation:no_comma"], "--not-with needs --route"),
+        (["--route", "detectable_format:title,punctuation:no_comma", "--not-with", "punctuation:no_comma"], "--not-with punctuation:no_comma: also in --route"),
         (["--n-train", "100", "--n-val", "30"], "only 120 requests"),
         (["--n-val", "0"], "at least 1"),
         (["--skip-tokens", "40"], "--skip-tokens 40"),

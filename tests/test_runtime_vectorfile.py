@@ -46,6 +46,7 @@ def test_round_trip_keeps_every_field_and_extra_metadata(tmp_path):
         SteeringEntry("fmt", torch.arange(HIDDEN, dtype=torch.float32), 2, "project", 3.5, "generated", AppliesTo("change_case:english_lowercase")),
         SteeringEntry("len", torch.ones(HIDDEN), 1, "add", -2.0, "all", AppliesTo("length_constraints:number_sentences", {}, rule), stop_after_tokens=48, start_after_tokens=4),
         SteeringEntry("kw", torch.ones(HIDDEN), 3, "add", 4.0, "prompt", AppliesTo("keywords:existence", {"keywords": ["barbarians"]}), ("barbarians",)),
+        SteeringEntry("prose", torch.ones(HIDDEN), 3, "add", -1.0, "generated", AppliesTo("keywords:existence", not_with=("punctuation:no_comma", "change_case:english_capital"))),
         SteeringEntry("everyone", torch.ones(HIDDEN), 0, "ablate", 0.0, "all", None),
     ]
     path = tmp_path / "v.safetensors"
@@ -58,6 +59,8 @@ def test_round_trip_keeps_every_field_and_extra_metadata(tmp_path):
     assert loaded.sha256 is not None and len(loaded.sha256) == 64
     assert loaded.entry("len").applies_to.strength_rule.strength_for(3.0) == pytest.approx(5.0)
     assert loaded.entry("kw").stop_after == ("barbarians",) and "stop_after" not in loaded.entry("fmt").to_json()
+    assert loaded.entry("prose").applies_to.not_with == ("punctuation:no_comma", "change_case:english_capital")
+    assert "not_with" not in loaded.entry("fmt").to_json()["applies_to"]  # files without exclusions read and write as before
     assert loaded.entry("len").stop_after_tokens == 48 and "stop_after_tokens" not in loaded.entry("fmt").to_json()
     assert loaded.entry("len").start_after_tokens == 4 and "start_after_tokens" not in loaded.entry("fmt").to_json()
     assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
@@ -116,6 +119,13 @@ BAD_FILES = {
     "window closed before it opens": ([good_entry(start_after_tokens=8, stop_after_tokens=8)], None, {}, "stop_after_tokens (8) must be larger than start_after_tokens (8)"),
     "bad applies_to": ([good_entry(applies_to={"instruction": "x"})], None, {}, "unknown applies_to key(s) ['instruction']"),
     "bad strength rule": ([good_entry(applies_to={"instruction_id": "x", "strength_rule": {"kwarg": "n", "points": [[3, 1], [1, 2]]}})], None, {}, "strictly increasing"),
+    "not_with not a list": ([good_entry(applies_to={"instruction_id": "x", "not_with": "punctuation:no_comma"})], None, {}, "applies_to.not_with must be null or a list of 1 to 64 instruction ids"),
+    "not_with empty": ([good_entry(applies_to={"instruction_id": "x", "not_with": []})], None, {}, "applies_to.not_with must be null or a list of 1 to 64"),
+    "not_with too long": ([good_entry(applies_to={"instruction_id": "x", "not_with": [f"i{n}" for n in range(65)]})], None, {}, "a list of 1 to 64 instruction ids"),
+    "not_with number": ([good_entry(applies_to={"instruction_id": "x", "not_with": [3]})], None, {}, "applies_to.not_with items must be non-empty strings"),
+    "not_with empty id": ([good_entry(applies_to={"instruction_id": "x", "not_with": [""]})], None, {}, "applies_to.not_with items must be non-empty strings"),
+    "not_with twice": ([good_entry(applies_to={"instruction_id": "x", "not_with": ["y", "y"]})], None, {}, "lists an instruction id twice"),
+    "not_with its own instruction": ([good_entry(applies_to={"instruction_id": "x", "not_with": ["y", "x"]})], None, {}, "lists the entry's own instruction 'x': it would serve no document"),
 }
 
 

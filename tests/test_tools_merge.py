@@ -185,3 +185,13 @@ def test_a_scale_that_is_not_above_zero_is_refused_in_one_line(old_and_new, tmp_
     assert main(["merge", old, new + suffix, "--out", str(tmp_path / "m.safetensors")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"new.safetensors{suffix}" in line and "finite number above 0" in line and not (tmp_path / "m.safetensors").exists()
+
+
+def test_entries_that_differ_only_in_not_with_still_count_as_stacked(tmp_path):
+    plain = SteeringEntry("a", torch.ones(8), 1, "add", 1.0, "all", AppliesTo("keywords:existence"))
+    narrowed = SteeringEntry("b", torch.ones(8), 2, "add", 1.0, "all", AppliesTo("keywords:existence", not_with=("punctuation:no_comma",)))
+    first, second = write(tmp_path / "a.safetensors", [plain]), write(tmp_path / "b.safetensors", [narrowed])
+    with pytest.raises(VectorFileError, match="routed to the same documents"):
+        merge([first, second], str(tmp_path / "m.safetensors"))
+    merged, _ = merge([first, second], str(tmp_path / "m.safetensors"), stack=True)
+    assert merged.entry("b").applies_to.not_with == ("punctuation:no_comma",)

@@ -114,3 +114,52 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly() -> None:
     finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert finished.returncode == 1
     assert "Traceback" not in finished.stderr and "BrokenPipeError" not in finished.stderr, finished.stderr
+
+
+def test_exclude_keeps_the_chosen_entries_off_other_instructions_and_records_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    word = AppliesTo("keywords:existence")
+    source = tmp_path / "al.safetensors"
+    prose = SteeringEntry("keywords:existence:anti-looping", torch.ones(8), 2, "add", -1.5, "generated", word)
+    lower = SteeringEntry("lower", torch.full((8,), 2.0), 1, "add", 1.0, "all", AppliesTo("change_case:english_lowercase"))
+    save_vector_file(source, [prose, lower], model="tiny", hidden_size=8, num_layers=4, extra_metadata={"builder": "{}"})
+    out = tmp_path / "kept-off.safetensors"
+    assert main(["vectors", "exclude", str(source), "--entry", "keywords:*", "--not-with", "punctuation:no_comma, detectable_format:title", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "keywords:existence (not with punctuation:no_comma, detectable_format:title)" in printed and "1 of 2 entries changed" in printed
+    written = load_vector_file(out)
+    assert written.entry("keywords:existence:anti-looping").applies_to.not_with == ("punctuation:no_comma", "detectable_format:title")
+    assert written.entry("lower").applies_to.not_with == ()  # not matched: unchanged
+    for name in ("keywords:existence:anti-looping", "lower"):  # everything else kept as it was
+        before, after = load_vector_file(source).entry(name), written.entry(name)
+        assert torch.equal(before.vector, after.vector) and (before.layer, before.strength, before.positions) == (after.layer, after.strength, after.positions)
+    assert written.extra_metadata["builder"] == "{}"
+    (record,) = json.loads(written.extra_metadata["rerouted"])
+    assert record == {"path": str(source), "sha256": load_vector_file(source).sha256, "entries": ["keywords:existence:anti-looping"], "not_with": ["punctuation:no_comma", "detectable_format:title"]}
+    assert entry_rows(written)[0][1] == "keywords:existence (not with punctuation:no_comma, detectable_format:title)"
+    # none clears the list again
+    cleared = tmp_path / "cleared.safetensors"
+    assert main(["vectors", "exclude", str(out), "--entry", "keywords:existence:anti-looping", "--not-with", "none", "--out", str(cleared)]) == 0
+    assert load_vector_file(cleared).entry("keywords:existence:anti-looping").applies_to == word
+
+
+@pytest.mark.parametrize(
+    ("entry", "not_with", "out", "message"),
+    [
+        ("nothing*", "punctuation:no_comma", "new", "no entry name matches 'nothing*'"),
+        ("everyone", "punctuation:no_comma", "new", "entry 'everyone' serves every document (no applies_to)"),
+        ("lower", "change_case:english_lowercase", "new", "entry 'lower': --not-with change_case:english_lowercase is its own instruction"),
+        ("lower", "no_comma", "new", "--not-with 'no_comma': not an IFEval instruction id"),
+        ("lower", " , ", "new", "--not-with: give IFEval instruction ids"),
+        ("lower", "punctuation:no_comma", "source", "is the input file"),
+    ],
+)
+def test_exclude_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str], entry: str, not_with: str, out: str, message: str) -> None:
+    source = tmp_path / "source.safetensors"
+    lower = SteeringEntry("lower", torch.ones(8), 1, "add", 1.0, "all", AppliesTo("change_case:english_lowercase"))
+    save_vector_file(source, [lower, SteeringEntry("everyone", torch.ones(8), 1)], model="tiny", hidden_size=8, num_layers=4)
+    before = source.read_bytes()
+    target = source if out == "source" else tmp_path / "new.safetensors"
+    assert main(["vectors", "exclude", str(source), "--entry", entry, "--not-with", not_with, "--out", str(target)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("lm-eval-steer vectors: error: ") and message in line
+    assert source.read_bytes() == before and not (tmp_path / "new.safetensors").exists()

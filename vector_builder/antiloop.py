@@ -24,7 +24,9 @@ with its layer and strength chosen on held-out requests.
 
 The entry applies to every document, or with ``--route`` one copy per instruction, named
 ``<instruction>:anti-looping`` and routed to it, to merge (``lm-eval-steer merge FILE --stack``) over a
-file whose entries for those instructions it should join.
+file whose entries for those instructions it should join. ``--not-with`` keeps those copies off
+documents that also carry another instruction the entry would cost (its prose has commas, so
+``--not-with punctuation:no_comma``); ``lm-eval-steer validate --paired-with`` measures that cost.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from lm_eval_steer.core.atomic import atomic_write, check_writable, write_json
 from lm_eval_steer.core.console import fail
 from lm_eval_steer.core.degeneracy import is_degenerate, repeated_ngram_ends
 from lm_eval_steer.core.errors import UserError
+from lm_eval_steer.core.ifeval import instruction_ids
 from lm_eval_steer.runtime.hooks import find_decoder_layers, text_config
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, save_vector_file
 from vector_builder import prompts
@@ -75,6 +78,7 @@ class Settings:
     batch_size: int = 16
     max_perplexity_rise: float = 0.5
     routes: tuple[str, ...] = ()
+    not_with: tuple[str, ...] = ()  # routed copies stay off documents that also carry one of these
 
 
 @dataclass(frozen=True)
@@ -207,12 +211,13 @@ def build(runner: Runner, requests: Sequence[str], settings: Settings) -> tuple[
     return found, unsteered, results, choose(unsteered, results, settings.max_perplexity_rise)
 
 
-def entries_for(direction: LayerDirection, multiplier: float, routes: Sequence[str]) -> list[SteeringEntry]:
-    """One entry for every document, or one per routed instruction."""
+def entries_for(direction: LayerDirection, multiplier: float, routes: Sequence[str], not_with: Sequence[str] = ()) -> list[SteeringEntry]:
+    """One entry for every document, or one per routed instruction, kept off documents that also
+    carry an instruction of ``not_with``."""
     entry = direction.entry(multiplier)
     if not routes:
         return [entry]
-    return [replace(entry, name=f"{route}:{ENTRY_NAME}", applies_to=AppliesTo(route)) for route in routes]
+    return [replace(entry, name=f"{route}:{ENTRY_NAME}", applies_to=AppliesTo(route, not_with=tuple(not_with))) for route in routes]
 
 
 def summary_table(unsteered: HeldOut, candidates: Sequence[HeldOut], chosen: HeldOut | None, bound: float) -> str:
@@ -275,6 +280,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=_layers, default=None, help="candidate layers, e.g. 12,18 (default: at 40%% and 60%% of the depth)")
     parser.add_argument("--multipliers", type=_multipliers, default=(0.5, 1.0), help="candidate m in x <- x - m*d (default 0.5,1)")
     parser.add_argument("--route", default="", metavar="ID,ID", help="IFEval instruction ids to route the entry to, one copy each (default: every document)")
+    parser.add_argument("--not-with", default="", metavar="ID,ID",
+                        help="with --route: keep the copies off documents that also carry one of these IFEval instructions "
+                             "(e.g. punctuation:no_comma, which the prose the entry writes breaks)")
     parser.add_argument("--queries", default=None, help="JSONL of {'query': ...} requests, long answers wanted (default: the packaged 120 writing requests)")
     parser.add_argument("--n-train", type=int, default=64, help="requests whose unsteered answers give the direction (default 64)")
     parser.add_argument("--n-val", type=int, default=32, help="the next requests, on which layer and strength are chosen (default 32)")
@@ -292,15 +300,18 @@ def settings_from(args: argparse.Namespace, num_layers: int) -> Settings:
     if bad:
         raise AntiLoopingError(f"--layers {','.join(map(str, bad))}: the model has layers 0-{num_layers - 1}")
     return Settings(layers, tuple(dict.fromkeys(args.multipliers)), args.n_train, args.n_val, args.skip_tokens, args.max_new_tokens, args.batch_size,
-                    args.max_perplexity_rise, parse_routes(args.route))
+                    args.max_perplexity_rise, *routes_from(args))
 
 
-def parse_routes(text: str) -> tuple[str, ...]:
-    routes = tuple(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
-    unknown = [route for route in routes if route not in prompts.instruction_registry()]
-    if unknown:
-        raise AntiLoopingError(f"--route {unknown[0]!r}: not an IFEval instruction id")
-    return routes
+def routes_from(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(--route ids, --not-with ids)``, checked against IFEval's registry and each other."""
+    routes, not_with = instruction_ids(args.route, "--route"), instruction_ids(args.not_with, "--not-with")
+    if not_with and not routes:
+        raise AntiLoopingError("--not-with needs --route: an entry for every document has no instruction to be kept off")
+    both = [instruction_id for instruction_id in not_with if instruction_id in routes]
+    if both:
+        raise AntiLoopingError(f"--not-with {both[0]}: also in --route; its copy would serve no document")
+    return routes, not_with
 
 
 def check_options(args: argparse.Namespace, requests: Sequence[str]) -> None:
@@ -313,7 +324,7 @@ def check_options(args: argparse.Namespace, requests: Sequence[str]) -> None:
         raise AntiLoopingError(f"--max-perplexity-rise {args.max_perplexity_rise}: must be a number of at least 0")
     if args.n_train + args.n_val > len(requests):
         raise AntiLoopingError(f"--n-train {args.n_train} + --n-val {args.n_val}: only {len(requests)} requests in {args.queries or WRITING_TASKS.name}")
-    parse_routes(args.route)
+    routes_from(args)
     check_writable(args.out)
     check_writable(Path(args.report) / REPORT_NAME)
 
@@ -341,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
             direction = next(d for d in found if d.layer == chosen.layer)
             record = {"settings": asdict(settings), "chosen": chosen.label, "queries": args.queries or WRITING_TASKS.name,
                       "held_out": {item.label: {"looping": item.looping_answers, "perplexity": item.perplexity} for item in (unsteered, chosen)}}
-            save_vector_file(args.out, entries_for(direction, chosen.multiplier, settings.routes), model=name,
+            save_vector_file(args.out, entries_for(direction, chosen.multiplier, settings.routes, settings.not_with), model=name,
                              hidden_size=int(text_config(model).hidden_size), num_layers=len(find_decoder_layers(model)),
                              extra_metadata={"anti_looping": json.dumps(record, sort_keys=True)})
     except (UserError, ValueError, OSError) as error:

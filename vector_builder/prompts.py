@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lm_eval_steer.core.ifeval import FORMAT_INSTRUCTIONS, prepare_scorer
+from lm_eval_steer.core.ifeval import FORMAT_INSTRUCTIONS, instruction_registry, prepare_scorer
 
 DEFAULT_QUERIES = Path(__file__).resolve().parent / "data" / "queries.jsonl"
 
@@ -130,15 +130,6 @@ def data_hash(queries: Iterable[str], keywords: Iterable[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------- instructions
-
-
-def instruction_registry() -> Mapping[str, Any]:
-    """IFEval's instruction id → checker class, imported only after the offline NLTK data is found
-    (importing it otherwise "downloads" punkt_tab, fails silently and crashes later while scoring)."""
-    prepare_scorer()
-    from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
-
-    return INSTRUCTION_DICT
 
 
 def describe(instruction_id: str, fixed_kwargs: Mapping[str, Any], seed: str) -> tuple[str, dict[str, Any]]:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lm_eval_steer.runtime.routing import instruction_kwargs, serves_instruction
+from lm_eval_steer.runtime.routing import excluded, instruction_kwargs, serves_instruction
 from lm_eval_steer.runtime.vectorfile import AppliesTo, VectorFileError, parse_applies_to
 
 
@@ -54,10 +54,9 @@ def served_instructions(doc: Mapping[str, Any], routing: RecordedRouting) -> lis
     it; None when no entry applies to the document (it was not steered)."""
     if routing.route == "none" or not routing.applies:
         return None
-    served = [
-        any(applies is not None and serves_instruction(applies, instruction_id, kwargs) for applies in routing.applies)
-        for instruction_id, kwargs in instruction_kwargs(doc)
-    ]
+    # Under route=auto an entry kept off this document by its not_with list serves none of its instructions.
+    applied = [applies for applies in routing.applies if applies is not None and (routing.route == "all" or not excluded(applies, doc))]
+    served = [any(serves_instruction(applies, instruction_id, kwargs) for applies in applied) for instruction_id, kwargs in instruction_kwargs(doc)]
     # The route rules of routing.entries_for_document, on applies_to records instead of entries.
     if routing.route == "all":
         return served

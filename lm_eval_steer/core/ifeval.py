@@ -17,6 +17,7 @@ try to download NLTK data, so it happens only after :func:`prepare_scorer` has c
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,10 @@ SUBSETS: dict[str, Subset] = {
         FORMAT_INSTRUCTIONS | LENGTH_INSTRUCTIONS | KEYWORD_INSTRUCTIONS, 2, 3, STRIPPED_FILE, "model_output"
     ),
 }
+
+
+class InstructionIdError(UserError, ValueError):
+    """A command-line instruction id that IFEval's registry does not know."""
 
 
 class PunktMissingError(UserError, LookupError):
@@ -222,6 +227,25 @@ def harness_ifeval() -> ModuleType:
     from lm_eval.tasks.ifeval import utils
 
     return utils
+
+
+def instruction_registry() -> Mapping[str, Any]:
+    """IFEval's instruction id → checker class, imported only after the offline NLTK data is found
+    (importing it otherwise "downloads" punkt_tab, fails silently and crashes later while scoring)."""
+    prepare_scorer()
+    from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    return INSTRUCTION_DICT
+
+
+def instruction_ids(text: str, option: str) -> tuple[str, ...]:
+    """``"ID,ID"`` from a command-line ``option`` → the distinct IFEval instruction ids, in order;
+    an :class:`InstructionIdError` naming the option and the first unknown id otherwise."""
+    ids = tuple(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
+    unknown = [instruction_id for instruction_id in ids if instruction_id not in instruction_registry()]
+    if unknown:
+        raise InstructionIdError(f"{option} {unknown[0]!r}: not an IFEval instruction id")
+    return ids
 
 
 def per_instruction_metric(instruction_id: str) -> str:

@@ -1,8 +1,8 @@
 """Routing: which steering entries (with which strengths) each document gets.
 
 ``route="auto"``: an entry with ``applies_to`` serves a document whose ``instruction_id_list``
-contains its instruction id and whose kwargs for that instruction contain its kwargs filter; an
-entry without ``applies_to`` serves every document. ``route="all"``: every entry on every document.
+contains its instruction id and whose kwargs for that instruction contain its kwargs filter, unless
+the list also holds one of its ``not_with`` ids; an entry without ``applies_to`` serves every document. ``route="all"``: every entry on every document.
 ``route="none"``: nothing (a baseline through the same model class).
 """
 
@@ -61,8 +61,14 @@ def serves_instruction(applies_to: AppliesTo, instruction_id: str, kwargs: Mappi
     )
 
 
+def excluded(applies_to: AppliesTo, doc: Mapping[str, Any] | None) -> bool:
+    """Whether the document also carries an instruction the entry is kept off (``applies_to.not_with``)."""
+    return bool(applies_to.not_with) and any(instruction_id in applies_to.not_with for instruction_id, _ in instruction_kwargs(doc or {}))
+
+
 def match_kwargs(applies_to: AppliesTo, doc: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    """The kwargs of the document's matching instruction, or ``None`` if the entry does not apply."""
+    """The kwargs of the document's instruction that the entry serves, or ``None`` if none matches
+    (:func:`excluded` is checked apart, since ``route="all"`` ignores it)."""
     for instruction_id, kwargs in instruction_kwargs(doc or {}):
         if serves_instruction(applies_to, instruction_id, kwargs):
             return kwargs
@@ -103,7 +109,7 @@ def entries_for_document(
     for vector_file in files:
         for entry in vector_file.entries:
             kwargs = match_kwargs(entry.applies_to, doc) if entry.applies_to else None
-            if route == "auto" and entry.applies_to is not None and kwargs is None:
+            if route == "auto" and entry.applies_to is not None and (kwargs is None or excluded(entry.applies_to, doc)):
                 continue
             resolved = apply_overrides(entry, overrides)
             chosen.append(dataclasses.replace(resolved, strength=resolve_strength(entry, kwargs, overrides.scale)))

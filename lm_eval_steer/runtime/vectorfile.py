@@ -42,7 +42,7 @@ POSITIONS = ("all", "prompt", "generated")
 FILE_KEYS = frozenset({"format", "model", "hidden_size", "num_layers", "entries"})
 ENTRY_KEYS = frozenset({"name", "layer", "mode", "strength", "positions", "applies_to", "stop_after", "stop_after_tokens", "start_after_tokens"})
 OPTIONAL_ENTRY_KEYS = frozenset({"applies_to", "stop_after", "stop_after_tokens", "start_after_tokens"})
-APPLIES_TO_KEYS = frozenset({"instruction_id", "kwargs", "strength_rule"})
+APPLIES_TO_KEYS = frozenset({"instruction_id", "kwargs", "strength_rule", "not_with"})
 STRENGTH_RULE_KEYS = frozenset({"kwarg", "points"})
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Largest safetensors header (metadata + tensor index) read: the shipped 195-entry keywords file
@@ -53,6 +53,8 @@ MAX_HEADER_BYTES = 8 << 20
 MAX_JSON_DEPTH = 16
 #: Largest finite float32: strengths, rule points and vector elements must stay below it.
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: Bounds on an entry's ``applies_to.not_with`` list: how many instruction ids, and how long each may be.
+MAX_NOT_WITH, MAX_INSTRUCTION_ID_LENGTH = 64, 200
 #: Bounds on an entry's ``stop_after`` list: how many strings, and how long each may be.
 MAX_STOP_STRINGS, MAX_STOP_LENGTH = 16, 200
 #: Largest ``stop_after_tokens`` and ``start_after_tokens``: longer than any answer a harness task asks for.
@@ -107,12 +109,14 @@ class AppliesTo:
 
     A document matches when ``instruction_id`` is in its ``instruction_id_list`` and, for that
     instruction, its kwargs contain every key/value of ``kwargs`` (strings compared case-insensitively,
-    lists compared as sets).
+    lists compared as sets), and none of the ids in ``not_with`` is in its ``instruction_id_list``
+    (an entry that would cost a second instruction of the same prompt stays off such prompts).
     """
 
     instruction_id: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     strength_rule: StrengthRule | None = None
+    not_with: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"instruction_id": self.instruction_id}
@@ -120,6 +124,8 @@ class AppliesTo:
             out["kwargs"] = dict(self.kwargs)
         if self.strength_rule is not None:
             out["strength_rule"] = self.strength_rule.to_json()
+        if self.not_with:  # optional: files without it read (and write) as before
+            out["not_with"] = list(self.not_with)
         return out
 
 
@@ -296,7 +302,25 @@ def _parse_applies_to(raw: Any, check: _Checker, name: str) -> AppliesTo | None:
         instruction_id=raw["instruction_id"],
         kwargs=kwargs,
         strength_rule=_parse_strength_rule(raw.get("strength_rule"), check, name),
+        not_with=_parse_not_with(raw.get("not_with"), raw["instruction_id"], check, name),
     )
+
+
+def _parse_not_with(raw: Any, instruction_id: str, check: _Checker, name: str) -> tuple[str, ...]:
+    """``applies_to.not_with``: null (or no key) or a list of up to :data:`MAX_NOT_WITH` distinct
+    instruction ids other than the entry's own (excluding its own would route it nowhere)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_NOT_WITH:
+        raise check.fail(f"applies_to.not_with must be null or a list of 1 to {MAX_NOT_WITH} instruction ids, got {brief(raw)}", name)
+    for item in raw:
+        if not isinstance(item, str) or not item or len(item) > MAX_INSTRUCTION_ID_LENGTH:
+            raise check.fail(f"applies_to.not_with items must be non-empty strings of at most {MAX_INSTRUCTION_ID_LENGTH} characters, got {brief(item)}", name)
+    if len(set(raw)) < len(raw):
+        raise check.fail(f"applies_to.not_with lists an instruction id twice: {brief(raw)}", name)
+    if instruction_id in raw:
+        raise check.fail(f"applies_to.not_with lists the entry's own instruction {brief(instruction_id)}: it would serve no document", name)
+    return tuple(raw)
 
 
 def parse_applies_to(raw: Any, source: str, entry: str) -> AppliesTo | None:

@@ -6,7 +6,8 @@ trained jointly (entries ``<name>``, ``<name>@L<layer>`` ..., see
 :mod:`lm_eval_steer.runtime.entrysets`) is replaced as one unit: a later file's ``<name>`` or
 ``<name>@L<layer>`` removes every earlier entry of the set, so no stale layer of an old set is left
 beside a new vector. All files must be for the same model, hidden size and layer count. Entries with
-different names that are routed to the same documents (the same ``applies_to``) would both steer
+different names that are routed to the same documents (the same ``applies_to``, whatever their
+``not_with`` lists) would both steer
 those documents, which is almost never what a merge means, so that is refused unless ``--stack``
 allows it (the entries of one set are meant to steer together and pass).
 
@@ -33,7 +34,7 @@ import argparse
 import fnmatch
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lm_eval_steer.core.paths import resolve_vectors
@@ -45,7 +46,9 @@ from lm_eval_steer.runtime.vectorfile import ScaleError, SteeringEntry, VectorFi
 def _check_not_stacked(chosen: dict[str, tuple[SteeringEntry, int]]) -> None:
     routed: dict[str, str] = {}
     for name, (entry, _) in chosen.items():
-        key = json.dumps(None if entry.applies_to is None else entry.applies_to.to_json(), sort_keys=True)
+        # not_with only narrows the documents: entries that differ in it alone still meet on the rest
+        applies_to = None if entry.applies_to is None else replace(entry.applies_to, not_with=()).to_json()
+        key = json.dumps(applies_to, sort_keys=True)
         if key in routed and set_name(routed[key]) != set_name(name):
             raise VectorFileError(
                 f"entries {routed[key]!r} and {name!r} are routed to the same documents ({key}) and would both steer them; "

@@ -3,6 +3,7 @@
     lm-eval-steer vectors list                          # the packaged files: name, model, entries
     lm-eval-steer vectors show smollm2-135m-instruct    # one row per entry (a name or a path)
     lm-eval-steer vectors catalog --out vectors/README.md
+    lm-eval-steer vectors exclude FILE --entry GLOB --not-with ID,ID --out NEW   # see lm_eval_steer.tools.routes
 
 The recommended file of each model is packaged as ``lm_eval_steer.vectors`` (the repository's
 ``vectors/`` folder), so ``vectors=<name>`` in ``--model_args`` finds it without a path
@@ -23,6 +24,7 @@ from lm_eval_steer.core.atomic import write_text
 from lm_eval_steer.core.paths import packaged_vector_files, resolve_vectors
 from lm_eval_steer.runtime.routing import vector_digest
 from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, load_vector_file
+from lm_eval_steer.tools.routes import exclude
 
 ENTRY_HEADERS = ("entry", "instruction", "layer", "mode", "strength", "positions", "answer window", "method", "from", "sha256")
 
@@ -70,11 +72,13 @@ def entry_sources(metadata: Mapping[str, str]) -> dict[str, str]:
 
 
 def instruction(entry: SteeringEntry) -> str:
-    """``keywords:existence {keywords: ['pie']}`` — the instruction id and kwargs filter an entry serves."""
+    """``keywords:existence keywords=['pie'] (not with punctuation:no_comma)``: the instruction id,
+    kwargs filter and exclusions of the documents an entry serves."""
     if entry.applies_to is None:
         return "(every document)"
     kwargs = " ".join(f"{key}={value}" for key, value in entry.applies_to.kwargs.items())
-    return f"{entry.applies_to.instruction_id} {kwargs}".strip()
+    not_with = f"(not with {', '.join(entry.applies_to.not_with)})" if entry.applies_to.not_with else ""
+    return " ".join(part for part in (entry.applies_to.instruction_id, kwargs, not_with) if part)
 
 
 def strength(entry: SteeringEntry) -> str:
@@ -169,6 +173,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     show.add_argument("file", help="a .safetensors path, or the name of a packaged file (see list)")
     write = actions.add_parser("catalog", help="write the Markdown catalog of the packaged files")
     write.add_argument("--out", required=True, help="where to write it (atomically), e.g. vectors/README.md")
+    keep = actions.add_parser("exclude", help="keep entries off documents that also carry other instructions (applies_to.not_with)")
+    keep.add_argument("file", help="a .safetensors path, or the name of a packaged file (see list)")
+    keep.add_argument("--entry", required=True, metavar="GLOB", help="the entries to change: a name or a glob, e.g. 'keywords:existence:*'")
+    keep.add_argument("--not-with", required=True, metavar="ID,ID",
+                      help="IFEval instruction ids whose documents the entries skip under route=auto (replaces their list; none clears it)")
+    keep.add_argument("--out", required=True, help="the vector file to write (atomically; not the input file)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,6 +186,12 @@ def run(args: argparse.Namespace) -> int:
         print(list_table(packaged()))
     elif args.action == "show":
         print(describe(load_vector_file(resolve_vectors(args.file, argument=""))))
+    elif args.action == "exclude":
+        written, changed = exclude(args.file, args.entry, args.not_with, args.out)
+        for entry in written.entries:
+            if entry.name in changed:
+                print(f"{entry.name}\t{instruction(entry)}")
+        print(f"wrote {args.out}: {len(changed)} of {len(written.entries)} entries changed")
     else:
         write_text(args.out, catalog())
         print(f"wrote {args.out}")

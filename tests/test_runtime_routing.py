@@ -1,0 +1,54 @@
+"""Routing rules on hand-made documents: ``applies_to`` with a kwargs filter and ``not_with``."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lm_eval_steer.runtime.routing import entries_for_document, excluded
+from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, VectorFile
+
+WORD, COMMA, LOWER, TITLE = "keywords:existence", "punctuation:no_comma", "change_case:english_lowercase", "detectable_format:title"
+IDS = (WORD, COMMA, LOWER, TITLE)
+
+
+def file_of(*entries: SteeringEntry) -> VectorFile:
+    return VectorFile(model="tiny", hidden_size=4, num_layers=2, entries=entries)
+
+
+def entry(name: str, applies_to: AppliesTo | None) -> SteeringEntry:
+    return SteeringEntry(name, torch.ones(4), 1, "add", 2.0, "generated", applies_to)
+
+
+def doc(*ids: str) -> dict:
+    return {"instruction_id_list": list(ids), "kwargs": [{} for _ in ids]}
+
+
+def test_an_entry_stays_off_documents_that_carry_a_not_with_instruction():
+    prose = entry("prose", AppliesTo(WORD, not_with=(COMMA,)))
+    vectors = [file_of(prose)]
+    assert [e.name for e in entries_for_document(doc(WORD), vectors, "auto")] == ["prose"]
+    assert [e.name for e in entries_for_document(doc(WORD, LOWER), vectors, "auto")] == ["prose"]
+    assert entries_for_document(doc(WORD, COMMA), vectors, "auto") == ()
+    assert entries_for_document(doc(COMMA, WORD), vectors, "auto") == ()  # order does not matter
+    # route=all ignores applies_to altogether, exclusions included; route=none steers nothing
+    assert [e.name for e in entries_for_document(doc(WORD, COMMA), vectors, "all")] == ["prose"]
+    assert entries_for_document(doc(WORD), vectors, "none") == ()
+
+
+def test_other_entries_of_an_excluded_document_still_steer_it():
+    vectors = [file_of(entry("prose", AppliesTo(WORD, not_with=(COMMA,))), entry("comma", AppliesTo(COMMA)), entry("all", None))]
+    assert [e.name for e in entries_for_document(doc(WORD, COMMA), vectors, "auto")] == ["comma", "all"]
+
+
+@given(st.lists(st.sampled_from(IDS), max_size=4, unique=True), st.lists(st.sampled_from(IDS[1:]), min_size=1, max_size=3, unique=True))
+def test_not_with_removes_exactly_the_documents_that_carry_one_of_its_ids(document_ids, not_with):
+    """Served with the list ⟺ served without it and no listed id in the document."""
+    plain, narrowed = AppliesTo(WORD), AppliesTo(WORD, not_with=tuple(not_with))
+    document = doc(*document_ids)
+    served_plain = bool(entries_for_document(document, [file_of(entry("e", plain))], "auto"))
+    served_narrowed = bool(entries_for_document(document, [file_of(entry("e", narrowed))], "auto"))
+    assert excluded(narrowed, document) == any(i in not_with for i in document_ids)
+    assert served_narrowed == (served_plain and not any(i in not_with for i in document_ids))
+    assert not excluded(plain, document)
