@@ -160,7 +160,7 @@ def command(model_dir, tmp_path, *extra: str) -> list[str]:
 
 
 def test_the_command_writes_the_chosen_entry_routed_to_each_instruction(looping_model_dir, tmp_path, capsys):
-    assert main(command(looping_model_dir, tmp_path, "--route", ROUTES, "--not-with", LOWER, "--max-perplexity-rise", "1e9")) == 0
+    assert main(command(looping_model_dir, tmp_path, "--route", ROUTES, "--not-with", f"{LOWER},punctuation:no_comma", "--max-perplexity-rise", "1e9")) == 0
     report = json.loads((tmp_path / "report" / "anti-looping.json").read_text())
     assert (tmp_path / "report" / "anti-looping.png").stat().st_size > 0
     unsteered, *candidates = report["held_out"]
@@ -176,7 +176,8 @@ def test_the_command_writes_the_chosen_entry_routed_to_each_instruction(looping_
     assert [e.name for e in vectors.entries] == [f"{route}:anti-looping" for route in ROUTES.split(",")]
     for entry in vectors.entries:
         assert entry.applies_to.instruction_id == entry.name.removesuffix(":anti-looping")
-        assert entry.applies_to.not_with == (LOWER,)  # kept off prompts that also ask for lowercase
+        # kept off prompts that also ask for lowercase, and the title copy off no-comma prompts (not the no-comma copy: its own)
+        assert entry.applies_to.not_with == ((LOWER, "punctuation:no_comma") if entry.applies_to.instruction_id == "detectable_format:title" else (LOWER,))
         assert (entry.layer, entry.mode, entry.positions) == (chosen["layer"], "add", "generated")
         assert math.isclose(entry.strength, -chosen["multiplier"] * direction["norm"], rel_tol=1e-5)
     assert json.loads(vectors.extra_metadata["anti_looping"])["chosen"] == report["chosen"]
@@ -202,9 +203,9 @@ def one_error_line(capsys) -> str:
     ("extra", "named"),
     [
         (["--route", "detectable_format:titles"], "--route 'detectable_format:titles'"),
-        (["--route", "detectable_format:title", "--not-with", "no_comma"], "--not-with 'no_comma': not an IFEval instruction id"),
+        (["--route", "detectable_format:title", "--not-with", "no_comma"], "--not-with 'no_comma': matches no IFEval instruction id"),
         (["--not-with", "punctuation:no_comma"], "--not-with needs --route"),
-        (["--route", "detectable_format:title,punctuation:no_comma", "--not-with", "punctuation:no_comma"], "--not-with punctuation:no_comma: also in --route"),
+        (["--route", "detectable_format:title", "--not-with", "punctuation:*,nothing:*"], "--not-with 'nothing:*': matches no IFEval instruction id"),
         (["--n-train", "100", "--n-val", "30"], "only 120 requests"),
         (["--n-val", "0"], "at least 1"),
         (["--skip-tokens", "40"], "--skip-tokens 40"),

@@ -140,6 +140,11 @@ def test_exclude_keeps_the_chosen_entries_off_other_instructions_and_records_it(
     cleared = tmp_path / "cleared.safetensors"
     assert main(["vectors", "exclude", str(out), "--entry", "keywords:existence:anti-looping", "--not-with", "none", "--out", str(cleared)]) == 0
     assert load_vector_file(cleared).entry("keywords:existence:anti-looping").applies_to == word
+    # '*': only prompts without another instruction
+    alone = tmp_path / "alone.safetensors"
+    assert main(["vectors", "exclude", str(source), "--entry", "keywords:existence:anti-looping", "--not-with", "*", "--out", str(alone)]) == 0
+    assert load_vector_file(alone).entry("keywords:existence:anti-looping").applies_to.not_with == ("*",)
+    assert "keywords:existence (not with *)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -148,7 +153,7 @@ def test_exclude_keeps_the_chosen_entries_off_other_instructions_and_records_it(
         ("nothing*", "punctuation:no_comma", "new", "no entry name matches 'nothing*'"),
         ("everyone", "punctuation:no_comma", "new", "entry 'everyone' serves every document (no applies_to)"),
         ("lower", "change_case:english_lowercase", "new", "entry 'lower': --not-with change_case:english_lowercase is its own instruction"),
-        ("lower", "no_comma", "new", "--not-with 'no_comma': not an IFEval instruction id"),
+        ("lower", "no_comma", "new", "--not-with 'no_comma': matches no IFEval instruction id"),
         ("lower", " , ", "new", "--not-with: give IFEval instruction ids"),
         ("lower", "punctuation:no_comma", "source", "is the input file"),
     ],

@@ -217,7 +217,8 @@ def entries_for(direction: LayerDirection, multiplier: float, routes: Sequence[s
     entry = direction.entry(multiplier)
     if not routes:
         return [entry]
-    return [replace(entry, name=f"{route}:{ENTRY_NAME}", applies_to=AppliesTo(route, not_with=tuple(not_with))) for route in routes]
+    # a copy's own instruction is never one it is kept off (the file format refuses it there)
+    return [replace(entry, name=f"{route}:{ENTRY_NAME}", applies_to=AppliesTo(route, not_with=tuple(p for p in not_with if p != route))) for route in routes]
 
 
 def summary_table(unsteered: HeldOut, candidates: Sequence[HeldOut], chosen: HeldOut | None, bound: float) -> str:
@@ -281,8 +282,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--multipliers", type=_multipliers, default=(0.5, 1.0), help="candidate m in x <- x - m*d (default 0.5,1)")
     parser.add_argument("--route", default="", metavar="ID,ID", help="IFEval instruction ids to route the entry to, one copy each (default: every document)")
     parser.add_argument("--not-with", default="", metavar="ID,ID",
-                        help="with --route: keep the copies off documents that also carry one of these IFEval instructions "
-                             "(e.g. punctuation:no_comma, which the prose the entry writes breaks)")
+                        help="with --route: keep the copies off documents that also carry another instruction matching one of these "
+                             "IFEval ids or globs (punctuation:no_comma, which the prose the entry writes breaks; '*': any other instruction)")
     parser.add_argument("--queries", default=None, help="JSONL of {'query': ...} requests, long answers wanted (default: the packaged 120 writing requests)")
     parser.add_argument("--n-train", type=int, default=64, help="requests whose unsteered answers give the direction (default 64)")
     parser.add_argument("--n-val", type=int, default=32, help="the next requests, on which layer and strength are chosen (default 32)")
@@ -304,13 +305,10 @@ def settings_from(args: argparse.Namespace, num_layers: int) -> Settings:
 
 
 def routes_from(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(--route ids, --not-with ids)``, checked against IFEval's registry and each other."""
-    routes, not_with = instruction_ids(args.route, "--route"), instruction_ids(args.not_with, "--not-with")
+    """``(--route ids, --not-with ids or globs)``, checked against IFEval's registry."""
+    routes, not_with = instruction_ids(args.route, "--route"), instruction_ids(args.not_with, "--not-with", patterns=True)
     if not_with and not routes:
         raise AntiLoopingError("--not-with needs --route: an entry for every document has no instruction to be kept off")
-    both = [instruction_id for instruction_id in not_with if instruction_id in routes]
-    if both:
-        raise AntiLoopingError(f"--not-with {both[0]}: also in --route; its copy would serve no document")
     return routes, not_with
 
 

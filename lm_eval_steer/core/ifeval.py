@@ -16,9 +16,10 @@ try to download NLTK data, so it happens only after :func:`prepare_scorer` has c
 
 from __future__ import annotations
 
+import fnmatch
 import json
-from collections.abc import Mapping
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -238,13 +239,15 @@ def instruction_registry() -> Mapping[str, Any]:
     return INSTRUCTION_DICT
 
 
-def instruction_ids(text: str, option: str) -> tuple[str, ...]:
+def instruction_ids(text: str, option: str, patterns: bool = False) -> tuple[str, ...]:
     """``"ID,ID"`` from a command-line ``option`` → the distinct IFEval instruction ids, in order;
-    an :class:`InstructionIdError` naming the option and the first unknown id otherwise."""
+    an :class:`InstructionIdError` naming the option and the first unknown id otherwise. With
+    ``patterns``, fnmatch globs (``punctuation:*``, ``*``) are accepted where they match an id."""
     ids = tuple(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
-    unknown = [instruction_id for instruction_id in ids if instruction_id not in instruction_registry()]
+    known = instruction_registry()
+    unknown = [item for item in ids if item not in known and not (patterns and fnmatch.filter(known, item))]
     if unknown:
-        raise InstructionIdError(f"{option} {unknown[0]!r}: not an IFEval instruction id")
+        raise InstructionIdError(f"{option} {unknown[0]!r}: {'matches no' if patterns else 'not an'} IFEval instruction id")
     return ids
 
 

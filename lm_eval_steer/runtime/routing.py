@@ -2,13 +2,14 @@
 
 ``route="auto"``: an entry with ``applies_to`` serves a document whose ``instruction_id_list``
 contains its instruction id and whose kwargs for that instruction contain its kwargs filter, unless
-the list also holds one of its ``not_with`` ids; an entry without ``applies_to`` serves every document. ``route="all"``: every entry on every document.
+another of its instructions matches one of its ``not_with`` patterns; an entry without ``applies_to`` serves every document. ``route="all"``: every entry on every document.
 ``route="none"``: nothing (a baseline through the same model class).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -62,8 +63,10 @@ def serves_instruction(applies_to: AppliesTo, instruction_id: str, kwargs: Mappi
 
 
 def excluded(applies_to: AppliesTo, doc: Mapping[str, Any] | None) -> bool:
-    """Whether the document also carries an instruction the entry is kept off (``applies_to.not_with``)."""
-    return bool(applies_to.not_with) and any(instruction_id in applies_to.not_with for instruction_id, _ in instruction_kwargs(doc or {}))
+    """Whether the document carries another instruction than the entry's own that one of
+    ``applies_to.not_with``'s patterns (fnmatch globs) matches."""
+    others = [instruction_id for instruction_id, _ in instruction_kwargs(doc or {}) if instruction_id != applies_to.instruction_id]
+    return any(fnmatch.fnmatchcase(instruction_id, pattern) for instruction_id in others for pattern in applies_to.not_with)
 
 
 def match_kwargs(applies_to: AppliesTo, doc: Mapping[str, Any] | None) -> Mapping[str, Any] | None:

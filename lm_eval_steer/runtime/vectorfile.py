@@ -109,8 +109,10 @@ class AppliesTo:
 
     A document matches when ``instruction_id`` is in its ``instruction_id_list`` and, for that
     instruction, its kwargs contain every key/value of ``kwargs`` (strings compared case-insensitively,
-    lists compared as sets), and none of the ids in ``not_with`` is in its ``instruction_id_list``
-    (an entry that would cost a second instruction of the same prompt stays off such prompts).
+    lists compared as sets), and none of its other instruction ids matches a pattern of ``not_with``
+    (fnmatch globs: an exact id, ``punctuation:*``, or ``*`` for any other instruction). An entry that
+    would cost a second instruction of the same prompt stays off such prompts; ``("*",)`` keeps an
+    entry validated on one-instruction questions to one-instruction prompts.
     """
 
     instruction_id: str
@@ -308,7 +310,8 @@ def _parse_applies_to(raw: Any, check: _Checker, name: str) -> AppliesTo | None:
 
 def _parse_not_with(raw: Any, instruction_id: str, check: _Checker, name: str) -> tuple[str, ...]:
     """``applies_to.not_with``: null (or no key) or a list of up to :data:`MAX_NOT_WITH` distinct
-    instruction ids other than the entry's own (excluding its own would route it nowhere)."""
+    instruction ids or globs, without the entry's own id (listing it would look like routing it
+    nowhere, though only the document's *other* instructions are ever matched)."""
     if raw is None:
         return ()
     if not isinstance(raw, list) or not raw or len(raw) > MAX_NOT_WITH:

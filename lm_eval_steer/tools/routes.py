@@ -7,9 +7,10 @@ A vector acts on the whole answer, so an entry that helps its own instruction ca
 instruction of the same prompt (a direction against looping writes prose, and prose has commas).
 ``lm-eval-steer validate --paired-with ID`` measures that cost on validation questions; where it is
 real, this command sets the entries' ``applies_to.not_with`` list, and under ``route=auto`` they no
-longer steer a document whose ``instruction_id_list`` holds one of those ids. Every other field of
-the file is kept; the file's metadata records the change (``rerouted``: source path and sha256, the
-entries and their new lists). ``--not-with none`` clears the lists.
+longer steer a document with another instruction that one of those ids or globs matches
+(``--not-with '*'``: any other instruction, for an entry validated on one-instruction questions only).
+Every other field of the file is kept; the file's metadata records the change (``rerouted``: source
+path and sha256, the entries and their new lists). ``--not-with none`` clears the lists.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ def exclude(source: str, pattern: str, not_with_text: str, out: str) -> tuple[Ve
     path = resolve_vectors(source, argument="")
     if Path(out).resolve() == Path(path).resolve():
         raise VectorFileError(f"--out {out}: is the input file; write the result to a new file")
-    not_with = () if not_with_text.strip().lower() == "none" else instruction_ids(not_with_text, "--not-with")
+    not_with = () if not_with_text.strip().lower() == "none" else instruction_ids(not_with_text, "--not-with", patterns=True)
     if not not_with and not_with_text.strip().lower() != "none":
-        raise VectorFileError("--not-with: give IFEval instruction ids separated by commas, or none to clear the lists")
+        raise VectorFileError("--not-with: give IFEval instruction ids or globs separated by commas, or none to clear the lists")
     vector_file = load_vector_file(path)
     entries, changed = keep_off(vector_file, pattern, not_with)
     metadata = dict(vector_file.extra_metadata)
