@@ -76,7 +76,7 @@ def test_show_lists_every_entry_with_its_rule_method_and_source(tmp_path: Path) 
 def test_show_and_list_print_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["vectors", "list"]) == 0
     listing = capsys.readouterr().out
-    assert "smollm2-135m-instruct" in listing and "| 105 " in listing
+    assert "smollm2-135m-instruct" in listing and "| 107 " in listing
     assert main(["vectors", "show", "smollm2-135m-instruct"]) == 0
     shown = capsys.readouterr().out
     assert "keywords:existence:Argentinian" in shown and "smollm2-keywords-token-delayed-writing.safetensors" in shown and "from token 16" in shown
