@@ -195,3 +195,9 @@ def test_entries_that_differ_only_in_not_with_still_count_as_stacked(tmp_path):
         merge([first, second], str(tmp_path / "m.safetensors"))
     merged, _ = merge([first, second], str(tmp_path / "m.safetensors"), stack=True)
     assert merged.entry("b").applies_to.not_with == ("punctuation:no_comma",)
+    # a file that already stacks them merges with another without --stack: its stacking was on purpose
+    other = write(tmp_path / "c.safetensors", [entry("title", 3)])
+    again, _ = merge([str(tmp_path / "m.safetensors"), other], str(tmp_path / "again.safetensors"))
+    assert {e.name for e in again.entries} == {"a", "b", "title"}
+    with pytest.raises(VectorFileError, match="'a' and 'a2' are routed to the same documents"):
+        merge([str(tmp_path / "m.safetensors"), write(tmp_path / "d.safetensors", [SteeringEntry("a2", torch.ones(8), 3, "add", 1.0, "all", AppliesTo("keywords:existence"))])], str(tmp_path / "x.safetensors"))

@@ -9,7 +9,8 @@ beside a new vector. All files must be for the same model, hidden size and layer
 different names that are routed to the same documents (the same ``applies_to``, whatever their
 ``not_with`` lists) would both steer
 those documents, which is almost never what a merge means, so that is refused unless ``--stack``
-allows it (the entries of one set are meant to steer together and pass).
+allows it (the entries of one set are meant to steer together and pass, and so do entries that one
+source file already stacks).
 
 The merged file records where each entry came from, as ``merged_from`` metadata: per source file
 its path, sha256, the entries taken from it and its own metadata (a builder's settings and training
@@ -44,17 +45,21 @@ from lm_eval_steer.runtime.vectorfile import ScaleError, SteeringEntry, VectorFi
 
 
 def _check_not_stacked(chosen: dict[str, tuple[SteeringEntry, int]]) -> None:
-    routed: dict[str, str] = {}
-    for name, (entry, _) in chosen.items():
+    """Refuses two differently named entries from *different* source files that are routed to the
+    same documents; entries one source file already stacks (the packaged files' entries against
+    looping beside their instructions' own) were stacked on purpose and pass."""
+    routed: dict[str, list[tuple[str, int]]] = {}
+    for name, (entry, index) in chosen.items():
         # not_with only narrows the documents: entries that differ in it alone still meet on the rest
         applies_to = None if entry.applies_to is None else replace(entry.applies_to, not_with=()).to_json()
         key = json.dumps(applies_to, sort_keys=True)
-        if key in routed and set_name(routed[key]) != set_name(name):
-            raise VectorFileError(
-                f"entries {routed[key]!r} and {name!r} are routed to the same documents ({key}) and would both steer them; "
-                "give them the same name to replace one with the other, or pass --stack"
-            )
-        routed.setdefault(key, name)
+        for other, other_index in routed.get(key, []):
+            if other_index != index and set_name(other) != set_name(name):
+                raise VectorFileError(
+                    f"entries {other!r} and {name!r} are routed to the same documents ({key}) and would both steer them; "
+                    "give them the same name to replace one with the other, or pass --stack"
+                )
+        routed.setdefault(key, []).append((name, index))
 
 
 @dataclass(frozen=True)
