@@ -65,6 +65,8 @@ def serves_instruction(applies_to: AppliesTo, instruction_id: str, kwargs: Mappi
 def excluded(applies_to: AppliesTo, doc: Mapping[str, Any] | None) -> bool:
     """Whether the document carries another instruction than the entry's own that one of
     ``applies_to.not_with``'s patterns (fnmatch globs) matches."""
+    if not applies_to.not_with:  # most entries: no need to walk the document's instructions
+        return False
     others = [instruction_id for instruction_id, _ in instruction_kwargs(doc or {}) if instruction_id != applies_to.instruction_id]
     return any(fnmatch.fnmatchcase(instruction_id, pattern) for instruction_id in others for pattern in applies_to.not_with)
 

@@ -56,8 +56,9 @@ def exclude(source: str, pattern: str, not_with_text: str, out: str) -> tuple[Ve
     path = resolve_vectors(source, argument="")
     if Path(out).resolve() == Path(path).resolve():
         raise VectorFileError(f"--out {out}: is the input file; write the result to a new file")
-    not_with = () if not_with_text.strip().lower() == "none" else instruction_ids(not_with_text, "--not-with", patterns=True)
-    if not not_with and not_with_text.strip().lower() != "none":
+    clear = not_with_text.strip().lower() == "none"
+    not_with = () if clear else instruction_ids(not_with_text, "--not-with", patterns=True)
+    if not not_with and not clear:
         raise VectorFileError("--not-with: give IFEval instruction ids or globs separated by commas, or none to clear the lists")
     vector_file = load_vector_file(path)
     entries, changed = keep_off(vector_file, pattern, not_with)
