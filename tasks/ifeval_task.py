@@ -12,7 +12,7 @@ from typing import Any
 from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
-from lm_eval_steer.core.ifeval import SUBSETS, agg_inst_level_acc, load_subset, per_instruction_metric, prepare_scorer, process_results
+from lm_eval_steer.core.ifeval import agg_inst_level_acc, load_subset, per_instruction_metric, prepare_scorer, process_results, subset_instruction_ids
 
 __all__ = ["IFEvalSubsetTask", "agg_inst_level_acc", "process_results"]
 
@@ -28,7 +28,7 @@ class IFEvalSubsetTask(ConfigurableTask):
         config = {key: value for key, value in config.items() if key != "class"}
         prepare_scorer()  # fail now, before any generation, if scoring cannot work
         super().__init__(config=config)
-        for instruction_id in sorted(SUBSETS[self.config.dataset_kwargs["subset"]].instructions):
+        for instruction_id in sorted(subset_instruction_ids(self.config.dataset_kwargs["subset"])):
             name = per_instruction_metric(instruction_id)
             self._aggregation_list[name] = mean
             self._higher_is_better[name] = True

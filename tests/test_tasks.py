@@ -23,7 +23,8 @@ EXPECTED_COUNTS = {
     "keywords_exclude": 117,
     "composition": 124,
 }
-ALL_TASKS = [f"ifeval_{name}{suffix}" for name in EXPECTED_COUNTS for suffix in ("", "_noinst")]
+HELDOUT_COUNT = 220  # the IFEval prompts none of the subsets above holds (541 in all)
+ALL_TASKS = [f"ifeval_{name}{suffix}" for name in EXPECTED_COUNTS for suffix in ("", "_noinst")] + ["ifeval_heldout"]
 GROUPS = {
     "ifeval_keywords": ["ifeval_keywords_include", "ifeval_keywords_exclude"],
     "ifeval_steer": [f"ifeval_{name}" for name in EXPECTED_COUNTS],
@@ -89,6 +90,19 @@ def test_format_subset_is_the_papers_format_file(local_data: Path) -> None:
 def test_composition_has_two_or_three_steerable_instructions(local_data: Path) -> None:
     counts = {len(doc["instruction_id_list"]) for doc in steer.subset_docs("composition")}
     assert counts == {2, 3}
+
+
+def test_heldout_is_every_ifeval_prompt_the_other_subsets_leave_out(local_data: Path) -> None:
+    heldout = steer.subset_docs("heldout")
+    assert len(heldout) == HELDOUT_COUNT
+    used = {doc["key"] for name in ("format", "length", "composition") for doc in steer.subset_docs(name)}
+    keys = [doc["key"] for doc in heldout]
+    assert len(set(keys)) == len(keys) and not used & set(keys)
+    assert used | set(keys) == {int(row["key"]) for row in steer.ifeval_rows()}
+    instructions = {i for doc in heldout for i in doc["instruction_id_list"]}
+    assert "keywords:existence" in instructions  # single-keyword IFEval prompts are held out
+    assert instructions <= steer.subset_instruction_ids("heldout")
+    assert "detectable_content:postscript" in steer.subset_instruction_ids("heldout")
 
 
 @pytest.mark.parametrize("subset", list(EXPECTED_COUNTS))
@@ -274,6 +288,15 @@ def test_built_tasks_show_the_right_prompt_and_report_per_instruction_metrics(lo
     assert {"prompt_level_strict_acc", "inst_level_loose_acc"} <= metrics
     assert {f"inst_level_loose_acc:{i}" for i in steer.LENGTH_INSTRUCTIONS} <= metrics
     assert without.higher_is_better()["inst_level_loose_acc:length_constraints:number_words"] is True
+
+
+def test_heldout_task_reports_every_ifeval_instruction_it_holds(local_data: Path, our_task_manager) -> None:
+    task = our_task_manager.load(["ifeval_heldout"])["tasks"]["ifeval_heldout"]
+    docs = task.test_docs()
+    assert len(docs) == HELDOUT_COUNT
+    assert task.doc_to_text(docs[0]) == docs[0]["prompt"]
+    metrics = set(task.aggregation())
+    assert {f"inst_level_loose_acc:{i}" for doc in docs for i in doc["instruction_id_list"]} <= metrics
 
 
 def test_missing_punkt_fails_when_the_task_is_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, our_task_manager) -> None:
