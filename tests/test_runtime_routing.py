@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lm_eval_steer.runtime.routing import entries_for_document, excluded
+from lm_eval_steer.runtime.routing import entries_for_document, excluded, routes_to
 from lm_eval_steer.runtime.vectorfile import AppliesTo, SteeringEntry, VectorFile
 
 WORD, COMMA, LOWER, TITLE = "keywords:existence", "punctuation:no_comma", "change_case:english_lowercase", "detectable_format:title"
@@ -64,3 +64,13 @@ def test_not_with_removes_exactly_the_documents_that_carry_one_of_its_ids(docume
     assert excluded(narrowed, document) == any(i in not_with for i in document_ids)
     assert served_narrowed == (served_plain and not any(i in not_with for i in document_ids))
     assert not excluded(plain, document)
+
+
+@given(st.lists(st.sampled_from(IDS), max_size=4, unique=True), st.sampled_from(["auto", "all", "none"]), st.booleans())
+def test_routes_to_is_the_rule_entries_for_document_applies(document_ids, route, alone):
+    """The one routing predicate, which the unserved-instructions table shares, picks the same entries."""
+    entries = (entry("for-all", None), entry("word", AppliesTo(WORD, not_with=("*",) if alone else None)), entry("comma", AppliesTo(COMMA)))
+    chosen = [e.name for e in entries_for_document(doc(*document_ids), [file_of(*entries)], route)]
+    assert chosen == [e.name for e in entries if routes_to(e.applies_to, doc(*document_ids), route)]
+    if route == "auto":
+        assert ("word" in chosen) == (WORD in document_ids and not (alone and len(document_ids) > 1))

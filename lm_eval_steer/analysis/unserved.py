@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lm_eval_steer.runtime.routing import excluded, instruction_kwargs, serves_instruction
+from lm_eval_steer.runtime.routing import instruction_kwargs, routes_to, serves_instruction
 from lm_eval_steer.runtime.vectorfile import AppliesTo, VectorFileError, parse_applies_to
 
 
@@ -52,16 +52,13 @@ class RecordedRouting:
 def served_instructions(doc: Mapping[str, Any], routing: RecordedRouting) -> list[bool] | None:
     """Per instruction of ``doc`` (in ``instruction_id_list`` order): whether an applied entry is for
     it; None when no entry applies to the document (it was not steered)."""
-    if routing.route == "none" or not routing.applies:
+    applied = [applies for applies in routing.applies if routes_to(applies, doc, routing.route)]
+    if not applied:
         return None
-    # Under route=auto an entry kept off this document by its not_with list serves none of its instructions.
-    applied = [applies for applies in routing.applies if applies is not None and (routing.route == "all" or not excluded(applies, doc))]
-    served = [any(serves_instruction(applies, instruction_id, kwargs) for applies in applied) for instruction_id, kwargs in instruction_kwargs(doc)]
-    # The route rules of routing.entries_for_document, on applies_to records instead of entries.
-    if routing.route == "all":
-        return served
-    steered = any(served) or any(applies is None for applies in routing.applies)
-    return served if steered else None
+    return [
+        any(applies is not None and serves_instruction(applies, instruction_id, kwargs) for applies in applied)
+        for instruction_id, kwargs in instruction_kwargs(doc)
+    ]
 
 
 def unserved_outcomes(samples: Iterable[Mapping[str, Any]], routing: RecordedRouting, metric: str) -> dict[str, list[tuple[int, bool]]]:

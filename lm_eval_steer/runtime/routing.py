@@ -99,6 +99,17 @@ def apply_overrides(entry: SteeringEntry, overrides: Overrides) -> SteeringEntry
     )
 
 
+def routes_to(applies_to: AppliesTo | None, doc: Mapping[str, Any] | None, route: str) -> bool:
+    """Whether an entry with ``applies_to`` is applied to ``doc`` under ``route``: never under
+    ``"none"``, always under ``"all"``; under ``"auto"`` when it has no ``applies_to``, or the document
+    carries its instruction (with matching kwargs) and no other instruction its ``not_with`` names."""
+    if route == "none":
+        return False
+    if route == "all" or applies_to is None:
+        return True
+    return match_kwargs(applies_to, doc) is not None and not excluded(applies_to, doc)
+
+
 def entries_for_document(
     doc: Mapping[str, Any] | None,
     files: Sequence[VectorFile],
@@ -113,9 +124,9 @@ def entries_for_document(
     chosen: list[SteeringEntry] = []
     for vector_file in files:
         for entry in vector_file.entries:
-            kwargs = match_kwargs(entry.applies_to, doc) if entry.applies_to else None
-            if route == "auto" and entry.applies_to is not None and (kwargs is None or excluded(entry.applies_to, doc)):
+            if not routes_to(entry.applies_to, doc, route):
                 continue
+            kwargs = match_kwargs(entry.applies_to, doc) if entry.applies_to else None
             resolved = apply_overrides(entry, overrides)
             chosen.append(dataclasses.replace(resolved, strength=resolve_strength(entry, kwargs, overrides.scale)))
     return tuple(chosen)
