@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
 from collections import Counter
 from pathlib import Path
 
 from lm_eval_steer.analysis.fluency import load_tokenizer, tokenizer_spec
 from lm_eval_steer.analysis.results import parse_model_args
 from lm_eval_steer.core.degeneracy import is_degenerate
-from lm_eval_steer.core.paths import packaged_vector_files
+from lm_eval_steer.core.paths import models_cache_dir, packaged_vector_files
 from lm_eval_steer.runtime.routing import entries_for_document
 from lm_eval_steer.runtime.vectorfile import load_vector_file
+from lm_eval_steer.tools.models import find, model_args
 
 RESULTS = Path(__file__).resolve().parent.parent
 
@@ -33,8 +33,8 @@ def samples(folder: Path) -> dict[int, dict]:
 
 def changes(model: str) -> dict:
     vectors = load_vector_file(packaged_vector_files()[model])
-    model_args = subprocess.run(["lm-eval-steer", "models", "fetch", model], check=True, capture_output=True, text=True).stdout.strip()
-    tokenize = load_tokenizer(tokenizer_spec(parse_model_args(model_args)))
+    known = find(model)  # as `lm-eval-steer models fetch`: the GGUF whose tokenizer the runs used
+    tokenize = load_tokenizer(tokenizer_spec(parse_model_args(model_args(known, known.fetch(models_cache_dir())))))
     folder = RESULTS / model / "heldout" / "steered-prompts"
     unsteered, steered = samples(folder / "unsteered"), samples(folder / "steered")
     loops = lambda row: is_degenerate(tokenize(row["resps"][0][0]))  # noqa: E731
