@@ -25,7 +25,8 @@ from vector_builder.validate import (
     questions_after_build,
     report,
     checks_for,
-    paired_instruction,
+    MIXED,
+    paired_instructions,
     rows_for,
     shipping_problems,
     summary_table,
@@ -202,7 +203,7 @@ def test_paired_prompts_ask_a_second_instruction_and_pass_only_when_both_hold(ti
     questions = ["What is a cat?", "Name a colour."]
     _, (target,) = prompts.plan([INSTRUCTION])
     single = checks_for([target], questions, 0)
-    paired = checks_for([target], questions, 0, paired_with="startend:quotation")
+    paired = checks_for([target], questions, 0, paired_with=["startend:quotation"])
     sentences = [two.text[len(one.text) + 1 :] for one, two in zip(single, paired)]
     assert sentences[:2] == sentences[2:] and all("quot" in sentence for sentence in sentences)  # drawn once per question
     for one, two, sentence in zip(single, paired, sentences):
@@ -217,13 +218,32 @@ def test_paired_prompts_ask_a_second_instruction_and_pass_only_when_both_hold(ti
     def scorer(instruction_id, kwargs, prompt, response):
         seen.append(instruction_id)
         return instruction_id == INSTRUCTION  # the target always holds, the paired one never
-    outcomes = validate(runner, [target], [both], questions, 0, scorer=scorer, paired_with="startend:quotation")
+    outcomes = validate(runner, [target], [both], questions, 0, scorer=scorer, paired_with=["startend:quotation"])
     assert all(not any(o.follows) for o in outcomes) and seen.count("startend:quotation") == 8
+
+
+def test_mixed_pairs_the_questions_in_turn_with_every_instruction_that_can_share_a_prompt():
+    from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_CONFLICTS
+
+    _, (target,) = prompts.plan(["change_case:english_lowercase"])
+    mixed = paired_instructions(target, MIXED)
+    conflicting = INSTRUCTION_CONFLICTS["change_case:english_lowercase"]
+    assert "change_case:english_capital" in conflicting and mixed == sorted(set(prompts.instruction_registry()) - conflicting - {"combination:repeat_prompt"})
+    questions = [f"Question {i}?" for i in range(len(mixed) + 2)]
+    checks = checks_for([target], questions, 0, paired_with=mixed)
+    seconds = [check.instructions[1][0] for check in checks]
+    expected = [mixed[i % len(mixed)] for i in range(len(questions))]
+    assert seconds == expected + expected  # in turn, the told prompt of a question with the untold one's instruction
+    assert [c.instructions[1][1] for c in checks[: len(questions)]] == [c.instructions[1][1] for c in checks[len(questions) :]]
+    assert paired_instructions(target, "startend:quotation, detectable_format:title") == ["startend:quotation", "detectable_format:title"]
 
 
 @pytest.mark.parametrize(("paired", "message"), [("no:such_id", "--paired-with 'no:such_id': not an IFEval instruction id"),
                                                  (INSTRUCTION, f"--paired-with {INSTRUCTION}: conflicts with --instruction {INSTRUCTION}"),
-                                                 ("change_case:english_capital", "conflicts with --instruction change_case:english_lowercase")])
+                                                 ("change_case:english_capital", "conflicts with --instruction change_case:english_lowercase"),
+                                                 ("startend:quotation,mixed", "--paired-with 'mixed': not an IFEval instruction id"),
+                                                 ("combination:repeat_prompt", "its sentence quotes the request"),
+                                                 ("startend:quotation,startend:quotation", "an instruction is given twice")])
 def test_a_paired_instruction_that_cannot_be_asked_is_refused_before_the_model_loads(tmp_path, capsys, vector_path, paired, message):
     from lm_eval_steer.cli import main
 

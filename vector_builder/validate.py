@@ -128,41 +128,60 @@ class Check:
         return cls(item.text, ((instruction_id, item.kwargs),), item.checker_prompt)
 
 
-def checks_for(targets: Sequence[prompts.Target], questions: Sequence[str], seed: int, paired_with: str | None = None) -> list[Check]:
+def checks_for(targets: Sequence[prompts.Target], questions: Sequence[str], seed: int, paired_with: Sequence[str] = ()) -> list[Check]:
     """The build's validation prompts for ``questions``, untold then told. Question ``i`` is asked for
     ``targets[i % len(targets)]`` (a keyword instruction has one target per word, so the words take
-    turns), worded as the build words it for that target. With ``paired_with``, each prompt also asks
-    that second instruction (its sentence appended after the target's, shown untold too, drawn once
-    per question) and passes only when both hold, as a two-instruction IFEval prompt does."""
+    turns), worded as the build words it for that target. With ``paired_with``, question ``i`` also
+    asks ``paired_with[i % len(paired_with)]`` (its sentence appended after the target's, shown untold
+    too, drawn once per question) and passes only when both hold, as a two-instruction IFEval prompt does."""
     per_target = [prompts.validation_prompts(target, questions, seed, also_with_instruction=True) for target in targets]
     count = len(questions)
     items = [per_target[i % len(targets)][i] for i in range(count)] + [per_target[i % len(targets)][count + i] for i in range(count)]
     instruction_id = targets[0].instruction_id
-    if paired_with is None:
+    if not paired_with:
         return [Check.of(instruction_id, item) for item in items]
     checks = []
     for index, item in enumerate(items):
-        text, kwargs = prompts.describe(paired_with, {}, f"{seed}:val:paired:{paired_with}:{index % len(questions)}")
+        question = index % count  # the untold and the told prompt of a question share their second instruction
+        second = paired_with[question % len(paired_with)]
+        text, kwargs = prompts.describe(second, {}, f"{seed}:val:paired:{second}:{question}")
         checks.append(
             Check(
                 prompts.with_instruction(item.text, text),
-                ((instruction_id, item.kwargs), (paired_with, kwargs)),
+                ((instruction_id, item.kwargs), (second, kwargs)),
                 prompts.with_instruction(item.checker_prompt, text),
             )
         )
     return checks
 
 
-def paired_instruction(target: prompts.Target, paired_with: str) -> str:
-    """``--paired-with``, checked: an IFEval id other than the target's that IFEval does not list as
-    conflicting with it (a lowercase answer cannot also be in capitals)."""
-    if paired_with not in prompts.instruction_registry():
-        raise CandidateError(f"--paired-with {paired_with!r}: not an IFEval instruction id")
+MIXED = "mixed"
+# The one IFEval instruction whose sentence quotes the request itself (its kwargs cannot be drawn).
+NEEDS_THE_REQUEST = frozenset({"combination:repeat_prompt"})
+
+
+def paired_instructions(target: prompts.Target, spec: str) -> list[str]:
+    """``--paired-with``, checked: ``mixed`` (every IFEval id that can share a prompt with the target,
+    sorted, so that the questions take them in turn as IFEval's own prompts mix instructions) or
+    comma-separated ids, each other than the target's and not listed by IFEval as conflicting with it
+    (a lowercase answer cannot also be in capitals)."""
     from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_CONFLICTS  # after the registry's offline setup
 
-    if paired_with in INSTRUCTION_CONFLICTS.get(target.instruction_id, set()) | {target.instruction_id}:
-        raise CandidateError(f"--paired-with {paired_with}: conflicts with --instruction {target.instruction_id} (IFEval never asks both)")
-    return paired_with
+    registry = prompts.instruction_registry()
+    excluded = INSTRUCTION_CONFLICTS.get(target.instruction_id, set()) | {target.instruction_id}
+    if spec.strip() == MIXED:
+        return sorted(set(registry) - excluded - NEEDS_THE_REQUEST)
+    ids = [part.strip() for part in spec.split(",")]
+    for paired_with in ids:
+        if paired_with not in registry:
+            raise CandidateError(f"--paired-with {paired_with!r}: not an IFEval instruction id (nor {MIXED!r})")
+        if paired_with in excluded:
+            raise CandidateError(f"--paired-with {paired_with}: conflicts with --instruction {target.instruction_id} (IFEval never asks both)")
+        if paired_with in NEEDS_THE_REQUEST:
+            raise CandidateError(f"--paired-with {paired_with}: its sentence quotes the request, which a validation question cannot supply")
+    if len(set(ids)) < len(ids):
+        raise CandidateError(f"--paired-with {spec!r}: an instruction is given twice")
+    return ids
 
 
 def rows_for(candidate: Candidate | None, checks: Sequence[Check]) -> list[tuple[SteeringEntry, ...]]:
@@ -195,7 +214,7 @@ def validate(
     questions: Sequence[str],
     seed: int,
     scorer: Scorer = loose_follows,
-    paired_with: str | None = None,
+    paired_with: Sequence[str] = (),
 ) -> list[Outcome]:
     """The unsteered answers (label ``unsteered``), then each candidate's, to ``questions`` without and
     then with the instruction (the build's validation prompts and kwargs for these questions; with
@@ -287,9 +306,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--paired-with",
-        metavar="INSTRUCTION_ID",
-        help="also ask this second IFEval instruction in every prompt (shown untold too) and count a pass only when both hold, "
-        "as in IFEval's two-instruction prompts; entries the candidates route to it apply as well",
+        metavar="ID[,ID...]|mixed",
+        help="also ask a second IFEval instruction in every prompt (shown untold too) and count a pass only when both hold, "
+        "as in IFEval's two-instruction prompts; with several ids (or 'mixed': every id that can share a prompt with --instruction) "
+        "the questions take them in turn; entries the candidates route to them apply as well",
     )
     parser.add_argument(
         "--against",
@@ -307,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
         if args.questions < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
             raise CandidateError("--questions, --max-new-tokens and --batch-size must be at least 1")
         targets = targets_for(args.instruction, prompts.parse_keywords(args.keywords))  # fails before the model loads
-        paired_with = None if args.paired_with is None else paired_instruction(targets[0], args.paired_with)
+        paired_with = [] if args.paired_with is None else paired_instructions(targets[0], args.paired_with)
         questions = questions_after_build(prompts.load_queries(args.queries), args.n_train, args.n_val, args.questions, args.seed)
         candidates = [load_candidate(text, args.instruction) for text in args.candidates]  # bad files fail before the model loads
         labels = [candidate.label for candidate in candidates]
