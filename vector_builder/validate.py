@@ -144,7 +144,9 @@ def checks_for(targets: Sequence[prompts.Target], questions: Sequence[str], seed
     for index, item in enumerate(items):
         question = index % count  # the untold and the told prompt of a question share their second instruction
         second = paired_with[question % len(paired_with)]
-        text, kwargs = prompts.describe(second, {}, f"{seed}:val:paired:{second}:{question}")
+        # IFEval's repeat-the-request instruction quotes the request the model is shown.
+        fixed = {"prompt_to_repeat": item.text} if second == REPEAT_PROMPT else {}
+        text, kwargs = prompts.describe(second, fixed, f"{seed}:val:paired:{second}:{question}")
         checks.append(
             Check(
                 prompts.with_instruction(item.text, text),
@@ -156,8 +158,7 @@ def checks_for(targets: Sequence[prompts.Target], questions: Sequence[str], seed
 
 
 MIXED = "mixed"
-# The one IFEval instruction whose sentence quotes the request itself (its kwargs cannot be drawn).
-NEEDS_THE_REQUEST = frozenset({"combination:repeat_prompt"})
+REPEAT_PROMPT = "combination:repeat_prompt"
 
 
 def paired_instructions(target: prompts.Target, spec: str) -> list[str]:
@@ -170,15 +171,13 @@ def paired_instructions(target: prompts.Target, spec: str) -> list[str]:
     registry = prompts.instruction_registry()
     excluded = INSTRUCTION_CONFLICTS.get(target.instruction_id, set()) | {target.instruction_id}
     if spec.strip() == MIXED:
-        return sorted(set(registry) - excluded - NEEDS_THE_REQUEST)
+        return sorted(set(registry) - excluded)
     ids = [part.strip() for part in spec.split(",")]
     for paired_with in ids:
         if paired_with not in registry:
             raise CandidateError(f"--paired-with {paired_with!r}: not an IFEval instruction id (nor {MIXED!r})")
         if paired_with in excluded:
             raise CandidateError(f"--paired-with {paired_with}: conflicts with --instruction {target.instruction_id} (IFEval never asks both)")
-        if paired_with in NEEDS_THE_REQUEST:
-            raise CandidateError(f"--paired-with {paired_with}: its sentence quotes the request, which a validation question cannot supply")
     if len(set(ids)) < len(ids):
         raise CandidateError(f"--paired-with {spec!r}: an instruction is given twice")
     return ids
