@@ -104,7 +104,7 @@ def test_candidates_are_routed_and_scaled_as_steered_hf_does_and_answer_like_gen
 
     runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=3, seed=0, max_new_tokens=6))
     scorer = lambda instruction_id, kwargs, prompt, response: "," not in response  # noqa: E731
-    outcomes = validate(runner, targets[:1], [strong], questions, 0, scorer=scorer)
+    outcomes = validate(runner, checks, [strong], scorer=scorer)
     assert [o.label for o in outcomes] == ["unsteered", "strong"] and all(len(o.texts) == 4 for o in outcomes)
     ids = [prompts.chat_ids(tokenizer, item.text) for item in items]
     # batches of 3 here against one call of 4 there: same answers (left padding is masked)
@@ -138,6 +138,9 @@ def test_the_command_writes_every_answer_and_prints_the_table(tiny_model_dir, tm
     assert [c["label"] for c in saved["candidates"]] == ["unsteered", "one"]
     assert all(len(c["texts"]) == 4 and set(c["counts"]) >= {"new_looping", "fluent_told"} for c in saved["candidates"])
     assert saved["settings"]["instruction"] == INSTRUCTION and math.isclose(saved["settings"]["questions"], 2)
+    asked = saved["prompts"]  # the prompts, in the answers' order: two questions untold, then told
+    assert len(asked) == 4 and all([i["id"] for i in p["instructions"]] == [INSTRUCTION] for p in asked)
+    assert asked[2]["text"].startswith(asked[0]["text"]) and len(asked[2]["text"]) > len(asked[0]["text"])
 
 
 @pytest.mark.parametrize(
@@ -181,9 +184,9 @@ def test_against_judges_every_other_candidate_in_the_table_and_the_json():
     assert table[0].endswith("| replaces packaged? |")
     assert table[2].endswith("| — |") and table[3].endswith("| — |") and table[4].endswith("| yes |")
     assert table[5].endswith("| no: fluent passes 1 not above 2; new looping 1 above 0; told passes 0 below 1 |")
-    saved = report(outcomes, {}, "packaged")["candidates"]
+    saved = report(outcomes, [], {}, "packaged")["candidates"]
     assert [c.get("replaces", {}).get("yes") for c in saved] == [None, None, True, False]
-    assert "replaces" not in report(outcomes, {})["candidates"][2] and "replaces" not in summary_table(outcomes)
+    assert "replaces" not in report(outcomes, [], {})["candidates"][2] and "replaces" not in summary_table(outcomes)
 
 
 @pytest.mark.parametrize(("extra", "message"), [(["--against", "nope"], "--against 'nope': not a candidate label (a, b)"),
@@ -218,7 +221,7 @@ def test_paired_prompts_ask_a_second_instruction_and_pass_only_when_both_hold(ti
     def scorer(instruction_id, kwargs, prompt, response):
         seen.append(instruction_id)
         return instruction_id == INSTRUCTION  # the target always holds, the paired one never
-    outcomes = validate(runner, [target], [both], questions, 0, scorer=scorer, paired_with=["startend:quotation"])
+    outcomes = validate(runner, paired, [both], scorer=scorer)
     assert all(not any(o.follows) for o in outcomes) and seen.count("startend:quotation") == 8
 
 

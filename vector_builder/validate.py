@@ -9,7 +9,7 @@ candidate's entries routed to the instruction exactly as ``steered-hf`` routes t
 ``FILE*M`` scales their strengths as the ``scale=`` model argument does). Per candidate it reports
 passes (IFEval's loose checker), fluent passes (passes whose answer does not loop) and answers that
 loop where the unsteered answer to the same prompt does not (``new_looping``) or the reverse
-(``cured_looping``); the JSON keeps every answer. ``--against LABEL`` judges every other candidate
+(``cured_looping``); the JSON keeps every prompt and answer. ``--against LABEL`` judges every other candidate
 against that one by :func:`shipping_problems`. For a keyword instruction, ``--keywords`` gives the
 words, which the questions take in turn, each answer scored for its word and steered by that word's entry.
 
@@ -206,19 +206,9 @@ def targets_for(instruction_id: str, keywords: Sequence[str] = ()) -> list[promp
     return targets
 
 
-def validate(
-    runner: Runner,
-    targets: Sequence[prompts.Target],
-    candidates: Sequence[Candidate],
-    questions: Sequence[str],
-    seed: int,
-    scorer: Scorer = loose_follows,
-    paired_with: Sequence[str] = (),
-) -> list[Outcome]:
-    """The unsteered answers (label ``unsteered``), then each candidate's, to ``questions`` without and
-    then with the instruction (the build's validation prompts and kwargs for these questions; with
-    ``paired_with``, :func:`checks_for`'s two-instruction prompts)."""
-    checks = checks_for(targets, questions, seed, paired_with)
+def validate(runner: Runner, checks: Sequence[Check], candidates: Sequence[Candidate], scorer: Scorer = loose_follows) -> list[Outcome]:
+    """The unsteered answers (label ``unsteered``), then each candidate's, to ``checks`` (from
+    :func:`checks_for`: the questions without and then with the instruction)."""
     ids = [prompts.chat_ids(runner.tokenizer, check.text) for check in checks]
     outcomes = []
     runs = [("unsteered", None), *((c.label, c) for c in candidates)]
@@ -277,7 +267,9 @@ def summary_table(outcomes: Sequence[Outcome], against: str | None = None) -> st
     return "\n".join(lines)
 
 
-def report(outcomes: Sequence[Outcome], settings: Mapping[str, object], against: str | None = None) -> dict[str, object]:
+def report(outcomes: Sequence[Outcome], checks: Sequence[Check], settings: Mapping[str, object], against: str | None = None) -> dict[str, object]:
+    """The JSON ``--out`` holds: the settings, every prompt (its text and instructions, as the answers
+    are ordered) and per candidate its answers, counts and, with ``against``, its verdict."""
     unsteered = outcomes[0].loops
     judged = verdicts(outcomes, against) if against else {}
     candidates = []
@@ -286,7 +278,8 @@ def report(outcomes: Sequence[Outcome], settings: Mapping[str, object], against:
         if outcome.label in judged:
             entry["replaces"] = {"against": against, "yes": not judged[outcome.label], "problems": judged[outcome.label]}
         candidates.append(entry)
-    return {"settings": dict(settings), "candidates": candidates}
+    asked = [{"text": check.text, "instructions": [{"id": i, "kwargs": dict(kwargs)} for i, kwargs in check.instructions]} for check in checks]
+    return {"settings": dict(settings), "prompts": asked, "candidates": candidates}
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -295,7 +288,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instruction", required=True, help="the IFEval instruction id whose entries are compared, e.g. startend:quotation")
     parser.add_argument("--keywords", metavar="WORDS",
                         help="keyword instructions: the words to ask for, word1,word2 or a file with one word per line; the questions take them in turn")
-    parser.add_argument("--out", required=True, help="JSON file with every answer and the counts (written atomically)")
+    parser.add_argument("--out", required=True, help="JSON file with every prompt, every answer and the counts (written atomically)")
     parser.add_argument("--questions", type=int, default=24, help="questions to answer, each without and with the instruction (default 24)")
     parser.add_argument("--n-train", type=int, default=32, help="the build's --n-train, which fixes its split (default 32)")
     parser.add_argument("--n-val", type=int, default=8, help="the build's --n-val: its validation questions are skipped (default 8)")
@@ -339,9 +332,10 @@ def run(args: argparse.Namespace) -> int:
         for candidate in candidates:
             check_compatible(candidate.vectors, shape)
         runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens))
-        outcomes = validate(runner, targets, candidates, questions, args.seed, paired_with=paired_with)
+        checks = checks_for(targets, questions, args.seed, paired_with)
+        outcomes = validate(runner, checks, candidates)
         settings = {key: value for key, value in vars(args).items() if key != "out"}
-        write_json(args.out, report(outcomes, settings, args.against))
+        write_json(args.out, report(outcomes, checks, settings, args.against))
     except (UserError, ValueError, OSError) as error:
         return fail("validate", error)
     print(summary_table(outcomes, args.against))
