@@ -21,6 +21,21 @@ def test_split_is_deterministic_and_disjoint():
         prompts.split_queries(queries[:3], 2, 2, seed=0)
 
 
+def test_a_packaged_question_set_is_named_from_any_directory_and_a_path_stays_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no checkout here: the names resolve to the package's own files
+    assert set(prompts.PACKAGED_QUERIES) == {"queries", "writing_tasks"}
+    assert prompts.load_queries("queries") == prompts.load_queries()
+    writing = prompts.load_queries("writing_tasks")
+    assert len(writing) == 120 and not set(writing) & set(prompts.load_queries())
+    (tmp_path / "writing_tasks").write_text('{"query": "Mine?"}\n')  # an existing file wins over the name
+    assert prompts.load_queries("writing_tasks") == ["Mine?"]
+    with pytest.raises(prompts.PromptError) as error:
+        prompts.load_queries("nope")
+    assert str(error.value) == "--queries 'nope': no such file, and no packaged question set of that name (packaged: queries, writing_tasks)"
+    with pytest.raises(FileNotFoundError):
+        prompts.load_queries("nope.jsonl")  # written as a path: the missing file is named by open()
+
+
 def test_instruction_text_is_seeded_and_leaves_global_random_alone():
     prompts.describe("punctuation:no_comma", {}, "warm-up")  # importing the registry may itself draw
     random.seed(123)

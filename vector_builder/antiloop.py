@@ -284,7 +284,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--not-with", default="", metavar="ID,ID",
                         help="with --route: keep the copies off documents that also carry another instruction matching one of these "
                              "IFEval ids or globs (punctuation:no_comma, which the prose the entry writes breaks; '*': any other instruction)")
-    parser.add_argument("--queries", default=None, help="JSONL of {'query': ...} requests, long answers wanted (default: the packaged 120 writing requests)")
+    parser.add_argument("--queries", default=None, help="JSONL of {'query': ...} requests, long answers wanted, or a packaged set's name (default: writing_tasks, 120 writing requests)")
     parser.add_argument("--n-train", type=int, default=64, help="requests whose unsteered answers give the direction (default 64)")
     parser.add_argument("--n-val", type=int, default=32, help="the next requests, on which layer and strength are chosen (default 32)")
     parser.add_argument("--skip-tokens", type=int, default=16, help="answer tokens left out of both means at the start of each answer (default 16)")

@@ -45,7 +45,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keyword-sample", type=int, default=None, metavar="N",
                         help="keywords: choose one layer/strength per keyword instruction on N sampled words pooled, for every word "
                         "(default: search each word on its own)")
-    parser.add_argument("--queries", default=None, help="JSONL of {'query': ...} questions (default: the packaged set)")
+    parser.add_argument("--queries", default=None, help="JSONL of {'query': ...} questions, or a packaged set's name: queries (the default, 293 questions) or writing_tasks (120 writing requests)")
     parser.add_argument("--out", required=True, help="vector file to write (.safetensors)")
     parser.add_argument("--report", default="build", help="directory for report.json, scores.png and the checkpoint")
     parser.add_argument("--layers", type=_int_list, default=None, help="candidate layers, e.g. 6,10,14 (default: from n_layers/5 in steps of 2)")

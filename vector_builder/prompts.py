@@ -27,6 +27,8 @@ from typing import Any, Literal
 from lm_eval_steer.core.ifeval import FORMAT_INSTRUCTIONS, instruction_registry, prepare_scorer
 
 DEFAULT_QUERIES = Path(__file__).resolve().parent / "data" / "queries.jsonl"
+# The packaged question sets by name (``--queries writing_tasks``), so that an installed package needs no path.
+PACKAGED_QUERIES = {path.stem: path for path in sorted(DEFAULT_QUERIES.parent.glob("*.jsonl"))}
 
 # The paper's 13 format instructions, as the `ifeval_format` task subsets define them.
 FORMAT_IDS = tuple(sorted(FORMAT_INSTRUCTIONS))
@@ -90,9 +92,22 @@ class Prompt:
 # ------------------------------------------------------------------------------------------ queries
 
 
+def queries_file(spec: str | os.PathLike[str]) -> Path:
+    """The JSONL file ``spec`` stands for: itself when it exists or is written as a path (a folder
+    separator or the ``.jsonl`` suffix), else the packaged question set of that name
+    (:data:`PACKAGED_QUERIES`); an unknown bare name is refused, listing the packaged names."""
+    text = os.fspath(spec)
+    if os.path.exists(text) or "/" in text or os.sep in text or text.endswith(".jsonl"):
+        return Path(text)
+    if text in PACKAGED_QUERIES:
+        return PACKAGED_QUERIES[text]
+    raise PromptError(f"--queries {text!r}: no such file, and no packaged question set of that name (packaged: {', '.join(PACKAGED_QUERIES)})")
+
+
 def load_queries(path: str | os.PathLike[str] | None = None) -> list[str]:
-    """Questions from a JSONL file with one ``{"query": ...}`` (or ``"prompt"``) object per line."""
-    source = Path(path) if path is not None else DEFAULT_QUERIES
+    """Questions from a JSONL file (or a packaged set's name, :func:`queries_file`) with one
+    ``{"query": ...}`` (or ``"prompt"``) object per line."""
+    source = queries_file(path) if path is not None else DEFAULT_QUERIES
     queries: list[str] = []
     with open(source, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):

@@ -293,7 +293,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-train", type=int, default=32, help="the build's --n-train, which fixes its split (default 32)")
     parser.add_argument("--n-val", type=int, default=8, help="the build's --n-val: its validation questions are skipped (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="the build's --seed (default 0)")
-    parser.add_argument("--queries", help="the build's --queries JSONL (default: the packaged questions)")
+    parser.add_argument("--queries", help="the build's --queries (a JSONL file or a packaged set's name; default: queries, the packaged questions)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length (default 256, the evaluation's)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
