@@ -39,6 +39,9 @@ from vector_builder.runner import GenerationSettings, Runner
 from vector_builder.scoring import Scorer, loose_follows
 from vector_builder.search import generate_in_batches, looping_changes
 
+MIXED = "mixed"  # --paired-with mixed: every instruction that can share a prompt with the target
+REPEAT_PROMPT = "combination:repeat_prompt"
+
 
 class CandidateError(UserError, ValueError):
     """A candidate argument that cannot be used (its text, its file, or no entry for the instruction)."""
@@ -155,10 +158,6 @@ def checks_for(targets: Sequence[prompts.Target], questions: Sequence[str], seed
             )
         )
     return checks
-
-
-MIXED = "mixed"
-REPEAT_PROMPT = "combination:repeat_prompt"
 
 
 def paired_instructions(target: prompts.Target, spec: str) -> list[str]:
