@@ -73,6 +73,15 @@ def test_show_lists_every_entry_with_its_rule_method_and_source(tmp_path: Path) 
     assert "merged from built.safetensors, rebuilt.safetensors" in describe(again)
 
 
+def test_show_names_the_method_of_an_entry_against_looping_through_a_merge(tmp_path: Path) -> None:
+    against = SteeringEntry("title:anti-looping", torch.ones(8), 2, "add", -1.0, "generated", AppliesTo("detectable_format:title"))
+    made = tmp_path / "anti-looping.safetensors"
+    save_vector_file(made, [against], model="tiny", hidden_size=8, num_layers=4, extra_metadata={"anti_looping": json.dumps({"chosen": "L2 x1"})})
+    assert entry_rows(load_vector_file(made))[0][7] == "anti-looping"
+    merge([str(made)], str(tmp_path / "merged.safetensors"))
+    assert entry_rows(load_vector_file(tmp_path / "merged.safetensors"))[0][7:9] == ["anti-looping", "anti-looping.safetensors"]
+
+
 def test_show_and_list_print_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["vectors", "list"]) == 0
     listing = capsys.readouterr().out

@@ -52,6 +52,8 @@ def entry_methods(metadata: Mapping[str, str]) -> dict[str, str]:
     builder = _json(metadata, "builder")
     if isinstance(builder, dict) and isinstance(builder.get("method"), str):
         methods.setdefault("*", builder["method"])
+    if "anti_looping" in metadata:  # written by `lm-eval-steer anti-looping`, which records its choice there
+        methods.setdefault("*", "anti-looping")
     recorded = _json(metadata, "methods")
     if isinstance(recorded, dict):
         methods.update({str(name): str(method) for name, method in recorded.items()})
