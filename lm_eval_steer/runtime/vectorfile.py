@@ -532,6 +532,16 @@ def _read_tensor(handle: Any, key: str, hidden_size: int, check: _Checker) -> to
     return handle.get_tensor(key)
 
 
+def metadata_json(metadata: Mapping[str, str], key: str) -> Any:
+    """A JSON-valued free-form metadata field (``merged_from``, ``builder``, ``rerouted``, …), or None
+    when it is absent or not JSON: these fields describe a file's history, and reading them must never
+    fail on a file whose entries load."""
+    try:
+        return json.loads(metadata[key]) if key in metadata else None
+    except ValueError:
+        return None
+
+
 def load_vector_file(path: str | os.PathLike[str]) -> VectorFile:
     """Reads and validates a vector file. Whether it fits a model is
     :func:`lm_eval_steer.runtime.compatibility.check_compatible`'s question."""

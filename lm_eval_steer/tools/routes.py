@@ -24,7 +24,7 @@ from pathlib import Path
 from lm_eval_steer.core.ifeval import instruction_ids
 from lm_eval_steer.core.paths import resolve_vectors
 from lm_eval_steer.runtime.entrysets import set_name
-from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, VectorFileError, load_vector_file, save_vector_file
+from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, VectorFileError, load_vector_file, metadata_json, save_vector_file
 
 
 def keep_off(vector_file: VectorFile, pattern: str, not_with: Sequence[str]) -> tuple[list[SteeringEntry], list[str]]:
@@ -63,10 +63,7 @@ def exclude(source: str, pattern: str, not_with_text: str, out: str) -> tuple[Ve
     vector_file = load_vector_file(path)
     entries, changed = keep_off(vector_file, pattern, not_with)
     metadata = dict(vector_file.extra_metadata)
-    try:
-        history = json.loads(metadata.get("rerouted", "[]"))
-    except ValueError:
-        history = []
+    history = metadata_json(metadata, "rerouted")
     record = {"path": vector_file.path, "sha256": vector_file.sha256, "entries": changed, "not_with": list(not_with)}
     metadata["rerouted"] = json.dumps([*(history if isinstance(history, list) else []), record])
     written = save_vector_file(out, entries, model=vector_file.model, hidden_size=vector_file.hidden_size, num_layers=vector_file.num_layers, extra_metadata=metadata)

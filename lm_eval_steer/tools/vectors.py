@@ -14,16 +14,14 @@ its metadata records (``merged_from`` for a merge, ``builder``/``methods`` for a
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from lm_eval_steer.analysis.tables import markdown_table
 from lm_eval_steer.core.atomic import write_text
 from lm_eval_steer.core.paths import packaged_vector_files, resolve_vectors
 from lm_eval_steer.runtime.routing import vector_digest
-from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, load_vector_file
+from lm_eval_steer.runtime.vectorfile import SteeringEntry, VectorFile, load_vector_file, metadata_json
 from lm_eval_steer.tools.routes import exclude
 
 ENTRY_HEADERS = ("entry", "instruction", "layer", "mode", "strength", "positions", "answer window", "method", "from", "sha256")
@@ -32,29 +30,21 @@ ENTRY_HEADERS = ("entry", "instruction", "layer", "mode", "strength", "positions
 # ----------------------------------------------------------------------------- what a file holds
 
 
-def _json(metadata: Mapping[str, str], key: str) -> Any:
-    """A JSON-valued metadata field, or None when absent or not JSON (show must not fail on it)."""
-    try:
-        return json.loads(metadata[key]) if key in metadata else None
-    except ValueError:
-        return None
-
-
 def entry_methods(metadata: Mapping[str, str]) -> dict[str, str]:
     """Entry name -> build method, from a build's ``methods``/``builder`` metadata and, for a merge,
     from the metadata of the file each entry was taken from."""
     methods: dict[str, str] = {}
-    for source in _json(metadata, "merged_from") or []:
+    for source in metadata_json(metadata, "merged_from") or []:
         if isinstance(source, dict):
             inner = {key: value for key, value in (source.get("metadata") or {}).items() if isinstance(value, str)}
             found = entry_methods(inner)
             methods.update({name: found.get(name, found.get("*", "")) for name in source.get("entries") or []})
-    builder = _json(metadata, "builder")
+    builder = metadata_json(metadata, "builder")
     if isinstance(builder, dict) and isinstance(builder.get("method"), str):
         methods.setdefault("*", builder["method"])
     if "anti_looping" in metadata:  # written by `lm-eval-steer anti-looping`, which records its choice there
         methods.setdefault("*", "anti-looping")
-    recorded = _json(metadata, "methods")
+    recorded = metadata_json(metadata, "methods")
     if isinstance(recorded, dict):
         methods.update({str(name): str(method) for name, method in recorded.items()})
     return methods
@@ -65,7 +55,7 @@ def entry_sources(metadata: Mapping[str, str]) -> dict[str, str]:
     was itself a merge, the file that merge took it from, and so on (empty for a file that is not a
     merge). A file merged in steps thus still names where each entry came from."""
     sources: dict[str, str] = {}
-    for source in _json(metadata, "merged_from") or []:
+    for source in metadata_json(metadata, "merged_from") or []:
         if isinstance(source, dict):
             earlier = entry_sources({key: value for key, value in (source.get("metadata") or {}).items() if isinstance(value, str)})
             name = Path(str(source.get("path", "?"))).name
@@ -123,7 +113,7 @@ def entry_rows(vector_file: VectorFile) -> list[list[str]]:
 def describe(vector_file: VectorFile) -> str:
     """Header lines (file, sha256, model, shape, provenance) and the entry table, as Markdown."""
     sources = sorted(set(entry_sources(vector_file.extra_metadata).values()))
-    builder = _json(vector_file.extra_metadata, "builder")
+    builder = metadata_json(vector_file.extra_metadata, "builder")
     provenance = (
         f"merged from {', '.join(sources)}" if sources else
         f"built by lm-eval-steer build (builder version {builder.get('builder_version', '?')})" if isinstance(builder, dict) else
