@@ -3,8 +3,10 @@ which answers newly loop or stop looping, and the instructions whose entries ste
 
     python results/leaderboard-heldout/changes.py > results/leaderboard-heldout/changes.json
 
-Reads the committed ``steered-prompts`` runs of both models (their samples) and the packaged files;
-loops are counted as ``lm-eval-steer compare`` counts them (same tokenizer and rule).
+Reads the committed ``steered-prompts`` runs of both models (their samples) and the vector files
+those runs used (the packaged Qwen file; SmolLM2's file as it was before its highlighted-sections
+entry was kept to one-instruction prompts, kept in ``results/``); loops are counted as
+``lm-eval-steer compare`` counts them (same tokenizer and rule).
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from lm_eval_steer.runtime.vectorfile import load_vector_file
 from lm_eval_steer.tools.models import find, model_args
 
 RESULTS = Path(__file__).resolve().parent.parent
+# The files the committed held-out runs were made with.
+RUN_WITH = {
+    "smollm2-135m-instruct": RESULTS / "smollm2-135m-instruct" / "vectors" / "smollm2-135m-instruct-until-highlighted-alone.safetensors",
+    "qwen2.5-coder-0.5b-instruct": packaged_vector_files()["qwen2.5-coder-0.5b-instruct"],
+}
 
 
 def samples(folder: Path) -> dict[int, dict]:
@@ -32,7 +39,7 @@ def samples(folder: Path) -> dict[int, dict]:
 
 
 def changes(model: str) -> dict:
-    vectors = load_vector_file(packaged_vector_files()[model])
+    vectors = load_vector_file(RUN_WITH[model])
     known = find(model)  # as `lm-eval-steer models fetch`: the GGUF whose tokenizer the runs used
     tokenize = load_tokenizer(tokenizer_spec(parse_model_args(model_args(known, known.fetch(models_cache_dir())))))
     folder = RESULTS / model / "heldout" / "steered-prompts"

@@ -6,7 +6,8 @@ Per entry of SmolLM2's packaged file: its ``lm-eval-steer validate --paired-with
 (24 IFEval-like requests from ``ifeval-like-requests.jsonl``, each also asking a second IFEval
 instruction in turn; told answers, then untold), the packaged file against the same file with that
 entry kept to one-instruction prompts (``alone``), and the committed held-out runs (told) on the
-prompts the entry steers. Loops are counted as ``lm-eval-steer compare`` counts them.
+prompts the entry steers (routed by the file those runs used, the packaged file before its
+highlighted-sections entry was kept to one-instruction prompts). Loops are counted as ``lm-eval-steer compare`` counts them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from lm_eval_steer.analysis.fluency import load_tokenizer, tokenizer_spec
 from lm_eval_steer.analysis.results import parse_model_args
 from lm_eval_steer.core.degeneracy import is_degenerate
-from lm_eval_steer.core.paths import models_cache_dir, packaged_vector_files
+from lm_eval_steer.core.paths import models_cache_dir
 from lm_eval_steer.runtime.routing import entries_for_document
 from lm_eval_steer.runtime.vectorfile import load_vector_file
 from lm_eval_steer.tools.models import find, model_args
@@ -67,7 +68,7 @@ def held_out(instruction_id: str, tokenize, vectors) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    vectors = load_vector_file(packaged_vector_files()[MODEL])
+    vectors = load_vector_file(HERE.parent.parent / "vectors" / "smollm2-135m-instruct-until-highlighted-alone.safetensors")  # the held-out runs' file
     known = find(MODEL)
     tokenize = load_tokenizer(tokenizer_spec(parse_model_args(model_args(known, known.fetch(models_cache_dir())))))
     print(json.dumps({tag: {"instruction": i, "validation": validation(tag), "held_out_told": held_out(i, tokenize, vectors)} for tag, i in ENTRIES.items()}, indent=1))
