@@ -454,8 +454,25 @@ def test_a_steered_baseline_whose_vector_file_changed_is_refused(tmp_path, tiny_
         SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(vectors), steered_from=str(copy))
     data["config"]["steering"]["vector_files"][0]["path"] = str(tmp_path / "gone.safetensors")
     (copy / results.name).write_text(json.dumps(data))
-    with pytest.raises(ReuseError, match="its vector file .*gone.safetensors is gone, and no packaged file"):
+    with pytest.raises(ReuseError, match=f"its vector file .*gone.safetensors is gone, and no packaged file.* \\(a copy of that file in {copy} would be used\\)"):
         SteeredHFLM(pretrained=str(tiny_model_dir), vectors=str(vectors), steered_from=str(copy))
+
+
+def test_a_steered_baseline_finds_its_vector_file_kept_beside_its_results(tmp_path, tiny_model_dir, tasks, steered_run, monkeypatch):
+    """A run archived with the file it used (the file's own path since replaced) is reused as before."""
+    results, vector_file = steered_run
+    copy = tmp_path / "archived"
+    shutil.copytree(results.parent, copy)
+    data = json.loads((copy / results.name).read_text())
+    data["config"]["steering"]["vector_files"][0]["path"] = str(tmp_path / "replaced.safetensors")
+    two_entry_file(tmp_path / "replaced.safetensors", comma_seed=9)  # a new version where the old one was
+    (copy / results.name).write_text(json.dumps(data))
+    shutil.copy(vector_file, copy / "kept-under-any-name.safetensors")
+    two_entry_file(copy / "another.safetensors", comma_seed=11)  # a file with another sha256 is passed over
+    seen = count_model_requests(monkeypatch)
+    reused = evaluate(tmp_path / "again", tasks, "steered-hf", f"pretrained={tiny_model_dir},vectors={vector_file},steered_from={copy}")
+    assert seen == []  # the earlier routes were recomputed from the kept copy, so every answer is reused
+    assert_same_answers(reused, results)
 
 
 def test_a_packaged_vector_file_is_found_by_its_sha256_wherever_it_was_recorded(tmp_path):

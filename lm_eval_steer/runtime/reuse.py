@@ -276,10 +276,13 @@ def _unsteered(doc: Mapping[str, Any] | None) -> Signature:
     return ()
 
 
-def _file_with_digest(path: str, digest: Any) -> Path | None:
-    """The recorded vector file, or else the packaged file with its sha256 (a packaged file is
-    recorded by its absolute path, which differs on every installation); None when neither is there."""
-    for candidate in [Path(path), *packaged_vector_files().values()]:
+def _file_with_digest(path: str, digest: Any, beside: Path | None = None) -> Path | None:
+    """The recorded vector file, or else a ``.safetensors`` file in ``beside`` (the folder of the
+    earlier run's results, where a run can be archived with the files it used) or a packaged file with
+    its sha256 (a packaged file is recorded by its absolute path, which differs on every
+    installation, and is replaced when a new version ships); None when none of them is there."""
+    kept = sorted(beside.glob("*.safetensors")) if beside is not None else []
+    for candidate in [Path(path), *kept, *packaged_vector_files().values()]:
         if candidate.is_file() and file_sha256(candidate) == digest:
             return candidate
     return None
@@ -300,11 +303,13 @@ def recorded_routes(argument: str, spec: str, baseline: Baseline) -> Callable[[M
     files: list[VectorFile] = []
     for record in steering.get("vector_files") or []:
         path, digest = (record.get("path"), record.get("sha256")) if isinstance(record, Mapping) else (None, None)
-        found = _file_with_digest(str(path), digest)
+        beside = Path(baseline.results_file).parent
+        found = _file_with_digest(str(path), digest, beside)
         if found is None:
             state = "is gone" if not Path(str(path)).is_file() else f"has changed since (sha256 {file_sha256(Path(str(path)))[:12]}… now)"
             raise ReuseError(
-                f"{where}: its vector file {path} {state}, and no packaged file has its recorded sha256 {brief(digest)[:14]}…, so its routes cannot be recomputed"
+                f"{where}: its vector file {path} {state}, and no packaged file has its recorded sha256 {brief(digest)[:14]}…, "
+                f"so its routes cannot be recomputed (a copy of that file in {beside} would be used)"
             )
         try:
             files.append(load_vector_file(found))
