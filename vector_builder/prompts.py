@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lm_eval_steer.core.ifeval import FORMAT_INSTRUCTIONS, instruction_registry, prepare_scorer
+from lm_eval_steer.core.ifeval import FORMAT_INSTRUCTIONS, instruction_registry
 
 DEFAULT_QUERIES = Path(__file__).resolve().parent / "data" / "queries.jsonl"
 # The packaged question sets by name (``--queries writing_tasks``), so that an installed package needs no path.
