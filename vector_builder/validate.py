@@ -30,6 +30,7 @@ from lm_eval_steer.core.atomic import check_writable, write_json
 from lm_eval_steer.core.console import fail
 from lm_eval_steer.core.degeneracy import is_degenerate
 from lm_eval_steer.core.errors import UserError
+from lm_eval_steer.core.ifeval import instruction_ids
 from lm_eval_steer.core.paths import resolve_vectors
 from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
 from lm_eval_steer.runtime.routing import Overrides, entries_for_document
@@ -167,19 +168,19 @@ def paired_instructions(target: prompts.Target, spec: str) -> list[str]:
     (a lowercase answer cannot also be in capitals)."""
     from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_CONFLICTS  # after the registry's offline setup
 
-    registry = prompts.instruction_registry()
     excluded = INSTRUCTION_CONFLICTS.get(target.instruction_id, set()) | {target.instruction_id}
     if spec.strip() == MIXED:
-        return sorted(set(registry) - excluded)
-    ids = [part.strip() for part in spec.split(",")]
+        return sorted(set(prompts.instruction_registry()) - excluded)
+    ids = instruction_ids(spec, "--paired-with")  # each one known to IFEval's registry, duplicates merged
+    given = [part for part in spec.split(",") if part.strip()]
+    if not ids:
+        raise CandidateError(f"--paired-with {spec!r}: give IFEval instruction ids separated by commas, or {MIXED!r}")
+    if len(ids) < len(given):
+        raise CandidateError(f"--paired-with {spec!r}: an instruction is given twice")
     for paired_with in ids:
-        if paired_with not in registry:
-            raise CandidateError(f"--paired-with {paired_with!r}: not an IFEval instruction id (nor {MIXED!r})")
         if paired_with in excluded:
             raise CandidateError(f"--paired-with {paired_with}: conflicts with --instruction {target.instruction_id} (IFEval never asks both)")
-    if len(set(ids)) < len(ids):
-        raise CandidateError(f"--paired-with {spec!r}: an instruction is given twice")
-    return ids
+    return list(ids)
 
 
 def rows_for(candidate: Candidate | None, checks: Sequence[Check]) -> list[tuple[SteeringEntry, ...]]:
