@@ -301,9 +301,9 @@ def recorded_routes(argument: str, spec: str, baseline: Baseline) -> Callable[[M
     except TypeError:
         raise ReuseError(f"{where}: records overrides {brief(steering.get('overrides'))}, which this version does not know") from None
     files: list[VectorFile] = []
+    beside = Path(baseline.results_file).parent
     for record in steering.get("vector_files") or []:
         path, digest = (record.get("path"), record.get("sha256")) if isinstance(record, Mapping) else (None, None)
-        beside = Path(baseline.results_file).parent
         found = _file_with_digest(str(path), digest, beside)
         if found is None:
             state = "is gone" if not Path(str(path)).is_file() else f"has changed since (sha256 {file_sha256(Path(str(path)))[:12]}… now)"
