@@ -80,6 +80,16 @@ def test_bad_build_options_fail_before_the_model_loads(tmp_path, capsys, flag, v
     assert flag in one_error_line(capsys)
 
 
+@pytest.mark.parametrize(("flag", "value", "named"), [("--layers", "1,9", "--layers [9]"), ("--learned-layers", "4", "--learned-layers [4]")])
+def test_layers_outside_the_model_fail_before_its_weights_load(tiny_model_dir, tmp_path, capsys, flag, value, named):
+    # The tiny model has 4 layers; its config.json says so, and that is all the check may read.
+    with mock.patch("vector_builder.cli.load_model", side_effect=AssertionError("model loaded before the layers were checked")):
+        assert main(["build", "--model_args", f"pretrained={tiny_model_dir}", "--instructions", "format", "--method", "both",
+                     "--out", str(tmp_path / "v.safetensors"), "--report", str(tmp_path / "r"), flag, value]) == 2  # fmt: skip
+    assert f"{named} out of range for a 4-layer model (0..3)" in one_error_line(capsys)
+    assert not (tmp_path / "v.safetensors").exists()
+
+
 def test_disk_full_names_the_target_and_leaves_no_temp_file(tmp_path):
     target = tmp_path / "v.safetensors"
     entries = [SteeringEntry("v", torch.ones(8), 1, "add", 1.0)]

@@ -13,7 +13,8 @@ from dataclasses import replace
 from typing import Any
 
 from lm_eval_steer.core.console import fail
-from lm_eval_steer.runtime.modelargs import ModelArgError, check_local_model
+from lm_eval_steer.runtime.compatibility import ModelShape
+from lm_eval_steer.runtime.modelargs import ModelArgError, check_local_model, config_before_loading
 from vector_builder import prompts
 from vector_builder.methods import METHODS
 from vector_builder.methods.learned import LearnedSettings
@@ -124,16 +125,32 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="token method: strengths as fractions of the residual stream's norm at the layer (default 0.1,0.2,0.3)")
 
 
-def load_model(model_args: str) -> tuple[Any, Any, str]:
-    """``(model, tokenizer, name)`` from harness-style ``key=value,...`` model args."""
-    import torch
+def _parsed_model_args(model_args: str) -> dict[str, Any]:
     from lm_eval.utils import simple_parse_args_string
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = simple_parse_args_string(model_args)
     if "pretrained" not in args:
         raise ModelArgError("--model_args needs pretrained=...")
     check_local_model(args["pretrained"], "--model_args")
+    return args
+
+
+def layers_before_loading(model_args: str) -> int | None:
+    """The model's number of decoder layers, read from its config (for a GGUF file, only its metadata)
+    before any weights load, so that layer options fail in seconds; None when the config cannot be read
+    here (the options are then checked on the loaded model)."""
+    args = _parsed_model_args(model_args)
+    config = config_before_loading(str(args["pretrained"]), args)
+    shape = ModelShape.of_config(config) if config is not None else None
+    return shape.num_layers if shape is not None else None
+
+
+def load_model(model_args: str) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, name)`` from harness-style ``key=value,...`` model args."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = _parsed_model_args(model_args)
     pretrained = str(args["pretrained"])
     gguf = {"gguf_file": str(args["gguf_file"])} if args.get("gguf_file") else {}
     if gguf and os.path.isdir(pretrained) and not os.path.isfile(os.path.join(pretrained, gguf["gguf_file"])):
@@ -219,6 +236,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_outputs(args.out, args.report)
         settings = settings_from(args)  # bad options fail here, not after minutes of model loading
+        num_layers = layers_before_loading(args.model_args)
+        if num_layers is not None:
+            settings.layers_for(num_layers)  # refuses layers outside the model before the weights load
         model, tokenizer, name = load_model(args.model_args)
         search_model, _, search_name = load_model(args.search_model_args) if args.search_model_args else (None, None, "")
         result = build(

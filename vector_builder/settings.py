@@ -68,8 +68,9 @@ class BuildSettings:
         """The methods searched: ``("diffmean", "learned")`` for ``both``."""
         return methods.methods_of(self.method)
 
-    def resolved(self, num_layers: int, queries: Sequence[str]) -> BuildSettings:
-        """The settings as recorded: instruction ids, layers and search model filled in, data hashed."""
+    def layers_for(self, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(search layers, learned layers)`` on a ``num_layers``-layer model: the ones given, or the
+        defaults; a layer outside the model is refused."""
         layers = self.search.layers or tuple(search.default_layers(num_layers))
         # Learned vectors worked at about n_layers / 5 in our measurements (layer 6 of SmolLM2's 30);
         # later layers needed far more steps.
@@ -78,6 +79,11 @@ class BuildSettings:
             bad = [layer for layer in chosen if not 0 <= layer < num_layers]
             if bad or not chosen:
                 raise ValueError(f"{flag} {bad or list(chosen)} out of range for a {num_layers}-layer model (0..{num_layers - 1})")
+        return layers, learned_layers
+
+    def resolved(self, num_layers: int, queries: Sequence[str]) -> BuildSettings:
+        """The settings as recorded: instruction ids, layers and search model filled in, data hashed."""
+        layers, learned_layers = self.layers_for(num_layers)
         return replace(
             self,
             search_model=self.search_model or self.model,

@@ -27,7 +27,7 @@ from lm_eval_steer.runtime.compatibility import ModelShape, check_compatible
 from lm_eval_steer.runtime.entrysets import joint_sets
 from lm_eval_steer.runtime.harness import generation_group
 from lm_eval_steer.runtime.hooks import steering, text_config
-from lm_eval_steer.runtime.modelargs import check_layer_override, check_local_model, check_near_misses, parse_steering_args
+from lm_eval_steer.runtime.modelargs import check_layer_override, check_local_model, check_near_misses, config_before_loading, parse_steering_args
 from lm_eval_steer.runtime.reuse import Reuse, weights_identity
 from lm_eval_steer.runtime.routing import entries_for_document, route_key, route_signature
 from lm_eval_steer.runtime.rows import Entries, RequestRows
@@ -37,28 +37,6 @@ logger = logging.getLogger(__name__)
 
 #: Model arguments ``HFLM`` takes itself: never refused as near misses of a steering argument.
 HFLM_ARGS = frozenset(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
-
-
-def config_before_loading(pretrained: Any, kwargs: dict[str, Any]) -> Any | None:
-    """The model config, read as ``HFLM`` reads it but before any weights load (for a GGUF file, only
-    its metadata); None when it cannot be read here: ``HFLM``'s own load then reports why, and the
-    checks that need the config run on the loaded model instead."""
-    if not isinstance(pretrained, str):
-        return getattr(pretrained, "config", None)  # an already loaded model
-    from transformers import AutoConfig
-
-    try:
-        # The very arguments HFLM._get_config passes, so this reads nothing HFLM would not.
-        return AutoConfig.from_pretrained(
-            pretrained,
-            revision=str(kwargs.get("revision", "main")),
-            trust_remote_code=kwargs.get("trust_remote_code", False),
-            gguf_file=kwargs.get("gguf_file"),
-            subfolder=kwargs.get("subfolder", ""),
-        )
-    except Exception as error:  # noqa: BLE001 - an early read that fails must change nothing about the load
-        logger.debug("steered-hf: model config not readable before loading (%s); checking after", error)
-        return None
 
 
 def prompt_passes(requests: Sequence[Instance], label: Callable[[Instance], Hashable]) -> list[list[int]]:

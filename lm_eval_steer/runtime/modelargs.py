@@ -15,6 +15,7 @@ Arguments that are not steering arguments go on to the harness's ``HFLM`` and fr
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -27,6 +28,8 @@ from lm_eval_steer.core.errors import UserError, brief
 from lm_eval_steer.core.paths import resolve_vectors
 from lm_eval_steer.runtime.routing import ROUTES, Overrides
 from lm_eval_steer.runtime.vectorfile import FLOAT32_MAX, MAX_LAYERS, MODES, POSITIONS
+
+logger = logging.getLogger(__name__)
 
 MODEL = "steered-hf"
 # Separates several vector files in ``vectors=``: lm-eval splits model_args on commas, and ``+``
@@ -227,3 +230,25 @@ def check_layer_override(layer: int | None, num_layers: int) -> None:
     """``layer=`` must name one of the model's decoder layers."""
     if layer is not None and not 0 <= layer < num_layers:
         raise _refuse("layer", layer, f"is out of range for a {num_layers}-layer model (0..{num_layers - 1})")
+
+
+def config_before_loading(pretrained: Any, kwargs: dict[str, Any]) -> Any | None:
+    """The model config, read as ``HFLM`` reads it but before any weights load (for a GGUF file, only
+    its metadata); None when it cannot be read here: ``HFLM``'s own load then reports why, and the
+    checks that need the config run on the loaded model instead."""
+    if not isinstance(pretrained, str):
+        return getattr(pretrained, "config", None)  # an already loaded model
+    from transformers import AutoConfig
+
+    try:
+        # The very arguments HFLM._get_config passes, so this reads nothing HFLM would not.
+        return AutoConfig.from_pretrained(
+            pretrained,
+            revision=str(kwargs.get("revision", "main")),
+            trust_remote_code=kwargs.get("trust_remote_code", False),
+            gguf_file=kwargs.get("gguf_file"),
+            subfolder=kwargs.get("subfolder", ""),
+        )
+    except Exception as error:  # noqa: BLE001 - an early read that fails must change nothing about the load
+        logger.debug("model config not readable before loading (%s); checking the loaded model instead", error)
+        return None
