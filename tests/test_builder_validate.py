@@ -8,6 +8,8 @@ import json
 import math
 import re
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given
@@ -160,6 +162,18 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, argu
     error = capsys.readouterr().err.strip()
     assert code == 2 and message in error and "\n" not in error and "Traceback" not in error
     assert not (tmp_path / "o.json").exists()
+
+
+def test_a_file_built_for_another_model_shape_is_refused_before_the_weights_load(tiny_model_dir, tmp_path, capsys):
+    from lm_eval_steer.cli import main
+
+    entry = SteeringEntry(name=INSTRUCTION, vector=torch.ones(32), layer=1, mode="add", strength=1.0, applies_to=AppliesTo(INSTRUCTION))
+    save_vector_file(tmp_path / "v.safetensors", [entry], model="tiny", hidden_size=32, num_layers=4)
+    with mock.patch("vector_builder.cli.load_model", side_effect=AssertionError("model loaded before the files were checked")):
+        code = main(["validate", "--model_args", f"pretrained={tiny_model_dir},name=tiny", "--out", str(tmp_path / "o.json"),
+                     "--instruction", INSTRUCTION, f"a={tmp_path / 'v.safetensors'}"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error.endswith("v.safetensors: built for hidden_size 32, but tiny has hidden_size 64") and "\n" not in error
 
 
 def counts(fluent_untold=0, fluent_told=0, new_looping=0, passes_told=0):

@@ -328,14 +328,14 @@ def check_options(args: argparse.Namespace, requests: Sequence[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vector_builder.cli import layers_before_loading, load_model
+    from vector_builder.cli import load_model, shape_before_loading
 
     try:
         requests = prompts.load_queries(args.queries or WRITING_TASKS)
         check_options(args, requests)
-        num_layers = layers_before_loading(args.model_args)
-        if num_layers is not None:
-            settings_from(args, num_layers)  # refuses layers outside the model before the weights load
+        shape = shape_before_loading(args.model_args)
+        if shape is not None and shape.num_layers is not None:
+            settings_from(args, shape.num_layers)  # refuses layers outside the model before the weights load
         model, tokenizer, name = load_model(args.model_args)
         settings = settings_from(args, len(find_decoder_layers(model)))
         runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens))

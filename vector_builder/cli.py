@@ -135,14 +135,14 @@ def _parsed_model_args(model_args: str) -> dict[str, Any]:
     return args
 
 
-def layers_before_loading(model_args: str) -> int | None:
-    """The model's number of decoder layers, read from its config (for a GGUF file, only its metadata)
-    before any weights load, so that layer options fail in seconds; None when the config cannot be read
-    here (the options are then checked on the loaded model)."""
+def shape_before_loading(model_args: str) -> ModelShape | None:
+    """The model's shape (hidden size, decoder layers; named by ``name=`` or ``pretrained=``), read
+    from its config (for a GGUF file, only its metadata) before any weights load, so that options and
+    vector files that do not fit fail in seconds; None when the config cannot be read here (they are
+    then checked on the loaded model)."""
     args = _parsed_model_args(model_args)
     config = config_before_loading(str(args["pretrained"]), args)
-    shape = ModelShape.of_config(config) if config is not None else None
-    return shape.num_layers if shape is not None else None
+    return ModelShape.of_config(config, str(args.get("name", args["pretrained"]))) if config is not None else None
 
 
 def load_model(model_args: str) -> tuple[Any, Any, str]:
@@ -236,9 +236,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_outputs(args.out, args.report)
         settings = settings_from(args)  # bad options fail here, not after minutes of model loading
-        num_layers = layers_before_loading(args.model_args)
-        if num_layers is not None:
-            settings.layers_for(num_layers)  # refuses layers outside the model before the weights load
+        shape = shape_before_loading(args.model_args)
+        if shape is not None and shape.num_layers is not None:
+            settings.layers_for(shape.num_layers)  # refuses layers outside the model before the weights load
         model, tokenizer, name = load_model(args.model_args)
         search_model, _, search_name = load_model(args.search_model_args) if args.search_model_args else (None, None, "")
         result = build(

@@ -311,8 +311,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_fit(candidates: Sequence[Candidate], shape: ModelShape) -> None:
+    """Every candidate's vector file fits the model ``shape`` (hidden size, layer count)."""
+    for candidate in candidates:
+        check_compatible(candidate.vectors, shape)
+
+
 def run(args: argparse.Namespace) -> int:
-    from vector_builder.cli import load_model
+    from vector_builder.cli import load_model, shape_before_loading
 
     try:
         check_writable(args.out)
@@ -327,10 +333,12 @@ def run(args: argparse.Namespace) -> int:
             raise CandidateError(f"candidate labels must differ: {sorted({label for label in labels if labels.count(label) > 1})} given twice")
         if args.against is not None and args.against not in labels:
             raise CandidateError(f"--against {args.against!r}: not a candidate label ({', '.join(labels)})")
+        early = shape_before_loading(args.model_args)
+        if early is not None:  # a file built for another model fails before the weights load
+            check_fit(candidates, early)
         model, tokenizer, name = load_model(args.model_args)
-        shape = ModelShape.of_model(model, name)
-        for candidate in candidates:
-            check_compatible(candidate.vectors, shape)
+        if early is None:
+            check_fit(candidates, ModelShape.of_model(model, name))
         runner = Runner.of(model, tokenizer, GenerationSettings(batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens))
         checks = checks_for(targets, questions, args.seed, paired_with)
         outcomes = validate(runner, checks, candidates)
