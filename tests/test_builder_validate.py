@@ -194,13 +194,15 @@ def test_against_judges_every_other_candidate_in_the_table_and_the_json():
     better = Outcome("better", [True, True, True, False], [False] * 4, ["c"] * 4)       # 3 fluent, 1 told pass
     worse = Outcome("worse", [True, True, False, False], [True, False, False, False], ["d"] * 4)  # 1 fluent, 1 new loop, 0 told
     outcomes = [unsteered, packaged, better, worse]
-    table = summary_table(outcomes, "packaged").splitlines()
+    saved = report(outcomes, [], {}, "packaged")["candidates"]
+    table = summary_table(saved, "packaged").splitlines()
     assert table[0].endswith("| replaces packaged? |")
     assert table[2].endswith("| — |") and table[3].endswith("| — |") and table[4].endswith("| yes |")
     assert table[5].endswith("| no: fluent passes 1 not above 2; new looping 1 above 0; told passes 0 below 1 |")
-    saved = report(outcomes, [], {}, "packaged")["candidates"]
+    assert table[5].startswith("| worse | 2 + 0 | 1 + 0 | 1 of 4 | 1 | 2 |")  # counts against the unsteered answers, as saved
     assert [c.get("replaces", {}).get("yes") for c in saved] == [None, None, True, False]
-    assert "replaces" not in report(outcomes, [], {})["candidates"][2] and "replaces" not in summary_table(outcomes)
+    unjudged = report(outcomes, [], {})["candidates"]
+    assert "replaces" not in unjudged[2] and "replaces" not in summary_table(unjudged)
 
 
 @pytest.mark.parametrize(("extra", "message"), [(["--against", "nope"], "--against 'nope': not a candidate label (a, b)"),

@@ -247,27 +247,26 @@ def verdicts(outcomes: Sequence[Outcome], against: str) -> dict[str, list[str]]:
     return {label: shipping_problems(c, counts[against]) for label, c in counts.items() if label != against}
 
 
-def summary_table(outcomes: Sequence[Outcome], against: str | None = None) -> str:
-    """One Markdown row per outcome: passes, fluent passes (untold + told), looping answers, and with
-    ``against`` whether each other candidate should replace that one (:func:`shipping_problems`)."""
-    unsteered = outcomes[0].loops
-    judged = verdicts(outcomes, against) if against else {}
+def summary_table(candidates: Sequence[Mapping[str, Any]], against: str | None = None) -> str:
+    """One Markdown row per candidate of :func:`report`: passes, fluent passes (untold + told), looping
+    answers, and with ``against`` whether each other candidate should replace that one
+    (:func:`shipping_problems`), as the report judged it."""
     header = "| candidate | passes untold + told | fluent passes | looping answers | new looping | cured looping |"
     lines = [header + (f" replaces {against}? |" if against else ""), "|---|---|---|---|---|---|" + ("---|" if against else "")]
-    for outcome in outcomes:
-        c = outcome.counts(unsteered)
+    for candidate in candidates:
+        c = candidate["counts"]
         row = (
-            f"| {outcome.label} | {c['passes_untold']} + {c['passes_told']} | {c['fluent_untold']} + {c['fluent_told']} | "
-            f"{c['looping']} of {len(outcome.loops)} | {c['new_looping']} | {c['cured_looping']} |"
+            f"| {candidate['label']} | {c['passes_untold']} + {c['passes_told']} | {c['fluent_untold']} + {c['fluent_told']} | "
+            f"{c['looping']} of {len(candidate['loops'])} | {c['new_looping']} | {c['cured_looping']} |"
         )
         if against:
-            problems = judged.get(outcome.label)
-            row += " — |" if problems is None else (" yes |" if not problems else f" no: {'; '.join(problems)} |")
+            verdict = candidate.get("replaces")
+            row += " — |" if verdict is None else (" yes |" if verdict["yes"] else f" no: {'; '.join(verdict['problems'])} |")
         lines.append(row)
     return "\n".join(lines)
 
 
-def report(outcomes: Sequence[Outcome], checks: Sequence[Check], settings: Mapping[str, object], against: str | None = None) -> dict[str, object]:
+def report(outcomes: Sequence[Outcome], checks: Sequence[Check], settings: Mapping[str, object], against: str | None = None) -> dict[str, Any]:
     """The JSON ``--out`` holds: the settings, every prompt (its text and instructions, as the answers
     are ordered) and per candidate its answers, counts and, with ``against``, its verdict."""
     unsteered = outcomes[0].loops
@@ -343,9 +342,10 @@ def run(args: argparse.Namespace) -> int:
         checks = checks_for(targets, questions, args.seed, paired_with)
         outcomes = validate(runner, checks, candidates)
         settings = {key: value for key, value in vars(args).items() if key != "out"}
-        write_json(args.out, report(outcomes, checks, settings, args.against))
+        saved = report(outcomes, checks, settings, args.against)
+        write_json(args.out, saved)
     except (UserError, ValueError, OSError) as error:
         return fail("validate", error)
-    print(summary_table(outcomes, args.against))
+    print(summary_table(saved["candidates"], args.against))
     print(f"answers: {args.out}")
     return 0
